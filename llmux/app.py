@@ -1,0 +1,261 @@
+"""The ASGI app: routes requests, reads the `model`, and wires the switcher to the proxy.
+
+The switcher knows nothing of HTTP and the proxy nothing of switching; this module is where a
+request becomes a slot on a model, and where every `LlmuxError` becomes its status and JSON body.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from llmux.asgi import Receive, Scope, Send, answer_lifespan, send_bytes, send_json
+from llmux.config import Config
+from llmux.costs import SwitchCostTracker
+from llmux.errors import (
+    BodyTooLarge,
+    InvalidRequest,
+    LlmuxError,
+    ModelNotFound,
+    RouteNotFound,
+    ShuttingDown,
+)
+from llmux.metrics import UNKNOWN_MODEL, Metrics
+from llmux.policy import Policy, load_policy
+from llmux.proxy import BackendConnectFailed, UpstreamClient, forwarded_response_headers
+from llmux.switcher import Switcher
+
+log = logging.getLogger("llmux.app")
+access_log = logging.getLogger("llmux.access")
+
+CLIENT_CLOSED = 499  # nginx's status for "the client went away before the answer was complete"
+
+
+class ClientDisconnected(Exception):
+    """The client went away while its body was still being read."""
+
+
+class UpstreamBroke(Exception):
+    """The backend failed after the response started: the client must see a truncated body."""
+
+
+@dataclass
+class _Outcome:
+    status: int = 0
+    error: LlmuxError | None = None
+    headers_sent: bool = False
+    complete: bool = False
+    broken: bool = False
+
+
+class LlmuxApp:
+    def __init__(self, config: Config, policy: Policy | None = None) -> None:
+        self.config = config
+        self.metrics = Metrics(config.models)
+        self.costs = SwitchCostTracker()
+        if policy is None:
+            policy = load_policy(config.policy.name, config.policy.options, config.hook_dir)
+        self.switcher = Switcher(config, policy, self.metrics, self.costs)
+        self.upstream = UpstreamClient()
+        self._shutdown_requested = trio.Event()
+
+    # ----- lifecycle -----
+
+    def request_shutdown(self) -> None:
+        self._shutdown_requested.set()
+
+    async def shutdown_trigger(self) -> None:
+        """hypercorn's shutdown trigger: runs our drain while the listener still answers (with 503
+        for new requests), then returns so hypercorn closes it."""
+        await self._shutdown_requested.wait()
+        log.info("shutting down: answering new requests 503, letting in-flight ones finish")
+        await self.switcher.shutdown(self.config.server.shutdown_timeout_secs)
+
+    # ----- ASGI -----
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await answer_lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        method, path = scope["method"], scope["path"]
+        if path == "/health" and method in ("GET", "HEAD"):
+            await send_json(send, 200, {"status": "ok"})
+        elif path == "/metrics" and method == "GET":
+            await send_bytes(
+                send, 200, self.metrics.exposition(), b"text/plain; version=0.0.4; charset=utf-8"
+            )
+        elif path == "/v1/models" and method == "GET":
+            await send_json(send, 200, self._model_list())
+        elif path.startswith("/v1/") and method == "POST":
+            await self._proxy(scope, receive, send)
+        else:
+            error = RouteNotFound(
+                f"no route for {method} {path}; llmux serves POST /v1/..., GET /v1/models, /health, /metrics"
+            )
+            await _send_error(send, error)
+
+    def _model_list(self) -> dict[str, Any]:
+        data = []
+        for name, model in self.switcher.models.items():
+            data.append(
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "llmux",
+                    "llmux": {
+                        "state": model.state.value,
+                        "queue_depth": len(model.queue),
+                        "in_flight": model.in_flight,
+                    },
+                }
+            )
+        return {"object": "list", "data": data}
+
+    # ----- proxying -----
+
+    async def _proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = trio.current_time()
+        model_label = UNKNOWN_MODEL
+        try:
+            if self.switcher.closing:
+                raise ShuttingDown("llmux is shutting down")
+            body = await _read_body(scope, receive, self.config.server.max_body_bytes)
+            model = self._model_of(body)
+            model_label = model
+            outcome = await self._forward(model, scope, receive, send, body, started)
+        except ClientDisconnected:
+            outcome = _Outcome(status=CLIENT_CLOSED)
+        except LlmuxError as error:
+            outcome = _Outcome(status=error.status, error=error)
+        if outcome.error is not None and not outcome.headers_sent:
+            await _send_error(send, outcome.error)
+        elif outcome.headers_sent and outcome.complete:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        self.metrics.requests_total.labels(model_label, str(outcome.status)).inc()
+        access_log.info(
+            "%s %s model=%s status=%s duration=%.3fs",
+            scope["method"], scope["path"], model_label, outcome.status, trio.current_time() - started,
+        )  # fmt: skip
+        if outcome.broken:
+            raise UpstreamBroke(f"backend for {model_label} failed mid-response")
+
+    def _model_of(self, body: bytes) -> str:
+        try:
+            payload = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise InvalidRequest("request body is nested too deeply") from None
+        if not isinstance(payload, dict):
+            raise InvalidRequest("request body must be a JSON object")
+        model = payload.get("model")
+        if model is None:
+            raise InvalidRequest("request body has no 'model' field")
+        if not isinstance(model, str):
+            raise InvalidRequest("'model' must be a string")
+        if model not in self.config.models:
+            known = ", ".join(self.config.models)
+            raise ModelNotFound(f"model {model!r} is not served here; known models: {known}")
+        return model
+
+    async def _forward(
+        self, model: str, scope: Scope, receive: Receive, send: Send, body: bytes, started: float
+    ) -> _Outcome:
+        """Wait for the model, then stream its answer; a client disconnect cancels both.
+
+        The final empty body message is sent by the caller, outside the cancel scope the
+        disconnect watcher controls (cancelling around it breaks hypercorn's keep-alive)."""
+        outcome = _Outcome(status=CLIENT_CLOSED)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+            try:
+                await self._stream_from_backend(model, scope, send, body, started, outcome)
+            except LlmuxError as error:
+                outcome.status, outcome.error = error.status, error
+            finally:
+                nursery.cancel_scope.cancel()
+        return outcome
+
+    async def _stream_from_backend(
+        self, model: str, scope: Scope, send: Send, body: bytes, started: float, outcome: _Outcome
+    ) -> None:
+        backend = self.config.models[model]
+        target = scope["raw_path"].decode("latin-1") if scope.get("raw_path") else scope["path"]
+        if scope.get("query_string") and "?" not in target:
+            target += "?" + scope["query_string"].decode("latin-1")
+        async with self.switcher.serving(model):
+            try:
+                async with self.upstream.open(
+                    backend.base_url, scope["method"], target, scope["headers"], body
+                ) as response:
+                    await send(
+                        {
+                            "type": "http.response.start",
+                            "status": response.status_code,
+                            "headers": forwarded_response_headers(response),
+                        }
+                    )
+                    outcome.headers_sent = True
+                    outcome.status = response.status_code
+                    self.metrics.request_duration.labels(model).observe(
+                        trio.current_time() - started
+                    )
+                    try:
+                        async for chunk in response.aiter_raw():
+                            await send(
+                                {"type": "http.response.body", "body": chunk, "more_body": True}
+                            )
+                    except Exception as exc:  # httpx transport errors, h11 protocol errors
+                        log.warning("backend for %s broke mid-response: %r", model, exc)
+                        outcome.broken = True
+                        outcome.status = 502
+                        return
+                    outcome.complete = True
+            except BackendConnectFailed:
+                self.switcher.report_unreachable(model)
+                raise
+
+
+async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            scope.cancel()
+            return
+
+
+async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                declared = int(value)
+            except ValueError:
+                raise InvalidRequest("invalid Content-Length header") from None
+            if declared > limit:
+                raise BodyTooLarge(
+                    f"request body of {declared} bytes exceeds server.max_body_bytes ({limit})"
+                )
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"request body exceeds server.max_body_bytes ({limit})")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _send_error(send: Send, error: LlmuxError) -> None:
+    await send_bytes(send, error.status, error.body(), b"application/json")

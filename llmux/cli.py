@@ -1,0 +1,200 @@
+"""The `llmux` command line. Heavy imports happen inside each command, so that `fake-ctl` (run
+by hooks, often several times a second in tests) and `--version` start fast."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from llmux import __version__
+
+EXIT_CONFIG_ERROR = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_CONFIG_ERROR
+    return int(args.handler(args) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llmux",
+        description="One OpenAI-compatible endpoint for several model servers that take turns on a GPU.",
+    )
+    parser.add_argument("--version", action="version", version=f"llmux {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the proxy with a config file")
+    serve.add_argument("-c", "--config", required=True, help="path to config.toml")
+    serve.add_argument("--host", help="listen address (overrides the file's host)")
+    serve.add_argument("--port", type=int, help="listen port (overrides the file's port)")
+    _add_log_level(serve)
+    serve.set_defaults(handler=_serve)
+
+    check = commands.add_parser("check", help="validate a config file without starting")
+    check.add_argument("-c", "--config", required=True, help="path to config.toml")
+    check.set_defaults(handler=_check)
+
+    demo = commands.add_parser("demo", help="run llmux with three built-in fake backends")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=3000)
+    _add_log_level(demo)
+    demo.set_defaults(handler=_demo)
+
+    fake = commands.add_parser("fake-backend", help="run one fake OpenAI-compatible backend")
+    fake.add_argument("--name", default="fake", help="model name it reports")
+    fake.add_argument("--host", default="127.0.0.1")
+    fake.add_argument("--port", type=int, default=0, help="0 picks a free port (printed)")
+    fake.add_argument("--wake-delay", type=float, default=0.5, help="seconds a wake takes")
+    fake.add_argument("--sleep-delay", type=float, default=0.1, help="seconds a sleep takes")
+    fake.add_argument("--token-interval", type=float, default=0.02, help="seconds per token")
+    fake.add_argument("--awake", action="store_true", help="start awake instead of asleep")
+    fake.set_defaults(handler=_fake_backend)
+
+    ctl = commands.add_parser("fake-ctl", help="hook helper: wake, sleep or probe a fake backend")
+    ctl.add_argument("action", choices=["wake", "sleep", "alive"])
+    ctl.add_argument("--port", type=int, required=True)
+    ctl.add_argument("--host", default="127.0.0.1")
+    ctl.add_argument("--timeout", type=float, default=30.0)
+    ctl.set_defaults(handler=_fake_ctl)
+    return parser
+
+
+def _add_log_level(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # Per-request lines from the upstream client and hypercorn's banner are noise next to ours.
+    for noisy in ("httpx", "httpcore", "hypercorn.error"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def _load(path: str):  # type: ignore[no-untyped-def]
+    """Load config and policy; print the problem and return None when either is invalid."""
+    from llmux.config import ConfigError, load_config
+    from llmux.policy import PolicyLoadError, load_policy
+
+    try:
+        config = load_config(path)
+        policy = load_policy(config.policy.name, config.policy.options, config.hook_dir)
+    except ConfigError as exc:
+        print(f"llmux: config error: {exc}", file=sys.stderr)
+        return None
+    except PolicyLoadError as exc:
+        print(f"llmux: config error: {path}: policy.name: {exc}", file=sys.stderr)
+        return None
+    return config, policy
+
+
+def _check(args: argparse.Namespace) -> int:
+    loaded = _load(args.config)
+    if loaded is None:
+        return EXIT_CONFIG_ERROR
+    config, _ = loaded
+    names = ", ".join(config.models)
+    print(f"{config.path}: ok ({len(config.models)} models: {names}; policy {config.policy.name})")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import trio
+
+    from llmux.config import ConfigError
+    from llmux.server import serve_forever
+
+    _setup_logging(args.log_level)
+    loaded = _load(args.config)
+    if loaded is None:
+        return EXIT_CONFIG_ERROR
+    config, policy = loaded
+    if args.port is not None and args.port in {m.port for m in config.models.values()}:
+        err = ConfigError(config.path, "--port", f"{args.port} is a model's backend port")
+        print(f"llmux: config error: {err}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    config = config.with_listen(args.host, args.port)
+    try:
+        trio.run(serve_forever, config, policy)
+    except OSError as exc:
+        print(
+            f"llmux: cannot listen on {config.host}:{config.port}: {exc.strerror}", file=sys.stderr
+        )
+        return 1
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import trio
+
+    from llmux.demo import run_demo
+
+    _setup_logging(args.log_level)
+    try:
+        trio.run(run_demo, args.host, args.port)
+    except OSError as exc:
+        print(f"llmux: cannot listen on {args.host}:{args.port}: {exc.strerror}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _fake_backend(args: argparse.Namespace) -> int:
+    import signal
+
+    import trio
+
+    from llmux.fake_backend import FakeBackend, serve_fake_backend
+
+    backend = FakeBackend(
+        args.name,
+        wake_delay=args.wake_delay,
+        sleep_delay=args.sleep_delay,
+        token_interval=args.token_interval,
+        awake=args.awake,
+    )
+
+    async def run() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                urls = await nursery.start(serve_fake_backend, backend, args.host, args.port)
+                print(f"fake-backend {args.name} listening on {urls[0]}", flush=True)
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    break
+
+    trio.run(run)
+    return 0
+
+
+def _fake_ctl(args: argparse.Namespace) -> int:
+    from urllib.error import HTTPError, URLError
+    from urllib.request import Request, urlopen
+
+    method, path = {
+        "wake": ("POST", "/fake/wake"),
+        "sleep": ("POST", "/fake/sleep"),
+        "alive": ("GET", "/fake/alive"),
+    }[args.action]
+    url = f"http://{args.host}:{args.port}{path}"
+    request = Request(url, method=method, data=b"" if method == "POST" else None)
+    try:
+        with urlopen(request, timeout=args.timeout) as response:
+            print(response.read().decode(errors="replace"))
+            return 0
+    except HTTPError as exc:
+        print(f"{args.action}: {url} answered {exc.code}", file=sys.stderr)
+    except (URLError, OSError) as exc:
+        print(f"{args.action}: cannot reach {url}: {exc}", file=sys.stderr)
+    return 1

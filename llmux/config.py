@@ -1,0 +1,299 @@
+"""Read and validate the TOML config once, into frozen dataclasses; nothing downstream sees raw dicts.
+
+Every error names the file, the dotted key and what is wrong, so `llmux check` and `llmux serve`
+can refuse a bad file before anything binds a port.
+"""
+
+from __future__ import annotations
+
+import shlex
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 3000
+
+
+class ConfigError(Exception):
+    """A config problem, worded for the person who wrote the file."""
+
+    def __init__(self, path: Path | str, key: str, problem: str) -> None:
+        self.path = str(path)
+        self.key = key
+        self.problem = problem
+        where = f"{self.path}: {key}: " if key else f"{self.path}: "
+        super().__init__(where + problem)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    max_body_bytes: int = 32 * 1024 * 1024
+    shutdown_timeout_secs: float = 30.0
+    expose_hook_errors: bool = True
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    name: str = "fifo"
+    request_timeout_secs: float | None = None
+    drain_before_switch: bool = True
+    min_active_secs: float = 0.0
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    port: int
+    wake: str
+    sleep: str
+    alive: str | None
+    wake_timeout_secs: float
+    sleep_timeout_secs: float
+    alive_timeout_secs: float
+    alive_interval_secs: float
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    host: str
+    port: int
+    server: ServerConfig
+    policy: PolicyConfig
+    models: dict[str, ModelConfig]
+
+    @property
+    def hook_dir(self) -> Path:
+        """Hooks run here, so relative script paths in the file work wherever llmux starts."""
+        return self.path.parent
+
+    def with_listen(self, host: str | None, port: int | None) -> Config:
+        """Apply `--host`/`--port` from the command line over the file's values."""
+        return Config(
+            path=self.path,
+            host=host if host is not None else self.host,
+            port=port if port is not None else self.port,
+            server=self.server,
+            policy=self.policy,
+            models=self.models,
+        )
+
+
+# Allowed keys per table, with the types a value may have. bool is checked before int because
+# TOML booleans are Python ints.
+_NUMBER = (int, float)
+_TOP_KEYS = {
+    "host": str,
+    "port": int,
+    "server": dict,
+    "policy": dict,
+    "defaults": dict,
+    "models": dict,
+}
+_SERVER_KEYS = {
+    "max_body_bytes": int,
+    "shutdown_timeout_secs": _NUMBER,
+    "expose_hook_errors": bool,
+}
+_POLICY_KEYS = {
+    "name": str,
+    "request_timeout_secs": _NUMBER,
+    "drain_before_switch": bool,
+    "min_active_secs": _NUMBER,
+    "options": dict,
+}
+_TIMING_KEYS = {
+    "wake_timeout_secs": _NUMBER,
+    "sleep_timeout_secs": _NUMBER,
+    "alive_timeout_secs": _NUMBER,
+    "alive_interval_secs": _NUMBER,
+}
+_TIMING_DEFAULTS = {
+    "wake_timeout_secs": 600.0,
+    "sleep_timeout_secs": 120.0,
+    "alive_timeout_secs": 10.0,
+    "alive_interval_secs": 10.0,
+}
+_MODEL_KEYS = {"port": int, "wake": str, "sleep": str, "alive": str, **_TIMING_KEYS}
+
+
+def load_config(path: str | Path) -> Config:
+    """Parse and validate a config file; raise ConfigError naming the key on any problem."""
+    path = Path(path).resolve()
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(path, "", "file not found") from None
+    except OSError as exc:
+        raise ConfigError(path, "", f"cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(path, "", "not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, "", f"invalid TOML: {exc}") from None
+    return parse_config(raw, path)
+
+
+def parse_config(raw: dict[str, Any], path: Path) -> Config:
+    """Validate an already-parsed TOML document (separate from I/O so tests can feed dicts)."""
+    checker = _Checker(path)
+    checker.table(raw, "", _TOP_KEYS)
+
+    host = raw.get("host", DEFAULT_HOST)
+    port = checker.port(raw.get("port", DEFAULT_PORT), "port")
+
+    server_raw = raw.get("server", {})
+    checker.table(server_raw, "server", _SERVER_KEYS)
+    server = ServerConfig(
+        max_body_bytes=checker.positive(
+            server_raw.get("max_body_bytes", 32 * 1024 * 1024), "server.max_body_bytes"
+        ),
+        shutdown_timeout_secs=checker.non_negative(
+            server_raw.get("shutdown_timeout_secs", 30.0), "server.shutdown_timeout_secs"
+        ),
+        expose_hook_errors=server_raw.get("expose_hook_errors", True),
+    )
+
+    policy_raw = raw.get("policy", {})
+    checker.table(policy_raw, "policy", _POLICY_KEYS)
+    timeout = policy_raw.get("request_timeout_secs")
+    policy = PolicyConfig(
+        name=policy_raw.get("name", "fifo"),
+        request_timeout_secs=None
+        if timeout is None
+        else checker.positive(timeout, "policy.request_timeout_secs"),
+        drain_before_switch=policy_raw.get("drain_before_switch", True),
+        min_active_secs=checker.non_negative(
+            policy_raw.get("min_active_secs", 0.0), "policy.min_active_secs"
+        ),
+        options=dict(policy_raw.get("options", {})),
+    )
+
+    defaults_raw = raw.get("defaults", {})
+    checker.table(defaults_raw, "defaults", _TIMING_KEYS)
+    defaults = {**_TIMING_DEFAULTS, **defaults_raw}
+    for key in _TIMING_KEYS:
+        checker.positive(defaults[key], f"defaults.{key}")
+
+    models_raw = raw.get("models", {})
+    if not models_raw:
+        raise ConfigError(
+            path, "models", "no models configured: add at least one [models.NAME] table"
+        )
+    models: dict[str, ModelConfig] = {}
+    for name, model_raw in models_raw.items():
+        models[name] = _parse_model(checker, name, model_raw, defaults, own_port=port)
+    return Config(path=path, host=host, port=port, server=server, policy=policy, models=models)
+
+
+def _parse_model(
+    checker: _Checker, name: str, raw: Any, defaults: dict[str, Any], own_port: int
+) -> ModelConfig:
+    key = f"models.{_quote(name)}"
+    if not isinstance(raw, dict):
+        raise ConfigError(checker.path, key, "must be a table ([models.NAME])")
+    checker.table(raw, key, _MODEL_KEYS)
+    for required in ("port", "wake", "sleep"):
+        if required not in raw:
+            raise ConfigError(
+                checker.path, f"{key}.{required}", "missing (required for every model)"
+            )
+    port = checker.port(raw["port"], f"{key}.port")
+    if port == own_port:
+        raise ConfigError(checker.path, f"{key}.port", f"{port} is llmux's own port")
+    hooks = {hook: raw.get(hook) for hook in ("wake", "sleep", "alive")}
+    for hook, command in hooks.items():
+        if command is not None:
+            checker.hook(command, f"{key}.{hook}")
+    timings = {k: checker.positive(raw.get(k, defaults[k]), f"{key}.{k}") for k in _TIMING_KEYS}
+    return ModelConfig(
+        name=name,
+        port=port,
+        wake=raw["wake"],
+        sleep=raw["sleep"],
+        alive=raw.get("alive"),
+        **timings,
+    )
+
+
+def _quote(name: str) -> str:
+    return name if name.replace("-", "").replace("_", "").isalnum() else f'"{name}"'
+
+
+class _Checker:
+    """Small validators that raise ConfigError with the file and key filled in."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def table(self, value: Any, key: str, allowed: dict[str, Any]) -> None:
+        if not isinstance(value, dict):
+            raise ConfigError(self.path, key, "must be a table")
+        for name, item in value.items():
+            full = f"{key}.{name}" if key else name
+            if name not in allowed:
+                hint = ", ".join(sorted(allowed))
+                raise ConfigError(self.path, full, f"unknown key (known here: {hint})")
+            expected = allowed[name]
+            if expected is dict and key == "models":
+                continue
+            if not _is_type(item, expected):
+                raise ConfigError(
+                    self.path, full, f"must be {_type_name(expected)}, got {_type_name(type(item))}"
+                )
+
+    def port(self, value: Any, key: str) -> int:
+        if not _is_type(value, int) or not 0 < value < 65536:
+            raise ConfigError(self.path, key, f"must be a port number 1-65535, got {value!r}")
+        return value
+
+    def positive(self, value: Any, key: str) -> Any:
+        if not _is_type(value, _NUMBER) or value <= 0:
+            raise ConfigError(self.path, key, f"must be a positive number, got {value!r}")
+        return value
+
+    def non_negative(self, value: Any, key: str) -> Any:
+        if not _is_type(value, _NUMBER) or value < 0:
+            raise ConfigError(self.path, key, f"must be zero or a positive number, got {value!r}")
+        return value
+
+    def hook(self, command: str, key: str) -> None:
+        """Reject empty hooks and scripts named by path that do not exist next to the config."""
+        if not command.strip():
+            raise ConfigError(self.path, key, "empty hook command")
+        try:
+            words = shlex.split(command)
+        except ValueError as exc:
+            raise ConfigError(self.path, key, f"cannot parse shell command: {exc}") from None
+        program = words[0] if words else ""
+        if "/" in program:
+            script = (self.path.parent / program).resolve()
+            if not script.exists():
+                raise ConfigError(
+                    self.path, key, f"hook script {program} not found (looked at {script})"
+                )
+
+
+def _is_type(value: Any, expected: Any) -> bool:
+    if isinstance(value, bool):
+        return expected is bool or (isinstance(expected, tuple) and bool in expected)
+    return isinstance(value, expected)
+
+
+def _type_name(expected: Any) -> str:
+    if isinstance(expected, tuple):
+        return "a number"
+    return {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        dict: "a table",
+        list: "an array",
+    }.get(expected, getattr(expected, "__name__", str(expected)))

@@ -1,0 +1,33 @@
+"""Measured switch costs, smoothed per (from, to) pair, that feed the switch policy.
+
+A switch's cost is the time during which no model serves: the sleep hook plus the wake hook. The
+drain before it is not counted, since the old model is still serving then. Cold starts (nothing
+was active) are kept apart, because waking from idle skips the sleep hook entirely.
+"""
+
+from __future__ import annotations
+
+EMA_ALPHA = 0.3
+IDLE = "idle"  # the `from` of a cold start, in metrics and in the cost table
+
+
+class SwitchCostTracker:
+    def __init__(self, alpha: float = EMA_ALPHA) -> None:
+        self.alpha = alpha
+        self.switches: dict[tuple[str, str], float] = {}
+        self.cold_starts: dict[str, float] = {}
+
+    def observe(self, from_model: str | None, to_model: str, seconds: float) -> float:
+        """Fold one measured cost in and return the new estimate for that pair."""
+        if from_model is None:
+            table: dict = self.cold_starts
+            key: object = to_model
+        else:
+            table = self.switches
+            key = (from_model, to_model)
+        previous = table.get(key)
+        estimate = (
+            seconds if previous is None else self.alpha * seconds + (1 - self.alpha) * previous
+        )
+        table[key] = estimate
+        return estimate

@@ -1,0 +1,78 @@
+"""The errors a client can get, each mapped once to an HTTP status and the OpenAI error shape."""
+
+from __future__ import annotations
+
+import json
+
+
+class LlmuxError(Exception):
+    """An error that ends a request with an OpenAI-shaped JSON body."""
+
+    status = 500
+    error_type = "server_error"
+    code = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def body(self) -> bytes:
+        return error_body(self.message, self.error_type, self.code)
+
+
+class InvalidRequest(LlmuxError):
+    status = 400
+    error_type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class RouteNotFound(LlmuxError):
+    status = 404
+    error_type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(LlmuxError):
+    status = 404
+    error_type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class BodyTooLarge(LlmuxError):
+    status = 413
+    error_type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class BackendUnavailable(LlmuxError):
+    """The active model's server refused, broke or answered nonsense."""
+
+    status = 502
+    error_type = "server_error"
+    code = "backend_unavailable"
+
+
+class ModelUnavailable(LlmuxError):
+    """The model could not be made active (a hook failed, or a switch was abandoned)."""
+
+    status = 503
+    error_type = "server_error"
+    code = "model_unavailable"
+
+
+class ShuttingDown(LlmuxError):
+    status = 503
+    error_type = "server_error"
+    code = "shutting_down"
+
+
+class QueueTimeout(LlmuxError):
+    status = 504
+    error_type = "timeout_error"
+    code = "queue_timeout"
+
+
+def error_body(message: str, error_type: str, code: str) -> bytes:
+    """Serialise an error in the shape OpenAI clients parse: {"error": {message, type, code}}."""
+    payload = {"error": {"message": message, "type": error_type, "code": code, "param": None}}
+    return json.dumps(payload).encode()

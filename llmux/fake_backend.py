@@ -1,0 +1,264 @@
+"""A fake OpenAI-compatible model server with sleep/wake control, for the demo and the tests.
+
+It behaves like a model server that shares a GPU: it can be put to sleep and woken (with simulated
+delays), answers chat/completions/embeddings (streaming SSE tokens at a steady rate), and refuses
+any request that arrives while it is not awake, counting it. Its `/fake/state` counters let tests
+prove that llmux never sent a request to a sleeping model and never put a busy one to sleep.
+
+Control endpoints (what hooks call): POST /fake/wake, POST /fake/sleep, GET /fake/alive (200 only
+while awake), GET /fake/state. `/health` answers 200 even while asleep, like vLLM's does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import hypercorn.trio
+import trio
+from hypercorn.config import Config as HypercornConfig
+
+from llmux.asgi import Receive, Scope, Send, answer_lifespan, send_bytes, send_json
+from llmux.errors import error_body
+
+DEFAULT_TOKENS = 8
+
+
+@dataclass
+class FakeStats:
+    served: int = 0
+    rejected_while_asleep: int = 0  # requests that reached it while not awake: must stay 0
+    slept_while_busy: int = 0  # sleep requests that arrived with requests in flight: must stay 0
+    wakes: int = 0
+    sleeps: int = 0
+    in_flight: int = 0
+
+
+class FakeBackend:
+    def __init__(
+        self,
+        name: str,
+        *,
+        wake_delay: float = 0.5,
+        sleep_delay: float = 0.1,
+        token_interval: float = 0.02,
+        awake: bool = False,
+    ) -> None:
+        self.name = name
+        self.wake_delay = wake_delay
+        self.sleep_delay = sleep_delay
+        self.token_interval = token_interval
+        self.state = "awake" if awake else "asleep"
+        self.stats = FakeStats()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await answer_lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        method, path = scope["method"], scope["path"]
+        if method == "GET" and path == "/health":
+            await send_json(send, 200, {"status": "ok"})
+        elif method == "GET" and path == "/fake/state":
+            await send_json(
+                send, 200, {"name": self.name, "state": self.state, **asdict(self.stats)}
+            )
+        elif method == "GET" and path == "/fake/alive":
+            await send_json(send, 200 if self.state == "awake" else 503, {"state": self.state})
+        elif method == "POST" and path == "/fake/wake":
+            await self._wake()
+            await send_json(send, 200, {"state": self.state})
+        elif method == "POST" and path == "/fake/sleep":
+            await self._sleep()
+            await send_json(send, 200, {"state": self.state})
+        elif method == "GET" and path == "/v1/models":
+            model = {"id": self.name, "object": "model", "created": 0, "owned_by": "fake"}
+            await send_json(send, 200, {"object": "list", "data": [model]})
+        elif method == "POST" and path.startswith("/v1/"):
+            await self._generate(path, receive, send)
+        else:
+            await _send_raw(
+                send,
+                404,
+                error_body(f"no route {method} {path}", "invalid_request_error", "not_found"),
+            )
+
+    async def _wake(self) -> None:
+        if self.state == "awake":
+            return
+        self.state = "waking"
+        await trio.sleep(self.wake_delay)
+        self.state = "awake"
+        self.stats.wakes += 1
+
+    async def _sleep(self) -> None:
+        if self.state == "asleep":
+            return
+        if self.stats.in_flight:
+            self.stats.slept_while_busy += 1
+        self.state = "sleeping"
+        await trio.sleep(self.sleep_delay)
+        self.state = "asleep"
+        self.stats.sleeps += 1
+
+    async def _generate(self, path: str, receive: Receive, send: Send) -> None:
+        body = await _read_all(receive)
+        if self.state != "awake":
+            self.stats.rejected_while_asleep += 1
+            message = f"fake backend {self.name} is {self.state}: request refused"
+            await _send_raw(send, 503, error_body(message, "server_error", "model_asleep"))
+            return
+        try:
+            request = json.loads(body)
+        except json.JSONDecodeError:
+            await _send_raw(
+                send, 400, error_body("invalid JSON", "invalid_request_error", "invalid_json")
+            )
+            return
+        tokens = int(
+            request.get("max_tokens") or request.get("max_completion_tokens") or DEFAULT_TOKENS
+        )
+        model = str(request.get("model", self.name))
+        self.stats.in_flight += 1
+        try:
+            if path.endswith("/embeddings"):
+                await send_json(send, 200, _embedding(model))
+            elif request.get("stream"):
+                await self._stream(send, model, tokens, chat=path.endswith("/chat/completions"))
+            else:
+                await trio.sleep(self.token_interval * tokens)
+                text = "".join(self._token(i) for i in range(tokens))
+                await send_json(
+                    send,
+                    200,
+                    _completion(
+                        model,
+                        text,
+                        tokens,
+                        chat=path.endswith("/chat/completions"),
+                        backend=self.name,
+                    ),
+                )
+            self.stats.served += 1
+        finally:
+            self.stats.in_flight -= 1
+
+    def _token(self, index: int) -> str:
+        return f"{self.name}-{index} "
+
+    async def _stream(self, send: Send, model: str, tokens: int, chat: bool) -> None:
+        headers = [
+            (b"content-type", b"text/event-stream"),
+            (b"cache-control", b"no-cache"),
+            (b"x-fake-backend", self.name.encode()),
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        created = int(time.time())
+        for index in range(tokens):
+            await trio.sleep(self.token_interval)
+            if self.state != "awake":
+                self.stats.rejected_while_asleep += 1
+            chunk = _stream_chunk(model, self._token(index), created, chat, finish=None)
+            await send({"type": "http.response.body", "body": _sse(chunk), "more_body": True})
+        final = _stream_chunk(model, "", created, chat, finish="length")
+        await send(
+            {
+                "type": "http.response.body",
+                "body": _sse(final) + b"data: [DONE]\n\n",
+                "more_body": False,
+            }
+        )
+
+
+def _sse(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+def _completion(model: str, text: str, tokens: int, chat: bool, backend: str) -> dict[str, Any]:
+    usage = {"prompt_tokens": 1, "completion_tokens": tokens, "total_tokens": tokens + 1}
+    if chat:
+        choice: dict[str, Any] = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "finish_reason": "length",
+        }
+        kind = "chat.completion"
+    else:
+        choice = {"index": 0, "text": text, "finish_reason": "length"}
+        kind = "text_completion"
+    return {
+        "id": f"fake-{backend}-{time.monotonic_ns()}",
+        "object": kind,
+        "created": int(time.time()),
+        "model": model,
+        "system_fingerprint": backend,
+        "choices": [choice],
+        "usage": usage,
+    }
+
+
+def _stream_chunk(
+    model: str, text: str, created: int, chat: bool, finish: str | None
+) -> dict[str, Any]:
+    if chat:
+        choice: dict[str, Any] = {
+            "index": 0,
+            "delta": {"content": text} if text else {},
+            "finish_reason": finish,
+        }
+        kind = "chat.completion.chunk"
+    else:
+        choice = {"index": 0, "text": text, "finish_reason": finish}
+        kind = "text_completion"
+    return {
+        "id": "fake-stream",
+        "object": kind,
+        "created": created,
+        "model": model,
+        "choices": [choice],
+    }
+
+
+def _embedding(model: str) -> dict[str, Any]:
+    return {
+        "object": "list",
+        "model": model,
+        "data": [{"object": "embedding", "index": 0, "embedding": [0.0, 0.5, 1.0]}],
+        "usage": {"prompt_tokens": 1, "total_tokens": 1},
+    }
+
+
+async def _read_all(receive: Receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return b"".join(chunks)
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _send_raw(send: Send, status: int, body: bytes) -> None:
+    await send_bytes(send, status, body, b"application/json")
+
+
+async def serve_fake_backend(
+    backend: FakeBackend,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve `backend` until cancelled; `nursery.start` returns its URLs (the real port when
+    `port` is 0)."""
+    config = HypercornConfig()
+    config.bind = [f"{host}:{port}"]
+    config.keep_alive_timeout = 75.0
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    await hypercorn.trio.serve(backend, config, task_status=task_status)

@@ -1,0 +1,173 @@
+"""Run a lifecycle hook (`wake`, `sleep`, `alive`) as a supervised `sh -c` subprocess.
+
+Why it is shaped like this:
+- Each hook gets its own process group, so a timeout or a shutdown can stop everything it started
+  (SIGTERM to the group, SIGKILL after a grace period): no hook process outlives its timeout.
+- Output goes to temporary files, not pipes. A wake hook that starts a server with `&` leaves that
+  server holding the hook's stdout/stderr; with a pipe llmux would wait for EOF forever (or kill the
+  server with SIGPIPE once it stops reading). With a file, the hook is done when its shell exits.
+- The environment is llmux's own minus `NOTIFY_SOCKET` (a hook must not talk to systemd for us),
+  plus `LLMUX_*` variables. Nothing from a client request ever reaches a hook.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import trio
+
+log = logging.getLogger("llmux.hooks")
+
+OUTPUT_TAIL_BYTES = 64 * 1024
+KILL_GRACE_SECS = 5.0
+
+
+@dataclass(frozen=True)
+class HookResult:
+    hook: str
+    model: str
+    exit_code: int | None  # None when it was killed for running past its timeout
+    timed_out: bool
+    duration: float
+    stdout_tail: str
+    stderr_tail: str
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and not self.timed_out
+
+    def describe_failure(self, max_lines: int = 10) -> str:
+        """A short human explanation: exit code or timeout, and the last lines of stderr."""
+        if self.timed_out:
+            head = f"{self.hook} hook for {self.model} timed out after {self.duration:.1f}s"
+        else:
+            head = f"{self.hook} hook for {self.model} exited with code {self.exit_code}"
+        lines = self.stderr_tail.strip().splitlines()[-max_lines:]
+        return head + (": " + " | ".join(lines) if lines else "")
+
+
+def hook_environment(
+    hook: str, model: str, port: int, extra: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The environment a hook sees: llmux's own, without NOTIFY_SOCKET, with LLMUX_* added."""
+    env = dict(os.environ)
+    env.pop("NOTIFY_SOCKET", None)
+    env.update({"LLMUX_MODEL": model, "LLMUX_PORT": str(port), "LLMUX_HOOK": hook})
+    if extra:
+        env.update(extra)
+    return env
+
+
+async def run_hook(
+    hook: str,
+    command: str,
+    *,
+    model: str,
+    port: int,
+    cwd: Path,
+    timeout: float,
+    extra_env: Mapping[str, str] | None = None,
+    grace: float = KILL_GRACE_SECS,
+) -> HookResult:
+    """Run `command` with `sh -c` and return how it ended; never leaves the process group behind
+    on timeout or cancellation."""
+    env = hook_environment(hook, model, port, extra_env)
+    started = time.monotonic()
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        process = await trio.lowlevel.open_process(
+            ["sh", "-c", command],
+            cwd=str(cwd),
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            start_new_session=True,
+        )
+        timed_out = False
+        try:
+            with trio.move_on_after(timeout) as scope:
+                await process.wait()
+            if scope.cancelled_caught:
+                timed_out = True
+                log.warning(
+                    "%s hook for %s ran past %.1fs; stopping its process group",
+                    hook,
+                    model,
+                    timeout,
+                )
+                await _stop_group(process, grace)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await _stop_group(process, grace)
+            raise
+        duration = time.monotonic() - started
+        result = HookResult(
+            hook=hook,
+            model=model,
+            exit_code=None if timed_out else process.returncode,
+            timed_out=timed_out,
+            duration=duration,
+            stdout_tail=_tail(out),
+            stderr_tail=_tail(err),
+        )
+    _log_result(result)
+    return result
+
+
+async def _stop_group(process: trio.Process, grace: float) -> None:
+    """SIGTERM the hook's whole process group, then SIGKILL it after `grace` seconds."""
+    pgid = process.pid  # start_new_session makes the shell a group leader
+    _signal_group(pgid, signal.SIGTERM)
+    with trio.move_on_after(grace):
+        await process.wait()
+        # The shell is gone; give the rest of its group the same grace before SIGKILL.
+        deadline = trio.current_time() + grace
+        while _group_alive(pgid) and trio.current_time() < deadline:
+            await trio.sleep(0.05)
+    _signal_group(pgid, signal.SIGKILL)
+    await process.wait()
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _tail(stream: BinaryIO) -> str:
+    """The last OUTPUT_TAIL_BYTES of a captured stream, decoded leniently."""
+    size = stream.seek(0, os.SEEK_END)
+    stream.seek(max(0, size - OUTPUT_TAIL_BYTES))
+    return stream.read().decode("utf-8", errors="replace")
+
+
+def _log_result(result: HookResult) -> None:
+    if result.ok:
+        log.info("%s hook for %s finished in %.2fs", result.hook, result.model, result.duration)
+    elif result.hook == "alive":
+        log.info("alive hook for %s: not serving (%s)", result.model, result.describe_failure(3))
+    else:
+        log.warning("%s", result.describe_failure())
+    for name, text in (("stdout", result.stdout_tail), ("stderr", result.stderr_tail)):
+        if text.strip():
+            log.debug("%s hook for %s %s:\n%s", result.hook, result.model, name, text.rstrip())

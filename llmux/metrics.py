@@ -1,0 +1,104 @@
+"""Prometheus metrics, one registry per app instance (so several apps can live in one process).
+
+Names and meanings follow the original llmux; `llmux_model_state` and `llmux_model_dead_total` are
+ours. Label values for models are always configured names (or `unknown`), never raw client input,
+so clients cannot grow the series without bound.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from llmux.policy import ModelState
+
+prometheus_client.disable_created_metrics()
+
+DURATION_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1, 2.5, 5, 10, 30, 60, 120, 300, 600,
+)  # fmt: skip
+UNKNOWN_MODEL = "unknown"
+
+
+class Metrics:
+    def __init__(self, model_names: Iterable[str]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.switch_total = Counter(
+            "llmux_switch_total",
+            "Total model switches attempted",
+            ["from", "to", "result"],
+            registry=r,
+        )
+        self.switch_duration = Histogram(
+            "llmux_switch_duration_seconds",
+            "Wall-clock duration of model switches (drain + sleep + wake)",
+            ["from", "to"], buckets=DURATION_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.switch_drain_duration = Histogram(
+            "llmux_switch_drain_duration_seconds",
+            "Time spent draining in-flight requests before a switch",
+            ["model"], buckets=DURATION_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.model_active_duration = Histogram(
+            "llmux_model_active_duration_seconds",
+            "How long a model stayed active before being switched out",
+            ["model"], buckets=DURATION_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.switch_cost_ema = Gauge(
+            "llmux_switch_cost_ema_seconds",
+            "EMA-smoothed estimated switch cost per (from, to) pair (sleep + wake hooks)",
+            ["from", "to"], registry=r,
+        )  # fmt: skip
+        self.queue_depth = Gauge(
+            "llmux_request_queue_depth",
+            "Number of requests waiting for a model to become active",
+            ["model"], registry=r,
+        )  # fmt: skip
+        self.queue_wait = Histogram(
+            "llmux_request_queue_wait_seconds",
+            "Time a request spent queued waiting for model readiness",
+            ["model"], buckets=DURATION_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.in_flight = Gauge(
+            "llmux_model_in_flight", "Current in-flight requests per model", ["model"], registry=r
+        )
+        self.requests_total = Counter(
+            "llmux_requests_total", "Total requests processed", ["model", "status"], registry=r
+        )
+        self.request_duration = Histogram(
+            "llmux_request_duration_seconds",
+            "End-to-end request duration (time to first byte)",
+            ["model"], buckets=DURATION_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.hook_duration = Histogram(
+            "llmux_hook_duration_seconds", "Hook script execution time",
+            ["model", "hook"], buckets=DURATION_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.hook_failures = Counter(
+            "llmux_hook_failures_total", "Total hook script failures", ["model", "hook"], registry=r
+        )
+        self.model_state = Gauge(
+            "llmux_model_state",
+            "1 for the state each model is in now, 0 for the others",
+            ["model", "state"], registry=r,
+        )  # fmt: skip
+        self.model_dead = Counter(
+            "llmux_model_dead_total",
+            "Times an active model was found not serving (alive hook failed) and marked asleep",
+            ["model"], registry=r,
+        )  # fmt: skip
+        for name in model_names:
+            self.queue_depth.labels(name).set(0)
+            self.in_flight.labels(name).set(0)
+            self.set_state(name, ModelState.ASLEEP)
+
+    def set_state(self, model: str, state: ModelState) -> None:
+        for candidate in ModelState:
+            self.model_state.labels(model, candidate.value).set(1 if candidate is state else 0)
+
+    def exposition(self) -> bytes:
+        return prometheus_client.generate_latest(self.registry)

@@ -1,0 +1,198 @@
+"""The switch-policy interface: plain code that sees a snapshot and decides, with no I/O.
+
+The switcher calls a policy on four kinds of event: a request arrived, a request completed, a switch
+completed, or a timer the policy asked for fired. The policy answers with one decision: stay, switch
+to a model now, or call again at a given time. Because a policy only reads a `Snapshot` (built from
+the switcher's state, or by a simulator from a virtual clock) it can be tested and replayed without
+trio, sockets or hooks.
+
+A custom policy is any class with `decide(event, snapshot) -> Decision`, named in the config as
+`package.module:Class` or `/path/to/file.py:Class`; it is built with the `[policy.options]` table
+as keyword arguments, so its `__init__` validates them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class ModelState(StrEnum):
+    ASLEEP = "asleep"  # not serving; a request for it waits for a switch
+    WAKING = "waking"  # its wake hook is running
+    ACTIVE = "active"  # serving: the only state in which requests are forwarded to it
+    DRAINING = "draining"  # about to be put to sleep: new requests queue, in-flight ones finish
+    SLEEPING = "sleeping"  # its sleep hook is running
+
+
+@dataclass(frozen=True)
+class ModelView:
+    name: str
+    state: ModelState
+    queue_depth: int
+    oldest_arrival: float | None  # clock time the oldest waiting request arrived
+    in_flight: int
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    now: float
+    models: Mapping[str, ModelView]  # in config order
+    active: str | None
+    active_since: float | None
+    switching: bool  # a switch is in progress: its decision is already made
+    switch_costs: Mapping[tuple[str, str], float]  # EMA seconds of no model serving, per (from, to)
+    cold_start_costs: Mapping[str, float]  # EMA seconds to wake a model when none was active
+
+    def active_for(self) -> float:
+        return 0.0 if self.active_since is None else self.now - self.active_since
+
+    def estimated_cost(self, target: str) -> float | None:
+        """The measured cost of moving from the active model (or from idle) to `target`."""
+        if self.active is None:
+            return self.cold_start_costs.get(target)
+        return self.switch_costs.get((self.active, target))
+
+
+# Events the switcher reports.
+@dataclass(frozen=True)
+class RequestArrived:
+    model: str
+
+
+@dataclass(frozen=True)
+class RequestCompleted:
+    model: str
+
+
+@dataclass(frozen=True)
+class SwitchCompleted:
+    target: str
+    ok: bool
+
+
+@dataclass(frozen=True)
+class TimerFired:
+    pass
+
+
+Event = RequestArrived | RequestCompleted | SwitchCompleted | TimerFired
+
+
+# Decisions a policy returns.
+@dataclass(frozen=True)
+class Stay:
+    pass
+
+
+@dataclass(frozen=True)
+class SwitchTo:
+    model: str
+
+
+@dataclass(frozen=True)
+class CallAt:
+    when: float
+
+
+Decision = Stay | SwitchTo | CallAt
+
+
+class Policy(Protocol):
+    def decide(self, event: Event, snapshot: Snapshot) -> Decision: ...
+
+
+class FifoPolicy:
+    """The original llmux behaviour: a request for a non-active model starts a switch at once.
+
+    Each switch releases all of the target's waiting requests, and targets are chosen in the order
+    their oldest waiting request arrived. Combined with draining, this is gated service with
+    oldest-first routing, not global first-come-first-served.
+    """
+
+    def decide(self, event: Event, snapshot: Snapshot) -> Decision:
+        if snapshot.switching:
+            return Stay()
+        target = oldest_waiting_model(snapshot)
+        return SwitchTo(target) if target is not None else Stay()
+
+
+def oldest_waiting_model(snapshot: Snapshot) -> str | None:
+    """The non-active model whose oldest queued request has waited longest, if any."""
+    waiting = [
+        view
+        for view in snapshot.models.values()
+        if view.queue_depth > 0 and view.state is not ModelState.ACTIVE
+    ]
+    if not waiting:
+        return None
+    return min(waiting, key=lambda view: view.oldest_arrival or 0.0).name
+
+
+BUILTIN_POLICIES: dict[str, type] = {"fifo": FifoPolicy}
+
+
+class PolicyLoadError(Exception):
+    """The configured policy could not be found or built."""
+
+
+def load_policy(name: str, options: Mapping[str, Any], base_dir: Path) -> Policy:
+    """Build the policy named in the config: a built-in name, `pkg.mod:Class` or `/file.py:Class`."""
+    cls = _find_policy_class(name, base_dir)
+    try:
+        policy = cls(**dict(options))
+    except TypeError as exc:
+        raise PolicyLoadError(f"policy {name!r} rejected [policy.options]: {exc}") from None
+    except ValueError as exc:
+        raise PolicyLoadError(f"policy {name!r}: invalid option: {exc}") from None
+    if not callable(getattr(policy, "decide", None)):
+        raise PolicyLoadError(f"policy {name!r} has no decide(event, snapshot) method")
+    return policy
+
+
+def _find_policy_class(name: str, base_dir: Path) -> type:
+    if name in BUILTIN_POLICIES:
+        return BUILTIN_POLICIES[name]
+    location, sep, class_name = name.rpartition(":")
+    if not sep or not location or not class_name:
+        known = ", ".join(sorted(BUILTIN_POLICIES))
+        raise PolicyLoadError(
+            f"unknown policy {name!r}: use a built-in ({known}), 'package.module:Class' "
+            "or '/path/to/file.py:Class'"
+        )
+    if location.endswith(".py"):
+        module = _import_file(base_dir / location)
+    else:
+        try:
+            module = importlib.import_module(location)
+        except ImportError as exc:
+            raise PolicyLoadError(f"cannot import policy module {location!r}: {exc}") from None
+    cls = getattr(module, class_name, None)
+    if not isinstance(cls, type):
+        raise PolicyLoadError(f"policy class {class_name!r} not found in {location!r}")
+    return cls
+
+
+def _import_file(path: Path) -> Any:
+    """Import a policy from a file path: the one-file binary has no site-packages to install into."""
+    path = path.resolve()
+    if not path.is_file():
+        raise PolicyLoadError(f"policy file {path} not found")
+    module_name = f"llmux_policy_{path.stem}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise PolicyLoadError(f"cannot load policy file {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[module_name]
+        raise PolicyLoadError(f"policy file {path} failed to import: {exc!r}") from None
+    return module

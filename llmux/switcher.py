@@ -1,0 +1,540 @@
+"""The switcher: which model is awake, which requests wait, and carrying out switches.
+
+Theory of operation
+-------------------
+Each configured model has a `ModelRuntime`: its state (see `policy.ModelState`), a queue of waiting
+requests and a count of in-flight requests. A request asks `serving(model)` for a slot. If the model
+is ACTIVE it gets one at once; otherwise it joins the model's queue and the policy is consulted.
+
+The policy (plain code, no I/O) is consulted on every event: a request arrived, a request
+completed, a switch completed, a timer it asked for fired. When it answers `SwitchTo(target)` and no
+switch is running, one switch task carries it out:
+
+    wait out min_active_secs of the active model (it keeps serving)
+    -> active model DRAINING (its new requests queue), wait for its in-flight to reach 0
+    -> SLEEPING: its sleep hook      (fails and alive still passes: abandon, old model stays ACTIVE)
+    -> target WAKING: its wake hook  (fails: target's sleep hook cleans up, llmux idle, waiters 503)
+    -> target ACTIVE: its queue is released in arrival order, each one's slot taken atomically.
+
+Rules
+-----
+1. A request is forwarded only while its model is ACTIVE. Granting a slot and counting it in flight
+   happen in one step with no checkpoint between, so a drain can never miss a request.
+2. One switch at a time; the hooks of a switch run one after another, and alive checks never run
+   beside them (one lifecycle lock).
+3. A switch whose target no longer has anyone waiting (they all left or timed out) stops before it
+   puts anything to sleep.
+4. At most one model is ACTIVE, DRAINING, SLEEPING or WAKING at any time (one model awake); the
+   state lives per model so co-residency can be added without a global "active" slot.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import trio
+
+from llmux.config import Config, ModelConfig
+from llmux.costs import IDLE, SwitchCostTracker
+from llmux.errors import LlmuxError, ModelUnavailable, QueueTimeout, ShuttingDown
+from llmux.hooks import HookResult, run_hook
+from llmux.metrics import Metrics
+from llmux.policy import (
+    CallAt,
+    Decision,
+    Event,
+    FifoPolicy,
+    ModelState,
+    ModelView,
+    Policy,
+    RequestArrived,
+    RequestCompleted,
+    Snapshot,
+    SwitchCompleted,
+    SwitchTo,
+    TimerFired,
+)
+
+log = logging.getLogger("llmux.switcher")
+
+FAILED_SWITCH_BACKOFF_SECS = 2.0
+
+
+@dataclass(eq=False)
+class Waiter:
+    """One queued request: released with a slot, or failed with an error."""
+
+    model: str
+    arrival: float
+    done: trio.Event = field(default_factory=trio.Event)
+    granted: bool = False
+    error: LlmuxError | None = None
+
+
+@dataclass(eq=False)
+class ModelRuntime:
+    config: ModelConfig
+    state: ModelState = ModelState.ASLEEP
+    queue: deque[Waiter] = field(default_factory=deque)
+    in_flight: int = 0
+    active_since: float | None = None
+    last_alive_check: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+class Switcher:
+    def __init__(
+        self, config: Config, policy: Policy, metrics: Metrics, costs: SwitchCostTracker
+    ) -> None:
+        self.config = config
+        self.policy = policy
+        self.metrics = metrics
+        self.costs = costs
+        self.models = {name: ModelRuntime(cfg) for name, cfg in config.models.items()}
+        self._nursery: trio.Nursery | None = None
+        self._ready = False
+        self._closing = False
+        self._switch_running = False
+        self._retry_at = -math.inf
+        self._lifecycle_lock = trio.Lock()
+        self._changed = trio.Event()
+        self._timer_deadline = math.inf
+        self._timer_scope: trio.CancelScope | None = None
+        self._alive_requested = False
+
+    # ----- running -----
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Reconcile with the backends' real state, then carry out decisions until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await self.reconcile()
+            self._ready = True
+            nursery.start_soon(self._timer_loop)
+            nursery.start_soon(self._alive_loop)
+            self._consult(TimerFired())  # requests may have queued during reconciliation
+
+    async def reconcile(self) -> None:
+        """Adopt a model that is already serving; if several are, keep the first in config order
+        and put the others to sleep."""
+        alive: dict[str, bool | None] = {}
+
+        async def check(model: ModelRuntime) -> None:
+            alive[model.name] = await self._check_alive(model)
+
+        async with self._lifecycle_lock, trio.open_nursery() as nursery:
+            for model in self.models.values():
+                nursery.start_soon(check, model)
+        awake = [name for name in self.models if alive.get(name)]
+        if not awake:
+            log.info("no model is serving at start-up; llmux is idle")
+            return
+        keep, *extra = awake
+        self._activate(self.models[keep])
+        log.info("adopted %s, already serving, as the active model", keep)
+        async with self._lifecycle_lock:
+            for name in extra:
+                log.warning("%s is also serving at start-up; putting it to sleep", name)
+                result = await self._run_hook(self.models[name], "sleep")
+                if not result.ok:
+                    log.error(
+                        "could not put %s to sleep at start-up: two models may be awake", name
+                    )
+
+    # ----- requests -----
+
+    @asynccontextmanager
+    async def serving(self, name: str) -> AsyncIterator[float]:
+        """Hold an in-flight slot on `name` for the body of the block; yields the queue wait."""
+        waited = await self._acquire(name)
+        try:
+            yield waited
+        finally:
+            self._release(self.models[name])
+
+    async def _acquire(self, name: str) -> float:
+        if self._closing:
+            raise ShuttingDown("llmux is shutting down")
+        model = self.models[name]
+        if model.state is ModelState.ACTIVE and not model.queue:
+            self._start_request(model)
+            self.metrics.queue_wait.labels(name).observe(0.0)
+            return 0.0
+        waiter = Waiter(model=name, arrival=trio.current_time())
+        model.queue.append(waiter)
+        self._queue_changed(model)
+        self._consult(RequestArrived(name))
+        timeout = self.config.policy.request_timeout_secs
+        try:
+            with trio.move_on_after(math.inf if timeout is None else timeout):
+                await waiter.done.wait()
+        except BaseException:
+            self._leave_queue(model, waiter)
+            raise
+        waited = trio.current_time() - waiter.arrival
+        if not waiter.done.is_set():
+            self._leave_queue(model, waiter)
+            raise QueueTimeout(
+                f"model {name!r} did not become active within {timeout:g}s "
+                "(policy.request_timeout_secs)"
+            )
+        self.metrics.queue_wait.labels(name).observe(waited)
+        if waiter.error is not None:
+            raise waiter.error
+        return waited
+
+    def _leave_queue(self, model: ModelRuntime, waiter: Waiter) -> None:
+        """A waiter is gone (client left, timed out): drop it, or give back a slot granted meanwhile."""
+        if waiter.granted:
+            self._release(model)
+            return
+        if waiter in model.queue:
+            model.queue.remove(waiter)
+            self._queue_changed(model)
+
+    def _start_request(self, model: ModelRuntime) -> None:
+        model.in_flight += 1
+        self.metrics.in_flight.labels(model.name).set(model.in_flight)
+
+    def _release(self, model: ModelRuntime) -> None:
+        model.in_flight -= 1
+        self.metrics.in_flight.labels(model.name).set(model.in_flight)
+        self._notify()
+        self._consult(RequestCompleted(model.name))
+
+    def _queue_changed(self, model: ModelRuntime) -> None:
+        self.metrics.queue_depth.labels(model.name).set(len(model.queue))
+        self._notify()
+
+    def _release_queue(self, model: ModelRuntime) -> None:
+        """Grant every waiter of an ACTIVE model a slot, in arrival order."""
+        while model.queue:
+            waiter = model.queue.popleft()
+            self._start_request(model)
+            waiter.granted = True
+            waiter.done.set()
+        self._queue_changed(model)
+
+    def _fail_queue(self, model: ModelRuntime, error: LlmuxError) -> None:
+        while model.queue:
+            waiter = model.queue.popleft()
+            waiter.error = error
+            waiter.done.set()
+        self._queue_changed(model)
+
+    def report_unreachable(self, name: str) -> None:
+        """The proxy could not connect to an ACTIVE model: check at once whether it still serves."""
+        if self.models[name].state is ModelState.ACTIVE:
+            self._alive_requested = True
+            self._notify()
+
+    # ----- shutdown -----
+
+    async def shutdown(self, timeout: float) -> None:
+        """Refuse new work, answer queued requests 503, and let in-flight ones finish (bounded)."""
+        self._closing = True
+        for model in self.models.values():
+            self._fail_queue(model, ShuttingDown("llmux is shutting down"))
+        with trio.move_on_after(timeout):
+            await self._wait_until(lambda: self.total_in_flight() == 0)
+        if self.total_in_flight():
+            log.warning(
+                "shutdown: %d requests still in flight after %gs", self.total_in_flight(), timeout
+            )
+
+    def total_in_flight(self) -> int:
+        return sum(model.in_flight for model in self.models.values())
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    # ----- policy -----
+
+    def snapshot(self) -> Snapshot:
+        active = self._active()
+        return Snapshot(
+            now=trio.current_time(),
+            models={
+                name: ModelView(
+                    name=name,
+                    state=model.state,
+                    queue_depth=len(model.queue),
+                    oldest_arrival=model.queue[0].arrival if model.queue else None,
+                    in_flight=model.in_flight,
+                )
+                for name, model in self.models.items()
+            },
+            active=active.name if active else None,
+            active_since=active.active_since if active else None,
+            switching=self._switch_running,
+            switch_costs=dict(self.costs.switches),
+            cold_start_costs=dict(self.costs.cold_starts),
+        )
+
+    def _consult(self, event: Event) -> None:
+        if not self._ready or self._closing:
+            return
+        snapshot = self.snapshot()
+        try:
+            decision = self.policy.decide(event, snapshot)
+        except Exception:
+            log.exception("policy %r failed; falling back to FIFO for this decision", self.policy)
+            decision = FifoPolicy().decide(event, snapshot)
+        self._apply(decision)
+
+    def _apply(self, decision: Decision) -> None:
+        if isinstance(decision, SwitchTo):
+            target = self.models.get(decision.model)
+            if target is None:
+                log.error("policy asked to switch to unknown model %r; ignored", decision.model)
+            elif not self._switch_running and target.state is not ModelState.ACTIVE:
+                assert self._nursery is not None
+                self._switch_running = True
+                self._nursery.start_soon(self._switch, target)
+        elif isinstance(decision, CallAt):
+            self._timer_deadline = decision.when
+            if self._timer_scope is not None:
+                self._timer_scope.deadline = decision.when
+
+    async def _timer_loop(self) -> None:
+        while True:
+            with trio.CancelScope(deadline=self._timer_deadline) as scope:
+                self._timer_scope = scope
+                await trio.sleep_forever()
+            self._timer_deadline = math.inf
+            self._timer_scope = None
+            self._consult(TimerFired())
+
+    # ----- switching -----
+
+    async def _switch(self, target: ModelRuntime) -> None:
+        ok = False
+        try:
+            ok = await self._carry_out_switch(target)
+        finally:
+            self._switch_running = False
+            self._notify()
+        self._consult(SwitchCompleted(target.name, ok))
+
+    async def _carry_out_switch(self, target: ModelRuntime) -> bool:
+        """Drain, sleep, wake; returns whether the target ended up ACTIVE."""
+        policy = self.config.policy
+        await trio.sleep_until(self._retry_at)
+        source = self._active()
+        if not target.queue or source is target:
+            return False  # stale: everyone who wanted it left, or it is already serving
+        if source is not None and source.active_since is not None:
+            serve_until = source.active_since + policy.min_active_secs
+            with trio.move_on_at(serve_until):
+                await self._wait_until(lambda: not target.queue)
+            if not target.queue:
+                return False
+        from_label = source.name if source else IDLE
+        started = trio.current_time()
+        async with self._lifecycle_lock:
+            sleep_seconds = 0.0
+            if source is not None:
+                if not await self._drain(source, target):
+                    return False
+                sleep_result = await self._put_to_sleep(source, target)
+                if sleep_result is None:
+                    self.metrics.switch_total.labels(from_label, target.name, "abandoned").inc()
+                    return False
+                sleep_seconds = sleep_result.duration
+            wake_result = await self._wake(target, source)
+            if not wake_result.ok:
+                self.metrics.switch_total.labels(from_label, target.name, "failed").inc()
+                return False
+        self._activate(target)
+        cost = sleep_seconds + wake_result.duration
+        estimate = self.costs.observe(source.name if source else None, target.name, cost)
+        self.metrics.switch_cost_ema.labels(from_label, target.name).set(estimate)
+        self.metrics.switch_total.labels(from_label, target.name, "ok").inc()
+        self.metrics.switch_duration.labels(from_label, target.name).observe(
+            trio.current_time() - started
+        )
+        log.info(
+            "switched %s -> %s in %.2fs", from_label, target.name, trio.current_time() - started
+        )
+        return True
+
+    async def _drain(self, source: ModelRuntime, target: ModelRuntime) -> bool:
+        """Stop admitting to `source` and wait for its in-flight requests; False if the target's
+        waiters all left meanwhile (the switch is called off and `source` serves on)."""
+        self._set_state(source, ModelState.DRAINING)
+        began = trio.current_time()
+        if self.config.policy.drain_before_switch:
+            await self._wait_until(lambda: source.in_flight == 0 or not target.queue)
+        self.metrics.switch_drain_duration.labels(source.name).observe(trio.current_time() - began)
+        if not target.queue:
+            log.info(
+                "switch %s -> %s called off: nobody waits for %s",
+                source.name,
+                target.name,
+                target.name,
+            )
+            self._set_state(source, ModelState.ACTIVE)
+            self._release_queue(source)
+            return False
+        return True
+
+    async def _put_to_sleep(self, source: ModelRuntime, target: ModelRuntime) -> HookResult | None:
+        """Run the source's sleep hook; None if it failed and the model may still be awake, in
+        which case it stays ACTIVE and the target's waiters get 503."""
+        self._set_state(source, ModelState.SLEEPING)
+        if source.active_since is not None:
+            self.metrics.model_active_duration.labels(source.name).observe(
+                trio.current_time() - source.active_since
+            )
+        result = await self._run_hook(source, "sleep", self._switch_env(source, target))
+        if result.ok:
+            self._set_state(source, ModelState.ASLEEP)
+            source.active_since = None
+            return result
+        still_alive = await self._check_alive(source)
+        if still_alive is False:
+            log.warning("sleep hook for %s failed but it no longer serves; continuing", source.name)
+            self._set_state(source, ModelState.ASLEEP)
+            source.active_since = None
+            return result
+        reason = "its alive hook still passes" if still_alive else "it has no alive hook to confirm"
+        log.error(
+            "switch %s -> %s abandoned: sleep failed and %s", source.name, target.name, reason
+        )
+        self._activate(source)
+        self._retry_at = trio.current_time() + FAILED_SWITCH_BACKOFF_SECS
+        self._fail_queue(
+            target, self._hook_error(target, f"{source.name} could not be put to sleep", result)
+        )
+        return None
+
+    async def _wake(self, target: ModelRuntime, source: ModelRuntime | None) -> HookResult:
+        self._set_state(target, ModelState.WAKING)
+        env = self._switch_env(source, target)
+        result = await self._run_hook(target, "wake", env)
+        if not result.ok:
+            log.error("wake of %s failed; running its sleep hook to clean up", target.name)
+            await self._run_hook(target, "sleep", env)
+            self._set_state(target, ModelState.ASLEEP)
+            self._retry_at = trio.current_time() + FAILED_SWITCH_BACKOFF_SECS
+            self._fail_queue(
+                target, self._hook_error(target, f"{target.name} could not be woken", result)
+            )
+        return result
+
+    def _activate(self, model: ModelRuntime) -> None:
+        model.active_since = trio.current_time()
+        model.last_alive_check = model.active_since
+        self._set_state(model, ModelState.ACTIVE)
+        self._release_queue(model)
+
+    def _hook_error(self, model: ModelRuntime, what: str, result: HookResult) -> ModelUnavailable:
+        if self.config.server.expose_hook_errors:
+            return ModelUnavailable(
+                f"model {model.name!r} unavailable: {what}: {result.describe_failure()}"
+            )
+        return ModelUnavailable(f"model {model.name!r} unavailable: {what} (see llmux's log)")
+
+    @staticmethod
+    def _switch_env(source: ModelRuntime | None, target: ModelRuntime) -> dict[str, str]:
+        return {"LLMUX_FROM": source.name if source else "", "LLMUX_TO": target.name}
+
+    # ----- alive checks -----
+
+    async def _alive_loop(self) -> None:
+        """While a model is ACTIVE and idle, check every alive_interval_secs that it still serves;
+        a failed check marks it ASLEEP so the next request wakes it instead of getting 502s."""
+        while True:
+            deadline = math.inf
+            model = self._active()
+            if model is not None and model.config.alive is not None and not self._switch_running:
+                due_at = model.last_alive_check + model.config.alive_interval_secs
+                idle = model.in_flight == 0
+                if self._alive_requested or (idle and trio.current_time() >= due_at):
+                    self._alive_requested = False
+                    await self._periodic_alive_check(model)
+                    continue
+                if idle:
+                    deadline = due_at
+            changed = self._changed
+            with trio.move_on_at(deadline):
+                await changed.wait()
+
+    async def _periodic_alive_check(self, model: ModelRuntime) -> None:
+        async with self._lifecycle_lock:
+            if model.state is not ModelState.ACTIVE:
+                return
+            serving = await self._check_alive(model)
+        model.last_alive_check = trio.current_time()
+        if serving is False and model.state is ModelState.ACTIVE:
+            log.error("model %s is active but its alive hook fails: marking it asleep", model.name)
+            self.metrics.model_dead.labels(model.name).inc()
+            self._set_state(model, ModelState.ASLEEP)
+            model.active_since = None
+            self._consult(TimerFired())
+
+    async def _check_alive(self, model: ModelRuntime) -> bool | None:
+        """Whether the model serves now, by its alive hook; None when it has none."""
+        if model.config.alive is None:
+            return None
+        result = await self._run_hook(model, "alive")
+        return result.ok
+
+    # ----- helpers -----
+
+    async def _run_hook(
+        self, model: ModelRuntime, hook: str, extra_env: dict[str, str] | None = None
+    ) -> HookResult:
+        cfg = model.config
+        command = {"wake": cfg.wake, "sleep": cfg.sleep, "alive": cfg.alive}[hook]
+        assert command is not None
+        timeout = {
+            "wake": cfg.wake_timeout_secs,
+            "sleep": cfg.sleep_timeout_secs,
+            "alive": cfg.alive_timeout_secs,
+        }[hook]
+        result = await run_hook(
+            hook,
+            command,
+            model=model.name,
+            port=cfg.port,
+            cwd=self.config.hook_dir,
+            timeout=timeout,
+            extra_env=extra_env,
+        )
+        self.metrics.hook_duration.labels(model.name, hook).observe(result.duration)
+        # An alive hook that exits non-zero answered "not serving"; only a timeout is a failure.
+        if not result.ok and (hook != "alive" or result.timed_out):
+            self.metrics.hook_failures.labels(model.name, hook).inc()
+        return result
+
+    def _active(self) -> ModelRuntime | None:
+        for model in self.models.values():
+            if model.state is ModelState.ACTIVE:
+                return model
+        return None
+
+    def _set_state(self, model: ModelRuntime, state: ModelState) -> None:
+        model.state = state
+        self.metrics.set_state(model.name, state)
+        self._notify()
+
+    def _notify(self) -> None:
+        """Wake every task waiting for some condition on the switcher's state to change."""
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _wait_until(self, condition) -> None:  # type: ignore[no-untyped-def]
+        while not condition():
+            changed = self._changed
+            await changed.wait()
