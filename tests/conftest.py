@@ -1,0 +1,167 @@
+"""Shared fixtures: fake backends as real processes, configs with real hook commands, llmux in-process.
+
+Every process a test starts is stopped by the test, by its pid.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from llmux.config import Config, load_config
+from llmux.server import RunningServer, running_server
+
+PYTHON = sys.executable
+LLMUX = shlex.join([PYTHON, "-m", "llmux"])
+
+
+@dataclass
+class FakeProcess:
+    name: str
+    port: int
+    process: subprocess.Popen[str]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def state(self) -> dict[str, Any]:
+        return httpx.get(self.url + "/fake/state", timeout=5).json()
+
+    def ctl(self, action: str) -> str:
+        return f"{LLMUX} fake-ctl {action} --port {self.port}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@dataclass
+class FakeFleet:
+    """Starts fake backends as subprocesses and stops them all at teardown."""
+
+    started: list[FakeProcess] = field(default_factory=list)
+
+    def start(self, *names: str, port: int = 0, **options: Any) -> list[FakeProcess]:
+        procs = []
+        for name in names:
+            args = [PYTHON, "-m", "llmux", "fake-backend", "--name", name, "--port", str(port)]
+            for key, value in options.items():
+                flag = "--" + key.replace("_", "-")
+                if value is True:
+                    args.append(flag)
+                elif value is not False:
+                    args += [flag, str(value)]
+            procs.append((name, subprocess.Popen(args, stdout=subprocess.PIPE, text=True)))
+        fakes = []
+        for name, proc in procs:
+            line = proc.stdout.readline() if proc.stdout else ""
+            if "listening on" not in line:
+                proc.kill()
+                raise RuntimeError(f"fake backend {name} did not start: {line!r}")
+            fake = FakeProcess(name, int(line.strip().rsplit(":", 1)[1]), proc)
+            self.started.append(fake)
+            fakes.append(fake)
+        return fakes
+
+    def stop_all(self) -> None:
+        for fake in self.started:
+            fake.stop()
+
+
+@pytest.fixture
+def fakes() -> Iterator[FakeFleet]:
+    fleet = FakeFleet()
+    try:
+        yield fleet
+    finally:
+        fleet.stop_all()
+
+
+def model_block(name: str, port: int, **keys: Any) -> str:
+    lines = [f"[models.{json.dumps(name)}]", f"port = {port}"]
+    for key, value in keys.items():
+        lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def fake_model_block(fake: FakeProcess, **overrides: Any) -> str:
+    keys: dict[str, Any] = {
+        "wake": fake.ctl("wake"),
+        "sleep": fake.ctl("sleep"),
+        "alive": fake.ctl("alive"),
+    }
+    keys.update(overrides)
+    keys = {k: v for k, v in keys.items() if v is not None}
+    return model_block(fake.name, fake.port, **keys)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(value)
+
+
+def write_config(
+    folder: Path,
+    models: str,
+    *,
+    policy: dict[str, Any] | None = None,
+    server: dict[str, Any] | None = None,
+    defaults: dict[str, Any] | None = None,
+    top: str = "",
+) -> Path:
+    parts = [top]
+    for table, values in (("server", server), ("policy", policy), ("defaults", defaults)):
+        if values:
+            parts.append(f"[{table}]")
+            parts += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+    parts.append(models)
+    path = folder / "config.toml"
+    path.write_text("\n".join(parts) + "\n")
+    return path
+
+
+def ephemeral_config(path: Path) -> Config:
+    """Load a config and listen on an ephemeral loopback port."""
+    return load_config(path).with_listen("127.0.0.1", 0)
+
+
+@asynccontextmanager
+async def llmux_running(path: Path) -> AsyncIterator[tuple[RunningServer, httpx.AsyncClient]]:
+    async with running_server(ephemeral_config(path)) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            yield server, client
+
+
+def chat(model: str, **extra: Any) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
+
+
+def metric_value(text: str, name: str, **labels: str) -> float | None:
+    """Read one sample from Prometheus exposition text, parsed with prometheus-client's parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return None
