@@ -1,0 +1,104 @@
+"""The hook runner: real `sh -c` subprocesses, their environment, output capture and timeouts."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import trio
+
+from llmux.hooks import OUTPUT_TAIL_BYTES, run_hook
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def _run(command: str, tmp_path, timeout: float = 10.0, **kw):
+    return await run_hook(
+        "wake", command, model="m1", port=8123, cwd=tmp_path, timeout=timeout, grace=1.0, **kw
+    )
+
+
+async def test_environment_has_llmux_variables_and_no_notify_socket(tmp_path, monkeypatch):
+    monkeypatch.setenv("NOTIFY_SOCKET", "/run/systemd/notify")
+    monkeypatch.setenv("USER_THING", "kept")
+    result = await _run(
+        "env", tmp_path, extra_env={"LLMUX_FROM": "m0", "LLMUX_TO": "m1"}
+    )
+    env = dict(line.split("=", 1) for line in result.stdout_tail.splitlines() if "=" in line)
+    assert result.ok
+    assert env["LLMUX_MODEL"] == "m1"
+    assert env["LLMUX_PORT"] == "8123"
+    assert env["LLMUX_HOOK"] == "wake"
+    assert env["LLMUX_FROM"] == "m0" and env["LLMUX_TO"] == "m1"
+    assert env["USER_THING"] == "kept"
+    assert "NOTIFY_SOCKET" not in env
+
+
+async def test_runs_in_given_folder_so_relative_scripts_work(tmp_path):
+    script = tmp_path / "wake.sh"
+    script.write_text("#!/bin/sh\necho from-script\n")
+    script.chmod(0o755)
+    result = await _run("./wake.sh", tmp_path)
+    assert result.ok and result.stdout_tail.strip() == "from-script"
+
+
+async def test_exit_code_and_stderr_are_reported(tmp_path):
+    result = await _run("echo line1 >&2; echo line2 >&2; exit 7", tmp_path)
+    assert not result.ok
+    assert result.exit_code == 7 and not result.timed_out
+    assert "line1" in result.describe_failure() and "code 7" in result.describe_failure()
+
+
+async def test_background_child_holding_output_does_not_block(tmp_path):
+    """A wake hook that starts a server with `&` is done when its shell exits."""
+    pidfile = tmp_path / "bg.pid"
+    started = time.monotonic()
+    result = await _run(f"sleep 30 & echo $! > {pidfile}; echo started", tmp_path)
+    try:
+        assert result.ok
+        assert time.monotonic() - started < 5
+        assert "started" in result.stdout_tail
+        assert _alive(int(pidfile.read_text())), "the backgrounded server must keep running"
+    finally:
+        os.kill(int(pidfile.read_text()), 9)
+
+
+async def test_timeout_kills_the_whole_process_group(tmp_path):
+    pidfile = tmp_path / "child.pid"
+    started = time.monotonic()
+    result = await _run(f"sleep 60 & echo $! > {pidfile}; sleep 60", tmp_path, timeout=0.5)
+    assert result.timed_out and not result.ok and result.exit_code is None
+    assert time.monotonic() - started < 5
+    child = int(pidfile.read_text())
+    for _ in range(50):
+        if not _alive(child):
+            break
+        await trio.sleep(0.05)
+    assert not _alive(child), "a hook's child outlived the hook's timeout"
+
+
+async def test_sigterm_ignoring_hook_is_killed_after_grace(tmp_path):
+    started = time.monotonic()
+    result = await _run("trap '' TERM; sleep 60", tmp_path, timeout=0.3)
+    assert result.timed_out
+    assert time.monotonic() - started < 4
+
+
+async def test_cancellation_stops_the_hook(tmp_path):
+    pidfile = tmp_path / "hook.pid"
+    with trio.move_on_after(0.5):
+        await _run(f"echo $$ > {pidfile}; sleep 60", tmp_path, timeout=30)
+    assert not _alive(int(pidfile.read_text()))
+
+
+async def test_output_capture_is_bounded(tmp_path):
+    result = await _run("head -c 500000 /dev/zero | tr '\\0' x; echo END", tmp_path)
+    assert result.ok
+    assert len(result.stdout_tail) <= OUTPUT_TAIL_BYTES
+    assert result.stdout_tail.endswith("END\n")
