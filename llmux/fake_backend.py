@@ -128,7 +128,7 @@ class FakeBackend:
             if path.endswith("/embeddings"):
                 await send_json(send, 200, _embedding(model))
             elif request.get("stream"):
-                await self._stream(send, model, tokens, chat=path.endswith("/chat/completions"))
+                await self._stream(send, receive, model, tokens, chat=path.endswith("/chat/completions"))
             else:
                 await trio.sleep(self.token_interval * tokens)
                 text = "".join(self._token(i) for i in range(tokens))
@@ -150,7 +150,9 @@ class FakeBackend:
     def _token(self, index: int) -> str:
         return f"{self.name}-{index} "
 
-    async def _stream(self, send: Send, model: str, tokens: int, chat: bool) -> None:
+    async def _stream(self, send: Send, receive: Receive, model: str, tokens: int, chat: bool) -> None:
+        """Stream tokens until done or until the client (llmux) closes the connection, as real
+        servers do: that is how a test sees llmux closing the upstream of a departed client."""
         headers = [
             (b"content-type", b"text/event-stream"),
             (b"cache-control", b"no-cache"),
@@ -158,20 +160,24 @@ class FakeBackend:
         ]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         created = int(time.time())
-        for index in range(tokens):
-            await trio.sleep(self.token_interval)
-            if self.state != "awake":
-                self.stats.rejected_while_asleep += 1
-            chunk = _stream_chunk(model, self._token(index), created, chat, finish=None)
-            await send({"type": "http.response.body", "body": _sse(chunk), "more_body": True})
+        async with trio.open_nursery() as nursery:
+
+            async def watch_disconnect() -> None:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch_disconnect)
+            for index in range(tokens):
+                await trio.sleep(self.token_interval)
+                if self.state != "awake":
+                    self.stats.rejected_while_asleep += 1
+                chunk = _stream_chunk(model, self._token(index), created, chat, finish=None)
+                await send({"type": "http.response.body", "body": _sse(chunk), "more_body": True})
+            nursery.cancel_scope.cancel()
         final = _stream_chunk(model, "", created, chat, finish="length")
-        await send(
-            {
-                "type": "http.response.body",
-                "body": _sse(final) + b"data: [DONE]\n\n",
-                "more_body": False,
-            }
-        )
+        end = _sse(final) + b"data: [DONE]\n\n"
+        await send({"type": "http.response.body", "body": end, "more_body": False})
 
 
 def _sse(payload: dict[str, Any]) -> bytes:
