@@ -32,6 +32,7 @@ from llmux.switcher import Switcher
 log = logging.getLogger("llmux.app")
 access_log = logging.getLogger("llmux.access")
 
+DISCARD_LIMIT_BYTES = 64 * 1024 * 1024
 CLIENT_CLOSED = 499  # nginx's status for "the client went away before the answer was complete"
 
 
@@ -250,11 +251,26 @@ async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
             raise ClientDisconnected()
         chunk = message.get("body", b"")
         size += len(chunk)
+        more = message.get("more_body", False)
         if size > limit:
+            if more:
+                await _discard_rest(receive, DISCARD_LIMIT_BYTES)
             raise BodyTooLarge(f"request body exceeds server.max_body_bytes ({limit})")
         chunks.append(chunk)
-        if not message.get("more_body", False):
+        if not more:
             return b"".join(chunks)
+
+
+async def _discard_rest(receive: Receive, budget: int) -> None:
+    """Read and drop the rest of an oversized body (up to `budget` bytes) so that the client,
+    still sending, gets to read our 413 instead of a reset connection."""
+    while budget > 0:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected()
+        budget -= len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
 
 
 async def _send_error(send: Send, error: LlmuxError) -> None:
