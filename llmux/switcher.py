@@ -121,7 +121,10 @@ class Switcher:
             self._ready = True
             nursery.start_soon(self._timer_loop)
             nursery.start_soon(self._alive_loop)
-            self._consult(TimerFired())  # requests may have queued during reconciliation
+            # Requests that queued during reconciliation reach the policy now, oldest first.
+            waiting = sorted((m for m in self.models.values() if m.queue), key=lambda m: m.queue[0].arrival)
+            for model in waiting:
+                self._consult(RequestArrived(model.name))
 
     async def reconcile(self) -> None:
         """Adopt a model that is already serving; if several are, keep the first in config order
