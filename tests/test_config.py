@@ -1,0 +1,134 @@
+"""Config validation: every error names the file, the key and the problem."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from llmux.config import ConfigError, load_config
+from tests.conftest import PYTHON
+
+GOOD = """
+host = "127.0.0.1"
+port = 3000
+
+[server]
+max_body_bytes = 1000
+shutdown_timeout_secs = 5
+expose_hook_errors = false
+
+[policy]
+name = "fifo"
+request_timeout_secs = 300
+drain_before_switch = true
+min_active_secs = 2
+
+[defaults]
+wake_timeout_secs = 60
+alive_interval_secs = 3
+
+[models.llama]
+port = 8001
+wake = "./wake.sh"
+sleep = "echo sleeping"
+alive = "true"
+wake_timeout_secs = 90
+
+[models."Qwen/Qwen2.5-7B"]
+port = 8001
+wake = "true"
+sleep = "true"
+"""
+
+
+def write(tmp_path, text: str):
+    (tmp_path / "wake.sh").write_text("#!/bin/sh\n")
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def test_a_full_config_loads_with_defaults_and_overrides(tmp_path):
+    config = load_config(write(tmp_path, GOOD))
+    assert config.port == 3000 and config.server.max_body_bytes == 1000
+    assert config.server.expose_hook_errors is False
+    assert config.policy.min_active_secs == 2 and config.policy.request_timeout_secs == 300
+    llama = config.models["llama"]
+    assert llama.wake_timeout_secs == 90  # per-model override
+    assert llama.alive_interval_secs == 3  # from [defaults]
+    assert llama.sleep_timeout_secs == 120  # built-in default
+    qwen = config.models["Qwen/Qwen2.5-7B"]
+    assert qwen.alive is None and qwen.port == 8001  # models may share a port
+    assert config.hook_dir == tmp_path.resolve()
+
+
+def test_minimal_config_uses_documented_defaults(tmp_path):
+    config = load_config(write(tmp_path, '[models.a]\nport = 9\nwake = "true"\nsleep = "true"\n'))
+    assert (config.host, config.port) == ("127.0.0.1", 3000)
+    assert config.policy.name == "fifo" and config.policy.request_timeout_secs is None
+    assert config.policy.drain_before_switch is True
+    assert config.server.max_body_bytes == 32 * 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "problem"),
+    [
+        ('[models.a]\nport = 9\nwake = "true"\nsleep = "true"\nwaek = "x"\n', "models.a.waek", "unknown key"),
+        ('prot = 1\n[models.a]\nport = 9\nwake = "true"\nsleep = "true"\n', "prot", "unknown key"),
+        ('[models.a]\nport = "9"\nwake = "true"\nsleep = "true"\n', "models.a.port", "must be an integer"),
+        ('[server]\nmax_body_bytes = "big"\n[models.a]\nport = 9\nwake = "t"\nsleep = "t"\n', "server.max_body_bytes", "integer"),
+        ('[policy]\ndrain_before_switch = 1\n[models.a]\nport = 9\nwake = "t"\nsleep = "t"\n', "policy.drain_before_switch", "true or false"),
+        ('[policy]\nrequest_timeout_secs = -1\n[models.a]\nport = 9\nwake = "t"\nsleep = "t"\n', "policy.request_timeout_secs", "positive"),
+        ('host = "0.0.0.0"\n', "models", "no models"),
+        ('port = 3000\n[models.a]\nport = 3000\nwake = "t"\nsleep = "t"\n', "models.a.port", "own port"),
+        ('[models.a]\nport = 9\nsleep = "t"\n', "models.a.wake", "missing"),
+        ('[models.a]\nport = 9\nwake = "./nope.sh"\nsleep = "t"\n', "models.a.wake", "not found"),
+        ('[models.a]\nport = 9\nwake = ""\nsleep = "t"\n', "models.a.wake", "empty"),
+        ('[defaults]\nwake_timeout_secs = 0\n[models.a]\nport = 9\nwake = "t"\nsleep = "t"\n', "defaults.wake_timeout_secs", "positive"),
+        ("[models.a\n", "", "invalid TOML"),
+    ],
+)
+def test_errors_name_file_key_and_problem(tmp_path, text, key, problem):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.key == key
+    assert problem in info.value.problem
+    assert str(path) in str(info.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "absent.toml")
+
+
+def _llmux(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PYTHON, "-m", "llmux", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_check_command_reports_ok_and_errors(tmp_path):
+    good = write(tmp_path, GOOD)
+    result = _llmux("check", "-c", str(good))
+    assert result.returncode == 0 and "ok" in result.stdout and "llama" in result.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[models.a]\nport = 9\nwake = "t"\nsleep = "t"\nextra = 1\n')
+    result = _llmux("check", "-c", str(bad))
+    assert result.returncode == 2
+    assert f"{bad}: models.a.extra: unknown key" in result.stderr
+
+
+def test_serve_refuses_bad_config_before_binding(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[policy]\nname = "nope"\n[models.a]\nport = 9\nwake = "t"\nsleep = "t"\n')
+    result = _llmux("serve", "-c", str(bad), "--port", "0")
+    assert result.returncode == 2
+    assert "policy.name" in result.stderr and "unknown policy" in result.stderr
+    assert "listening" not in result.stderr
+
+
+def test_version_comes_from_package_metadata():
+    from importlib.metadata import version
+
+    result = _llmux("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"llmux {version('llmux')}"
