@@ -1,4 +1,4 @@
-"""llmux: one OpenAI-compatible endpoint in front of several model servers that take turns on a GPU."""
+"""llmux: one OpenAI-compatible endpoint for several model servers taking turns on a GPU."""
 
 from importlib.metadata import PackageNotFoundError, version
 

@@ -97,7 +97,8 @@ class LlmuxApp:
             await self._proxy(scope, receive, send)
         else:
             error = RouteNotFound(
-                f"no route for {method} {path}; llmux serves POST /v1/..., GET /v1/models, /health, /metrics"
+                f"no route for {method} {path}; llmux serves POST /v1/..., "
+                "GET /v1/models, /health, /metrics"
             )
             await _send_error(send, error)
 
@@ -142,7 +143,8 @@ class LlmuxApp:
         self.metrics.requests_total.labels(model_label, str(outcome.status)).inc()
         access_log.info(
             "%s %s model=%s status=%s duration=%.3fs",
-            scope["method"], scope["path"], model_label, outcome.status, trio.current_time() - started,
+            scope["method"], scope["path"], model_label, outcome.status,
+            trio.current_time() - started,
         )  # fmt: skip
         if outcome.broken:
             raise UpstreamBroke(f"backend for {model_label} failed mid-response")

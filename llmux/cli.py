@@ -25,7 +25,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llmux",
-        description="One OpenAI-compatible endpoint for several model servers that take turns on a GPU.",
+        description="One OpenAI-compatible endpoint for several model servers on one GPU.",
     )
     parser.add_argument("--version", action="version", version=f"llmux {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -1,4 +1,4 @@
-"""Read and validate the TOML config once, into frozen dataclasses; nothing downstream sees raw dicts.
+"""Read and validate the TOML config once, into frozen dataclasses: nothing else sees raw dicts.
 
 Every error names the file, the dotted key and what is wrong, so `llmux check` and `llmux serve`
 can refuse a bad file before anything binds a port.
@@ -241,8 +241,6 @@ class _Checker:
                 hint = ", ".join(sorted(allowed))
                 raise ConfigError(self.path, full, f"unknown key (known here: {hint})")
             expected = allowed[name]
-            if expected is dict and key == "models":
-                continue
             if not _is_type(item, expected):
                 raise ConfigError(
                     self.path, full, f"must be {_type_name(expected)}, got {_type_name(type(item))}"

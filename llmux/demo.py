@@ -63,7 +63,8 @@ llmux demo: proxy on {url} with fake models {", ".join(DEMO_MODELS)}
   curl -s {url}/v1/chat/completions -H 'content-type: application/json' \\
        -d '{{"model": "{first}", "messages": [{{"role": "user", "content": "hi"}}]}}'
   curl -sN {url}/v1/chat/completions -H 'content-type: application/json' \\
-       -d '{{"model": "{second}", "stream": true, "max_tokens": 20, "messages": [{{"role": "user", "content": "hi"}}]}}'
+       -d '{{"model": "{second}", "stream": true, "max_tokens": 20,
+            "messages": [{{"role": "user", "content": "hi"}}]}}'
   curl -s {url}/metrics | grep llmux_switch
 
 Press Ctrl-C to stop.

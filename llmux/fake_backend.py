@@ -128,7 +128,9 @@ class FakeBackend:
             if path.endswith("/embeddings"):
                 await send_json(send, 200, _embedding(model))
             elif request.get("stream"):
-                await self._stream(send, receive, model, tokens, chat=path.endswith("/chat/completions"))
+                await self._stream(
+                    send, receive, model, tokens, chat=path.endswith("/chat/completions")
+                )
             else:
                 await trio.sleep(self.token_interval * tokens)
                 text = "".join(self._token(i) for i in range(tokens))
@@ -150,7 +152,9 @@ class FakeBackend:
     def _token(self, index: int) -> str:
         return f"{self.name}-{index} "
 
-    async def _stream(self, send: Send, receive: Receive, model: str, tokens: int, chat: bool) -> None:
+    async def _stream(
+        self, send: Send, receive: Receive, model: str, tokens: int, chat: bool
+    ) -> None:
         """Stream tokens until done or until the client (llmux) closes the connection, as real
         servers do: that is how a test sees llmux closing the upstream of a departed client."""
         headers = [

@@ -12,6 +12,7 @@ Why it is shaped like this:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -138,10 +139,8 @@ async def _stop_group(process: trio.Process, grace: float) -> None:
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def _group_alive(pgid: int) -> bool:

@@ -143,7 +143,7 @@ class PolicyLoadError(Exception):
 
 
 def load_policy(name: str, options: Mapping[str, Any], base_dir: Path) -> Policy:
-    """Build the policy named in the config: a built-in name, `pkg.mod:Class` or `/file.py:Class`."""
+    """Build the configured policy: a built-in name, `pkg.mod:Class` or `/file.py:Class`."""
     cls = _find_policy_class(name, base_dir)
     try:
         policy = cls(**dict(options))
@@ -180,7 +180,7 @@ def _find_policy_class(name: str, base_dir: Path) -> type:
 
 
 def _import_file(path: Path) -> Any:
-    """Import a policy from a file path: the one-file binary has no site-packages to install into."""
+    """Import a policy from a file: the one-file binary has no site-packages to install into."""
     path = path.resolve()
     if not path.is_file():
         raise PolicyLoadError(f"policy file {path} not found")

@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -122,7 +122,9 @@ class Switcher:
             nursery.start_soon(self._timer_loop)
             nursery.start_soon(self._alive_loop)
             # Requests that queued during reconciliation reach the policy now, oldest first.
-            waiting = sorted((m for m in self.models.values() if m.queue), key=lambda m: m.queue[0].arrival)
+            waiting = sorted(
+                (m for m in self.models.values() if m.queue), key=lambda m: m.queue[0].arrival
+            )
             for model in waiting:
                 self._consult(RequestArrived(model.name))
 
@@ -196,7 +198,7 @@ class Switcher:
         return waited
 
     def _leave_queue(self, model: ModelRuntime, waiter: Waiter) -> None:
-        """A waiter is gone (client left, timed out): drop it, or give back a slot granted meanwhile."""
+        """A waiter is gone (client left, timed out): drop it, or return a slot it was granted."""
         if waiter.granted:
             self._release(model)
             return
@@ -537,7 +539,7 @@ class Switcher:
         self._changed.set()
         self._changed = trio.Event()
 
-    async def _wait_until(self, condition) -> None:  # type: ignore[no-untyped-def]
+    async def _wait_until(self, condition: Callable[[], bool]) -> None:
         while not condition():
             changed = self._changed
             await changed.wait()

@@ -1,4 +1,4 @@
-"""Shared fixtures: fake backends as real processes, configs with real hook commands, llmux in-process.
+"""Shared fixtures: fake backends as processes, configs with real hook commands, llmux in-process.
 
 Every process a test starts is stopped by the test, by its pid.
 """
@@ -147,9 +147,11 @@ def ephemeral_config(path: Path) -> Config:
 
 @asynccontextmanager
 async def llmux_running(path: Path) -> AsyncIterator[tuple[RunningServer, httpx.AsyncClient]]:
-    async with running_server(ephemeral_config(path)) as server:
-        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-            yield server, client
+    async with (
+        running_server(ephemeral_config(path)) as server,
+        httpx.AsyncClient(base_url=server.url, timeout=60) as client,
+    ):
+        yield server, client
 
 
 def chat(model: str, **extra: Any) -> dict[str, Any]:

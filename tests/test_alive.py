@@ -1,4 +1,4 @@
-"""The alive hook is used: start-up adoption, periodic checks, and checks after a refused connection."""
+"""The alive hook is used: start-up adoption, periodic checks, checks after a refused connection."""
 
 from __future__ import annotations
 

@@ -8,7 +8,14 @@ import httpx
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import chat, fake_model_block, llmux_running, metric_value, model_block, write_config
+from tests.conftest import (
+    chat,
+    fake_model_block,
+    llmux_running,
+    metric_value,
+    model_block,
+    write_config,
+)
 
 
 def _free_port() -> int:
@@ -64,7 +71,9 @@ async def test_body_over_limit_is_413(fakes, tmp_path):
     path = write_config(tmp_path, fake_model_block(a), server={"max_body_bytes": 1000})
     async with llmux_running(path) as (_, client):
         big = chat("a", padding="x" * 2000)
-        _assert_openai_error(await client.post("/v1/chat/completions", json=big), 413, "request_too_large")
+        _assert_openai_error(
+            await client.post("/v1/chat/completions", json=big), 413, "request_too_large"
+        )
 
         async def chunked():
             for _ in range(20):
@@ -114,16 +123,23 @@ async def test_every_v1_post_is_routed_by_model(fakes, tmp_path):
 
 async def test_models_health_metrics_and_unknown_routes(fakes, tmp_path):
     (a,) = fakes.start("a")
-    path = write_config(tmp_path, fake_model_block(a) + model_block("b/with.slash", _free_port(), wake="false", sleep="true"))
+    path = write_config(
+        tmp_path,
+        fake_model_block(a) + model_block("b/with.slash", _free_port(), wake="false", sleep="true"),
+    )
     async with llmux_running(path) as (_, client):
         health = await client.get("/health")
         assert health.status_code == 200
         models = (await client.get("/v1/models")).json()
         assert models["object"] == "list"
         assert [m["id"] for m in models["data"]] == ["a", "b/with.slash"]
-        assert all(m["object"] == "model" and m["llmux"]["state"] == "asleep" for m in models["data"])
+        assert all(
+            m["object"] == "model" and m["llmux"]["state"] == "asleep" for m in models["data"]
+        )
         metrics = await client.get("/metrics")
-        assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
+        assert metrics.status_code == 200 and metrics.headers["content-type"].startswith(
+            "text/plain"
+        )
         assert list(text_string_to_metric_families(metrics.text))
         _assert_openai_error(await client.get("/nope"), 404, "not_found")
         _assert_openai_error(await client.get("/v1/chat/completions"), 404, "not_found")
@@ -138,7 +154,9 @@ async def test_openai_sdk_works_through_llmux(fakes, tmp_path):
 
         def use_sdk() -> tuple[str, str, list[str]]:
             client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
-            first = client.chat.completions.create(model="a", messages=[{"role": "user", "content": "hi"}])
+            first = client.chat.completions.create(
+                model="a", messages=[{"role": "user", "content": "hi"}]
+            )
             streamed = client.chat.completions.create(
                 model="b", messages=[{"role": "user", "content": "hi"}], stream=True, max_tokens=4
             )

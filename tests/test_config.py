@@ -74,18 +74,46 @@ def test_minimal_config_uses_documented_defaults(tmp_path):
 @pytest.mark.parametrize(
     ("text", "key", "problem"),
     [
-        ('[models.a]\nport = 9\nwake = "true"\nsleep = "true"\nwaek = "x"\n', "models.a.waek", "unknown key"),
+        (
+            '[models.a]\nport = 9\nwake = "true"\nsleep = "true"\nwaek = "x"\n',
+            "models.a.waek",
+            "unknown key",
+        ),
         ('prot = 1\n[models.a]\nport = 9\nwake = "true"\nsleep = "true"\n', "prot", "unknown key"),
-        ('[models.a]\nport = "9"\nwake = "true"\nsleep = "true"\n', "models.a.port", "must be an integer"),
-        ('[server]\nmax_body_bytes = "big"\n[models.a]\nport = 9\nwake = "t"\nsleep = "t"\n', "server.max_body_bytes", "integer"),
-        ('[policy]\ndrain_before_switch = 1\n[models.a]\nport = 9\nwake = "t"\nsleep = "t"\n', "policy.drain_before_switch", "true or false"),
-        ('[policy]\nrequest_timeout_secs = -1\n[models.a]\nport = 9\nwake = "t"\nsleep = "t"\n', "policy.request_timeout_secs", "positive"),
+        (
+            '[models.a]\nport = "9"\nwake = "true"\nsleep = "true"\n',
+            "models.a.port",
+            "must be an integer",
+        ),
+        (
+            '[server]\nmax_body_bytes = "big"\n[models.a]\nport = 9\nwake = "t"\nsleep = "t"\n',
+            "server.max_body_bytes",
+            "integer",
+        ),
+        (
+            '[policy]\ndrain_before_switch = 1\n[models.a]\nport = 9\nwake = "t"\nsleep = "t"\n',
+            "policy.drain_before_switch",
+            "true or false",
+        ),
+        (
+            '[policy]\nrequest_timeout_secs = -1\n[models.a]\nport = 9\nwake = "t"\nsleep = "t"\n',
+            "policy.request_timeout_secs",
+            "positive",
+        ),
         ('host = "0.0.0.0"\n', "models", "no models"),
-        ('port = 3000\n[models.a]\nport = 3000\nwake = "t"\nsleep = "t"\n', "models.a.port", "own port"),
+        (
+            'port = 3000\n[models.a]\nport = 3000\nwake = "t"\nsleep = "t"\n',
+            "models.a.port",
+            "own port",
+        ),
         ('[models.a]\nport = 9\nsleep = "t"\n', "models.a.wake", "missing"),
         ('[models.a]\nport = 9\nwake = "./nope.sh"\nsleep = "t"\n', "models.a.wake", "not found"),
         ('[models.a]\nport = 9\nwake = ""\nsleep = "t"\n', "models.a.wake", "empty"),
-        ('[defaults]\nwake_timeout_secs = 0\n[models.a]\nport = 9\nwake = "t"\nsleep = "t"\n', "defaults.wake_timeout_secs", "positive"),
+        (
+            '[defaults]\nwake_timeout_secs = 0\n[models.a]\nport = 9\nwake = "t"\nsleep = "t"\n',
+            "defaults.wake_timeout_secs",
+            "positive",
+        ),
         ("[models.a\n", "", "invalid TOML"),
     ],
 )
@@ -104,7 +132,9 @@ def test_missing_file(tmp_path):
 
 
 def _llmux(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([PYTHON, "-m", "llmux", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [PYTHON, "-m", "llmux", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_check_command_reports_ok_and_errors(tmp_path):

@@ -1,4 +1,4 @@
-"""Clients that go away: out of the queue at once, switches for nobody called off, streams closed."""
+"""Clients that go away: out of the queue at once, switches for nobody called off, streams closed"""
 
 from __future__ import annotations
 
@@ -60,14 +60,19 @@ async def test_switch_for_a_departed_client_is_not_continued_past_the_drain(fake
             # a was draining for b; b's only client left, so a serves again.
             with trio.fail_after(1):
                 while True:
-                    states = {m["id"]: m["llmux"]["state"] for m in (await client.get("/v1/models")).json()["data"]}
+                    states = {
+                        m["id"]: m["llmux"]["state"]
+                        for m in (await client.get("/v1/models")).json()["data"]
+                    }
                     if states["a"] == "active":
                         break
                     await trio.sleep(0.02)
             started = trio.current_time()
             response = await client.post("/v1/chat/completions", json=chat("a", max_tokens=1))
             assert response.status_code == 200
-            assert trio.current_time() - started < 1.0, "a new request for a waited for the long one"
+            assert trio.current_time() - started < 1.0, (
+                "a new request for a waited for the long one"
+            )
     assert a.state()["sleeps"] == 0
     assert b.state()["wakes"] == 0
 
@@ -76,16 +81,18 @@ async def test_client_leaving_mid_stream_frees_the_slot_and_closes_upstream(fake
     (a,) = fakes.start("a", wake_delay=0.05, token_interval=0.05)
     path = write_config(tmp_path, fake_model_block(a))
     async with llmux_running(path) as (server, client):
-        async with httpx.AsyncClient(base_url=server.url) as leaving:
-            async with leaving.stream(
+        async with (
+            httpx.AsyncClient(base_url=server.url) as leaving,
+            leaving.stream(
                 "POST", "/v1/chat/completions", json=chat("a", stream=True, max_tokens=200)
-            ) as response:
-                chunks = 0
-                async for _ in response.aiter_bytes():
-                    chunks += 1
-                    if chunks == 3:
-                        assert await _metric(client, "llmux_model_in_flight", model="a") == 1
-                        break
+            ) as response,
+        ):
+            chunks = 0
+            async for _ in response.aiter_bytes():
+                chunks += 1
+                if chunks == 3:
+                    assert await _metric(client, "llmux_model_in_flight", model="a") == 1
+                    break
         with trio.fail_after(2):
             while await _metric(client, "llmux_model_in_flight", model="a") != 0:
                 await trio.sleep(0.02)

@@ -1,4 +1,4 @@
-"""Hook failures during a switch: never two models awake, waiting requests answered, retries bounded."""
+"""Hook failures in a switch: never two models awake, waiters answered, retries bounded."""
 
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ async def test_sleep_failure_with_alive_passing_abandons_the_switch(fakes, tmp_p
         assert error["code"] == "model_unavailable"
         assert "cannot sleep" in error["message"]
         # a still serves, b was never woken.
-        models = {m["id"]: m["llmux"]["state"] for m in (await client.get("/v1/models")).json()["data"]}
+        models = {
+            m["id"]: m["llmux"]["state"] for m in (await client.get("/v1/models")).json()["data"]
+        }
         assert models == {"a": "active", "b": "asleep"}
         assert (await client.post("/v1/chat/completions", json=chat("a"))).status_code == 200
         metrics = (await client.get("/metrics")).text
@@ -62,7 +64,12 @@ async def test_wake_failure_cleans_up_answers_503_and_retries_later(fakes, tmp_p
         # The retry waited out the backoff after the failed switch instead of spinning.
         assert trio.current_time() - started >= 1.0
         metrics = (await client.get("/metrics")).text
-        assert metric_value(metrics, "llmux_switch_total", **{"from": "idle", "to": "a", "result": "failed"}) == 1
+        assert (
+            metric_value(
+                metrics, "llmux_switch_total", **{"from": "idle", "to": "a", "result": "failed"}
+            )
+            == 1
+        )
         assert metric_value(metrics, "llmux_hook_failures_total", model="a", hook="wake") == 1
 
 

@@ -27,9 +27,7 @@ async def _run(command: str, tmp_path, timeout: float = 10.0, **kw):
 async def test_environment_has_llmux_variables_and_no_notify_socket(tmp_path, monkeypatch):
     monkeypatch.setenv("NOTIFY_SOCKET", "/run/systemd/notify")
     monkeypatch.setenv("USER_THING", "kept")
-    result = await _run(
-        "env", tmp_path, extra_env={"LLMUX_FROM": "m0", "LLMUX_TO": "m1"}
-    )
+    result = await _run("env", tmp_path, extra_env={"LLMUX_FROM": "m0", "LLMUX_TO": "m1"})
     env = dict(line.split("=", 1) for line in result.stdout_tail.splitlines() if "=" in line)
     assert result.ok
     assert env["LLMUX_MODEL"] == "m1"

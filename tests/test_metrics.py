@@ -38,7 +38,9 @@ async def test_every_original_metric_is_exposed_after_a_switch(fakes, tmp_path):
     exposed = set(re.findall(r"^# HELP (llmux_[a-z_]+) ", text, re.M))
     for name in original_names():
         assert name in exposed, name
-    assert metric_value(text, "llmux_switch_total", **{"from": "idle", "to": "a", "result": "ok"}) == 1
+    assert (
+        metric_value(text, "llmux_switch_total", **{"from": "idle", "to": "a", "result": "ok"}) == 1
+    )
     assert metric_value(text, "llmux_switch_total", **{"from": "a", "to": "b", "result": "ok"}) == 1
     assert metric_value(text, "llmux_model_state", model="b", state="active") == 1
     assert metric_value(text, "llmux_model_state", model="a", state="asleep") == 1
@@ -58,9 +60,13 @@ async def test_cost_ema_counts_hooks_not_the_drain(fakes, tmp_path):
     async with llmux_running(path) as (_, client):
         await client.post("/v1/chat/completions", json=chat("a", max_tokens=1))
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(partial(client.post, "/v1/chat/completions", json=chat("a", max_tokens=30)))
+            nursery.start_soon(
+                partial(client.post, "/v1/chat/completions", json=chat("a", max_tokens=30))
+            )
             await trio.sleep(0.1)
-            nursery.start_soon(partial(client.post, "/v1/chat/completions", json=chat("b", max_tokens=1)))
+            nursery.start_soon(
+                partial(client.post, "/v1/chat/completions", json=chat("b", max_tokens=1))
+            )
         text = (await client.get("/metrics")).text
     cost = metric_value(text, "llmux_switch_cost_ema_seconds", **{"from": "a", "to": "b"})
     switch = metric_value(text, "llmux_switch_duration_seconds_sum", **{"from": "a", "to": "b"})

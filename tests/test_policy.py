@@ -24,7 +24,9 @@ from llmux.policy import (
 from tests.conftest import chat, fake_model_block, llmux_running, write_config
 
 
-def snapshot(active: str | None = None, switching: bool = False, **queues: tuple[int, float]) -> Snapshot:
+def snapshot(
+    active: str | None = None, switching: bool = False, **queues: tuple[int, float]
+) -> Snapshot:
     names = ["a", "b", "c"]
     models = {}
     for name in names:
@@ -46,17 +48,24 @@ def test_fifo_switches_to_the_model_whose_oldest_request_came_first():
     fifo = FifoPolicy()
     assert fifo.decide(RequestArrived("b"), snapshot(active="a")) == Stay()
     assert fifo.decide(RequestArrived("b"), snapshot(active="a", b=(1, 99.0))) == SwitchTo("b")
-    assert fifo.decide(RequestArrived("b"), snapshot(active="a", b=(3, 98.0), c=(1, 95.0))) == SwitchTo("c")
+    assert fifo.decide(
+        RequestArrived("b"), snapshot(active="a", b=(3, 98.0), c=(1, 95.0))
+    ) == SwitchTo("c")
     assert fifo.decide(RequestArrived("b"), snapshot(b=(1, 99.0))) == SwitchTo("b")
 
 
 def test_fifo_never_interrupts_a_switch_in_progress():
-    assert FifoPolicy().decide(RequestArrived("c"), snapshot(active="a", switching=True, c=(1, 1.0))) == Stay()
+    assert (
+        FifoPolicy().decide(RequestArrived("c"), snapshot(active="a", switching=True, c=(1, 1.0)))
+        == Stay()
+    )
 
 
 def test_snapshot_cost_for_the_next_switch():
     snap = snapshot(active="a")
-    snap = Snapshot(**{**snap.__dict__, "switch_costs": {("a", "b"): 3.0}, "cold_start_costs": {"b": 9.0}})
+    snap = Snapshot(
+        **{**snap.__dict__, "switch_costs": {("a", "b"): 3.0}, "cold_start_costs": {"b": 9.0}}
+    )
     assert snap.estimated_cost("b") == 3.0
     assert snap.active_for() == 10.0
 
@@ -133,4 +142,3 @@ async def test_live_switcher_drives_a_custom_policy(fakes, tmp_path):
     kinds = {e["event"] for e in events}
     assert kinds >= {"RequestArrived", "RequestCompleted", "SwitchCompleted", "TimerFired"}
     assert "a>b" in events[-1]["costs"], "measured switch costs must reach the policy"
-

@@ -83,7 +83,9 @@ def processes():
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-async def test_signal_lets_in_flight_finish_and_answers_the_rest_503(fakes, processes, tmp_path, signum):
+async def test_signal_lets_in_flight_finish_and_answers_the_rest_503(
+    fakes, processes, tmp_path, signum
+):
     a, b = fakes.start("a", "b", wake_delay=0.05, token_interval=0.05)
     path = write_config(tmp_path, fake_model_block(a) + fake_model_block(b))
     llmux = processes("serve", "-c", str(path), "--port", "0")
@@ -94,7 +96,9 @@ async def test_signal_lets_in_flight_finish_and_answers_the_rest_503(fakes, proc
 
         async def stream_a() -> None:
             text = b""
-            async with client.stream("POST", "/v1/chat/completions", json=chat("a", stream=True, max_tokens=40)) as r:
+            async with client.stream(
+                "POST", "/v1/chat/completions", json=chat("a", stream=True, max_tokens=40)
+            ) as r:
                 async for chunk in r.aiter_bytes():
                     text += chunk
             results["stream"] = text.decode()

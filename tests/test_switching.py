@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import httpx
@@ -84,14 +85,16 @@ async def _interleaved(fakes, tmp_path, names: list[str], requests: int) -> None
     rng = random.Random(7)
     plan = [(rng.choice(names), rng.random() < 0.5, rng.randint(1, 8)) for _ in range(requests)]
     answers: list[tuple[str, int, str]] = []
-    async with llmux_running(path) as (server, client):
+    async with llmux_running(path) as (_, client):
 
         async def one(model: str, streaming: bool, tokens: int, delay: float) -> None:
             await trio.sleep(delay)
             if streaming:
                 status, text = await stream_all(client, model, tokens)
             else:
-                response = await client.post("/v1/chat/completions", json=chat(model, max_tokens=tokens))
+                response = await client.post(
+                    "/v1/chat/completions", json=chat(model, max_tokens=tokens)
+                )
                 status, text = response.status_code, response.text
             answers.append((model, status, text))
 
@@ -178,5 +181,5 @@ async def test_hooks_of_switches_never_overlap(fakes, tmp_path):
     # Wakes and sleeps alternate: never two models awake.
     hooks = [line.split()[1] for line in lines[::2]]
     assert hooks[0] == "wake"
-    for previous, current in zip(hooks, hooks[1:], strict=False):
+    for previous, current in itertools.pairwise(hooks):
         assert previous != current, hooks
