@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -162,3 +164,22 @@ def test_version_comes_from_package_metadata():
 
     result = _llmux("--version")
     assert result.returncode == 0 and result.stdout.strip() == f"llmux {version('llmux')}"
+
+
+def test_the_example_config_parses_and_names_every_key(tmp_path):
+    from llmux import config as config_module
+
+    example = Path(__file__).parents[1] / "config.toml.example"
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    for name in ("wake-llama.sh", "sleep-llama.sh", "serving-llama.sh"):
+        (scripts / name).write_text("#!/bin/sh\n")
+    copy = tmp_path / "config.toml"
+    copy.write_text(example.read_text())
+    config = load_config(copy)
+    assert config.models["llama"].alive == "./scripts/serving-llama.sh"
+    text = example.read_text()
+    keys = set(config_module._TOP_KEYS) | set(config_module._SERVER_KEYS)
+    keys |= set(config_module._POLICY_KEYS) | set(config_module._MODEL_KEYS)
+    for key in keys:
+        assert re.search(rf"^#? ?{key} = |^\[{key}[.\]]|^\[policy\.{key}\]", text, re.M), key
