@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import queue
 import signal
 import statistics
 import subprocess
@@ -26,17 +27,29 @@ LLMUX = [sys.executable, "-m", "llmux"]
 BODY = {"model": "bench", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
 
 
-def start(args: list[str], marker: str) -> tuple[subprocess.Popen[str], str]:
+def start(args: list[str], marker: str, timeout: float = 30.0) -> tuple[subprocess.Popen[str], str]:
+    """Start a process in its own group and return it with the URL from its `marker` line."""
     proc = subprocess.Popen(
         args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
-    assert proc.stdout is not None
-    for line in proc.stdout:
+    lines: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:  # keeps reading, so that a full pipe never blocks the process
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=0.1)
+        except queue.Empty:
+            continue
         if marker in line:
-            # Keep reading its log so that a full pipe never blocks it.
-            threading.Thread(target=proc.stdout.read, daemon=True).start()
             return proc, line.strip().rsplit(" ", 1)[1]
-    raise RuntimeError(f"{args} did not start")
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise RuntimeError(f"{args} did not print {marker!r} within {timeout}s")
 
 
 def timed(client: httpx.Client, url: str, count: int) -> list[float]:
@@ -63,17 +76,15 @@ def main() -> None:
         "listening on",
     )
     port = backend_url.rsplit(":", 1)[1]
-    with tempfile.TemporaryDirectory() as folder:
-        config = Path(folder) / "config.toml"
-        ctl = " ".join(LLMUX) + f" fake-ctl {{}} --port {port}"
-        config.write_text(
-            f'[models.bench]\nport = {port}\nwake = "{ctl.format("wake")}"\n'
-            f'sleep = "{ctl.format("sleep")}"\nalive = "{ctl.format("alive")}"\n'
-            "[defaults]\nalive_interval_secs = 3600\n"
-        )
-        llmux, llmux_url = start(
-            [*LLMUX, "serve", "-c", str(config), "--port", "0"], "listening on"
-        )
+    folder = tempfile.TemporaryDirectory()  # hooks run in the config's folder: keep it to the end
+    config = Path(folder.name) / "config.toml"
+    ctl = " ".join(LLMUX) + f" fake-ctl {{}} --port {port}"
+    config.write_text(
+        f'[models.bench]\nport = {port}\nwake = "{ctl.format("wake")}"\n'
+        f'sleep = "{ctl.format("sleep")}"\nalive = "{ctl.format("alive")}"\n'
+        "[defaults]\nalive_interval_secs = 3600\n"
+    )
+    llmux, llmux_url = start([*LLMUX, "serve", "-c", str(config), "--port", "0"], "listening on")
     try:
         direct: list[float] = []
         proxied: list[float] = []
@@ -96,6 +107,7 @@ def main() -> None:
         for proc in (llmux, backend):
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=15)
+        folder.cleanup()
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ log = logging.getLogger("llmux.hooks")
 
 OUTPUT_TAIL_BYTES = 64 * 1024
 KILL_GRACE_SECS = 5.0
+EXIT_CANNOT_START = 127  # what a shell reports for a command it cannot run
 
 
 @dataclass(frozen=True)
@@ -84,15 +85,28 @@ async def run_hook(
     env = hook_environment(hook, model, port, extra_env)
     started = time.monotonic()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        process = await trio.lowlevel.open_process(
-            ["sh", "-c", command],
-            cwd=str(cwd),
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=err,
-            start_new_session=True,
-        )
+        try:
+            process = await trio.lowlevel.open_process(
+                ["sh", "-c", command],
+                cwd=str(cwd),
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+            )
+        except OSError as exc:  # the hook folder vanished, no `sh`, out of processes...
+            result = HookResult(
+                hook=hook,
+                model=model,
+                exit_code=EXIT_CANNOT_START,
+                timed_out=False,
+                duration=time.monotonic() - started,
+                stdout_tail="",
+                stderr_tail=f"cannot start hook in {cwd}: {exc}",
+            )
+            _log_result(result)
+            return result
         timed_out = False
         try:
             with trio.move_on_after(timeout) as scope:
@@ -164,7 +178,7 @@ def _log_result(result: HookResult) -> None:
     if result.ok:
         log.info("%s hook for %s finished in %.2fs", result.hook, result.model, result.duration)
     elif result.hook == "alive":
-        log.info("alive hook for %s: not serving (%s)", result.model, result.describe_failure(3))
+        log.debug("alive hook for %s: not serving (%s)", result.model, result.describe_failure(3))
     else:
         log.warning("%s", result.describe_failure())
     for name, text in (("stdout", result.stdout_tail), ("stderr", result.stderr_tail)):

@@ -100,3 +100,9 @@ async def test_output_capture_is_bounded(tmp_path):
     assert result.ok
     assert len(result.stdout_tail) <= OUTPUT_TAIL_BYTES
     assert result.stdout_tail.endswith("END\n")
+
+
+async def test_hook_that_cannot_start_is_a_failure_not_a_crash(tmp_path):
+    result = await _run("true", tmp_path / "vanished")
+    assert not result.ok and result.exit_code == 127
+    assert "cannot start hook" in result.describe_failure()
