@@ -40,17 +40,12 @@ class ClientDisconnected(Exception):
     """The client went away while its body was still being read."""
 
 
-class UpstreamBroke(Exception):
-    """The backend failed after the response started: the client must see a truncated body."""
-
-
 @dataclass
 class _Outcome:
     status: int = 0
     error: LlmuxError | None = None
     headers_sent: bool = False
     complete: bool = False
-    broken: bool = False
 
 
 class LlmuxApp:
@@ -140,14 +135,14 @@ class LlmuxApp:
             await _send_error(send, outcome.error)
         elif outcome.headers_sent and outcome.complete:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+        # A broken upstream leaves the body unfinished: hypercorn then closes the connection
+        # without the final chunk, and the client sees a truncated answer, not a clean end.
         self.metrics.requests_total.labels(model_label, str(outcome.status)).inc()
         access_log.info(
             "%s %s model=%s status=%s duration=%.3fs",
             scope["method"], scope["path"], model_label, outcome.status,
             trio.current_time() - started,
         )  # fmt: skip
-        if outcome.broken:
-            raise UpstreamBroke(f"backend for {model_label} failed mid-response")
 
     def _model_of(self, body: bytes) -> str:
         try:
@@ -217,7 +212,6 @@ class LlmuxApp:
                             )
                     except Exception as exc:  # httpx transport errors, h11 protocol errors
                         log.warning("backend for %s broke mid-response: %r", model, exc)
-                        outcome.broken = True
                         outcome.status = 502
                         return
                     outcome.complete = True

@@ -326,6 +326,15 @@ class Switcher:
         ok = False
         try:
             ok = await self._carry_out_switch(target)
+        except Exception:
+            # A bug must not take the whole server down: fail this switch, keep serving.
+            log.exception("switch to %s failed unexpectedly", target.name)
+            if target.state is ModelState.WAKING:
+                self._set_state(target, ModelState.ASLEEP)
+            self._retry_at = trio.current_time() + FAILED_SWITCH_BACKOFF_SECS
+            self._fail_queue(
+                target, ModelUnavailable(f"model {target.name!r} unavailable: internal error")
+            )
         finally:
             self._switch_running = False
             self._notify()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import httpx
+import pytest
 import trio
 
 from tests.conftest import chat, fake_model_block, llmux_running, metric_value, write_config
@@ -99,3 +100,24 @@ async def test_client_leaving_mid_stream_frees_the_slot_and_closes_upstream(fake
         with trio.fail_after(2):
             while (await trio.to_thread.run_sync(a.state))["in_flight"] != 0:
                 await trio.sleep(0.05)
+
+
+async def test_backend_dying_mid_stream_truncates_the_answer_and_llmux_serves_on(fakes, tmp_path):
+    a, b = fakes.start("a", "b", wake_delay=0.05, token_interval=0.05)
+    path = write_config(tmp_path, fake_model_block(a) + fake_model_block(b))
+    async with llmux_running(path) as (_, client):
+        received = b""
+        with pytest.raises(httpx.RemoteProtocolError):
+            async with client.stream(
+                "POST", "/v1/chat/completions", json=chat("a", stream=True, max_tokens=100)
+            ) as response:
+                assert response.status_code == 200
+                async for chunk in response.aiter_bytes():
+                    received += chunk
+                    if received.count(b"data:") == 3:
+                        await trio.to_thread.run_sync(a.process.kill)
+        assert b"[DONE]" not in received
+        assert await _metric(client, "llmux_model_in_flight", model="a") == 0
+        assert await _metric(client, "llmux_requests_total", model="a", status="502") == 1
+        response = await client.post("/v1/chat/completions", json=chat("b"))
+        assert response.status_code == 200

@@ -183,3 +183,20 @@ async def test_hooks_of_switches_never_overlap(fakes, tmp_path):
     assert hooks[0] == "wake"
     for previous, current in itertools.pairwise(hooks):
         assert previous != current, hooks
+
+
+async def test_nothing_from_a_request_reaches_a_hook(fakes, tmp_path):
+    (a,) = fakes.start("a", wake_delay=0.05)
+    dump = tmp_path / "hook-env"
+    path = write_config(tmp_path, fake_model_block(a, wake=f"env > {dump}; {a.ctl('wake')}"))
+    marker = "$(touch /tmp/llmux-pwned)-MARKER-7f3a"
+    async with llmux_running(path) as (_, client):
+        response = await client.post(
+            "/v1/chat/completions",
+            json=chat("a", user=marker, messages=[{"role": "user", "content": marker}]),
+            headers={"x-evil": marker, "authorization": f"Bearer {marker}"},
+        )
+        assert response.status_code == 200
+    env = dump.read_text()
+    assert "LLMUX_MODEL=a" in env
+    assert "MARKER-7f3a" not in env
