@@ -26,6 +26,8 @@ from typing import BinaryIO
 
 import trio
 
+from llmux.logs import log_event
+
 log = logging.getLogger("llmux.hooks")
 
 OUTPUT_TAIL_BYTES = 64 * 1024
@@ -113,12 +115,6 @@ async def run_hook(
                 await process.wait()
             if scope.cancelled_caught:
                 timed_out = True
-                log.warning(
-                    "%s hook for %s ran past %.1fs; stopping its process group",
-                    hook,
-                    model,
-                    timeout,
-                )
                 await _stop_group(process, grace)
         except BaseException:
             with trio.CancelScope(shield=True):
@@ -175,12 +171,20 @@ def _tail(stream: BinaryIO) -> str:
 
 
 def _log_result(result: HookResult) -> None:
-    if result.ok:
-        log.info("%s hook for %s finished in %.2fs", result.hook, result.model, result.duration)
-    elif result.hook == "alive":
-        log.debug("alive hook for %s: not serving (%s)", result.model, result.describe_failure(3))
+    fields = {"model": result.model, "hook": result.hook, "duration": result.duration}
+    if result.ok or (result.hook == "alive" and not result.timed_out):
+        # An alive hook's non-zero exit is an answer ("not serving"), not a failure.
+        level = logging.DEBUG if result.hook == "alive" else logging.INFO
+        message = f"{result.hook} hook for {result.model} exited {result.exit_code}"
+        log_event(log, "hook_completed", message, level, exit_code=result.exit_code, **fields)
+    elif result.timed_out:
+        log_event(log, "hook_timeout", result.describe_failure(), logging.WARNING, **fields)
     else:
-        log.warning("%s", result.describe_failure())
+        stderr_tail = "\n".join(result.stderr_tail.strip().splitlines()[-10:])
+        log_event(
+            log, "hook_failed", result.describe_failure(3), logging.WARNING,
+            exit_code=result.exit_code, stderr_tail=stderr_tail, **fields,
+        )  # fmt: skip
     for name, text in (("stdout", result.stdout_tail), ("stderr", result.stderr_tail)):
         if text.strip():
             log.debug("%s hook for %s %s:\n%s", result.hook, result.model, name, text.rstrip())

@@ -7,11 +7,13 @@ so clients cannot grow the series without bound.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from llmux import __version__
 from llmux.policy import ModelState
 
 prometheus_client.disable_created_metrics()
@@ -91,6 +93,27 @@ class Metrics:
             "Times an active model was found not serving (alive hook failed) and marked asleep",
             ["model"], registry=r,
         )  # fmt: skip
+        self.switch_in_progress = Gauge(
+            "llmux_switch_in_progress",
+            "Unix time the switch now running started; present only while a switch runs",
+            ["from", "to"], registry=r,
+        )  # fmt: skip
+        self.last_switch_duration = Gauge(
+            "llmux_model_last_switch_duration_seconds",
+            "Duration of the latest successful switch to this model (drain + sleep + wake)",
+            ["model"], registry=r,
+        )  # fmt: skip
+        self.active_since = Gauge(
+            "llmux_model_active_since_seconds",
+            "Unix time the model became active; 0 while it is not active",
+            ["model"], registry=r,
+        )  # fmt: skip
+        self.build_info = Gauge(
+            "llmux_build_info", "Always 1; the version of llmux serving", ["version"], registry=r
+        )
+        self.build_info.labels(__version__).set(1)
+        self.start_time = Gauge("llmux_start_time_seconds", "Unix time llmux started", registry=r)
+        self.start_time.set(time.time())
         for name in model_names:
             self.queue_depth.labels(name).set(0)
             self.in_flight.labels(name).set(0)
@@ -99,6 +122,7 @@ class Metrics:
     def set_state(self, model: str, state: ModelState) -> None:
         for candidate in ModelState:
             self.model_state.labels(model, candidate.value).set(1 if candidate is state else 0)
+        self.active_since.labels(model).set(time.time() if state is ModelState.ACTIVE else 0)
 
     def exposition(self) -> bytes:
         return prometheus_client.generate_latest(self.registry)

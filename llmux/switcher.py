@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -43,6 +44,7 @@ from llmux.config import Config, ModelConfig
 from llmux.costs import IDLE, SwitchCostTracker
 from llmux.errors import LlmuxError, ModelUnavailable, QueueTimeout, ShuttingDown
 from llmux.hooks import HookResult, run_hook
+from llmux.logs import log_event
 from llmux.metrics import Metrics
 from llmux.policy import (
     CallAt,
@@ -76,6 +78,18 @@ class Waiter:
     error: LlmuxError | None = None
 
 
+@dataclass
+class SwitchInProgress:
+    source: str | None
+    target: str
+    started: float = field(default_factory=trio.current_time)
+    started_wall: float = field(default_factory=time.time)
+
+    @property
+    def from_label(self) -> str:
+        return self.source or IDLE
+
+
 @dataclass(eq=False)
 class ModelRuntime:
     config: ModelConfig
@@ -84,6 +98,7 @@ class ModelRuntime:
     in_flight: int = 0
     active_since: float | None = None
     last_alive_check: float = 0.0
+    last_alive: bool | None = None  # the latest alive hook answer (None: never run, or no hook)
 
     @property
     def name(self) -> str:
@@ -109,6 +124,7 @@ class Switcher:
         self._timer_deadline = math.inf
         self._timer_scope: trio.CancelScope | None = None
         self._alive_requested = False
+        self.current_switch: SwitchInProgress | None = None
 
     # ----- running -----
 
@@ -188,6 +204,10 @@ class Switcher:
         waited = trio.current_time() - waiter.arrival
         if not waiter.done.is_set():
             self._leave_queue(model, waiter)
+            log_event(
+                log, "request_timeout", f"request for {name} waited {waited:.1f}s: 504",
+                logging.WARNING, model=name, waited=waited,
+            )  # fmt: skip
             raise QueueTimeout(
                 f"model {name!r} did not become active within {timeout:g}s "
                 "(policy.request_timeout_secs)"
@@ -353,33 +373,50 @@ class Switcher:
                 await self._wait_until(lambda: not target.queue)
             if not target.queue:
                 return False
-        from_label = source.name if source else IDLE
-        started = trio.current_time()
         async with self._lifecycle_lock:
-            sleep_seconds = 0.0
-            if source is not None:
-                if not await self._drain(source, target):
-                    return False
-                sleep_result = await self._put_to_sleep(source, target)
-                if sleep_result is None:
-                    self.metrics.switch_total.labels(from_label, target.name, "abandoned").inc()
-                    return False
-                sleep_seconds = sleep_result.duration
-            wake_result = await self._wake(target, source)
-            if not wake_result.ok:
-                self.metrics.switch_total.labels(from_label, target.name, "failed").inc()
+            source = self._active()  # an alive check may have marked it asleep while we waited
+            if not target.queue or source is target:
                 return False
+            self.current_switch = SwitchInProgress(source.name if source else None, target.name)
+            labels = (self.current_switch.from_label, target.name)
+            self.metrics.switch_in_progress.labels(*labels).set(self.current_switch.started_wall)
+            try:
+                return await self._drain_sleep_wake(source, target)
+            finally:
+                self.metrics.switch_in_progress.remove(*labels)
+                self.current_switch = None
+
+    async def _drain_sleep_wake(self, source: ModelRuntime | None, target: ModelRuntime) -> bool:
+        switch = self.current_switch
+        assert switch is not None
+        from_label = switch.from_label
+        fields = {"from": from_label, "to": target.name}
+        log_event(log, "switch_started", f"switching {from_label} -> {target.name}", **fields)
+        sleep_seconds = 0.0
+        if source is not None:
+            if not await self._drain(source, target):
+                return False
+            sleep_result = await self._put_to_sleep(source, target)
+            if sleep_result is None:
+                self.metrics.switch_total.labels(from_label, target.name, "abandoned").inc()
+                return False
+            sleep_seconds = sleep_result.duration
+        wake_result = await self._wake(target, source)
+        if not wake_result.ok:
+            self.metrics.switch_total.labels(from_label, target.name, "failed").inc()
+            return False
         self._activate(target)
         cost = sleep_seconds + wake_result.duration
+        took = trio.current_time() - switch.started
         estimate = self.costs.observe(source.name if source else None, target.name, cost)
         self.metrics.switch_cost_ema.labels(from_label, target.name).set(estimate)
         self.metrics.switch_total.labels(from_label, target.name, "ok").inc()
-        self.metrics.switch_duration.labels(from_label, target.name).observe(
-            trio.current_time() - started
-        )
-        log.info(
-            "switched %s -> %s in %.2fs", from_label, target.name, trio.current_time() - started
-        )
+        self.metrics.switch_duration.labels(from_label, target.name).observe(took)
+        self.metrics.last_switch_duration.labels(target.name).set(took)
+        log_event(
+            log, "model_activated", f"{from_label} -> {target.name}: active after {took:.2f}s",
+            model=target.name, switch_seconds=took, cost_seconds=cost, **fields,
+        )  # fmt: skip
         return True
 
     async def _drain(self, source: ModelRuntime, target: ModelRuntime) -> bool:
@@ -391,12 +428,11 @@ class Switcher:
             await self._wait_until(lambda: source.in_flight == 0 or not target.queue)
         self.metrics.switch_drain_duration.labels(source.name).observe(trio.current_time() - began)
         if not target.queue:
-            log.info(
-                "switch %s -> %s called off: nobody waits for %s",
-                source.name,
-                target.name,
-                target.name,
-            )
+            log_event(
+                log, "switch_cancelled", f"switch {source.name} -> {target.name} called off: "
+                f"nobody waits for {target.name} any more",
+                **{"from": source.name, "to": target.name},
+            )  # fmt: skip
             self._set_state(source, ModelState.ACTIVE)
             self._release_queue(source)
             return False
@@ -422,9 +458,11 @@ class Switcher:
             source.active_since = None
             return result
         reason = "its alive hook still passes" if still_alive else "it has no alive hook to confirm"
-        log.error(
-            "switch %s -> %s abandoned: sleep failed and %s", source.name, target.name, reason
-        )
+        log_event(
+            log, "switch_failed", f"switch {source.name} -> {target.name} abandoned: sleep failed "
+            f"and {reason}", logging.ERROR, reason="sleep_failed",
+            **{"from": source.name, "to": target.name},
+        )  # fmt: skip
         self._activate(source)
         self._retry_at = trio.current_time() + FAILED_SWITCH_BACKOFF_SECS
         self._fail_queue(
@@ -437,7 +475,11 @@ class Switcher:
         env = self._switch_env(source, target)
         result = await self._run_hook(target, "wake", env)
         if not result.ok:
-            log.error("wake of %s failed; running its sleep hook to clean up", target.name)
+            log_event(
+                log, "switch_failed", f"wake of {target.name} failed; running its sleep hook to "
+                "clean up", logging.ERROR, reason="wake_failed",
+                **{"from": source.name if source else IDLE, "to": target.name},
+            )  # fmt: skip
             await self._run_hook(target, "sleep", env)
             self._set_state(target, ModelState.ASLEEP)
             self._retry_at = trio.current_time() + FAILED_SWITCH_BACKOFF_SECS
@@ -491,7 +533,10 @@ class Switcher:
             serving = await self._check_alive(model)
         model.last_alive_check = trio.current_time()
         if serving is False and model.state is ModelState.ACTIVE:
-            log.error("model %s is active but its alive hook fails: marking it asleep", model.name)
+            log_event(
+                log, "model_dead", f"{model.name} is active but its alive hook fails: marking it "
+                "asleep", logging.ERROR, model=model.name,
+            )  # fmt: skip
             self.metrics.model_dead.labels(model.name).inc()
             self._set_state(model, ModelState.ASLEEP)
             model.active_since = None
@@ -502,6 +547,7 @@ class Switcher:
         if model.config.alive is None:
             return None
         result = await self._run_hook(model, "alive")
+        model.last_alive = result.ok
         return result.ok
 
     # ----- helpers -----

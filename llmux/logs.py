@@ -1,0 +1,80 @@
+"""Structured log events: every switch, hook run and timeout is one record with a stable name.
+
+`log_event(logger, "switch_started", "a -> b", **fields)` writes a normal log record that carries
+`event` and `fields`. The text format shows them as `key=value` pairs after the message; the JSON
+format (`--log-format json`, one object per line) puts them at the top level, for log shippers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+EVENTS = (
+    "switch_started",
+    "model_activated",
+    "switch_failed",
+    "switch_cancelled",
+    "hook_completed",
+    "hook_failed",
+    "hook_timeout",
+    "request_timeout",
+    "model_dead",
+    "request",
+)
+
+
+def log_event(
+    logger: logging.Logger, event: str, message: str, level: int = logging.INFO, **fields: Any
+) -> None:
+    if logger.isEnabledFor(level):
+        logger.log(level, message, extra={"event": event, "fields": fields})
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        event = getattr(record, "event", None)
+        if event is None:
+            return line
+        pairs = " ".join(f"{k}={_text_value(v)}" for k, v in getattr(record, "fields", {}).items())
+        return f"{line} [{event}{' ' + pairs if pairs else ''}]"
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        payload: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": getattr(record, "event", None),
+            "message": record.getMessage(),
+        }
+        payload.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            payload["exception"] = self.formatException(record.exc_info)
+        return json.dumps(payload, default=str)
+
+
+def _text_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    text = str(value)
+    return json.dumps(text) if (not text or any(c in text for c in ' ="\n')) else text
+
+
+def setup_logging(level: str = "info", log_format: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(getattr(logging, level.upper()))
+    # Per-request lines from the upstream client and hypercorn's banner are noise next to ours.
+    for noisy in ("httpx", "httpcore", "hypercorn.error"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
