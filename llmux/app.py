@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,9 +25,11 @@ from llmux.errors import (
     RouteNotFound,
     ShuttingDown,
 )
+from llmux.logs import log_event
 from llmux.metrics import UNKNOWN_MODEL, Metrics
 from llmux.policy import Policy, load_policy
 from llmux.proxy import BackendConnectFailed, UpstreamClient, forwarded_response_headers
+from llmux.status import status_report
 from llmux.switcher import Switcher
 
 log = logging.getLogger("llmux.app")
@@ -46,6 +49,7 @@ class _Outcome:
     error: LlmuxError | None = None
     headers_sent: bool = False
     complete: bool = False
+    queue_wait: float = 0.0
 
 
 class LlmuxApp:
@@ -58,6 +62,7 @@ class LlmuxApp:
         self.switcher = Switcher(config, policy, self.metrics, self.costs)
         self.upstream = UpstreamClient()
         self._shutdown_requested = trio.Event()
+        self.started_wall = time.time()
 
     # ----- lifecycle -----
 
@@ -86,6 +91,8 @@ class LlmuxApp:
             await send_bytes(
                 send, 200, self.metrics.exposition(), b"text/plain; version=0.0.4; charset=utf-8"
             )
+        elif path == "/llmux/status" and method == "GET":
+            await send_json(send, 200, status_report(self.config, self.switcher, self.started_wall))
         elif path == "/v1/models" and method == "GET":
             await send_json(send, 200, self._model_list())
         elif path.startswith("/v1/") and method == "POST":
@@ -93,7 +100,7 @@ class LlmuxApp:
         else:
             error = RouteNotFound(
                 f"no route for {method} {path}; llmux serves POST /v1/..., "
-                "GET /v1/models, /health, /metrics"
+                "GET /v1/models, /llmux/status, /health, /metrics"
             )
             await _send_error(send, error)
 
@@ -138,11 +145,14 @@ class LlmuxApp:
         # A broken upstream leaves the body unfinished: hypercorn then closes the connection
         # without the final chunk, and the client sees a truncated answer, not a clean end.
         self.metrics.requests_total.labels(model_label, str(outcome.status)).inc()
-        access_log.info(
-            "%s %s model=%s status=%s duration=%.3fs",
-            scope["method"], scope["path"], model_label, outcome.status,
-            trio.current_time() - started,
-        )  # fmt: skip
+        if self.config.server.access_log:
+            duration = trio.current_time() - started
+            log_event(
+                access_log, "request",
+                f"{scope['method']} {scope['path']} {model_label} {outcome.status} {duration:.3f}s",
+                method=scope["method"], path=scope["path"], model=model_label,
+                status=outcome.status, queue_wait=outcome.queue_wait, duration=duration,
+            )  # fmt: skip
 
     def _model_of(self, body: bytes) -> str:
         try:
@@ -188,7 +198,7 @@ class LlmuxApp:
         target = scope["raw_path"].decode("latin-1") if scope.get("raw_path") else scope["path"]
         if scope.get("query_string") and "?" not in target:
             target += "?" + scope["query_string"].decode("latin-1")
-        async with self.switcher.serving(model):
+        async with self.switcher.serving(model) as outcome.queue_wait:
             try:
                 async with self.upstream.open(
                     backend.base_url, scope["method"], target, scope["headers"], body

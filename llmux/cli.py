@@ -4,7 +4,6 @@ by hooks, often several times a second in tests) and `--version` start fast."""
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 
@@ -70,17 +69,15 @@ def _add_log_level(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+    parser.add_argument(
+        "--log-format", default="text", choices=["text", "json"], help="json: one object per line"
     )
-    # Per-request lines from the upstream client and hypercorn's banner are noise next to ours.
-    for noisy in ("httpx", "httpcore", "hypercorn.error"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    from llmux.logs import setup_logging
+
+    setup_logging(args.log_level, args.log_format)
 
 
 def _load(path: str):  # type: ignore[no-untyped-def]
@@ -116,7 +113,7 @@ def _serve(args: argparse.Namespace) -> int:
     from llmux.config import ConfigError
     from llmux.server import serve_forever
 
-    _setup_logging(args.log_level)
+    _setup_logging(args)
     loaded = _load(args.config)
     if loaded is None:
         return EXIT_CONFIG_ERROR
@@ -141,7 +138,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     from llmux.demo import run_demo
 
-    _setup_logging(args.log_level)
+    _setup_logging(args)
     try:
         trio.run(run_demo, args.host, args.port)
     except OSError as exc:

@@ -32,6 +32,7 @@ class ServerConfig:
     max_body_bytes: int = 32 * 1024 * 1024
     shutdown_timeout_secs: float = 30.0
     expose_hook_errors: bool = True
+    access_log: bool = True
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,7 @@ _SERVER_KEYS = {
     "max_body_bytes": int,
     "shutdown_timeout_secs": _NUMBER,
     "expose_hook_errors": bool,
+    "access_log": bool,
 }
 _POLICY_KEYS = {
     "name": str,
@@ -158,6 +160,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
             server_raw.get("shutdown_timeout_secs", 30.0), "server.shutdown_timeout_secs"
         ),
         expose_hook_errors=server_raw.get("expose_hook_errors", True),
+        access_log=server_raw.get("access_log", True),
     )
 
     policy_raw = raw.get("policy", {})
