@@ -4,12 +4,14 @@ by hooks, often several times a second in tests) and `--version` start fast."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Sequence
 
 from llmux import __version__
 
 EXIT_CONFIG_ERROR = 2
+TOKEN_ENV = "LLMUX_TOKEN"  # the bearer token `llmux top` sends, when --token is not given
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -45,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=3000)
     _add_log_level(demo)
     demo.set_defaults(handler=_demo)
+
+    top = commands.add_parser("top", help="live dashboard of a running llmux")
+    top.add_argument("--url", default="http://127.0.0.1:3000", help="llmux's base URL")
+    top.add_argument("--interval", type=float, default=0.5, help="seconds between polls")
+    top.add_argument("--token", help=f"bearer token for /metrics (or set ${TOKEN_ENV})")
+    top.add_argument("--once", action="store_true", help="print one plain frame and exit")
+    top.set_defaults(handler=_top)
 
     fake = commands.add_parser("fake-backend", help="run one fake OpenAI-compatible backend")
     fake.add_argument("--name", default="fake", help="model name it reports")
@@ -144,6 +153,24 @@ def _demo(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"llmux: cannot listen on {args.host}:{args.port}: {exc.strerror}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _top(args: argparse.Namespace) -> int:
+    import os
+
+    import trio
+    from rich.console import Console
+
+    from llmux.top import print_once, run_live
+
+    token = args.token or os.environ.get(TOKEN_ENV)
+    if args.once:
+        console = Console(color_system=None, width=80, soft_wrap=False)
+        reachable = trio.run(print_once, args.url, args.interval, token, console)
+        return 0 if reachable else 1
+    with contextlib.suppress(KeyboardInterrupt):
+        trio.run(run_live, args.url, args.interval, token)
     return 0
 
 

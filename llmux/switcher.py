@@ -161,7 +161,10 @@ class Switcher:
             return
         keep, *extra = awake
         self._activate(self.models[keep])
-        log.info("adopted %s, already serving, as the active model", keep)
+        log_event(
+            log, "model_activated", f"{keep} already serves: adopted as the active model",
+            model=keep, adopted=True,
+        )  # fmt: skip
         async with self._lifecycle_lock:
             for name in extra:
                 log.warning("%s is also serving at start-up; putting it to sleep", name)
@@ -474,6 +477,7 @@ class Switcher:
         self._set_state(target, ModelState.WAKING)
         env = self._switch_env(source, target)
         result = await self._run_hook(target, "wake", env)
+        target.last_alive = None  # an answer from before the wake says nothing about now
         if not result.ok:
             log_event(
                 log, "switch_failed", f"wake of {target.name} failed; running its sleep hook to "

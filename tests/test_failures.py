@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import trio
 
-from tests.conftest import chat, fake_model_block, llmux_running, metric_value, write_config
+from tests.conftest import (
+    chat,
+    fake_model_block,
+    llmux_running,
+    metric_value,
+    process_running,
+    write_config,
+)
 
 
 async def test_sleep_failure_with_alive_passing_abandons_the_switch(fakes, tmp_path):
@@ -99,7 +106,7 @@ async def test_wake_timeout_kills_hook_and_answers_503(fakes, tmp_path):
         assert response.status_code == 503
         assert "timed out" in response.json()["error"]["message"]
     pid = int(pidfile.read_text())
-    assert not _alive(pid)
+    assert not process_running(pid)
 
 
 async def _two_concurrent(client, model):
@@ -112,13 +119,3 @@ async def _two_concurrent(client, model):
         nursery.start_soon(one)
         nursery.start_soon(one)
     return results
-
-
-def _alive(pid: int) -> bool:
-    import os
-
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True

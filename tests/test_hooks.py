@@ -8,14 +8,7 @@ import time
 import trio
 
 from llmux.hooks import OUTPUT_TAIL_BYTES, run_hook
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+from tests.conftest import process_running
 
 
 async def _run(command: str, tmp_path, timeout: float = 10.0, **kw):
@@ -62,7 +55,9 @@ async def test_background_child_holding_output_does_not_block(tmp_path):
         assert result.ok
         assert time.monotonic() - started < 5
         assert "started" in result.stdout_tail
-        assert _alive(int(pidfile.read_text())), "the backgrounded server must keep running"
+        assert process_running(int(pidfile.read_text())), (
+            "the backgrounded server must keep running"
+        )
     finally:
         os.kill(int(pidfile.read_text()), 9)
 
@@ -75,10 +70,10 @@ async def test_timeout_kills_the_whole_process_group(tmp_path):
     assert time.monotonic() - started < 5
     child = int(pidfile.read_text())
     for _ in range(50):
-        if not _alive(child):
+        if not process_running(child):
             break
         await trio.sleep(0.05)
-    assert not _alive(child), "a hook's child outlived the hook's timeout"
+    assert not process_running(child), "a hook's child outlived the hook's timeout"
 
 
 async def test_sigterm_ignoring_hook_is_killed_after_grace(tmp_path):
@@ -92,7 +87,7 @@ async def test_cancellation_stops_the_hook(tmp_path):
     pidfile = tmp_path / "hook.pid"
     with trio.move_on_after(0.5):
         await _run(f"echo $$ > {pidfile}; sleep 60", tmp_path, timeout=30)
-    assert not _alive(int(pidfile.read_text()))
+    assert not process_running(int(pidfile.read_text()))
 
 
 async def test_output_capture_is_bounded(tmp_path):

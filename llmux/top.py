@@ -1,0 +1,382 @@
+"""`llmux top`: a live terminal dashboard built from llmux's own `/metrics`.
+
+It polls the Prometheus text, parses it with prometheus-client's parser, and derives rates and
+interval quantiles from the difference between two polls, the way Prometheus itself would. The
+frame is a pure function of (previous poll, current poll), so tests render it on a recorded console.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import httpx
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+from rich import box
+from rich.console import Console, Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+TOKEN_ENV = "LLMUX_TOKEN"
+STATE_STYLES = {
+    "active": "bold green",
+    "waking": "yellow",
+    "draining": "yellow",
+    "sleeping": "yellow",
+    "asleep": "dim",
+}
+MAX_EVENTS = 5
+
+Labels = tuple[tuple[str, str], ...]
+
+
+@dataclass
+class Poll:
+    """One scrape of /metrics: every sample by (name, sorted labels), and when it was taken."""
+
+    at: float
+    samples: dict[str, dict[Labels, float]] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str, at: float) -> Poll:
+        poll = cls(at)
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                key = tuple(sorted(sample.labels.items()))
+                poll.samples.setdefault(sample.name, {})[key] = sample.value
+        return poll
+
+    def series(self, name: str) -> Iterable[tuple[dict[str, str], float]]:
+        for key, value in self.samples.get(name, {}).items():
+            yield dict(key), value
+
+    def value(self, name: str, **labels: str) -> float | None:
+        for sample_labels, value in self.series(name):
+            if all(sample_labels.get(k) == v for k, v in labels.items()):
+                return value
+        return None
+
+    def total(self, name: str, **labels: str) -> float:
+        return sum(
+            value
+            for sample_labels, value in self.series(name)
+            if all(sample_labels.get(k) == v for k, v in labels.items())
+        )
+
+    def models(self) -> list[str]:
+        return list(
+            dict.fromkeys(labels["model"] for labels, _ in self.series("llmux_model_state"))
+        )
+
+    def state_of(self, model: str) -> str:
+        for labels, value in self.series("llmux_model_state"):
+            if labels["model"] == model and value == 1:
+                return labels["state"]
+        return "?"
+
+
+@dataclass
+class Event:
+    at: float
+    text: str
+    style: str = ""
+
+
+@dataclass
+class Dashboard:
+    """What `llmux top` remembers between polls: the previous poll and the recent events."""
+
+    url: str
+    previous: Poll | None = None
+    current: Poll | None = None
+    events: deque[Event] = field(default_factory=lambda: deque(maxlen=MAX_EVENTS))
+    error: str | None = None
+
+    def update(self, poll: Poll) -> None:
+        self.error = None
+        if self.current is not None and _restarted(self.current, poll):
+            self.events.append(Event(poll.at, "llmux restarted", "yellow"))
+            self.current = None
+        self.previous, self.current = self.current, poll
+        self._record_events()
+
+    def unreachable(self, reason: str) -> None:
+        self.error = reason
+
+    def _record_events(self) -> None:
+        assert self.current is not None
+        now = self.current
+        before = self.previous
+        for labels, value in now.series("llmux_switch_total"):
+            old = before.value("llmux_switch_total", **labels) if before else None
+            count = value - (old or 0)
+            if count <= 0:
+                continue
+            result = labels["result"]
+            style = "green" if result == "ok" else "red"
+            times = f" x{count:g}" if count > 1 else ""
+            suffix = " (since start)" if before is None else ""
+            text = f"switch {labels['from']}→{labels['to']} {result}{times}{suffix}"
+            self.events.append(Event(now.at, text, style))
+        for labels, value in now.series("llmux_hook_failures_total"):
+            old = before.value("llmux_hook_failures_total", **labels) if before else None
+            count = value - (old or 0)
+            if count > 0:
+                times = f" x{count:g}" if count > 1 else ""
+                text = f"{labels['hook']} hook failed for {labels['model']}{times}"
+                self.events.append(Event(now.at, text, "red"))
+
+    def render(self) -> RenderableType:
+        parts: list[RenderableType] = [self._header()]
+        if self.current is not None:
+            parts += [self._model_table(), self._cost_table(), self._event_lines()]
+        return Group(*parts)
+
+    def _header(self) -> Text:
+        text = Text()
+        text.append("llmux top ", style="bold")
+        text.append(self.url)
+        if self.error is not None or self.current is None:
+            reason = self.error or "no data yet"
+            text.append(f"\nunreachable, retrying ({reason})", style="bold red")
+            return text
+        poll = self.current
+        started = poll.value("llmux_start_time_seconds")
+        uptime = _duration(poll.at - started) if started else "?"
+        version = next((labels["version"] for labels, _ in poll.series("llmux_build_info")), "?")
+        text.append(f"  v{version}  up {uptime}\n")
+        switching = list(poll.series("llmux_switch_in_progress"))
+        active = [m for m in poll.models() if poll.state_of(m) == "active"]
+        if switching:
+            labels, since = switching[0]
+            text.append(
+                f"switching {labels['from']} → {labels['to']} ({_duration(poll.at - since)})",
+                style="bold yellow",
+            )
+        elif active:
+            text.append(f"active {active[0]}", style="bold green")
+        else:
+            text.append("idle", style="dim")
+        return text
+
+    def _model_table(self) -> Table:
+        poll, before = self.current, self.previous
+        assert poll is not None
+        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
+        table.add_column("model", overflow="ellipsis", max_width=18, no_wrap=True)
+        table.add_column("state", min_width=8, no_wrap=True)
+        for heading in ("queue", "infl", "req/s", "err%", "wait50", "wait95", "active", "switch"):
+            table.add_column(heading, justify="right", no_wrap=True)
+        elapsed = (poll.at - before.at) if before else 0.0
+        for model in poll.models():
+            state = poll.state_of(model)
+            since = poll.value("llmux_model_active_since_seconds", model=model) or 0
+            last_switch = poll.value("llmux_model_last_switch_duration_seconds", model=model)
+            rate = errors = "-"
+            p50 = p95 = "-"
+            if before is not None and elapsed > 0:
+                done = poll.total("llmux_requests_total", model=model) - before.total(
+                    "llmux_requests_total", model=model
+                )
+                failed = _errors(poll, model) - _errors(before, model)
+                rate = f"{done / elapsed:.1f}"
+                errors = f"{100 * failed / done:.0f}" if done > 0 else "0"
+                buckets = _bucket_deltas(poll, before, "llmux_request_queue_wait_seconds", model)
+                p50 = _seconds(_quantile(0.50, buckets))
+                p95 = _seconds(_quantile(0.95, buckets))
+            table.add_row(
+                model,
+                Text(state, style=STATE_STYLES.get(state, "")),
+                f"{poll.value('llmux_request_queue_depth', model=model) or 0:g}",
+                f"{poll.value('llmux_model_in_flight', model=model) or 0:g}",
+                rate,
+                errors,
+                p50,
+                p95,
+                _duration(poll.at - since) if since else "-",
+                _seconds(last_switch) if last_switch else "-",
+            )
+        return table
+
+    def _cost_table(self) -> RenderableType:
+        poll = self.current
+        assert poll is not None
+        costs = {
+            (lb["from"], lb["to"]): v for lb, v in poll.series("llmux_switch_cost_ema_seconds")
+        }
+        if not costs:
+            return Text("switch cost (EMA): no switch measured yet", style="dim")
+        models = poll.models()
+        rows = ["idle", *models]
+        table = Table(
+            title="switch cost EMA (s), from ↓ to →",
+            title_justify="left",
+            box=box.SIMPLE_HEAD,
+            show_edge=False,
+            pad_edge=False,
+            collapse_padding=True,
+        )
+        table.add_column("from")
+        for model in models:
+            table.add_column(_truncate(model, 10), justify="right")
+        for source in rows:
+            cells = [_seconds(costs[(source, t)]) if (source, t) in costs else "·" for t in models]
+            if any(cell != "·" for cell in cells):
+                table.add_row(_truncate(source, 12), *cells)
+        return table
+
+    def _event_lines(self) -> RenderableType:
+        if not self.events:
+            return Text("no switches or hook failures yet", style="dim")
+        lines = Text()
+        for index, event in enumerate(self.events):
+            stamp = time.strftime("%H:%M:%S", time.localtime(event.at))
+            lines.append(("\n" if index else "") + f"{stamp} ")
+            lines.append(event.text, style=event.style)
+        return lines
+
+
+def _restarted(old: Poll, new: Poll) -> bool:
+    return (new.value("llmux_start_time_seconds") or 0) != (
+        old.value("llmux_start_time_seconds") or 0
+    )
+
+
+def _errors(poll: Poll, model: str) -> float:
+    return sum(
+        value
+        for labels, value in poll.series("llmux_requests_total")
+        if labels.get("model") == model and labels.get("status", "").startswith("5")
+    )
+
+
+def _bucket_deltas(
+    now: Poll, before: Poll, histogram: str, model: str
+) -> list[tuple[float, float]]:
+    """(upper bound, cumulative count gained since the previous poll) for one model's histogram."""
+    deltas = []
+    for labels, value in now.series(histogram + "_bucket"):
+        if labels.get("model") != model:
+            continue
+        old = before.value(histogram + "_bucket", model=model, le=labels["le"]) or 0
+        deltas.append((float(labels["le"]), max(0.0, value - old)))
+    return sorted(deltas)
+
+
+def _quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
+    """Prometheus's histogram_quantile: linear interpolation inside the bucket holding rank q."""
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    rank = q * buckets[-1][1]
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if math.isinf(bound):
+                return lower_bound
+            if count == lower_count:
+                return bound
+            return lower_bound + (bound - lower_bound) * (rank - lower_count) / (
+                count - lower_count
+            )
+        lower_bound, lower_count = bound, count
+    return None
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value < 1:
+        return f"{value * 1000:.0f}ms"
+    return f"{value:.1f}s" if value < 100 else f"{value:.0f}s"
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _truncate(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+# ----- running -----
+
+
+async def poll_once(client: httpx.AsyncClient, url: str, dashboard: Dashboard) -> None:
+    try:
+        response = await client.get(url.rstrip("/") + "/metrics")
+        response.raise_for_status()
+        dashboard.update(Poll.parse(response.text, time.time()))
+    except (httpx.HTTPError, ValueError) as exc:
+        dashboard.unreachable(_reason(exc))
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, httpx.HTTPStatusError):
+        return f"HTTP {exc.response.status_code}"
+    if isinstance(exc, httpx.ConnectError):
+        return "connection refused"
+    return type(exc).__name__
+
+
+def _client(token: str | None) -> httpx.AsyncClient:
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    return httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(5.0))
+
+
+async def print_once(url: str, interval: float, token: str | None, console: Console) -> bool:
+    """Two polls `interval` apart (rates need two), one plain frame; False if unreachable."""
+    dashboard = Dashboard(url)
+    async with _client(token) as client:
+        await poll_once(client, url, dashboard)
+        if dashboard.current is not None:
+            await trio.sleep(interval)
+            await poll_once(client, url, dashboard)
+    console.print(dashboard.render())
+    return dashboard.error is None
+
+
+async def run_live(url: str, interval: float, token: str | None) -> None:
+    """Refresh the screen every `interval` from the trio loop until `q` or Ctrl-C."""
+    from rich.live import Live
+
+    dashboard = Dashboard(url)
+    console = Console()
+    async with _client(token) as client, trio.open_nursery() as nursery:
+        nursery.start_soon(_quit_on_q, nursery.cancel_scope)
+        with Live(dashboard.render(), console=console, screen=True, auto_refresh=False) as live:
+            while True:
+                await poll_once(client, url, dashboard)
+                live.update(dashboard.render(), refresh=True)
+                await trio.sleep(interval)
+
+
+async def _quit_on_q(scope: trio.CancelScope) -> None:
+    if not sys.stdin.isatty():
+        return
+    import termios
+    import tty
+
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
+    tty.setcbreak(fd)
+    try:
+        stream = trio.lowlevel.FdStream(os.dup(fd))
+        async with stream:
+            while True:
+                data = await stream.receive_some(64)
+                if not data or b"q" in data.lower():
+                    scope.cancel()
+                    return
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)

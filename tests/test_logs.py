@@ -1,0 +1,120 @@
+"""Structured log events: stable names and fields, text and JSON formats, request log switch."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import time
+
+import httpx
+import trio
+
+from llmux.logs import JsonFormatter, TextFormatter, log_event
+from tests.conftest import PYTHON, chat, fake_model_block, llmux_running, write_config
+
+
+def events(caplog) -> dict[str, list[dict]]:
+    found: dict[str, list[dict]] = {}
+    for record in caplog.records:
+        if getattr(record, "event", None):
+            found.setdefault(record.event, []).append(record.fields)
+    return found
+
+
+async def test_switch_hook_and_request_events_carry_their_fields(fakes, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    a, b = fakes.start("a", "b", wake_delay=0.05)
+    path = write_config(tmp_path, fake_model_block(a) + fake_model_block(b))
+    async with llmux_running(path) as (_, client):
+        await client.post("/v1/chat/completions", json=chat("a"))
+        await client.post("/v1/chat/completions", json=chat("b"))
+    found = events(caplog)
+    assert {"from": "a", "to": "b"} in found["switch_started"]
+    activated = next(f for f in found["model_activated"] if f["model"] == "b")
+    assert activated["from"] == "a" and activated["switch_seconds"] >= activated["cost_seconds"] > 0
+    wakes = [f for f in found["hook_completed"] if f["hook"] == "wake"]
+    assert {f["model"] for f in wakes} == {"a", "b"} and all(f["exit_code"] == 0 for f in wakes)
+    requests = [f for f in found["request"] if f["model"] == "b"]
+    assert requests[0]["status"] == 200 and requests[0]["queue_wait"] > 0
+    assert requests[0]["path"] == "/v1/chat/completions" and requests[0]["duration"] > 0
+
+
+async def test_failure_events(fakes, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    a, b = fakes.start("a", "b", wake_delay=0.05)
+    blocks = fake_model_block(a, wake="echo no-gpu >&2; exit 4", sleep="true") + fake_model_block(
+        b, wake="sleep 5", wake_timeout_secs=0.3, sleep="true"
+    )
+    path = write_config(tmp_path, blocks, policy={"request_timeout_secs": 0.2})
+    async with llmux_running(path) as (_, client):
+        await client.post("/v1/chat/completions", json=chat("a"))
+        await trio.sleep(2.1)  # the backoff after a failed switch
+        await client.post("/v1/chat/completions", json=chat("b"))
+        await trio.sleep(1.5)
+    found = events(caplog)
+    failed = found["hook_failed"][0]
+    assert failed["model"] == "a" and failed["exit_code"] == 4 and "no-gpu" in failed["stderr_tail"]
+    assert {"model": "b", "hook": "wake"}.items() <= found["hook_timeout"][0].items()
+    reasons = {(f["to"], f["reason"]) for f in found["switch_failed"]}
+    assert ("a", "wake_failed") in reasons and ("b", "wake_failed") in reasons
+    assert found["request_timeout"][0]["model"] in ("a", "b")
+
+
+async def test_dead_model_event(fakes, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    (a,) = fakes.start("a", wake_delay=0.05)
+    path = write_config(tmp_path, fake_model_block(a), defaults={"alive_interval_secs": 0.2})
+    async with llmux_running(path) as (_, client):
+        await client.post("/v1/chat/completions", json=chat("a"))
+        await trio.to_thread.run_sync(lambda: httpx.post(a.url + "/fake/sleep"))
+        await trio.sleep(1.0)
+    assert events(caplog)["model_dead"] == [{"model": "a"}]
+
+
+def test_formats():
+    logger = logging.getLogger("llmux.test")
+    record = logger.makeRecord("llmux.test", logging.INFO, "f", 1, "a -> b", (), None)
+    record.event = "switch_started"
+    record.fields = {"from": "a", "to": "b", "took": 1.23456, "stderr_tail": "x y"}
+    payload = json.loads(JsonFormatter().format(record))
+    assert (
+        payload["event"] == "switch_started"
+        and payload["from"] == "a"
+        and payload["took"] == 1.23456
+    )
+    assert payload["message"] == "a -> b" and payload["level"] == "info"
+    text = TextFormatter().format(record)
+    assert text.endswith('[switch_started from=a to=b took=1.235 stderr_tail="x y"]')
+    assert callable(log_event)
+
+
+def test_json_logs_from_a_real_process_and_access_log_switch(fakes, tmp_path):
+    (a,) = fakes.start("a", wake_delay=0.05)
+    for access_log in (True, False):
+        path = write_config(tmp_path, fake_model_block(a), server={"access_log": access_log})
+        proc = subprocess.Popen(
+            [PYTHON, "-m", "llmux", "serve", "-c", str(path), "--port", "0", "--log-format=json"],
+            stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert proc.stderr is not None
+            lines = []
+            for line in proc.stderr:
+                lines.append(json.loads(line))
+                if lines[-1]["message"].startswith("llmux listening on"):
+                    break
+            url = lines[-1]["message"].rsplit(" ", 1)[1]
+            assert (
+                httpx.post(url + "/v1/chat/completions", json=chat("a"), timeout=10).status_code
+                == 200
+            )
+            time.sleep(0.2)
+        finally:
+            proc.terminate()
+            _, rest = proc.communicate(timeout=10)
+        lines += [json.loads(line) for line in rest.splitlines()]
+        names = [line["event"] for line in lines]
+        assert "model_activated" in names or "switch_started" in names
+        assert ("request" in names) is access_log
+        assert proc.returncode == 0

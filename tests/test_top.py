@@ -1,0 +1,181 @@
+"""`llmux top`: frames rendered from a real llmux's metrics, `--once` end to end, quantiles."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+from functools import partial
+
+import pytest
+import trio
+from rich.console import Console
+
+from llmux.top import Dashboard, Poll, _quantile
+from tests.conftest import PYTHON, chat, fake_model_block, llmux_running, write_config
+
+
+def render(dashboard: Dashboard) -> str:
+    console = Console(record=True, width=80, height=24, color_system=None)
+    console.print(dashboard.render())
+    return console.export_text()
+
+
+async def _switched_llmux(fakes, tmp_path, extra_blocks: str = ""):
+    a, b = fakes.start("a", "b", wake_delay=0.05)
+    path = write_config(tmp_path, fake_model_block(a) + fake_model_block(b) + extra_blocks)
+    return path
+
+
+async def test_frame_from_a_real_llmux_shows_state_rates_costs_and_switches(fakes, tmp_path):
+    path = await _switched_llmux(fakes, tmp_path)
+    async with llmux_running(path) as (_, client):
+        await client.post("/v1/chat/completions", json=chat("a", max_tokens=1))
+        first = (await client.get("/metrics")).text
+        for _ in range(4):
+            await client.post("/v1/chat/completions", json=chat("b", max_tokens=1))
+        second = (await client.get("/metrics")).text
+    dashboard = Dashboard("http://127.0.0.1:3000")
+    dashboard.update(Poll.parse(first, 1000.0))
+    dashboard.update(Poll.parse(second, 1002.0))
+    frame = render(dashboard)
+    lines = frame.rstrip("\n").splitlines()
+    assert len(lines) <= 24 and max(len(line) for line in lines) <= 80
+    assert "active b" in frame
+    model_lines = frame.split("switch cost EMA")[0].splitlines()
+    table = {
+        line.split()[0]: line.split() for line in model_lines if line.split()[:1] in (["a"], ["b"])
+    }
+    assert table["b"][1] == "active" and table["a"][1] == "asleep"
+    assert table["b"][4] == "2.0", "4 requests over 2 s between polls"
+    assert "switch a→b ok" in frame and "switch idle→a ok (since start)" in frame
+    cost_rows = [line for line in lines if line.startswith("a ") and "·" in line]
+    assert cost_rows, frame
+
+
+async def test_once_prints_the_active_model_and_latest_switch(fakes, tmp_path):
+    path = await _switched_llmux(fakes, tmp_path)
+    async with llmux_running(path) as (server, client):
+        await client.post("/v1/chat/completions", json=chat("a", max_tokens=1))
+        await client.post("/v1/chat/completions", json=chat("b", max_tokens=1))
+        result = await trio.to_thread.run_sync(
+            lambda: subprocess.run(
+                [PYTHON, "-m", "llmux", "top", "--once", "--url", server.url, "--interval", "0.2"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+        )
+    assert result.returncode == 0, result.stderr
+    assert "active b" in result.stdout
+    assert "switch a→b ok" in result.stdout
+    assert all(len(line) <= 80 for line in result.stdout.splitlines())
+
+
+def test_once_against_nothing_says_unreachable():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result = subprocess.run(
+        [PYTHON, "-m", "llmux", "top", "--once", "--url", f"http://127.0.0.1:{port}"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "unreachable, retrying" in result.stdout
+
+
+def _poll(start: float, at: float, requests: float, switch_state: str = "") -> Poll:
+    text = (
+        f"llmux_start_time_seconds {start}\n"
+        f'llmux_model_state{{model="m",state="active"}} 1\n'
+        f'llmux_requests_total{{model="m",status="200"}} {requests}\n'
+        f"{switch_state}"
+    )
+    return Poll.parse(text, at)
+
+
+def test_restart_is_noticed_and_counters_start_over():
+    dashboard = Dashboard("u")
+    dashboard.update(_poll(start=100, at=200, requests=500))
+    dashboard.update(_poll(start=300, at=301, requests=3))
+    frame = render(dashboard)
+    assert "llmux restarted" in frame
+    assert "-" in frame.split("m ", 1)[1]  # no rate from a poll before the restart
+
+
+def test_switch_in_progress_shows_elapsed_time():
+    dashboard = Dashboard("u")
+    running = 'llmux_switch_in_progress{from="m",to="n"} 190\n'
+    dashboard.update(_poll(start=100, at=200, requests=1, switch_state=running))
+    assert "switching m → n (10s)" in render(dashboard)
+
+
+def test_quantile_interpolates_inside_buckets_like_prometheus():
+    buckets = [(0.1, 0.0), (0.5, 10.0), (1.0, 20.0), (float("inf"), 20.0)]
+    assert _quantile(0.5, buckets) == pytest.approx(0.5)
+    assert _quantile(0.25, buckets) == pytest.approx(0.3)
+    assert _quantile(0.95, buckets) == pytest.approx(0.95)
+    assert _quantile(0.5, [(0.1, 0.0), (float("inf"), 0.0)]) is None
+
+
+async def test_status_reports_a_switch_in_progress(fakes, tmp_path):
+    (a,) = fakes.start("a")
+    path = write_config(tmp_path, fake_model_block(a, wake=f"sleep 1; {a.ctl('wake')}"))
+    async with llmux_running(path) as (_, client):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(client.post, "/v1/chat/completions", json=chat("a")))
+            await trio.sleep(0.5)
+            during = (await client.get("/llmux/status")).json()
+            nursery.cancel_scope.cancel()
+        await client.post("/v1/chat/completions", json=chat("a"))
+        after = (await client.get("/llmux/status")).json()
+    assert during["state"] == "switching"
+    assert during["switch"]["from"] == "idle" and during["switch"]["to"] == "a"
+    assert during["models"]["a"]["state"] == "waking"
+    assert after["state"] == "active" and after["active_model"] == "a"
+    assert after["models"]["a"] == {
+        "state": "active", "queue_depth": 0, "in_flight": 0, "last_alive": None, "port": a.port,
+    }  # fmt: skip
+    assert after["policy"]["name"] == "fifo"
+    assert [c["from"] for c in after["switch_costs"]] == ["idle"]
+    assert after["version"] and after["uptime_seconds"] >= 0
+
+
+async def test_grafana_dashboard_queries_only_metrics_llmux_exposes(fakes, tmp_path):
+    import json
+    import re
+    from pathlib import Path
+
+    dashboard = json.loads((Path(__file__).parents[1] / "deploy/grafana/llmux.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    queried = {name for expr in exprs for name in re.findall(r"\bllmux_[a-z_]+", expr)}
+    path = await _switched_llmux(fakes, tmp_path)
+    async with llmux_running(path) as (_, client):
+        exposed_text = (await client.get("/metrics")).text
+    families = set(re.findall(r"^# TYPE (llmux_[a-z_]+) (\w+)", exposed_text, re.M))
+    exposed = set()
+    for name, kind in families:
+        exposed |= {name, name + "_total"} if kind == "counter" else {name}
+        if kind == "histogram":
+            exposed |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
+    assert queried, "no queries found"
+    assert queried <= exposed, queried - exposed
+
+
+@pytest.mark.skipif(
+    shutil.which("promtool") is None and not os.environ.get("LLMUX_REQUIRE_PROMTOOL"),
+    reason="promtool not installed (Debian package prometheus)",
+)
+async def test_promtool_finds_nothing_to_lint(fakes, tmp_path):
+    path = await _switched_llmux(fakes, tmp_path)
+    async with llmux_running(path) as (_, client):
+        for model in ("a", "b", "nope"):
+            await client.post("/v1/chat/completions", json=chat(model, max_tokens=1))
+        text = (await client.get("/metrics")).text
+    result = subprocess.run(
+        ["promtool", "check", "metrics"], input=text, capture_output=True, text=True
+    )
+    assert result.returncode == 0 and result.stdout + result.stderr == "", (
+        result.stdout + result.stderr
+    )
