@@ -4,7 +4,6 @@ by hooks, often several times a second in tests) and `--version` start fast."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from collections.abc import Sequence
 
@@ -169,8 +168,7 @@ def _top(args: argparse.Namespace) -> int:
         console = Console(color_system=None, width=80, soft_wrap=False)
         reachable = trio.run(print_once, args.url, args.interval, token, console)
         return 0 if reachable else 1
-    with contextlib.suppress(KeyboardInterrupt):
-        trio.run(run_live, args.url, args.interval, token)
+    trio.run(run_live, args.url, args.interval, token)
     return 0
 
 

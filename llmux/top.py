@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 
 import httpx
@@ -215,21 +216,19 @@ class Dashboard:
         models = poll.models()
         rows = ["idle", *models]
         table = Table(
-            title="switch cost EMA (s), from ↓ to →",
-            title_justify="left",
             box=box.SIMPLE_HEAD,
             show_edge=False,
             pad_edge=False,
             collapse_padding=True,
         )
-        table.add_column("from")
+        table.add_column("")
         for model in models:
             table.add_column(_truncate(model, 10), justify="right")
         for source in rows:
             cells = [_seconds(costs[(source, t)]) if (source, t) in costs else "·" for t in models]
             if any(cell != "·" for cell in cells):
                 table.add_row(_truncate(source, 12), *cells)
-        return table
+        return Group(Text("switch cost EMA: rows from, columns to", style="bold"), table)
 
     def _event_lines(self) -> RenderableType:
         if not self.events:
@@ -347,18 +346,31 @@ async def print_once(url: str, interval: float, token: str | None, console: Cons
 
 
 async def run_live(url: str, interval: float, token: str | None) -> None:
-    """Refresh the screen every `interval` from the trio loop until `q` or Ctrl-C."""
+    """Refresh the screen every `interval` from the trio loop until `q`, Ctrl-C or SIGTERM."""
+    dashboard = Dashboard(url)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with _client(token) as client, trio.open_nursery() as nursery:
+            nursery.start_soon(_quit_on_q, nursery.cancel_scope)
+            nursery.start_soon(_quit_on_signal, signals, nursery.cancel_scope)
+            await _refresh_forever(client, url, interval, dashboard)
+
+
+async def _refresh_forever(
+    client: httpx.AsyncClient, url: str, interval: float, dashboard: Dashboard
+) -> None:
     from rich.live import Live
 
-    dashboard = Dashboard(url)
-    console = Console()
-    async with _client(token) as client, trio.open_nursery() as nursery:
-        nursery.start_soon(_quit_on_q, nursery.cancel_scope)
-        with Live(dashboard.render(), console=console, screen=True, auto_refresh=False) as live:
-            while True:
-                await poll_once(client, url, dashboard)
-                live.update(dashboard.render(), refresh=True)
-                await trio.sleep(interval)
+    with Live(dashboard.render(), screen=True, auto_refresh=False) as live:
+        while True:
+            await poll_once(client, url, dashboard)
+            live.update(dashboard.render(), refresh=True)
+            await trio.sleep(interval)
+
+
+async def _quit_on_signal(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
+    async for _ in signals:
+        scope.cancel()
+        return
 
 
 async def _quit_on_q(scope: trio.CancelScope) -> None:
