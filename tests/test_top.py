@@ -179,3 +179,50 @@ async def test_promtool_finds_nothing_to_lint(fakes, tmp_path):
     assert result.returncode == 0 and result.stdout + result.stderr == "", (
         result.stdout + result.stderr
     )
+
+
+async def test_token_is_sent_from_flag_or_environment(nursery, tmp_path):
+    """A /metrics behind a bearer token: top sends --token, or $LLMUX_TOKEN."""
+    import hypercorn.trio
+    from hypercorn.config import Config as HypercornConfig
+
+    from llmux.asgi import answer_lifespan, send_bytes
+    from llmux.metrics import Metrics
+
+    exposition = Metrics(["m"]).exposition()
+
+    async def guarded(scope, receive, send):
+        if scope["type"] == "lifespan":
+            await answer_lifespan(receive, send)
+            return
+        authorized = (b"authorization", b"Bearer s3cret") in scope["headers"]
+        body = exposition if authorized else b"no"
+        await send_bytes(send, 200 if authorized else 401, body, b"text/plain")
+
+    config = HypercornConfig()
+    config.bind = ["127.0.0.1:0"]
+    urls = await nursery.start(
+        lambda task_status: hypercorn.trio.serve(guarded, config, task_status=task_status)
+    )
+
+    def top(*extra: str, env: dict | None = None) -> subprocess.CompletedProcess[str]:
+        args = [
+            PYTHON,
+            "-m",
+            "llmux",
+            "top",
+            "--once",
+            "--interval",
+            "0.1",
+            "--url",
+            urls[0],
+            *extra,
+        ]
+        return subprocess.run(args, capture_output=True, text=True, timeout=30, env=env)
+
+    refused = await trio.to_thread.run_sync(top)
+    assert refused.returncode == 1 and "HTTP 401" in refused.stdout
+    by_flag = await trio.to_thread.run_sync(top, "--token", "s3cret")
+    assert by_flag.returncode == 0 and "idle" in by_flag.stdout
+    by_env = await trio.to_thread.run_sync(lambda: top(env={**os.environ, "LLMUX_TOKEN": "s3cret"}))
+    assert by_env.returncode == 0
