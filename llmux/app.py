@@ -15,7 +15,7 @@ from typing import Any
 import trio
 
 from llmux.asgi import Receive, Scope, Send, answer_lifespan, send_bytes, send_json
-from llmux.config import Config
+from llmux.config import Config, ConfigError, load_config
 from llmux.costs import SwitchCostTracker
 from llmux.errors import (
     BodyTooLarge,
@@ -27,7 +27,7 @@ from llmux.errors import (
 )
 from llmux.logs import log_event
 from llmux.metrics import UNKNOWN_MODEL, Metrics
-from llmux.policy import Policy, load_policy
+from llmux.policy import Policy, PolicyLoadError, load_policy
 from llmux.proxy import BackendConnectFailed, UpstreamClient, forwarded_response_headers
 from llmux.status import status_report
 from llmux.switcher import Switcher
@@ -75,6 +75,40 @@ class LlmuxApp:
         await self._shutdown_requested.wait()
         log.info("shutting down: answering new requests 503, letting in-flight ones finish")
         await self.switcher.shutdown(self.config.server.shutdown_timeout_secs)
+
+    def reload(self) -> bool:
+        """Re-read the config file; apply it if valid, else keep the one in force (logged)."""
+        path = self.config.path
+        try:
+            new = load_config(path)
+            policy = None
+            if (new.policy.name, new.policy.options) != (
+                self.config.policy.name,
+                self.config.policy.options,
+            ):
+                policy = load_policy(new.policy.name, new.policy.options, new.hook_dir)
+        except (ConfigError, PolicyLoadError) as exc:
+            log_event(
+                log, "config_rejected", f"reload rejected, the old config stays in force: {exc}",
+                logging.ERROR, path=str(path), error=str(exc),
+            )  # fmt: skip
+            return False
+        if (new.host, new.port) != (self.config.host, self.config.port):
+            log.info(
+                "still listening on %s:%s; the file's %s:%s applies from the next start",
+                self.config.host, self.config.port, new.host, new.port,
+            )  # fmt: skip
+        # The listener stays where it is (the command line may have overridden the file).
+        summary = self.switcher.reconfigure(
+            new.with_listen(self.config.host, self.config.port), policy
+        )
+        self.config = self.switcher.config
+        log_event(
+            log, "config_reloaded", f"reloaded {path}", path=str(path),
+            added=",".join(summary.added), removed=",".join(summary.removed),
+            changed=",".join(summary.changed), policy_replaced=policy is not None,
+        )  # fmt: skip
+        return True
 
     # ----- ASGI -----
 
@@ -194,14 +228,14 @@ class LlmuxApp:
     async def _stream_from_backend(
         self, model: str, scope: Scope, send: Send, body: bytes, started: float, outcome: _Outcome
     ) -> None:
-        backend = self.config.models[model]
         target = scope["raw_path"].decode("latin-1") if scope.get("raw_path") else scope["path"]
         if scope.get("query_string") and "?" not in target:
             target += "?" + scope["query_string"].decode("latin-1")
-        async with self.switcher.serving(model) as outcome.queue_wait:
+        async with self.switcher.serving(model) as slot:
+            outcome.queue_wait = slot.waited
             try:
                 async with self.upstream.open(
-                    backend.base_url, scope["method"], target, scope["headers"], body
+                    slot.backend.base_url, scope["method"], target, scope["headers"], body
                 ) as response:
                     await send(
                         {

@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("-c", "--config", required=True, help="path to config.toml")
     serve.add_argument("--host", help="listen address (overrides the file's host)")
     serve.add_argument("--port", type=int, help="listen port (overrides the file's port)")
+    serve.add_argument(
+        "--watch-config", action="store_true", help="reload the config when the file changes"
+    )
     _add_log_level(serve)
     serve.set_defaults(handler=_serve)
 
@@ -116,6 +119,8 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from functools import partial
+
     import trio
 
     from llmux.config import ConfigError
@@ -132,7 +137,7 @@ def _serve(args: argparse.Namespace) -> int:
         return EXIT_CONFIG_ERROR
     config = config.with_listen(args.host, args.port)
     try:
-        trio.run(serve_forever, config, policy)
+        trio.run(partial(serve_forever, config, policy, watch_config=args.watch_config))
     except OSError as exc:
         print(
             f"llmux: cannot listen on {config.host}:{config.port}: {exc.strerror}", file=sys.stderr

@@ -64,7 +64,8 @@ def hook_environment(
 ) -> dict[str, str]:
     """The environment a hook sees: llmux's own, without NOTIFY_SOCKET, with LLMUX_* added."""
     env = dict(os.environ)
-    env.pop("NOTIFY_SOCKET", None)
+    for systemd_only in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+        env.pop(systemd_only, None)
     env.update({"LLMUX_MODEL": model, "LLMUX_PORT": str(port), "LLMUX_HOOK": hook})
     if extra:
         env.update(extra)

@@ -7,6 +7,7 @@ so clients cannot grow the series without bound.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterable
 
@@ -115,9 +116,22 @@ class Metrics:
         self.start_time = Gauge("llmux_start_time_seconds", "Unix time llmux started", registry=r)
         self.start_time.set(time.time())
         for name in model_names:
-            self.queue_depth.labels(name).set(0)
-            self.in_flight.labels(name).set(0)
-            self.set_state(name, ModelState.ASLEEP)
+            self.add_model(name)
+
+    def add_model(self, name: str) -> None:
+        """Create a model's gauges at zero, so dashboards see it before its first request."""
+        self.queue_depth.labels(name).set(0)
+        self.in_flight.labels(name).set(0)
+        self.set_state(name, ModelState.ASLEEP)
+
+    def forget_model(self, name: str) -> None:
+        """Drop the gauges of a model a reload removed (its counters stay: they are history)."""
+        for gauge in (self.queue_depth, self.in_flight, self.active_since):
+            with contextlib.suppress(KeyError):
+                gauge.remove(name)
+        for state in ModelState:
+            with contextlib.suppress(KeyError):
+                self.model_state.remove(name, state.value)
 
     def set_state(self, model: str, state: ModelState) -> None:
         for candidate in ModelState:

@@ -8,6 +8,7 @@ the listener closes and the switcher's tasks (and any hook still running) are ca
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -20,9 +21,12 @@ from hypercorn.config import Config as HypercornConfig
 from llmux.app import LlmuxApp
 from llmux.config import Config
 from llmux.policy import Policy
+from llmux.systemd import Notifier, raise_open_files_limit
 
 log = logging.getLogger("llmux.server")
 
+WATCH_INTERVAL_SECS = 1.0
+SETTLE_SECS = 0.2
 KEEP_ALIVE_SECS = 75.0  # longer than common client pool expiry (5 s) to avoid the close race
 
 
@@ -83,14 +87,78 @@ async def serve_forever(
     config: Config,
     policy: Policy | None = None,
     on_ready: Callable[[RunningServer], None] | None = None,
+    watch_config: bool = False,
 ) -> None:
-    """`llmux serve`: run until SIGTERM or SIGINT, then shut down gracefully and return."""
+    """`llmux serve`: run until SIGTERM or SIGINT, then shut down gracefully and return.
+    SIGHUP (and, with `watch_config`, a change of the file) reloads the config."""
+    notifier = Notifier()
+    raise_open_files_limit()
     # The receiver stays open until we return: a second signal must not kill us mid-drain.
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with running_server(config, policy) as server:
-            log.info("llmux listening on %s", server.url)
-            if on_ready is not None:
-                on_ready(server)
-            async for signum in signals:
-                log.info("received %s: shutting down", signal.Signals(signum).name)
-                break
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async with trio.open_nursery() as helpers:
+            if notifier.watchdog_interval:
+                helpers.start_soon(_ping_watchdog, notifier, notifier.watchdog_interval)
+            async with running_server(config, policy) as server:
+                log.info("llmux listening on %s", server.url)
+                notifier.send("READY=1", f"STATUS={describe_state(server.app)}")
+                helpers.start_soon(_report_status, server.app, notifier)
+                if watch_config:
+                    helpers.start_soon(_reload_on_change, server.app, WATCH_INTERVAL_SECS)
+                if on_ready is not None:
+                    on_ready(server)
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        log.info("received SIGHUP: reloading %s", server.app.config.path)
+                        server.app.reload()
+                        continue
+                    log.info("received %s: shutting down", signal.Signals(signum).name)
+                    break
+                notifier.send("STOPPING=1", "STATUS=draining in-flight requests")
+            helpers.cancel_scope.cancel()
+    notifier.close()
+
+
+def describe_state(app: LlmuxApp) -> str:
+    """One line for systemd's STATUS=: what is awake, or what is happening."""
+    switch = app.switcher.current_switch
+    if switch is not None:
+        return f"switching {switch.from_label} -> {switch.target}"
+    active = next((m.name for m in app.switcher.models.values() if m.state == "active"), None)
+    return f"active: {active}" if active else "idle: no model awake"
+
+
+async def _report_status(app: LlmuxApp, notifier: Notifier) -> None:
+    last = describe_state(app)
+    while True:
+        await app.switcher.wait_for_change()
+        now = describe_state(app)
+        if now != last:
+            notifier.send(f"STATUS={now}")
+            last = now
+
+
+async def _ping_watchdog(notifier: Notifier, interval: float) -> None:
+    while True:
+        notifier.send("WATCHDOG=1")
+        await trio.sleep(interval)
+
+
+async def _reload_on_change(app: LlmuxApp, interval: float) -> None:
+    """`--watch-config`: reload when the file's identity, size or mtime changes."""
+
+    def fingerprint() -> tuple[int, int, int] | None:
+        try:
+            stat = os.stat(app.config.path)
+        except OSError:
+            return None
+        return (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+    seen = fingerprint()
+    while True:
+        await trio.sleep(interval)
+        now = fingerprint()
+        if now is not None and now != seen:
+            await trio.sleep(SETTLE_SECS)  # let an editor finish writing
+            seen = fingerprint()
+            log.info("%s changed: reloading", app.config.path)
+            app.reload()

@@ -42,7 +42,13 @@ import trio
 
 from llmux.config import Config, ModelConfig
 from llmux.costs import IDLE, SwitchCostTracker
-from llmux.errors import LlmuxError, ModelUnavailable, QueueTimeout, ShuttingDown
+from llmux.errors import (
+    LlmuxError,
+    ModelNotFound,
+    ModelUnavailable,
+    QueueTimeout,
+    ShuttingDown,
+)
 from llmux.hooks import HookResult, run_hook
 from llmux.logs import log_event
 from llmux.metrics import Metrics
@@ -90,6 +96,21 @@ class SwitchInProgress:
         return self.source or IDLE
 
 
+@dataclass(frozen=True)
+class ReloadSummary:
+    added: list[str]
+    removed: list[str]
+    changed: list[str]
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A granted in-flight slot: how long it queued, and the backend to send to."""
+
+    waited: float
+    backend: ModelConfig
+
+
 @dataclass(eq=False)
 class ModelRuntime:
     config: ModelConfig
@@ -99,6 +120,7 @@ class ModelRuntime:
     active_since: float | None = None
     last_alive_check: float = 0.0
     last_alive: bool | None = None  # the latest alive hook answer (None: never run, or no hook)
+    retiring: bool = False  # removed by a config reload: drained, put to sleep, then forgotten
 
     @property
     def name(self) -> str:
@@ -177,18 +199,22 @@ class Switcher:
     # ----- requests -----
 
     @asynccontextmanager
-    async def serving(self, name: str) -> AsyncIterator[float]:
-        """Hold an in-flight slot on `name` for the body of the block; yields the queue wait."""
-        waited = await self._acquire(name)
+    async def serving(self, name: str) -> AsyncIterator[Slot]:
+        """Hold an in-flight slot on `name` for the body of the block."""
+        model = self.models.get(name)
+        if model is None or model.retiring:
+            raise ModelNotFound(f"model {name!r} is no longer configured")
+        waited = await self._acquire(model)
         try:
-            yield waited
+            # The model's config as it is now: a reload while it queued may have changed its port.
+            yield Slot(waited, model.config)
         finally:
-            self._release(self.models[name])
+            self._release(model)
 
-    async def _acquire(self, name: str) -> float:
+    async def _acquire(self, model: ModelRuntime) -> float:
         if self._closing:
             raise ShuttingDown("llmux is shutting down")
-        model = self.models[name]
+        name = model.name
         if model.state is ModelState.ACTIVE and not model.queue:
             self._start_request(model)
             self.metrics.queue_wait.labels(name).observe(0.0)
@@ -264,6 +290,61 @@ class Switcher:
         if self.models[name].state is ModelState.ACTIVE:
             self._alive_requested = True
             self._notify()
+
+    # ----- reload -----
+
+    def reconfigure(self, config: Config, policy: Policy | None = None) -> ReloadSummary:
+        """Apply a new, already validated config without dropping in-flight or queued requests.
+
+        Changed models take their new hooks, port and timeouts from their next use on. Added
+        models start asleep. A removed model's queued requests get 404; if it is awake it is
+        drained and put to sleep before it is forgotten."""
+        old = {name: model.config for name, model in self.models.items()}
+        self.config = config
+        if policy is not None:
+            self.policy = policy
+        runtimes: dict[str, ModelRuntime] = {}
+        for name, cfg in config.models.items():
+            runtime = self.models.get(name)
+            if runtime is None or runtime.retiring:
+                runtime = ModelRuntime(cfg)
+                self.metrics.add_model(name)
+            runtime.config = cfg
+            runtimes[name] = runtime
+        removed = [model for name, model in self.models.items() if name not in config.models]
+        for model in removed:
+            model.retiring = True
+            self._fail_queue(
+                model, ModelNotFound(f"model {model.name!r} was removed from the config")
+            )
+            runtimes[model.name] = model  # kept until it is asleep
+            assert self._nursery is not None
+            self._nursery.start_soon(self._retire, model)
+        self.models = runtimes
+        self._notify()
+        self._consult(TimerFired())
+        return ReloadSummary(
+            added=[n for n in config.models if n not in old],
+            removed=[m.name for m in removed],
+            changed=[n for n, cfg in config.models.items() if n in old and old[n] != cfg],
+        )
+
+    async def _retire(self, model: ModelRuntime) -> None:
+        """Drain and put to sleep a model a reload removed, then forget it."""
+        async with self._lifecycle_lock:
+            if model.state is not ModelState.ASLEEP:
+                self._set_state(model, ModelState.DRAINING)
+                await self._wait_until(lambda: model.in_flight == 0)
+                self._set_state(model, ModelState.SLEEPING)
+                result = await self._run_hook(model, "sleep")
+                if not result.ok:
+                    log.error("removed model %s could not be put to sleep", model.name)
+                self._set_state(model, ModelState.ASLEEP)
+            if self.models.get(model.name) is model:
+                del self.models[model.name]
+                self.metrics.forget_model(model.name)
+        self._notify()
+        self._consult(TimerFired())
 
     # ----- shutdown -----
 
@@ -592,6 +673,10 @@ class Switcher:
         model.state = state
         self.metrics.set_state(model.name, state)
         self._notify()
+
+    async def wait_for_change(self) -> None:
+        """Return after the next change of any model's state, queue or in-flight count."""
+        await self._changed.wait()
 
     def _notify(self) -> None:
         """Wake every task waiting for some condition on the switcher's state to change."""
