@@ -120,7 +120,7 @@ class ModelRuntime:
     active_since: float | None = None
     last_alive_check: float = 0.0
     last_alive: bool | None = None  # the latest alive hook answer (None: never run, or no hook)
-    retiring: bool = False  # removed by a config reload: drained, put to sleep, then forgotten
+    retiring: bool = False  # removed or replaced by a reload: drained, slept, then forgotten
 
     @property
     def name(self) -> str:
@@ -147,6 +147,7 @@ class Switcher:
         self._timer_scope: trio.CancelScope | None = None
         self._alive_requested = False
         self.current_switch: SwitchInProgress | None = None
+        self._retiring: list[ModelRuntime] = []  # removed or replaced by a reload, still awake
 
     # ----- running -----
 
@@ -257,11 +258,11 @@ class Switcher:
 
     def _start_request(self, model: ModelRuntime) -> None:
         model.in_flight += 1
-        self.metrics.in_flight.labels(model.name).set(model.in_flight)
+        self._update_in_flight_gauge(model.name)
 
     def _release(self, model: ModelRuntime) -> None:
         model.in_flight -= 1
-        self.metrics.in_flight.labels(model.name).set(model.in_flight)
+        self._update_in_flight_gauge(model.name)
         self._notify()
         self._consult(RequestCompleted(model.name))
 
@@ -296,41 +297,56 @@ class Switcher:
     def reconfigure(self, config: Config, policy: Policy | None = None) -> ReloadSummary:
         """Apply a new, already validated config without dropping in-flight or queued requests.
 
-        Changed models take their new hooks, port and timeouts from their next use on. Added
-        models start asleep. A removed model's queued requests get 404; if it is awake it is
-        drained and put to sleep before it is forgotten."""
-        old = {name: model.config for name, model in self.models.items()}
+        A model whose timeouts or alive hook changed takes them from its next use on. A model
+        whose port, wake or sleep hook changed while awake is replaced: the old one is drained
+        and put to sleep with its old hooks, and its queue moves to the new one, which starts
+        asleep. A removed model's queued requests get 404; if it is awake it is drained and put
+        to sleep. No switch starts until those retirements are done, so two models are never
+        awake at once."""
+        old_configs = {name: model.config for name, model in self.models.items()}
         self.config = config
         if policy is not None:
             self.policy = policy
         runtimes: dict[str, ModelRuntime] = {}
+        changed = []
         for name, cfg in config.models.items():
             runtime = self.models.get(name)
-            if runtime is None or runtime.retiring:
+            if runtime is None:
                 runtime = ModelRuntime(cfg)
                 self.metrics.add_model(name)
-            runtime.config = cfg
+            elif runtime.config != cfg:
+                changed.append(name)
+                if runtime.state is not ModelState.ASLEEP and _needs_restart(runtime.config, cfg):
+                    replacement = ModelRuntime(cfg)
+                    replacement.queue, runtime.queue = runtime.queue, deque()
+                    self._retire(runtime)
+                    runtime = replacement
+                    self.metrics.set_state(name, ModelState.ASLEEP)
+                runtime.config = cfg
             runtimes[name] = runtime
         removed = [model for name, model in self.models.items() if name not in config.models]
         for model in removed:
-            model.retiring = True
             self._fail_queue(
                 model, ModelNotFound(f"model {model.name!r} was removed from the config")
             )
-            runtimes[model.name] = model  # kept until it is asleep
-            assert self._nursery is not None
-            self._nursery.start_soon(self._retire, model)
+            self._retire(model)
         self.models = runtimes
         self._notify()
         self._consult(TimerFired())
         return ReloadSummary(
-            added=[n for n in config.models if n not in old],
+            added=[n for n in config.models if n not in old_configs],
             removed=[m.name for m in removed],
-            changed=[n for n, cfg in config.models.items() if n in old and old[n] != cfg],
+            changed=changed,
         )
 
-    async def _retire(self, model: ModelRuntime) -> None:
-        """Drain and put to sleep a model a reload removed, then forget it."""
+    def _retire(self, model: ModelRuntime) -> None:
+        model.retiring = True
+        self._retiring.append(model)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._put_retired_to_sleep, model)
+
+    async def _put_retired_to_sleep(self, model: ModelRuntime) -> None:
+        """Drain and put to sleep a model a reload removed or replaced, then forget it."""
         async with self._lifecycle_lock:
             if model.state is not ModelState.ASLEEP:
                 self._set_state(model, ModelState.DRAINING)
@@ -338,10 +354,10 @@ class Switcher:
                 self._set_state(model, ModelState.SLEEPING)
                 result = await self._run_hook(model, "sleep")
                 if not result.ok:
-                    log.error("removed model %s could not be put to sleep", model.name)
+                    log.error("retired model %s could not be put to sleep", model.name)
                 self._set_state(model, ModelState.ASLEEP)
-            if self.models.get(model.name) is model:
-                del self.models[model.name]
+            self._retiring.remove(model)
+            if model.name not in self.models:
                 self.metrics.forget_model(model.name)
         self._notify()
         self._consult(TimerFired())
@@ -457,6 +473,8 @@ class Switcher:
                 await self._wait_until(lambda: not target.queue)
             if not target.queue:
                 return False
+        # A model a reload retired may still be awake: never wake another beside it.
+        await self._wait_until(lambda: not self._retiring)
         async with self._lifecycle_lock:
             source = self._active()  # an alive check may have marked it asleep while we waited
             if not target.queue or source is target:
@@ -669,9 +687,17 @@ class Switcher:
                 return model
         return None
 
+    def _update_in_flight_gauge(self, name: str) -> None:
+        """In flight under this name: the current runtime's and any retiring one's."""
+        runtimes = [*self._retiring, self.models.get(name)]
+        count = sum(m.in_flight for m in runtimes if m is not None and m.name == name)
+        self.metrics.in_flight.labels(name).set(count)
+
     def _set_state(self, model: ModelRuntime, state: ModelState) -> None:
         model.state = state
-        self.metrics.set_state(model.name, state)
+        if self.models.get(model.name) is model or model.name not in self.models:
+            # A replaced model's retirement must not overwrite its successor's state.
+            self.metrics.set_state(model.name, state)
         self._notify()
 
     async def wait_for_change(self) -> None:
@@ -687,3 +713,9 @@ class Switcher:
         while not condition():
             changed = self._changed
             await changed.wait()
+
+
+def _needs_restart(old: ModelConfig, new: ModelConfig) -> bool:
+    """Whether an awake model must be put to sleep with its old hooks before the new config
+    applies: its backend moved, or the hooks that know how to wake and sleep it changed."""
+    return (old.port, old.wake, old.sleep) != (new.port, new.wake, new.sleep)
