@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Mapping
@@ -66,6 +67,14 @@ def hook_environment(
     env = dict(os.environ)
     for systemd_only in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
         env.pop(systemd_only, None)
+    if getattr(sys, "frozen", False):
+        # The one-file binary points LD_LIBRARY_PATH at its bundled libraries and keeps the
+        # user's value aside; hooks (curl, docker, ...) need the user's.
+        original = env.pop("LD_LIBRARY_PATH_ORIG", None)
+        if original is None:
+            env.pop("LD_LIBRARY_PATH", None)
+        else:
+            env["LD_LIBRARY_PATH"] = original
     env.update({"LLMUX_MODEL": model, "LLMUX_PORT": str(port), "LLMUX_HOOK": hook})
     if extra:
         env.update(extra)

@@ -1,0 +1,105 @@
+"""The one-file binary (dist/llmux, built by `pyinstaller llmux.spec`): serve, switch, stop; the
+demo with no Python on PATH; hooks get the user's LD_LIBRARY_PATH back."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import chat
+
+BINARY = Path(os.environ.get("LLMUX_BINARY", Path(__file__).parents[1] / "dist" / "llmux"))
+
+pytestmark = pytest.mark.skipif(
+    not BINARY.exists() and not os.environ.get("LLMUX_REQUIRE_BINARY"),
+    reason="no one-file binary: run `pyinstaller llmux.spec` first",
+)
+
+
+def _start(args: list[str], marker: str, env: dict[str, str] | None = None):
+    proc = subprocess.Popen(
+        [str(BINARY), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True, env=env,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 30
+    for line in proc.stdout:
+        if marker in line:
+            return proc, line
+        if time.monotonic() > deadline:
+            break
+    proc.kill()
+    raise AssertionError(f"{args} never printed {marker!r}")
+
+
+def _stop(proc: subprocess.Popen) -> int:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+    return proc.wait(timeout=20)
+
+
+def test_version():
+    result = subprocess.run([str(BINARY), "--version"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0 and result.stdout.startswith("llmux ")
+
+
+def test_binary_serves_switches_and_exits_0_on_sigterm(tmp_path):
+    backends = [
+        _start(["fake-backend", "--name", name, "--wake-delay", "0.05"], "listening on")
+        for name in ("a", "b")
+    ]
+    llmux = None
+    try:
+        ports = [line.strip().rsplit(":", 1)[1] for _, line in backends]
+        hooks = ""
+        for name, port in zip(("a", "b"), ports, strict=True):
+            ctl = f"{BINARY} fake-ctl {{}} --port {port}"
+            hooks += (
+                f'[models.{name}]\nport = {port}\nwake = "{ctl.format("wake")}"\n'
+                f'sleep = "{ctl.format("sleep")}"\n'
+                f'alive = "echo $LD_LIBRARY_PATH > {tmp_path}/ld-{name}; {ctl.format("alive")}"\n'
+            )
+        config = tmp_path / "config.toml"
+        config.write_text(hooks)
+        env = {**os.environ, "LD_LIBRARY_PATH": "/opt/user/lib"}
+        llmux, line = _start(["serve", "-c", str(config), "--port", "0"], "listening on", env)
+        url = line.strip().rsplit(" ", 1)[1]
+        for model in ("a", "b", "a"):
+            response = httpx.post(url + "/v1/chat/completions", json=chat(model), timeout=30)
+            assert response.status_code == 200, response.text
+        metrics = httpx.get(url + "/metrics").text
+        assert 'llmux_switch_total{from="a",result="ok",to="b"} 1.0' in metrics
+        assert (tmp_path / "ld-a").read_text().strip() == "/opt/user/lib"
+        assert _stop(llmux) == 0
+    finally:
+        if llmux is not None:
+            _stop(llmux)
+        for proc, _ in backends:
+            _stop(proc)
+
+
+def test_demo_runs_without_python_on_path(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sh").symlink_to("/bin/sh")  # hooks need a shell, nothing else
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {"PATH": str(bin_dir), "HOME": str(tmp_path), "TMPDIR": str(tmp_path)}
+    demo, _ = _start(["demo", "--port", str(port)], "Press Ctrl-C", env)
+    try:
+        for model in ("llama", "qwen"):
+            response = httpx.post(
+                f"http://127.0.0.1:{port}/v1/chat/completions", json=chat(model), timeout=30
+            )
+            assert response.status_code == 200, response.text
+    finally:
+        os.killpg(demo.pid, signal.SIGINT)
+        assert demo.wait(timeout=20) == 0
