@@ -58,13 +58,21 @@ def build_parser() -> argparse.ArgumentParser:
     top.set_defaults(handler=_top)
 
     fake = commands.add_parser("fake-backend", help="run one fake OpenAI-compatible backend")
-    fake.add_argument("--name", default="fake", help="model name it reports")
+    fake.add_argument(
+        "--name", default="fake", help="model name it reports (ollama: names, comma-separated)"
+    )
     fake.add_argument("--host", default="127.0.0.1")
     fake.add_argument("--port", type=int, default=0, help="0 picks a free port (printed)")
     fake.add_argument("--wake-delay", type=float, default=0.5, help="seconds a wake takes")
     fake.add_argument("--sleep-delay", type=float, default=0.1, help="seconds a sleep takes")
     fake.add_argument("--token-interval", type=float, default=0.02, help="seconds per token")
     fake.add_argument("--awake", action="store_true", help="start awake instead of asleep")
+    fake.add_argument(
+        "--api",
+        default="fake",
+        choices=["fake", "vllm", "sglang", "ollama"],
+        help="also speak this backend's sleep/wake endpoints (to try example hooks)",
+    )
     fake.set_defaults(handler=_fake_backend)
 
     ctl = commands.add_parser("fake-ctl", help="hook helper: wake, sleep or probe a fake backend")
@@ -182,15 +190,18 @@ def _fake_backend(args: argparse.Namespace) -> int:
 
     import trio
 
-    from llmux.fake_backend import FakeBackend, serve_fake_backend
+    from llmux.fake_backend import FakeBackend, FakeOllama, serve_fake_backend
 
-    backend = FakeBackend(
-        args.name,
-        wake_delay=args.wake_delay,
-        sleep_delay=args.sleep_delay,
-        token_interval=args.token_interval,
-        awake=args.awake,
-    )
+    options = {
+        "wake_delay": args.wake_delay,
+        "sleep_delay": args.sleep_delay,
+        "token_interval": args.token_interval,
+        "awake": args.awake,
+    }
+    if args.api == "ollama":
+        backend: FakeBackend | FakeOllama = FakeOllama(args.name.split(","), **options)
+    else:
+        backend = FakeBackend(args.name, api=args.api, **options)
 
     async def run() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -6,6 +6,7 @@ can refuse a bad file before anything binds a port.
 
 from __future__ import annotations
 
+import re
 import shlex
 import tomllib
 from dataclasses import dataclass, field
@@ -14,6 +15,9 @@ from typing import Any
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 3000
+
+
+_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 
 
 class ConfigError(Exception):
@@ -241,6 +245,11 @@ class _Checker:
         for name, item in value.items():
             full = f"{key}.{name}" if key else name
             if name not in allowed:
+                if isinstance(item, dict) and key.startswith("models."):
+                    raise ConfigError(
+                        self.path, full, "a model name with dots must be quoted: "
+                        f'[models."{key.removeprefix("models.")}.{name}"]',
+                    )  # fmt: skip
                 hint = ", ".join(sorted(allowed))
                 raise ConfigError(self.path, full, f"unknown key (known here: {hint})")
             expected = allowed[name]
@@ -272,6 +281,9 @@ class _Checker:
             words = shlex.split(command)
         except ValueError as exc:
             raise ConfigError(self.path, key, f"cannot parse shell command: {exc}") from None
+        # Skip leading `NAME=value` assignments: `MODEL=/m.gguf ./start.sh` runs ./start.sh.
+        while words and _ASSIGNMENT.match(words[0]):
+            words.pop(0)
         program = words[0] if words else ""
         if "/" in program:
             script = (self.path.parent / program).resolve()

@@ -16,6 +16,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
+from urllib.parse import parse_qs
 
 import hypercorn.trio
 import trio
@@ -32,6 +33,7 @@ class FakeStats:
     served: int = 0
     rejected_while_asleep: int = 0  # requests that reached it while not awake: must stay 0
     slept_while_busy: int = 0  # sleep requests that arrived with requests in flight: must stay 0
+    garbage_answers: int = 0  # vLLM: answered with discarded weights; must stay 0
     wakes: int = 0
     sleeps: int = 0
     in_flight: int = 0
@@ -46,13 +48,19 @@ class FakeBackend:
         sleep_delay: float = 0.1,
         token_interval: float = 0.02,
         awake: bool = False,
+        api: str = "fake",
     ) -> None:
+        if api not in CONTROL_APIS:
+            raise ValueError(f"unknown control API {api!r}; known: {', '.join(CONTROL_APIS)}")
+        self.api = api
         self.name = name
         self.wake_delay = wake_delay
         self.sleep_delay = sleep_delay
         self.token_interval = token_interval
         self.state = "awake" if awake else "asleep"
         self.stats = FakeStats()
+        self.weights_loaded = True  # vLLM: false after a level-2 sleep until reload_weights
+        self.parts_asleep: set[str] = set() if awake else {"weights", "kv_cache"}  # vLLM
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -75,6 +83,9 @@ class FakeBackend:
         elif method == "POST" and path == "/fake/sleep":
             await self._sleep()
             await send_json(send, 200, {"state": self.state})
+        elif (method, path) in CONTROL_APIS[self.api]:
+            status, payload = await CONTROL_APIS[self.api][(method, path)](self, scope, receive)
+            await send_json(send, status, payload)
         elif method == "GET" and path == "/v1/models":
             model = {"id": self.name, "object": "model", "created": 0, "owned_by": "fake"}
             await send_json(send, 200, {"object": "list", "data": [model]})
@@ -88,6 +99,7 @@ class FakeBackend:
             )
 
     async def _wake(self) -> None:
+        self.parts_asleep.clear()
         if self.state == "awake":
             return
         self.state = "waking"
@@ -103,10 +115,61 @@ class FakeBackend:
         self.state = "sleeping"
         await trio.sleep(self.sleep_delay)
         self.state = "asleep"
+        self.parts_asleep = {"weights", "kv_cache"}
         self.stats.sleeps += 1
+
+    # ----- vLLM's sleep-mode API (server started with VLLM_SERVER_DEV_MODE=1) -----
+
+    async def _vllm_sleep(self, scope: Scope, receive: Receive) -> tuple[int, dict[str, Any]]:
+        level = _query(scope).get("level", "1")
+        await self._sleep()
+        if level == "2":
+            self.weights_loaded = False  # level 2 discards the weights
+        return 200, {"status": "sleeping", "level": int(level)}
+
+    async def _vllm_wake_up(self, scope: Scope, receive: Receive) -> tuple[int, dict[str, Any]]:
+        tags = _query(scope).get("tags")
+        if tags is None or self.state == "awake":
+            await self._wake()
+        else:
+            self.parts_asleep.discard(tags)
+            if not self.parts_asleep:
+                await self._wake()
+        return 200, {}
+
+    async def _vllm_is_sleeping(self, scope: Scope, receive: Receive) -> tuple[int, dict[str, Any]]:
+        return 200, {"is_sleeping": self.state != "awake"}
+
+    async def _vllm_collective_rpc(
+        self, scope: Scope, receive: Receive
+    ) -> tuple[int, dict[str, Any]]:
+        body = json.loads(await _read_all(receive) or b"{}")
+        if body.get("method") == "reload_weights":
+            self.weights_loaded = True
+        return 200, {"results": [None]}
+
+    # ----- SGLang's memory API (server started with --enable-memory-saver) -----
+
+    async def _sglang_release(self, scope: Scope, receive: Receive) -> tuple[int, dict[str, Any]]:
+        if self.stats.in_flight:
+            self.stats.slept_while_busy += 1  # the real server asserts nothing is in flight
+            return 500, {"error": "requests in flight"}
+        await self._sleep()
+        return 200, {"success": True}
+
+    async def _sglang_resume(self, scope: Scope, receive: Receive) -> tuple[int, dict[str, Any]]:
+        await self._wake()
+        return 200, {"success": True}
 
     async def _generate(self, path: str, receive: Receive, send: Send) -> None:
         body = await _read_all(receive)
+        if self.state != "awake" and self.api == "vllm":
+            # A sleeping vLLM does not refuse: the request hangs until the server wakes.
+            self.stats.rejected_while_asleep += 1
+            while self.state != "awake":
+                await trio.sleep(0.01)
+        if self.api == "vllm" and not self.weights_loaded:
+            self.stats.garbage_answers += 1  # woken from level 2 without reload_weights
         if self.state != "awake":
             self.stats.rejected_while_asleep += 1
             message = f"fake backend {self.name} is {self.state}: request refused"
@@ -184,6 +247,82 @@ class FakeBackend:
         await send({"type": "http.response.body", "body": end, "more_body": False})
 
 
+class FakeOllama:
+    """Several models behind one port, loaded and unloaded the way Ollama does it: a generate
+    request with `keep_alive: 0` unloads a model, one without a prompt preloads it, and
+    `/api/ps` lists what is loaded. `co_loaded` counts moments when two models were loaded."""
+
+    def __init__(self, models: list[str], **options: Any) -> None:
+        self.backends = {name: FakeBackend(name, **options) for name in models}
+        self.co_loaded = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await answer_lifespan(receive, send)
+            return
+        method, path = scope["method"], scope["path"]
+        if (method, path) == ("GET", "/api/ps"):
+            loaded = [
+                {"name": n, "model": n} for n, b in self.backends.items() if b.state == "awake"
+            ]
+            await send_json(send, 200, {"models": loaded})
+        elif (method, path) == ("GET", "/fake/state"):
+            states = {n: {"state": b.state, **asdict(b.stats)} for n, b in self.backends.items()}
+            await send_json(send, 200, {"co_loaded": self.co_loaded, "models": states})
+        elif method == "POST" and (path == "/api/generate" or path.startswith("/v1/")):
+            body = await _read_all(receive)
+            try:
+                request = json.loads(body)
+                backend = self.backends[request["model"]]
+            except (ValueError, KeyError, TypeError):
+                await _send_raw(send, 404, error_body("model not found", "api_error", "not_found"))
+                return
+            if path == "/api/generate":
+                await self._load_or_unload(backend, request)
+                await send_json(send, 200, {"model": backend.name, "done": True})
+            else:
+                await backend._generate(path, _replay(body, receive), send)
+        else:
+            await _send_raw(send, 404, error_body(f"no route {path}", "api_error", "not_found"))
+
+    async def _load_or_unload(self, backend: FakeBackend, request: dict[str, Any]) -> None:
+        if request.get("keep_alive") in (0, "0", "0s"):
+            await backend._sleep()
+            return
+        await backend._wake()
+        if sum(b.state == "awake" for b in self.backends.values()) > 1:
+            self.co_loaded += 1
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive() that hands out an already-read body once, then the connection's own events."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replayed() -> Any:
+        return pending.pop() if pending else await receive()
+
+    return replayed
+
+
+CONTROL_APIS: dict[str, dict[tuple[str, str], Any]] = {
+    "fake": {},
+    "vllm": {
+        ("POST", "/sleep"): FakeBackend._vllm_sleep,
+        ("POST", "/wake_up"): FakeBackend._vllm_wake_up,
+        ("GET", "/is_sleeping"): FakeBackend._vllm_is_sleeping,
+        ("POST", "/collective_rpc"): FakeBackend._vllm_collective_rpc,
+    },
+    "sglang": {
+        ("POST", "/release_memory_occupation"): FakeBackend._sglang_release,
+        ("POST", "/resume_memory_occupation"): FakeBackend._sglang_resume,
+    },
+}
+
+
+def _query(scope: Scope) -> dict[str, str]:
+    return {k: v[-1] for k, v in parse_qs(scope.get("query_string", b"").decode()).items()}
+
+
 def _sse(payload: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(payload).encode() + b"\n\n"
 
@@ -258,7 +397,7 @@ async def _send_raw(send: Send, status: int, body: bytes) -> None:
 
 
 async def serve_fake_backend(
-    backend: FakeBackend,
+    backend: FakeBackend | FakeOllama,
     host: str = "127.0.0.1",
     port: int = 0,
     *,

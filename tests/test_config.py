@@ -183,3 +183,19 @@ def test_the_example_config_parses_and_names_every_key(tmp_path):
     keys |= set(config_module._POLICY_KEYS) | set(config_module._MODEL_KEYS)
     for key in keys:
         assert re.search(rf"^#? ?{key} = |^\[{key}[.\]]|^\[policy\.{key}\]", text, re.M), key
+
+
+def test_unquoted_dotted_model_name_gets_a_hint(tmp_path):
+    path = write(tmp_path, '[models.qwen2.5-7b]\nport = 9\nwake = "t"\nsleep = "t"\n')
+    with pytest.raises(ConfigError, match=r'must be quoted: \[models."qwen2.5-7b"\]'):
+        load_config(path)
+
+
+def test_hook_scripts_are_found_after_env_assignments(tmp_path):
+    ok = write(
+        tmp_path, '[models.a]\nport = 9\nwake = "MODEL=/x.gguf A=\'1 2\' ./wake.sh"\nsleep = "t"\n'
+    )
+    assert load_config(ok).models["a"].wake.endswith("./wake.sh")
+    bad = write(tmp_path, '[models.a]\nport = 9\nwake = "MODEL=/x.gguf ./nope.sh"\nsleep = "t"\n')
+    with pytest.raises(ConfigError, match="nope.sh not found"):
+        load_config(bad)

@@ -1,0 +1,40 @@
+#!/bin/sh
+# llmux wake hook that starts a llama.cpp server process (a cold start) and returns once it
+# serves. The pid goes to $LLMUX_STATE_DIR (default /run/llmux), its output to a log file there
+# (never to llmux's hook capture). Idempotent: a running, healthy server is left alone. If it
+# does not become healthy before WAKE_DEADLINE_SECS (120), it is stopped and the hook fails.
+#
+# Env: MODEL (the .gguf file), LLAMA_ARGS (extra flags), or SERVER_CMD for a whole command line;
+# HEALTH_PATH (default /health; llama-cpp-python has none: use /v1/models).
+set -eu
+port="${LLMUX_PORT:?set by llmux}"
+state_dir="${LLMUX_STATE_DIR:-/run/llmux}"
+pidfile="$state_dir/llama-$port.pid"
+log="$state_dir/llama-$port.log"
+health="http://127.0.0.1:$port${HEALTH_PATH:-/health}"
+deadline=$(( $(date +%s) + ${WAKE_DEADLINE_SECS:-120} ))
+
+running() { [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; }
+
+if running && curl -sf --max-time 5 "$health" >/dev/null; then exit 0; fi
+mkdir -p "$state_dir"
+if ! running; then
+    cmd="${SERVER_CMD:-llama-server -m ${MODEL:?set MODEL to the .gguf file} --host 127.0.0.1 --port $port ${LLAMA_ARGS:-}}"
+    sh -c "exec $cmd" >>"$log" 2>&1 </dev/null &
+    echo $! >"$pidfile"
+fi
+until curl -sf --max-time 5 "$health" >/dev/null; do
+    if ! running; then
+        echo "server on port $port exited during start-up; last lines of $log:" >&2
+        tail -n 5 "$log" >&2
+        rm -f "$pidfile"
+        exit 1
+    fi
+    if [ "$(date +%s)" -ge "$deadline" ]; then
+        echo "server on port $port not healthy after ${WAKE_DEADLINE_SECS:-120}s; stopping it" >&2
+        kill "$(cat "$pidfile")" 2>/dev/null || true
+        rm -f "$pidfile"
+        exit 1
+    fi
+    sleep 0.2
+done
