@@ -197,5 +197,5 @@ def test_hook_scripts_are_found_after_env_assignments(tmp_path):
     )
     assert load_config(ok).models["a"].wake.endswith("./wake.sh")
     bad = write(tmp_path, '[models.a]\nport = 9\nwake = "MODEL=/x.gguf ./nope.sh"\nsleep = "t"\n')
-    with pytest.raises(ConfigError, match="nope.sh not found"):
+    with pytest.raises(ConfigError, match=r"nope\.sh not found"):
         load_config(bad)

@@ -1,0 +1,211 @@
+"""The example hooks in examples/, run by llmux end to end against stand-ins that speak each
+backend's control API: after every switch exactly the model llmux calls active is awake."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from tests.conftest import (
+    LLMUX,
+    PYTHON,
+    chat,
+    llmux_running,
+    model_block,
+    process_running,
+    write_config,
+)
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
+ORDER = ["a", "b", "a", "a", "b"]
+
+pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="the example hooks use curl")
+
+
+def copy_example(name: str, tmp_path: Path) -> Path:
+    folder = tmp_path / name
+    shutil.copytree(EXAMPLES / name, folder)
+    (folder / "config.toml").unlink()  # the test writes its own, with the stand-ins' ports
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def interleave(path: Path, awake_now: Callable[[], set[str]]) -> None:
+    """Send requests that force switches; after each, the backends' own truth must match."""
+    async with llmux_running(path) as (_, client):
+        for index, model in enumerate(ORDER):
+            if index % 2:
+                async with client.stream(
+                    "POST", "/v1/chat/completions", json=chat(model, stream=True, max_tokens=5)
+                ) as response:
+                    body = b"".join([chunk async for chunk in response.aiter_bytes()])
+                assert response.status_code == 200 and body.endswith(b"[DONE]\n\n")
+            else:
+                response = await client.post("/v1/chat/completions", json=chat(model))
+                assert response.status_code == 200, response.text
+            assert await trio.to_thread.run_sync(awake_now) == {model}
+            status = (await client.get("/llmux/status")).json()
+            assert status["active_model"] == model
+
+
+def clean(fake_state: dict) -> bool:
+    return all(
+        fake_state.get(k, 0) == 0
+        for k in ("rejected_while_asleep", "slept_while_busy", "garbage_answers")
+    )
+
+
+async def test_vllm_sleep_mode_levels_1_and_2(fakes, tmp_path):
+    folder = copy_example("vllm", tmp_path)
+    a, b = fakes.start("a", "b", api="vllm", awake=True, wake_delay=0.1)
+    config = model_block("a", a.port, wake="./wake.sh", sleep="./sleep.sh", alive="./alive.sh")
+    config += model_block("b", b.port, wake="./wake.sh 2", sleep="./sleep.sh 2", alive="./alive.sh")
+    path = write_config(folder, config)
+
+    def awake_now() -> set[str]:
+        return {f.name for f in (a, b) if f.state()["state"] == "awake"}
+
+    # Both start awake: llmux keeps a (first in config order) and puts b to sleep (level 2).
+    await interleave(path, awake_now)
+    for fake in (a, b):
+        assert clean(fake.state()), fake.state()
+    assert b.state()["wakes"] == 2  # each woken with the level-2 sequence, weights reloaded
+
+
+async def test_sglang_memory_saver(fakes, tmp_path):
+    folder = copy_example("sglang", tmp_path)
+    a, b = fakes.start("a", "b", api="sglang", awake=True, wake_delay=0.1)
+    env = f"LLMUX_STATE_DIR={tmp_path / 'state'}"
+    blocks = "".join(
+        model_block(
+            f.name,
+            f.port,
+            wake=f"{env} ./wake.sh",
+            sleep=f"{env} ./sleep.sh",
+            alive=f"{env} ./alive.sh",
+        )
+        for f in (a, b)
+    )
+    path = write_config(folder, blocks)
+
+    def awake_now() -> set[str]:
+        return {f.name for f in (a, b) if f.state()["state"] == "awake"}
+
+    await interleave(path, awake_now)
+    for fake in (a, b):
+        assert clean(fake.state()), fake.state()
+
+
+async def test_llama_cpp_process_start_and_stop_leave_no_orphans(tmp_path):
+    folder = copy_example("llama.cpp", tmp_path)
+    state = tmp_path / "state"
+    ports = {"a": free_port(), "b": free_port()}
+    blocks = ""
+    for name, port in ports.items():
+        server = f"{LLMUX} fake-backend --awake --name {name} --port {port}"
+        env = f"LLMUX_STATE_DIR={state} SERVER_CMD='{server}'"
+        blocks += model_block(
+            name,
+            port,
+            wake=f"{env} ./start.sh",
+            sleep=f"LLMUX_STATE_DIR={state} ./stop.sh",
+            alive=f"LLMUX_STATE_DIR={state} ./alive.sh",
+        )
+    path = write_config(folder, blocks)
+    seen_pids: set[int] = set()
+
+    def awake_now() -> set[str]:
+        running = set()
+        for name, port in ports.items():
+            pidfile = state / f"llama-{port}.pid"
+            if pidfile.exists() and process_running(int(pidfile.read_text())):
+                seen_pids.add(int(pidfile.read_text()))
+                running.add(name)
+        return running
+
+    try:
+        await interleave(path, awake_now)
+        assert len(seen_pids) == 4  # a, b, a, b: every wake a new process
+        stopped = [pid for pid in seen_pids if not process_running(pid)]
+        assert len(stopped) == 3, "every server but the active one was stopped"
+    finally:
+        for pidfile in state.glob("*.pid"):
+            os.kill(int(pidfile.read_text()), signal.SIGTERM)
+
+
+async def test_ollama_one_port_many_models(fakes, tmp_path):
+    folder = copy_example("ollama", tmp_path)
+    (ollama,) = fakes.start("a,b", api="ollama", wake_delay=0.1)
+    blocks = "".join(
+        model_block(name, ollama.port, wake="./wake.sh", sleep="./sleep.sh", alive="./alive.sh")
+        for name in ("a", "b")
+    )
+    path = write_config(folder, blocks)
+
+    def awake_now() -> set[str]:
+        models = httpx.get(ollama.url + "/api/ps").json()["models"]
+        return {m["name"] for m in models}
+
+    await interleave(path, awake_now)
+    state = ollama.state()
+    assert state["co_loaded"] == 0
+    for model_state in state["models"].values():
+        assert clean(model_state), model_state
+
+
+async def test_containers_with_a_docker_cli_stand_in(tmp_path):
+    folder = copy_example("docker", tmp_path)
+    runtime = tmp_path / "containers"
+    runtime.mkdir()
+    docker = Path(__file__).parent / "data" / "fake-docker.sh"
+    stand_in = f"FAKE_DOCKER_DIR={runtime} FAKE_DOCKER_PYTHON={PYTHON} DOCKER={docker}"
+    ports = {"a": free_port(), "b": free_port()}
+    blocks = ""
+    for name, port in ports.items():
+        (runtime / f"{name}.port").write_text(str(port))
+        env = f"CONTAINER={name} {stand_in}"
+        blocks += model_block(
+            name,
+            port,
+            wake=f"{env} ./wake.sh",
+            sleep=f"{env} ./sleep.sh",
+            alive=f"{env} ./alive.sh",
+        )
+    path = write_config(folder, blocks)
+
+    def awake_now() -> set[str]:
+        result = set()
+        for name in ports:
+            pidfile = runtime / f"{name}.pid"
+            if pidfile.exists() and process_running(int(pidfile.read_text())):
+                result.add(name)
+        return result
+
+    try:
+        await interleave(path, awake_now)
+    finally:
+        for pidfile in runtime.glob("*.pid"):
+            os.kill(int(pidfile.read_text()), signal.SIGTERM)
+
+
+def test_every_example_config_passes_check():
+    import subprocess
+
+    for config in sorted(EXAMPLES.glob("*/config.toml")):
+        result = subprocess.run(
+            [PYTHON, "-m", "llmux", "check", "-c", str(config)], capture_output=True, text=True
+        )
+        assert result.returncode == 0, result.stderr
