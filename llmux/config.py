@@ -35,8 +35,26 @@ class ConfigError(Exception):
 class ServerConfig:
     max_body_bytes: int = 32 * 1024 * 1024
     shutdown_timeout_secs: float = 30.0
-    expose_hook_errors: bool = True
+    expose_hook_errors: bool = True  # default: on, unless [auth] api_keys are set
     access_log: bool = True
+    max_queue_per_model: int = 256
+    max_in_flight_per_model: int | None = None  # None: no limit
+    request_head_timeout_secs: float = 75.0  # also how long an idle keep-alive connection lives
+    request_body_timeout_secs: float = 60.0
+    max_header_bytes: int = 16 * 1024
+    state_dir: str | None = None  # where running hooks are recorded; see hook_registry
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    api_keys: tuple[str, ...] = ()  # inline keys plus those of api_keys_file
+    public_metrics: bool = False  # with api_keys: may /metrics be read without a key?
+    public_status: bool = False  # likewise for /llmux/status
+    admin_token: str | None = None  # the admin API is served only when this is set
+
+    @property
+    def required(self) -> bool:
+        return bool(self.api_keys)
 
 
 @dataclass(frozen=True)
@@ -73,6 +91,7 @@ class Config:
     server: ServerConfig
     policy: PolicyConfig
     models: dict[str, ModelConfig]
+    auth: AuthConfig = AuthConfig()
 
     @property
     def hook_dir(self) -> Path:
@@ -88,6 +107,7 @@ class Config:
             server=self.server,
             policy=self.policy,
             models=self.models,
+            auth=self.auth,
         )
 
 
@@ -101,12 +121,26 @@ _TOP_KEYS = {
     "policy": dict,
     "defaults": dict,
     "models": dict,
+    "auth": dict,
 }
 _SERVER_KEYS = {
     "max_body_bytes": int,
     "shutdown_timeout_secs": _NUMBER,
     "expose_hook_errors": bool,
     "access_log": bool,
+    "max_queue_per_model": int,
+    "max_in_flight_per_model": int,
+    "request_head_timeout_secs": _NUMBER,
+    "request_body_timeout_secs": _NUMBER,
+    "max_header_bytes": int,
+    "state_dir": str,
+}
+_AUTH_KEYS = {
+    "api_keys": list,
+    "api_keys_file": str,
+    "public_metrics": bool,
+    "public_status": bool,
+    "admin_token": str,
 }
 _POLICY_KEYS = {
     "name": str,
@@ -154,18 +188,8 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
     host = raw.get("host", DEFAULT_HOST)
     port = checker.port(raw.get("port", DEFAULT_PORT), "port")
 
-    server_raw = raw.get("server", {})
-    checker.table(server_raw, "server", _SERVER_KEYS)
-    server = ServerConfig(
-        max_body_bytes=checker.positive(
-            server_raw.get("max_body_bytes", 32 * 1024 * 1024), "server.max_body_bytes"
-        ),
-        shutdown_timeout_secs=checker.non_negative(
-            server_raw.get("shutdown_timeout_secs", 30.0), "server.shutdown_timeout_secs"
-        ),
-        expose_hook_errors=server_raw.get("expose_hook_errors", True),
-        access_log=server_raw.get("access_log", True),
-    )
+    auth = _parse_auth(checker, raw.get("auth", {}))
+    server = _parse_server(checker, raw.get("server", {}), auth)
 
     policy_raw = raw.get("policy", {})
     checker.table(policy_raw, "policy", _POLICY_KEYS)
@@ -196,7 +220,51 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
     models: dict[str, ModelConfig] = {}
     for name, model_raw in models_raw.items():
         models[name] = _parse_model(checker, name, model_raw, defaults, own_port=port)
-    return Config(path=path, host=host, port=port, server=server, policy=policy, models=models)
+    return Config(
+        path=path, host=host, port=port, server=server, policy=policy, models=models, auth=auth
+    )
+
+
+def _parse_server(checker: _Checker, raw: Any, auth: AuthConfig) -> ServerConfig:
+    checker.table(raw, "server", _SERVER_KEYS)
+    values: dict[str, Any] = {}
+    for key, kind in _SERVER_KEYS.items():
+        if key not in raw:
+            continue
+        value = raw[key]
+        if key == "shutdown_timeout_secs":
+            value = checker.non_negative(value, f"server.{key}")
+        elif kind in (int, _NUMBER):
+            value = checker.positive(value, f"server.{key}")
+        values[key] = value
+    # A hook's stderr can carry secrets: keep it out of answers when clients are strangers.
+    values.setdefault("expose_hook_errors", not auth.required)
+    return ServerConfig(**values)
+
+
+def _parse_auth(checker: _Checker, raw: Any) -> AuthConfig:
+    checker.table(raw, "auth", _AUTH_KEYS)
+    keys = list(raw.get("api_keys", []))
+    for index, key in enumerate(keys):
+        if not isinstance(key, str) or not key.strip():
+            raise ConfigError(checker.path, f"auth.api_keys[{index}]", "must be a non-empty string")
+    if "api_keys_file" in raw:
+        keys_path = checker.path.parent / raw["api_keys_file"]
+        try:
+            lines = keys_path.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            problem = f"cannot read {keys_path}: {exc.strerror}"
+            raise ConfigError(checker.path, "auth.api_keys_file", problem) from None
+        keys += [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    token = raw.get("admin_token")
+    if token is not None and len(token) < 16:
+        raise ConfigError(checker.path, "auth.admin_token", "must be at least 16 characters")
+    return AuthConfig(
+        api_keys=tuple(keys),
+        public_metrics=raw.get("public_metrics", False),
+        public_status=raw.get("public_status", False),
+        admin_token=token,
+    )
 
 
 def _parse_model(

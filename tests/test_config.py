@@ -181,6 +181,7 @@ def test_the_example_config_parses_and_names_every_key(tmp_path):
     text = example.read_text()
     keys = set(config_module._TOP_KEYS) | set(config_module._SERVER_KEYS)
     keys |= set(config_module._POLICY_KEYS) | set(config_module._MODEL_KEYS)
+    keys |= set(config_module._AUTH_KEYS)
     for key in keys:
         assert re.search(rf"^#? ?{key} = |^\[{key}[.\]]|^\[policy\.{key}\]", text, re.M), key
 
