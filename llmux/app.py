@@ -15,6 +15,7 @@ from typing import Any
 import trio
 
 from llmux.asgi import Receive, Scope, Send, answer_lifespan, send_bytes, send_json
+from llmux.auth import bearer_token, token_matches
 from llmux.config import Config, ConfigError, load_config
 from llmux.costs import SwitchCostTracker
 from llmux.errors import (
@@ -22,8 +23,11 @@ from llmux.errors import (
     InvalidRequest,
     LlmuxError,
     ModelNotFound,
+    QueueFull,
+    RequestTimeout,
     RouteNotFound,
     ShuttingDown,
+    Unauthorized,
 )
 from llmux.logs import log_event
 from llmux.metrics import UNKNOWN_MODEL, Metrics
@@ -119,8 +123,15 @@ class LlmuxApp:
         if scope["type"] != "http":
             return
         method, path = scope["method"], scope["path"]
+        auth = self.config.auth
         if path == "/health" and method in ("GET", "HEAD"):
             await send_json(send, 200, {"status": "ok"})
+        elif path.startswith("/llmux/") and method == "POST" and auth.admin_token:
+            await self._admin(scope, receive, send)
+        elif not self._may_enter(scope, path):
+            await _send_error(
+                send, Unauthorized("missing or invalid API key (Authorization: Bearer ...)")
+            )
         elif path == "/metrics" and method == "GET":
             await send_bytes(
                 send, 200, self.metrics.exposition(), b"text/plain; version=0.0.4; charset=utf-8"
@@ -136,6 +147,46 @@ class LlmuxApp:
                 f"no route for {method} {path}; llmux serves POST /v1/..., "
                 "GET /v1/models, /llmux/status, /health, /metrics"
             )
+            await _send_error(send, error)
+
+    def _may_enter(self, scope: Scope, path: str) -> bool:
+        """Whether a client needs no key here, or presented a valid one."""
+        auth = self.config.auth
+        if not auth.required:
+            return True
+        if (path == "/metrics" and auth.public_metrics) or (
+            path == "/llmux/status" and auth.public_status
+        ):
+            return True
+        return token_matches(bearer_token(scope["headers"]), auth.api_keys)
+
+    async def _admin(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """POST /llmux/models/NAME/wake|sleep (NAME may hold `/`, raw or %2F) and /llmux/sleep."""
+        token = self.config.auth.admin_token
+        assert token is not None
+        if not token_matches(bearer_token(scope["headers"]), [token]):
+            await _send_error(send, Unauthorized("missing or invalid admin token"))
+            return
+        path = scope["path"]
+        try:
+            if path == "/llmux/sleep":
+                await self.switcher.sleep_all()
+                await send_json(send, 200, {"status": "asleep"})
+                return
+            name, _, action = path.removeprefix("/llmux/models/").rpartition("/")
+            if not path.startswith("/llmux/models/") or action not in ("wake", "sleep"):
+                raise RouteNotFound(f"no admin route {path}")
+            if name not in self.config.models:
+                known = ", ".join(self.config.models)
+                raise ModelNotFound(f"model {name!r} is not served here; known models: {known}")
+            if action == "wake":
+                async with self.switcher.serving(name):
+                    pass
+            else:
+                await self.switcher.put_to_sleep(name)
+            state = self.switcher.models[name].state.value
+            await send_json(send, 200, {"model": name, "state": state})
+        except LlmuxError as error:
             await _send_error(send, error)
 
     def _model_list(self) -> dict[str, Any]:
@@ -164,7 +215,11 @@ class LlmuxApp:
         try:
             if self.switcher.closing:
                 raise ShuttingDown("llmux is shutting down")
-            body = await _read_body(scope, receive, self.config.server.max_body_bytes)
+            with trio.move_on_after(self.config.server.request_body_timeout_secs) as body_wait:
+                body = await _read_body(scope, receive, self.config.server.max_body_bytes)
+            if body_wait.cancelled_caught:
+                limit = self.config.server.request_body_timeout_secs
+                raise RequestTimeout(f"request body not received within {limit:g}s")
             model = self._model_of(body)
             model_label = model
             outcome = await self._forward(model, scope, receive, send, body, started)
@@ -314,4 +369,12 @@ async def _discard_rest(receive: Receive, budget: int) -> None:
 
 
 async def _send_error(send: Send, error: LlmuxError) -> None:
-    await send_bytes(send, error.status, error.body(), b"application/json")
+    headers = [(b"content-type", b"application/json")]
+    if isinstance(error, QueueFull):
+        headers.append((b"retry-after", str(error.retry_after).encode()))
+    if isinstance(error, Unauthorized):
+        headers.append((b"www-authenticate", b"Bearer"))
+    body = error.body()
+    headers.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})

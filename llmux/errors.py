@@ -26,6 +26,32 @@ class InvalidRequest(LlmuxError):
     code = "invalid_request"
 
 
+class Unauthorized(LlmuxError):
+    status = 401
+    error_type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class RequestTimeout(LlmuxError):
+    """The client took longer than request_body_timeout_secs to send its body."""
+
+    status = 408
+    error_type = "invalid_request_error"
+    code = "request_timeout"
+
+
+class QueueFull(LlmuxError):
+    """Too many requests already wait for this model (max_queue_per_model)."""
+
+    status = 503
+    error_type = "server_error"
+    code = "queue_full"
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class RouteNotFound(LlmuxError):
     status = 404
     error_type = "invalid_request_error"

@@ -19,7 +19,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 
 from llmux.app import LlmuxApp
-from llmux.config import Config
+from llmux.config import Config, ServerConfig
 from llmux.policy import Policy
 from llmux.systemd import Notifier, raise_open_files_limit
 
@@ -27,7 +27,6 @@ log = logging.getLogger("llmux.server")
 
 WATCH_INTERVAL_SECS = 1.0
 SETTLE_SECS = 0.2
-KEEP_ALIVE_SECS = 75.0  # longer than common client pool expiry (5 s) to avoid the close race
 
 
 @dataclass
@@ -39,10 +38,14 @@ class RunningServer:
         self.app.request_shutdown()
 
 
-def hypercorn_config(host: str, port: int) -> HypercornConfig:
+def hypercorn_config(host: str, port: int, server: ServerConfig) -> HypercornConfig:
     config = HypercornConfig()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
-    config.keep_alive_timeout = KEEP_ALIVE_SECS
+    # One timer bounds both an idle keep-alive connection and a request head that trickles in
+    # (hypercorn counts a connection as idle until the whole head has arrived). Keep it longer
+    # than clients' pool expiry (often 5 s) to avoid the close race.
+    config.keep_alive_timeout = server.request_head_timeout_secs
+    config.h11_max_incomplete_size = server.max_header_bytes
     config.graceful_timeout = 1.0  # llmux drains before the listener closes; this is a backstop
     config.include_server_header = False
     config.accesslog = None
@@ -62,7 +65,7 @@ async def running_server(
         try:
             await hypercorn.trio.serve(
                 app,
-                hypercorn_config(config.host, config.port),
+                hypercorn_config(config.host, config.port, config.server),
                 shutdown_trigger=app.shutdown_trigger,
                 task_status=task_status,
             )

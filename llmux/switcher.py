@@ -46,6 +46,7 @@ from llmux.errors import (
     LlmuxError,
     ModelNotFound,
     ModelUnavailable,
+    QueueFull,
     QueueTimeout,
     ShuttingDown,
 )
@@ -71,6 +72,7 @@ from llmux.policy import (
 log = logging.getLogger("llmux.switcher")
 
 FAILED_SWITCH_BACKOFF_SECS = 2.0
+DEFAULT_RETRY_AFTER_SECS = 5.0  # Retry-After when no switch to the model was measured yet
 
 
 @dataclass(eq=False)
@@ -216,10 +218,17 @@ class Switcher:
         if self._closing:
             raise ShuttingDown("llmux is shutting down")
         name = model.name
-        if model.state is ModelState.ACTIVE and not model.queue:
+        if model.state is ModelState.ACTIVE and not model.queue and self._has_room(model):
             self._start_request(model)
             self.metrics.queue_wait.labels(name).observe(0.0)
             return 0.0
+        limit = self.config.server.max_queue_per_model
+        if len(model.queue) >= limit:
+            estimate = self.snapshot().estimated_cost(name) or DEFAULT_RETRY_AFTER_SECS
+            raise QueueFull(
+                f"{limit} requests already wait for {name!r} (server.max_queue_per_model)",
+                retry_after=max(1, math.ceil(estimate)),
+            )
         waiter = Waiter(model=name, arrival=trio.current_time())
         model.queue.append(waiter)
         self._queue_changed(model)
@@ -263,6 +272,8 @@ class Switcher:
     def _release(self, model: ModelRuntime) -> None:
         model.in_flight -= 1
         self._update_in_flight_gauge(model.name)
+        if model.queue and model.state is ModelState.ACTIVE:
+            self._grant_waiting(model)  # a request held back by max_in_flight_per_model
         self._notify()
         self._consult(RequestCompleted(model.name))
 
@@ -270,14 +281,21 @@ class Switcher:
         self.metrics.queue_depth.labels(model.name).set(len(model.queue))
         self._notify()
 
-    def _release_queue(self, model: ModelRuntime) -> None:
-        """Grant every waiter of an ACTIVE model a slot, in arrival order."""
-        while model.queue:
+    def _has_room(self, model: ModelRuntime) -> bool:
+        limit = self.config.server.max_in_flight_per_model
+        return limit is None or model.in_flight < limit
+
+    def _grant_waiting(self, model: ModelRuntime) -> None:
+        """Give waiters of an ACTIVE model slots, in arrival order, while it has room."""
+        granted = False
+        while model.queue and self._has_room(model):
             waiter = model.queue.popleft()
             self._start_request(model)
             waiter.granted = True
             waiter.done.set()
-        self._queue_changed(model)
+            granted = True
+        if granted:
+            self._queue_changed(model)
 
     def _fail_queue(self, model: ModelRuntime, error: LlmuxError) -> None:
         while model.queue:
@@ -349,10 +367,7 @@ class Switcher:
         """Drain and put to sleep a model a reload removed or replaced, then forget it."""
         async with self._lifecycle_lock:
             if model.state is not ModelState.ASLEEP:
-                self._set_state(model, ModelState.DRAINING)
-                await self._wait_until(lambda: model.in_flight == 0)
-                self._set_state(model, ModelState.SLEEPING)
-                result = await self._run_hook(model, "sleep")
+                result = await self._drain_and_sleep(model)
                 if not result.ok:
                     log.error("retired model %s could not be put to sleep", model.name)
                 self._set_state(model, ModelState.ASLEEP)
@@ -361,6 +376,33 @@ class Switcher:
                 self.metrics.forget_model(model.name)
         self._notify()
         self._consult(TimerFired())
+
+    async def put_to_sleep(self, name: str) -> None:
+        """Admin API: drain the model and run its sleep hook, waking nothing in its place.
+        Requests that arrive meanwhile queue, and the policy decides what to wake next."""
+        model = self.models[name]
+        async with self._lifecycle_lock:
+            if model.state is not ModelState.ACTIVE:
+                return
+            result = await self._drain_and_sleep(model)
+            if not result.ok and await self._check_alive(model) is not False:
+                self._activate(model)
+                raise self._hook_error(model, f"{name} could not be put to sleep", result)
+            self._set_state(model, ModelState.ASLEEP)
+            model.active_since = None
+        self._consult(TimerFired())
+
+    async def sleep_all(self) -> None:
+        for name, model in list(self.models.items()):
+            if model.state is ModelState.ACTIVE:
+                await self.put_to_sleep(name)
+
+    async def _drain_and_sleep(self, model: ModelRuntime) -> HookResult:
+        """DRAINING until nothing is in flight, then SLEEPING while its sleep hook runs."""
+        self._set_state(model, ModelState.DRAINING)
+        await self._wait_until(lambda: model.in_flight == 0)
+        self._set_state(model, ModelState.SLEEPING)
+        return await self._run_hook(model, "sleep")
 
     # ----- shutdown -----
 
@@ -536,7 +578,7 @@ class Switcher:
                 **{"from": source.name, "to": target.name},
             )  # fmt: skip
             self._set_state(source, ModelState.ACTIVE)
-            self._release_queue(source)
+            self._grant_waiting(source)
             return False
         return True
 
@@ -595,7 +637,7 @@ class Switcher:
         model.active_since = trio.current_time()
         model.last_alive_check = model.active_since
         self._set_state(model, ModelState.ACTIVE)
-        self._release_queue(model)
+        self._grant_waiting(model)
 
     def _hook_error(self, model: ModelRuntime, what: str, result: HookResult) -> ModelUnavailable:
         if self.config.server.expose_hook_errors:
