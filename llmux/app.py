@@ -20,6 +20,7 @@ from llmux.config import Config, ConfigError, load_config
 from llmux.costs import SwitchCostTracker
 from llmux.errors import (
     BodyTooLarge,
+    HeadersTooLarge,
     InvalidRequest,
     LlmuxError,
     ModelNotFound,
@@ -124,7 +125,12 @@ class LlmuxApp:
             return
         method, path = scope["method"], scope["path"]
         auth = self.config.auth
-        if path == "/health" and method in ("GET", "HEAD"):
+        limit = self.config.server.max_header_bytes
+        # hypercorn bounds only a head that arrives in pieces; a whole one is checked here.
+        if sum(len(name) + len(value) + 4 for name, value in scope["headers"]) > limit:
+            message = f"request headers exceed server.max_header_bytes ({limit})"
+            await _send_error(send, HeadersTooLarge(message))
+        elif path == "/health" and method in ("GET", "HEAD"):
             await send_json(send, 200, {"status": "ok"})
         elif path.startswith("/llmux/") and method == "POST" and auth.admin_token:
             await self._admin(scope, receive, send)

@@ -52,6 +52,12 @@ class QueueFull(LlmuxError):
         self.retry_after = retry_after
 
 
+class HeadersTooLarge(LlmuxError):
+    status = 431
+    error_type = "invalid_request_error"
+    code = "headers_too_large"
+
+
 class RouteNotFound(LlmuxError):
     status = 404
     error_type = "invalid_request_error"

@@ -37,6 +37,7 @@ class FakeStats:
     wakes: int = 0
     sleeps: int = 0
     in_flight: int = 0
+    peak_in_flight: int = 0
 
 
 class FakeBackend:
@@ -187,6 +188,7 @@ class FakeBackend:
         )
         model = str(request.get("model", self.name))
         self.stats.in_flight += 1
+        self.stats.peak_in_flight = max(self.stats.peak_in_flight, self.stats.in_flight)
         try:
             if path.endswith("/embeddings"):
                 await send_json(send, 200, _embedding(model))
