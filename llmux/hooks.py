@@ -12,10 +12,8 @@ Why it is shaped like this:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -27,6 +25,7 @@ from typing import BinaryIO
 
 import trio
 
+from llmux.hook_registry import HookRegistry, stop_group
 from llmux.logs import log_event
 
 log = logging.getLogger("llmux.hooks")
@@ -91,6 +90,7 @@ async def run_hook(
     timeout: float,
     extra_env: Mapping[str, str] | None = None,
     grace: float = KILL_GRACE_SECS,
+    registry: HookRegistry | None = None,
 ) -> HookResult:
     """Run `command` with `sh -c` and return how it ended; never leaves the process group behind
     on timeout or cancellation."""
@@ -120,16 +120,21 @@ async def run_hook(
             _log_result(result)
             return result
         timed_out = False
+        if registry is not None:
+            registry.add(process.pid)
         try:
             with trio.move_on_after(timeout) as scope:
                 await process.wait()
             if scope.cancelled_caught:
                 timed_out = True
-                await _stop_group(process, grace)
+                await _stop(process, grace)
         except BaseException:
             with trio.CancelScope(shield=True):
-                await _stop_group(process, grace)
+                await _stop(process, grace)
             raise
+        finally:
+            if registry is not None:
+                registry.remove(process.pid)
         duration = time.monotonic() - started
         result = HookResult(
             hook=hook,
@@ -144,44 +149,10 @@ async def run_hook(
     return result
 
 
-async def _stop_group(process: trio.Process, grace: float) -> None:
-    """SIGTERM the hook's whole process group, then SIGKILL it after `grace` seconds."""
-    pgid = process.pid  # start_new_session makes the shell a group leader
-    _signal_group(pgid, signal.SIGTERM)
-    with trio.move_on_after(grace):
-        await process.wait()
-        # The shell is gone; give the rest of its group the same grace before SIGKILL.
-        deadline = trio.current_time() + grace
-        while _group_alive(pgid) and trio.current_time() < deadline:
-            await trio.sleep(0.05)
-    _signal_group(pgid, signal.SIGKILL)
+async def _stop(process: trio.Process, grace: float) -> None:
+    """Stop the hook's whole group (start_new_session made the shell its leader), and reap it."""
+    await stop_group(process.pid, grace)
     await process.wait()
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, sig)
-
-
-def _group_alive(pgid: int) -> bool:
-    """Whether any process of the group still runs. Zombies do not count: a killed hook's
-    children are reparented to init, which may take a while to reap them."""
-    proc = Path("/proc")
-    if not proc.is_dir():
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-    for stat in proc.glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # the process ended while we looked
-        state, group = fields[0], int(fields[2])
-        if group == pgid and state not in ("Z", "X"):
-            return True
-    return False
 
 
 def _tail(stream: BinaryIO) -> str:

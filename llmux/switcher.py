@@ -37,6 +37,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import trio
 
@@ -50,6 +51,7 @@ from llmux.errors import (
     QueueTimeout,
     ShuttingDown,
 )
+from llmux.hook_registry import HookRegistry, default_state_dir
 from llmux.hooks import HookResult, run_hook
 from llmux.logs import log_event
 from llmux.metrics import Metrics
@@ -150,6 +152,10 @@ class Switcher:
         self._alive_requested = False
         self.current_switch: SwitchInProgress | None = None
         self._retiring: list[ModelRuntime] = []  # removed or replaced by a reload, still awake
+        state_dir = config.server.state_dir
+        self.hook_registry = HookRegistry(
+            Path(state_dir) if state_dir else default_state_dir(), config.path
+        )
 
     # ----- running -----
 
@@ -158,6 +164,8 @@ class Switcher:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
+            # Hooks a crashed llmux left running must stop before we ask what is awake.
+            await self.hook_registry.stop_survivors()
             await self.reconcile()
             self._ready = True
             nursery.start_soon(self._timer_loop)
@@ -716,6 +724,7 @@ class Switcher:
             cwd=self.config.hook_dir,
             timeout=timeout,
             extra_env=extra_env,
+            registry=self.hook_registry,
         )
         self.metrics.hook_duration.labels(model.name, hook).observe(result.duration)
         # An alive hook that exits non-zero answered "not serving"; only a timeout is a failure.
