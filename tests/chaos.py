@@ -255,7 +255,8 @@ async def run_chaos(folder: Path, requests: int, seed: int, concurrency: int = 1
                 for name, model in switcher.models.items():
                     if model.queue or model.in_flight:
                         report.violations.append(
-                            f"{name}: queue {len(model.queue)}, in flight {model.in_flight} at the end"
+                            f"{name}: queue {len(model.queue)}, "
+                            f"in flight {model.in_flight} at the end"
                         )
                 metrics = (await client.get("/metrics")).text
                 for line in metrics.splitlines():
