@@ -17,11 +17,16 @@ CHAT = json.dumps(
         "id": "bench",
         "object": "chat.completion",
         "model": "bench",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}
+        ],
         "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
     }
 ).encode()
-EVENT = b'data: {"id":"bench","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"tok "}}]}\n\n'
+EVENT = (
+    b'data: {"id":"bench","object":"chat.completion.chunk",'
+    b'"choices":[{"index":0,"delta":{"content":"tok "}}]}\n\n'
+)
 CHUNKED_EVENT = b"%x\r\n%s\r\n" % (len(EVENT), EVENT)
 DONE = b"data: [DONE]\n\n"
 CHUNKED_DONE = b"%x\r\n%s\r\n0\r\n\r\n" % (len(DONE), DONE)
@@ -56,7 +61,7 @@ class Backend(asyncio.Protocol):
             self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
         elif b'"stream": true' in body or b'"stream":true' in body:
             match = TOKENS.search(body)
-            asyncio.ensure_future(self.stream(int(match.group(1)) if match else 16))
+            self.task = asyncio.ensure_future(self.stream(int(match.group(1)) if match else 16))
         else:
             self.transport.write(
                 b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
@@ -65,7 +70,10 @@ class Backend(asyncio.Protocol):
 
     async def stream(self, events: int) -> None:
         write = self.transport.write
-        write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\n\r\n"
+        )
         if self.interval:
             for _ in range(events):
                 await asyncio.sleep(self.interval)
@@ -83,8 +91,13 @@ class Backend(asyncio.Protocol):
 
 async def serve(port: int, interval: float) -> None:
     Backend.interval = interval
-    server = await asyncio.get_running_loop().create_server(Backend, "127.0.0.1", port, backlog=4096)
-    print(f"lean backend listening on http://127.0.0.1:{server.sockets[0].getsockname()[1]}", flush=True)
+    server = await asyncio.get_running_loop().create_server(
+        Backend, "127.0.0.1", port, backlog=4096
+    )
+    print(
+        f"lean backend listening on http://127.0.0.1:{server.sockets[0].getsockname()[1]}",
+        flush=True,
+    )
     await server.serve_forever()
 
 

@@ -6,16 +6,22 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
 def request_bytes(path: str, payload: dict) -> bytes:
     body = json.dumps(payload).encode()
-    head = f"POST {path} HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+    head = (
+        f"POST {path} HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    )
     return head.encode() + body
 
 
-async def read_response(reader: asyncio.StreamReader, on_body: callable = None) -> tuple[int, float | None]:  # type: ignore[valid-type]
+async def read_response(
+    reader: asyncio.StreamReader, on_body: Callable[[bytes], None] | None = None
+) -> tuple[int, float | None]:
     """Read one response; returns (status, time of the first body byte)."""
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
@@ -111,15 +117,17 @@ async def streams(port: int, payload: dict, concurrency: int) -> StreamRun:
     return run
 
 
-async def open_streams(port: int, payload: dict, count: int) -> list[asyncio.StreamWriter]:
+async def open_streams(
+    port: int, payload: dict, count: int
+) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
     """Open `count` long streams and read their headers; the caller closes the writers."""
     message = request_bytes("/v1/chat/completions", {**payload, "stream": True})
 
-    async def one() -> asyncio.StreamWriter:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    async def one() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
         writer.write(message)
         await reader.readuntil(b"\r\n\r\n")
-        return writer
+        return reader, writer
 
     writers = []
     for start in range(0, count, 100):

@@ -544,10 +544,12 @@ class Switcher:
         from_label = switch.from_label
         fields = {"from": from_label, "to": target.name}
         log_event(log, "switch_started", f"switching {from_label} -> {target.name}", **fields)
-        sleep_seconds = 0.0
+        sleep_seconds = drain_seconds = 0.0
         if source is not None:
-            if not await self._drain(source, target):
+            drained = await self._drain(source, target)
+            if drained is None:
                 return False
+            drain_seconds = drained
             sleep_result = await self._put_to_sleep(source, target)
             if sleep_result is None:
                 self.metrics.switch_total.labels(from_label, target.name, "abandoned").inc()
@@ -567,18 +569,21 @@ class Switcher:
         self.metrics.last_switch_duration.labels(target.name).set(took)
         log_event(
             log, "model_activated", f"{from_label} -> {target.name}: active after {took:.2f}s",
-            model=target.name, switch_seconds=took, cost_seconds=cost, **fields,
+            model=target.name, switch_seconds=took, cost_seconds=cost,
+            drain_seconds=drain_seconds, **fields,
         )  # fmt: skip
         return True
 
-    async def _drain(self, source: ModelRuntime, target: ModelRuntime) -> bool:
-        """Stop admitting to `source` and wait for its in-flight requests; False if the target's
-        waiters all left meanwhile (the switch is called off and `source` serves on)."""
+    async def _drain(self, source: ModelRuntime, target: ModelRuntime) -> float | None:
+        """Stop admitting to `source` and wait for its in-flight requests; returns how long that
+        took, or None if the target's waiters all left meanwhile (the switch is called off and
+        `source` serves on)."""
         self._set_state(source, ModelState.DRAINING)
         began = trio.current_time()
         if self.config.policy.drain_before_switch:
             await self._wait_until(lambda: source.in_flight == 0 or not target.queue)
-        self.metrics.switch_drain_duration.labels(source.name).observe(trio.current_time() - began)
+        drained = trio.current_time() - began
+        self.metrics.switch_drain_duration.labels(source.name).observe(drained)
         if not target.queue:
             log_event(
                 log, "switch_cancelled", f"switch {source.name} -> {target.name} called off: "
@@ -587,8 +592,8 @@ class Switcher:
             )  # fmt: skip
             self._set_state(source, ModelState.ACTIVE)
             self._grant_waiting(source)
-            return False
-        return True
+            return None
+        return drained
 
     async def _put_to_sleep(self, source: ModelRuntime, target: ModelRuntime) -> HookResult | None:
         """Run the source's sleep hook; None if it failed and the model may still be awake, in
