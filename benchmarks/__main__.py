@@ -362,7 +362,15 @@ def switch_overhead(folder: Path, started: list[Process], switches: int) -> dict
         for start, end in zip(hook_starts, last_bytes, strict=False)
         if start >= end - 0.05
     ]
+    # What no proxy can avoid: starting the hook's shell and its `date`, measured alone.
+    spawn = []
+    for _ in range(switches):
+        began = time.time()
+        subprocess.run(["sh", "-c", f"date +%s.%N > {folder / 'spawn'}"], check=True)
+        spawn.append((float((folder / "spawn").read_text()) - began) * 1000)
     return {
+        "hook_spawn_p50_ms": median(spawn),
+        "hook_spawn_p99_ms": p99(spawn),
         "switches_measured": float(len(own)),
         "switch_own_p50_ms": median(own),
         "switch_own_p99_ms": p99(own),
@@ -416,6 +424,8 @@ def report(figures: dict[str, float]) -> str:
         ("llmux's own share of a switch, p99", "switch_own_p99_ms", "ms"),
         ("last in-flight byte to sleep hook start, p50", "drain_to_sleep_hook_p50_ms", "ms"),
         ("last in-flight byte to sleep hook start, p99", "drain_to_sleep_hook_p99_ms", "ms"),
+        ("of which starting sh + date alone, p50", "hook_spawn_p50_ms", "ms"),
+        ("of which starting sh + date alone, p99", "hook_spawn_p99_ms", "ms"),
         ("llmux CPU while `llmux top` polls at 2 Hz", "top_2hz_cpu_percent", "% core"),
     ]
     lines = ["| measure | value |", "|---|---|"]
