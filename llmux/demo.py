@@ -30,11 +30,14 @@ def llmux_command() -> str:
     return shlex.join([sys.executable, "-m", "llmux"])
 
 
-def demo_config_text(backend_ports: dict[str, int], host: str, port: int) -> str:
+def demo_config_text(backend_ports: dict[str, int], host: str, port: int, folder: Path) -> str:
     command = llmux_command()
     lines = [
         f'host = "{host}"',
         f"port = {port}",
+        "",
+        "[server]",
+        f'state_dir = "{folder / "state"}"  # everything the demo writes stays in its folder',
         "",
         "[policy]",
         'name = "fifo"',
@@ -85,7 +88,7 @@ async def run_demo(host: str = "127.0.0.1", port: int = 3000) -> None:
                 urls = await nursery.start(serve_fake_backend, backend)
                 ports[name] = int(urls[0].rsplit(":", 1)[1])
             config_path = Path(folder) / "config.toml"
-            config_path.write_text(demo_config_text(ports, host, port))
+            config_path.write_text(demo_config_text(ports, host, port, Path(folder)))
             config = load_config(config_path)
 
             def announce(server: RunningServer) -> None:

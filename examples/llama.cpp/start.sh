@@ -20,8 +20,11 @@ if running && curl -sf --max-time 5 "$health" >/dev/null; then exit 0; fi
 mkdir -p "$state_dir"
 if ! running; then
     cmd="${SERVER_CMD:-llama-server -m ${MODEL:?set MODEL to the .gguf file} --host 127.0.0.1 --port $port ${LLAMA_ARGS:-}}"
-    sh -c "exec $cmd" >>"$log" 2>&1 </dev/null &
+    # A session of its own, so that stop.sh can stop the server with every process it spawns.
+    setsid sh -c "exec $cmd" >>"$log" 2>&1 </dev/null &
     echo $! >"$pidfile"
+    # If llmux stops this hook (its wake timeout), do not leave a half-started server behind.
+    trap 'kill -TERM -"$(cat "$pidfile")" 2>/dev/null; rm -f "$pidfile"; exit 1' TERM INT
 fi
 until curl -sf --max-time 5 "$health" >/dev/null; do
     if ! running; then
@@ -32,7 +35,7 @@ until curl -sf --max-time 5 "$health" >/dev/null; do
     fi
     if [ "$(date +%s)" -ge "$deadline" ]; then
         echo "server on port $port not healthy after ${WAKE_DEADLINE_SECS:-120}s; stopping it" >&2
-        kill "$(cat "$pidfile")" 2>/dev/null || true
+        kill -TERM -"$(cat "$pidfile")" 2>/dev/null || true
         rm -f "$pidfile"
         exit 1
     fi

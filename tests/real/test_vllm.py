@@ -1,0 +1,253 @@
+"""llmux against real vLLM servers (CPU build, dev mode) driven by the examples/ hooks and the
+official OpenAI SDK. Opt-in: `bash tests/real/prepare.sh`, then `python -m pytest -m real -s`.
+
+Checks, after every switch, that exactly the model llmux calls active is awake according to
+vLLM's own /is_sleeping; that no request hung (every one answered within a bound); that the
+drain held (a long stream finished whole before its server was put to sleep); and prints the
+switch times llmux measured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).parents[2]
+VENV_PYTHON = ROOT / ".real-venv" / "bin" / "python"
+MODEL = ROOT / ".real-models" / "tiny"
+EXAMPLES = ROOT / "examples"
+ANSWER_BOUND_SECS = 120  # no request may take longer: a request sent to a sleeping vLLM hangs
+
+pytestmark = [
+    pytest.mark.real,
+    pytest.mark.skipif(
+        not VENV_PYTHON.exists() or not (MODEL / "config.json").exists(),
+        reason="real backends not prepared: run `bash tests/real/prepare.sh` (vLLM CPU build, several GB)",
+    ),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def vllm_command(name: str, port: int) -> list[str]:
+    return [
+        str(VENV_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(MODEL),
+        "--host", "127.0.0.1", "--port", str(port), "--served-model-name", name,
+        "--dtype", "float32", "--max-model-len", "512",
+    ]  # fmt: skip
+
+
+def vllm_env(core: int) -> dict[str, str]:
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_SERVER_DEV_MODE": "1",
+        "VLLM_CPU_OMP_THREADS_BIND": str(core),  # one core each, or both pin the same
+    }
+
+
+def wait_healthy(port: int, within: float, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"server on {port} exited with {process.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"server on {port} not healthy within {within}s")
+
+
+def sleeping(port: int) -> bool:
+    return httpx.get(f"http://127.0.0.1:{port}/is_sleeping", timeout=10).json()["is_sleeping"]
+
+
+class Llmux:
+    """`llmux serve` as a process, with JSON logs kept for the figures."""
+
+    def __init__(self, config: Path) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "llmux", "serve", "-c", str(config), "--port", "0", "--log-format", "json"],
+            stderr=subprocess.PIPE, text=True, start_new_session=True,
+        )  # fmt: skip
+        self.events: list[dict] = []
+        ready = threading.Event()
+
+        def pump() -> None:
+            assert self.proc.stderr is not None
+            for line in self.proc.stderr:
+                if not line.startswith("{"):
+                    continue
+                event = json.loads(line)
+                self.events.append(event)
+                if event["message"].startswith("llmux listening on"):
+                    self.url = event["message"].rsplit(" ", 1)[1]
+                    ready.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+        assert ready.wait(300), "llmux did not start"
+
+    def status(self) -> dict:
+        return httpx.get(self.url + "/llmux/status", timeout=10).json()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(60)
+
+
+def switch_figures(llmux: Llmux) -> list[str]:
+    lines = []
+    for event in llmux.events:
+        if event.get("event") == "model_activated" and "switch_seconds" in event:
+            lines.append(
+                f"{event['from']} -> {event['to']}: switch {event['switch_seconds']:.2f} s "
+                f"(hooks {event['cost_seconds']:.2f} s, drain {event['drain_seconds']:.2f} s)"
+            )
+    return lines
+
+
+def chat(client, model: str, stream: bool, tokens: int = 16) -> str:
+    import openai
+
+    messages = [{"role": "user", "content": "hello world"}]
+    extra = {"ignore_eos": True}  # random weights: make every answer exactly `tokens` long
+    try:
+        if stream:
+            chunks = client.chat.completions.create(
+                model=model, messages=messages, max_tokens=tokens, stream=True, extra_body=extra
+            )
+            finish = None
+            for chunk in chunks:
+                if chunk.choices and chunk.choices[0].finish_reason:
+                    finish = chunk.choices[0].finish_reason
+            return finish or "cut"
+        answer = client.chat.completions.create(
+            model=model, messages=messages, max_tokens=tokens, extra_body=extra
+        )
+        return answer.choices[0].finish_reason
+    except openai.APITimeoutError:
+        return "hung"
+
+
+@pytest.fixture(scope="module")
+def two_vllm_servers():
+    ports = {"tiny-a": free_port(), "tiny-b": free_port()}
+    logs = {name: open(ROOT / ".real-models" / f"{name}.log", "w") for name in ports}  # noqa: SIM115
+    servers = {
+        name: subprocess.Popen(
+            vllm_command(name, port), env=vllm_env(index), stdout=logs[name],
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        for index, (name, port) in enumerate(ports.items())
+    }
+    try:
+        for name, port in ports.items():
+            wait_healthy(port, 400, servers[name])
+        yield ports
+    finally:
+        for server in servers.values():
+            os.killpg(server.pid, signal.SIGTERM)
+        for server in servers.values():
+            server.wait(60)
+        for log in logs.values():
+            log.close()
+
+
+def test_sleep_mode_levels_1_and_2_through_llmux(two_vllm_servers, tmp_path):
+    import openai
+
+    folder = tmp_path / "vllm"
+    shutil.copytree(EXAMPLES / "vllm", folder)
+    a, b = two_vllm_servers["tiny-a"], two_vllm_servers["tiny-b"]
+    (folder / "config.toml").write_text(
+        "[policy]\nrequest_timeout_secs = 120\n[defaults]\nwake_timeout_secs = 120\n"
+        f'[models.tiny-a]\nport = {a}\nwake = "./wake.sh"\nsleep = "./sleep.sh"\nalive = "./alive.sh"\n'
+        f'[models.tiny-b]\nport = {b}\nwake = "./wake.sh 2"\nsleep = "./sleep.sh 2"\nalive = "./alive.sh"\n'
+    )
+    llmux = Llmux(folder / "config.toml")
+    try:
+        client = openai.OpenAI(
+            base_url=llmux.url + "/v1", api_key="unused", timeout=ANSWER_BOUND_SECS, max_retries=0
+        )
+        # Both servers started awake: llmux kept the first and put the other to sleep.
+        assert llmux.status()["active_model"] == "tiny-a"
+        assert (sleeping(a), sleeping(b)) == (False, True)
+        plan = [("tiny-b", False), ("tiny-a", True), ("tiny-b", True), ("tiny-b", False), ("tiny-a", False)]
+        for model, stream in plan:
+            assert chat(client, model, stream) == "length", f"{model} did not answer in full"
+            assert llmux.status()["active_model"] == model
+            assert (sleeping(a), sleeping(b)) == (model != "tiny-a", model != "tiny-b")
+
+        # Drain: a long stream on tiny-a, then a request for tiny-b. vLLM's sleep aborts what is
+        # in flight, so the stream ends whole only if llmux drained before sleeping tiny-a.
+        results: dict[str, str] = {}
+        long_stream = threading.Thread(
+            target=lambda: results.__setitem__("a", chat(client, "tiny-a", True, tokens=300))
+        )
+        long_stream.start()
+        time.sleep(1.0)
+        results["b"] = chat(client, "tiny-b", False)
+        long_stream.join(ANSWER_BOUND_SECS)
+        assert results == {"a": "length", "b": "length"}
+        assert (sleeping(a), sleeping(b)) == (True, False)
+        print("\nsleep-mode switches (vLLM CPU build, tiny model):")
+        print("\n".join(switch_figures(llmux)))
+    finally:
+        assert llmux.stop() == 0
+
+
+def test_cold_start_hooks_with_vllm(tmp_path):
+    """llama-swap style: each switch stops one vLLM process and starts another."""
+    import openai
+
+    folder = tmp_path / "cold"
+    shutil.copytree(EXAMPLES / "llama.cpp", folder)
+    state = tmp_path / "state"
+    blocks = "[policy]\nrequest_timeout_secs = 400\n[defaults]\nwake_timeout_secs = 400\n"
+    ports = {"tiny-a": free_port(), "tiny-b": free_port()}
+    for index, (name, port) in enumerate(ports.items()):
+        command = " ".join(vllm_command(name, port))
+        env = (
+            f"LLMUX_STATE_DIR={state} WAKE_DEADLINE_SECS=380 HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 "
+            f"VLLM_CPU_OMP_THREADS_BIND={index} SERVER_CMD='{command}'"
+        )
+        blocks += (
+            f'[models.{name}]\nport = {port}\nwake = "{env} ./start.sh"\n'
+            f'sleep = "LLMUX_STATE_DIR={state} ./stop.sh"\nalive = "LLMUX_STATE_DIR={state} ./alive.sh"\n'
+        )
+    (folder / "config.toml").write_text(blocks)
+    llmux = Llmux(folder / "config.toml")
+    try:
+        client = openai.OpenAI(base_url=llmux.url + "/v1", api_key="unused", timeout=500, max_retries=0)
+        for model in ("tiny-a", "tiny-b", "tiny-a"):
+            assert chat(client, model, stream=model == "tiny-b") == "length"
+            running = {
+                name for name, port in ports.items()
+                if (state / f"llama-{port}.pid").exists()
+            }  # fmt: skip
+            assert running == {model}, "the other server must have been stopped"
+        print("\ncold-start switches (vLLM CPU build, process start/stop hooks):")
+        print("\n".join(switch_figures(llmux)))
+    finally:
+        assert llmux.stop() == 0
+        for pidfile in state.glob("*.pid"):
+            os.killpg(int(pidfile.read_text()), signal.SIGTERM)
