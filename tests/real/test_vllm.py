@@ -33,7 +33,7 @@ pytestmark = [
     pytest.mark.real,
     pytest.mark.skipif(
         not VENV_PYTHON.exists() or not (MODEL / "config.json").exists(),
-        reason="real backends not prepared: run `bash tests/real/prepare.sh` (vLLM CPU build, several GB)",
+        reason="real backends not prepared: run `bash tests/real/prepare.sh` (vLLM CPU, GBs)",
     ),
 ]
 
@@ -84,10 +84,13 @@ class Llmux:
     """`llmux serve` as a process, with JSON logs kept for the figures."""
 
     def __init__(self, config: Path) -> None:
+        args = ["serve", "-c", str(config), "--port", "0", "--log-format", "json"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "llmux", "serve", "-c", str(config), "--port", "0", "--log-format", "json"],
-            stderr=subprocess.PIPE, text=True, start_new_session=True,
-        )  # fmt: skip
+            [sys.executable, "-m", "llmux", *args],
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         self.events: list[dict] = []
         ready = threading.Event()
 
@@ -154,9 +157,12 @@ def two_vllm_servers():
     logs = {name: open(ROOT / ".real-models" / f"{name}.log", "w") for name in ports}  # noqa: SIM115
     servers = {
         name: subprocess.Popen(
-            vllm_command(name, port), env=vllm_env(index), stdout=logs[name],
-            stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            vllm_command(name, port),
+            env=vllm_env(index),
+            stdout=logs[name],
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         for index, (name, port) in enumerate(ports.items())
     }
     try:
@@ -180,8 +186,10 @@ def test_sleep_mode_levels_1_and_2_through_llmux(two_vllm_servers, tmp_path):
     a, b = two_vllm_servers["tiny-a"], two_vllm_servers["tiny-b"]
     (folder / "config.toml").write_text(
         "[policy]\nrequest_timeout_secs = 120\n[defaults]\nwake_timeout_secs = 120\n"
-        f'[models.tiny-a]\nport = {a}\nwake = "./wake.sh"\nsleep = "./sleep.sh"\nalive = "./alive.sh"\n'
-        f'[models.tiny-b]\nport = {b}\nwake = "./wake.sh 2"\nsleep = "./sleep.sh 2"\nalive = "./alive.sh"\n'
+        f'[models.tiny-a]\nport = {a}\nwake = "./wake.sh"\nsleep = "./sleep.sh"\n'
+        'alive = "./alive.sh"\n'
+        f'[models.tiny-b]\nport = {b}\nwake = "./wake.sh 2"\nsleep = "./sleep.sh 2"\n'
+        'alive = "./alive.sh"\n'
     )
     llmux = Llmux(folder / "config.toml")
     try:
@@ -191,7 +199,13 @@ def test_sleep_mode_levels_1_and_2_through_llmux(two_vllm_servers, tmp_path):
         # Both servers started awake: llmux kept the first and put the other to sleep.
         assert llmux.status()["active_model"] == "tiny-a"
         assert (sleeping(a), sleeping(b)) == (False, True)
-        plan = [("tiny-b", False), ("tiny-a", True), ("tiny-b", True), ("tiny-b", False), ("tiny-a", False)]
+        plan = [
+            ("tiny-b", False),
+            ("tiny-a", True),
+            ("tiny-b", True),
+            ("tiny-b", False),
+            ("tiny-a", False),
+        ]
         for model, stream in plan:
             assert chat(client, model, stream) == "length", f"{model} did not answer in full"
             assert llmux.status()["active_model"] == model
@@ -227,17 +241,20 @@ def test_cold_start_hooks_with_vllm(tmp_path):
     for index, (name, port) in enumerate(ports.items()):
         command = " ".join(vllm_command(name, port))
         env = (
-            f"LLMUX_STATE_DIR={state} WAKE_DEADLINE_SECS=380 HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 "
-            f"VLLM_CPU_OMP_THREADS_BIND={index} SERVER_CMD='{command}'"
+            f"LLMUX_STATE_DIR={state} WAKE_DEADLINE_SECS=380 HF_HUB_OFFLINE=1 "
+            f"VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_OMP_THREADS_BIND={index} SERVER_CMD='{command}'"
         )
         blocks += (
             f'[models.{name}]\nport = {port}\nwake = "{env} ./start.sh"\n'
-            f'sleep = "LLMUX_STATE_DIR={state} ./stop.sh"\nalive = "LLMUX_STATE_DIR={state} ./alive.sh"\n'
+            f'sleep = "LLMUX_STATE_DIR={state} ./stop.sh"\n'
+            f'alive = "LLMUX_STATE_DIR={state} ./alive.sh"\n'
         )
     (folder / "config.toml").write_text(blocks)
     llmux = Llmux(folder / "config.toml")
     try:
-        client = openai.OpenAI(base_url=llmux.url + "/v1", api_key="unused", timeout=500, max_retries=0)
+        client = openai.OpenAI(
+            base_url=llmux.url + "/v1", api_key="unused", timeout=500, max_retries=0
+        )
         for model in ("tiny-a", "tiny-b", "tiny-a"):
             assert chat(client, model, stream=model == "tiny-b") == "length"
             running = {
