@@ -76,6 +76,19 @@ def wait_healthy(port: int, within: float, process: subprocess.Popen | None = No
     raise AssertionError(f"server on {port} not healthy within {within}s")
 
 
+def session_members(session: int) -> list[int]:
+    """Live processes of a session (vLLM's API server and the engine processes it spawned)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[3]) == session and fields[0] not in ("Z", "X"):
+            members.append(int(stat.parent.name))
+    return members
+
+
 def sleeping(port: int) -> bool:
     return httpx.get(f"http://127.0.0.1:{port}/is_sleeping", timeout=10).json()["is_sleeping"]
 
@@ -128,7 +141,9 @@ def switch_figures(llmux: Llmux) -> list[str]:
     return lines
 
 
-def chat(client, model: str, stream: bool, tokens: int = 16) -> str:
+def chat(
+    client, model: str, stream: bool, tokens: int = 16, streaming: threading.Event | None = None
+) -> str:
     import openai
 
     messages = [{"role": "user", "content": "hello world"}]
@@ -140,6 +155,8 @@ def chat(client, model: str, stream: bool, tokens: int = 16) -> str:
             )
             finish = None
             for chunk in chunks:
+                if streaming is not None:
+                    streaming.set()
                 if chunk.choices and chunk.choices[0].finish_reason:
                     finish = chunk.choices[0].finish_reason
             return finish or "cut"
@@ -214,15 +231,20 @@ def test_sleep_mode_levels_1_and_2_through_llmux(two_vllm_servers, tmp_path):
         # Drain: a long stream on tiny-a, then a request for tiny-b. vLLM's sleep aborts what is
         # in flight, so the stream ends whole only if llmux drained before sleeping tiny-a.
         results: dict[str, str] = {}
+        streaming = threading.Event()
         long_stream = threading.Thread(
-            target=lambda: results.__setitem__("a", chat(client, "tiny-a", True, tokens=300))
+            target=lambda: results.__setitem__(
+                "a", chat(client, "tiny-a", True, tokens=480, streaming=streaming)
+            )
         )
         long_stream.start()
-        time.sleep(1.0)
+        assert streaming.wait(ANSWER_BOUND_SECS)
         results["b"] = chat(client, "tiny-b", False)
         long_stream.join(ANSWER_BOUND_SECS)
         assert results == {"a": "length", "b": "length"}
         assert (sleeping(a), sleeping(b)) == (True, False)
+        last = [e for e in llmux.events if e.get("event") == "model_activated"][-1]
+        assert last["to"] == "tiny-b" and last["drain_seconds"] > 0, "the stream was not drained"
         print("\nsleep-mode switches (vLLM CPU build, tiny model):")
         print("\n".join(switch_figures(llmux)))
     finally:
@@ -236,12 +258,12 @@ def test_cold_start_hooks_with_vllm(tmp_path):
     folder = tmp_path / "cold"
     shutil.copytree(EXAMPLES / "llama.cpp", folder)
     state = tmp_path / "state"
-    blocks = "[policy]\nrequest_timeout_secs = 400\n[defaults]\nwake_timeout_secs = 400\n"
+    blocks = ""  # the default timeouts must suit cold starts of tens of seconds
     ports = {"tiny-a": free_port(), "tiny-b": free_port()}
     for index, (name, port) in enumerate(ports.items()):
         command = " ".join(vllm_command(name, port))
         env = (
-            f"LLMUX_STATE_DIR={state} WAKE_DEADLINE_SECS=380 HF_HUB_OFFLINE=1 "
+            f"LLMUX_STATE_DIR={state} HF_HUB_OFFLINE=1 "
             f"VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_OMP_THREADS_BIND={index} SERVER_CMD='{command}'"
         )
         blocks += (
@@ -255,6 +277,7 @@ def test_cold_start_hooks_with_vllm(tmp_path):
         client = openai.OpenAI(
             base_url=llmux.url + "/v1", api_key="unused", timeout=500, max_retries=0
         )
+        sessions: dict[str, int] = {}
         for model in ("tiny-a", "tiny-b", "tiny-a"):
             assert chat(client, model, stream=model == "tiny-b") == "length"
             running = {
@@ -262,6 +285,10 @@ def test_cold_start_hooks_with_vllm(tmp_path):
                 if (state / f"llama-{port}.pid").exists()
             }  # fmt: skip
             assert running == {model}, "the other server must have been stopped"
+            for name, session in sessions.items():
+                if name != model:
+                    assert not session_members(session), f"{name} left processes behind"
+            sessions[model] = int((state / f"llama-{ports[model]}.pid").read_text())
         print("\ncold-start switches (vLLM CPU build, process start/stop hooks):")
         print("\n".join(switch_figures(llmux)))
     finally:
