@@ -57,6 +57,38 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--once", action="store_true", help="print one plain frame and exit")
     top.set_defaults(handler=_top)
 
+    sim = commands.add_parser("simulate", help="replay a trace through switch policies")
+    sim.add_argument(
+        "--trace", default="azure", help="azure, alibaba, or a CSV (arrival,model,...)"
+    )
+    sim.add_argument(
+        "--traces-dir",
+        default="../shared/data/traces",
+        help="where azure_llm_2023/ and alibaba_genai_2026/ are",
+    )
+    sim.add_argument("--top", type=int, default=4, help="alibaba: keep the N most requested models")
+    sim.add_argument(
+        "--window-hours", type=int, default=72, help="alibaba: the busiest window (0: all)"
+    )
+    sim.add_argument("--load", type=float, help="thin or compress the trace to this offered load")
+    sim.add_argument(
+        "--switch-cost", default="10", help="seconds, 'alibaba' (sampled), or a from,to,seconds CSV"
+    )
+    sim.add_argument("--service", choices=["sequential", "batching"], default="sequential")
+    sim.add_argument("--batch", type=int, default=64)
+    sim.add_argument("--prefill-rate", type=float, default=5000.0, help="prefill tokens/s")
+    sim.add_argument("--step-base", type=float, default=0.020, help="decode step base seconds")
+    sim.add_argument(
+        "--step-per-sequence",
+        type=float,
+        default=0.0005,
+        help="decode step seconds per running sequence",
+    )
+    sim.add_argument("--policy", nargs="+", default=["fifo", "cost_aware"])
+    sim.add_argument("--min-active", type=float, default=0.0, help="policy.min_active_secs")
+    sim.add_argument("--seed", type=int, default=1)
+    sim.set_defaults(handler=_simulate)
+
     fake = commands.add_parser("fake-backend", help="run one fake OpenAI-compatible backend")
     fake.add_argument(
         "--name", default="fake", help="model name it reports (ollama: names, comma-separated)"
@@ -182,6 +214,34 @@ def _top(args: argparse.Namespace) -> int:
         reachable = trio.run(print_once, args.url, args.interval, token, console)
         return 0 if reachable else 1
     trio.run(run_live, args.url, args.interval, token)
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from llmux import simulate, traces
+    from llmux.simulator import ServiceModel
+
+    service = ServiceModel(
+        args.service, args.batch, args.prefill_rate, args.step_base, args.step_per_sequence
+    )
+    folder = Path(args.traces_dir)
+    try:
+        requests = simulate.load_trace(args.trace, args.top, folder, args.window_hours, service)
+    except FileNotFoundError as exc:
+        print(f"llmux: cannot read the trace: {exc} (see --traces-dir)", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    if args.load is not None:
+        requests = traces.scale_to_load(requests, args.load, service, args.seed)
+    load = traces.offered_load(requests, service)
+    models = sorted({r.model for r in requests})
+    print(
+        f"{len(requests)} requests, {len(models)} models, offered load {load:.2f} ({service.kind})"
+    )
+    costs = simulate.cost_factory(args.switch_cost, folder, args.seed)
+    summaries = simulate.compare(requests, args.policy, costs, service, args.min_active)
+    print(simulate.render(summaries))
     return 0
 
 

@@ -123,6 +123,78 @@ class FifoPolicy:
         return SwitchTo(target) if target is not None else Stay()
 
 
+class CostAwarePolicy:
+    """Serve the active model exhaustively, for a quantum proportional to the switch cost.
+
+    FIFO switches as soon as another model waits, so with interleaved traffic it pays a switch
+    per batch of waiting requests. This policy keeps the active model serving (its new requests
+    go straight in) while it has work, for at most `quantum_factor` times the estimated cost of
+    the next switch (never less than `min_quantum_secs`), then drains it and switches; an idle
+    active model is left at once. The next model is the one whose waiting work is largest and
+    oldest relative to what switching to it costs. `max_wait_secs` bounds staleness: once a
+    request has waited that long the switch happens as soon as the active model has served at
+    least one switch cost's worth of time (the guard that stops thrashing under overload).
+    """
+
+    def __init__(
+        self,
+        quantum_factor: float = 2.0,
+        min_quantum_secs: float = 1.0,
+        max_wait_secs: float | None = 120.0,
+        default_cost_secs: float = 10.0,
+    ) -> None:
+        if quantum_factor <= 0 or min_quantum_secs < 0 or default_cost_secs <= 0:
+            raise ValueError("quantum_factor and default_cost_secs must be > 0")
+        if max_wait_secs is not None and max_wait_secs <= 0:
+            raise ValueError("max_wait_secs must be > 0")
+        self.quantum_factor = quantum_factor
+        self.min_quantum = min_quantum_secs
+        self.max_wait = max_wait_secs
+        self.default_cost = default_cost_secs
+
+    def decide(self, event: Event, snapshot: Snapshot) -> Decision:
+        if snapshot.switching:
+            return Stay()
+        waiting = [
+            view
+            for view in snapshot.models.values()
+            if view.queue_depth > 0 and view.state is not ModelState.ACTIVE
+        ]
+        if not waiting:
+            return Stay()
+        if snapshot.active is None:
+            return SwitchTo(self._next(waiting, snapshot))
+        active = snapshot.models[snapshot.active]
+        if active.in_flight == 0 and active.queue_depth == 0:
+            return SwitchTo(self._next(waiting, snapshot))
+        target = self._next(waiting, snapshot)
+        cost = self._cost(snapshot, target)
+        served = snapshot.active_for()
+        oldest = min(view.oldest_arrival or snapshot.now for view in waiting)
+        if self.max_wait is not None and snapshot.now - oldest >= self.max_wait and served >= cost:
+            stalest = min(waiting, key=lambda view: view.oldest_arrival or snapshot.now)
+            return SwitchTo(stalest.name)
+        quantum = max(self.min_quantum, self.quantum_factor * cost)
+        if served >= quantum:
+            return SwitchTo(target)
+        assert snapshot.active_since is not None
+        wake_at = snapshot.active_since + quantum
+        if self.max_wait is not None:
+            wake_at = min(wake_at, max(oldest + self.max_wait, snapshot.active_since + cost))
+        return CallAt(wake_at)
+
+    def _cost(self, snapshot: Snapshot, target: str) -> float:
+        estimate = snapshot.estimated_cost(target)
+        return self.default_cost if estimate is None else estimate
+
+    def _next(self, waiting: list[ModelView], snapshot: Snapshot) -> str:
+        def score(view: ModelView) -> float:
+            age = snapshot.now - (view.oldest_arrival or snapshot.now)
+            return view.queue_depth * (age + 1.0) / (self._cost(snapshot, view.name) + 1.0)
+
+        return max(waiting, key=score).name
+
+
 def oldest_waiting_model(snapshot: Snapshot) -> str | None:
     """The non-active model whose oldest queued request has waited longest, if any."""
     waiting = [
@@ -135,7 +207,7 @@ def oldest_waiting_model(snapshot: Snapshot) -> str | None:
     return min(waiting, key=lambda view: view.oldest_arrival or 0.0).name
 
 
-BUILTIN_POLICIES: dict[str, type] = {"fifo": FifoPolicy}
+BUILTIN_POLICIES: dict[str, type] = {"fifo": FifoPolicy, "cost_aware": CostAwarePolicy}
 
 
 class PolicyLoadError(Exception):

@@ -1,0 +1,363 @@
+"""A discrete-event simulator of llmux's switcher: replays a trace through a switch policy.
+
+It drives the very same policy objects as the live switcher (llmux.policy), with the same
+events and the same snapshot, and copies the switcher's mechanics: a request for the ACTIVE
+model (with room) is forwarded at once, otherwise it queues; one switch at a time waits out
+min_active_secs, drains the active model's in-flight requests, costs C(from, to) during which
+no model serves, then releases all of the target's queue. Only the clock and the backends are
+virtual. Deterministic for a given trace and cost function.
+
+Service models:
+- "sequential": the backend serves one request at a time, in the order llmux forwarded them.
+- "parallel": every forwarded request runs at once for its service time (llmux's fake backend).
+- "batching": continuous batching of up to `batch` sequences: a request first costs its prefill
+  (prompt tokens / prefill rate, during which the batch pauses), then one decode step per output
+  token, each step costing `step_base + step_per_sequence * running sequences`.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from llmux.policy import (
+    CallAt,
+    Event,
+    ModelState,
+    ModelView,
+    Policy,
+    RequestArrived,
+    RequestCompleted,
+    Snapshot,
+    SwitchCompleted,
+    SwitchTo,
+    TimerFired,
+)
+
+PREFILL_TOKENS_PER_SEC = 5000.0
+STEP_BASE_SECS = 0.020
+STEP_PER_SEQUENCE_SECS = 0.0005
+BATCH = 64
+EMA_ALPHA = 0.3
+MAX_STEPS_PER_EVENT = 16
+
+
+@dataclass
+class Request:
+    arrival: float
+    model: str
+    service: float = 0.0  # seconds, sequential service model
+    prompt_tokens: int = 0  # batching service model
+    output_tokens: int = 1
+    group: str = ""  # the trace's user or tenant, for thinning by group
+    started: float | None = None  # forwarded to the backend
+    finished: float | None = None
+
+    @property
+    def latency(self) -> float:
+        assert self.finished is not None
+        return self.finished - self.arrival
+
+
+@dataclass(frozen=True)
+class ServiceModel:
+    kind: str = "sequential"  # or "batching"
+    batch: int = BATCH
+    prefill_tokens_per_sec: float = PREFILL_TOKENS_PER_SEC
+    step_base: float = STEP_BASE_SECS
+    step_per_sequence: float = STEP_PER_SEQUENCE_SECS
+
+    def step(self, running: int) -> float:
+        return self.step_base + self.step_per_sequence * running
+
+    def solo_time(self, request: Request) -> float:
+        """Service time of a request alone (used for load accounting)."""
+        if self.kind == "sequential":
+            return request.service
+        prefill = request.prompt_tokens / self.prefill_tokens_per_sec
+        return prefill + request.output_tokens * self.step(1)
+
+    def full_batch_time(self, request: Request) -> float:
+        """A request's share of a full batch: what it costs the GPU under heavy load."""
+        if self.kind == "sequential":
+            return request.service
+        prefill = request.prompt_tokens / self.prefill_tokens_per_sec
+        return prefill + request.output_tokens * self.step(self.batch) / self.batch
+
+
+@dataclass
+class Result:
+    policy: str
+    requests: list[Request]
+    switches: list[tuple[str | None, str, float]]  # (from, to, time activated)
+    busy_time: float  # time the active backend was serving something
+    span: float
+
+    def latencies(self, model: str | None = None) -> list[float]:
+        return sorted(r.latency for r in self.requests if model is None or r.model == model)
+
+
+@dataclass
+class _Model:
+    name: str
+    state: ModelState = ModelState.ASLEEP
+    queue: deque[Request] = field(default_factory=deque)
+    in_flight: int = 0
+    active_since: float | None = None
+    # backend
+    backlog: deque[Request] = field(default_factory=deque)  # forwarded, not yet running
+    running: list[list] = field(default_factory=list)  # batching: [request, tokens left]
+    busy_until: float = 0.0  # sequential
+
+
+class Simulator:
+    def __init__(
+        self,
+        requests: Sequence[Request],
+        models: Sequence[str],
+        policy: Policy,
+        switch_cost: Callable[[str | None, str], float],
+        service: ServiceModel = ServiceModel(),
+        min_active_secs: float = 0.0,
+        policy_name: str = "",
+    ) -> None:
+        self.requests = sorted((Request(**vars(r)) for r in requests), key=lambda r: r.arrival)
+        self.models = {name: _Model(name) for name in models}
+        self.policy = policy
+        self.switch_cost = switch_cost
+        self.service = service
+        self.min_active = min_active_secs
+        self.policy_name = policy_name
+        self.now = 0.0
+        self._events: list[tuple[float, int, str, object]] = []
+        self._sequence = itertools.count()
+        self._switching = False
+        self._timer_at = math.inf
+        self._timer_token = 0
+        self.costs: dict[tuple[str, str], float] = {}
+        self.cold_costs: dict[str, float] = {}
+        self.switches: list[tuple[str | None, str, float]] = []
+        self.busy_time = 0.0
+        self._batch_step_pending = False
+        self._switch_target: _Model | None = None
+        self._switch_source: _Model | None = None
+
+    # ----- the event loop -----
+
+    def run(self) -> Result:
+        for request in self.requests:
+            self._at(request.arrival, "arrival", request)
+        while self._events:
+            time, _, kind, payload = heapq.heappop(self._events)
+            self.now = time
+            getattr(self, "_on_" + kind)(payload)
+        span = max((r.finished or 0.0) for r in self.requests) - (
+            self.requests[0].arrival if self.requests else 0.0
+        )
+        return Result(self.policy_name, self.requests, self.switches, self.busy_time, span)
+
+    def _at(self, time: float, kind: str, payload: object = None) -> None:
+        heapq.heappush(self._events, (time, next(self._sequence), kind, payload))
+
+    # ----- requests (as Switcher._acquire / _release) -----
+
+    def _on_arrival(self, request: Request) -> None:
+        model = self.models[request.model]
+        if model.state is ModelState.ACTIVE and not model.queue and self._has_room(model):
+            self._forward(model, request)
+            return
+        model.queue.append(request)
+        self._consult(RequestArrived(model.name))
+
+    def _has_room(self, model: _Model) -> bool:
+        return True  # llmux forwards everything; the backend queues beyond its batch
+
+    def _forward(self, model: _Model, request: Request) -> None:
+        model.in_flight += 1
+        request.started = self.now
+        model.backlog.append(request)
+        self._serve(model)
+
+    def _complete(self, model: _Model, request: Request) -> None:
+        request.finished = self.now
+        model.in_flight -= 1
+        self._consult(RequestCompleted(model.name))
+        if self._draining_done(model):
+            self._continue_switch()
+
+    # ----- backends -----
+
+    def _serve(self, model: _Model) -> None:
+        if self.service.kind == "parallel":
+            while model.backlog:
+                request = model.backlog.popleft()
+                self.busy_time += request.service
+                self._at(self.now + request.service, "parallel_done", (model, request))
+        elif self.service.kind == "sequential":
+            if model.busy_until <= self.now and model.backlog and not model.running:
+                request = model.backlog.popleft()
+                model.running.append([request, 0])
+                model.busy_until = self.now + request.service
+                self.busy_time += request.service
+                self._at(model.busy_until, "sequential_done", model)
+        elif not self._batch_step_pending:
+            self._batch_step(model)
+
+    def _on_parallel_done(self, payload: tuple[_Model, Request]) -> None:
+        self._complete(*payload)
+
+    def _on_sequential_done(self, model: _Model) -> None:
+        request, _ = model.running.pop()
+        self._complete(model, request)
+        self._serve(model)
+
+    def _batch_step(self, model: _Model) -> None:
+        """Admit waiting sequences (their prefill pauses the batch), then run decode steps up to
+        the next completion; one event per completion, not per token."""
+        prefill = 0.0
+        while model.backlog and len(model.running) < self.service.batch:
+            request = model.backlog.popleft()
+            prefill += request.prompt_tokens / self.service.prefill_tokens_per_sec
+            model.running.append([request, max(1, request.output_tokens)])
+        if not model.running:
+            return
+        # Run to the next completion, but at most MAX_STEPS_PER_EVENT steps, so that a request
+        # forwarded meanwhile joins the batch soon (its prefill at the next boundary).
+        steps = min(MAX_STEPS_PER_EVENT, *(left for _, left in model.running))
+        duration = prefill + steps * self.service.step(len(model.running))
+        self._batch_step_pending = True
+        self._at(self.now + duration, "batch_progress", (model, steps))
+        self.busy_time += duration
+
+    def _on_batch_progress(self, payload: tuple[_Model, int]) -> None:
+        model, steps = payload
+        self._batch_step_pending = False
+        finished = []
+        for entry in model.running:
+            entry[1] -= steps
+            if entry[1] <= 0:
+                finished.append(entry)
+        model.running = [entry for entry in model.running if entry[1] > 0]
+        for request, _ in finished:
+            self._complete(model, request)
+        self._serve(model)
+
+    # ----- policy (as Switcher._consult / _apply) -----
+
+    def snapshot(self) -> Snapshot:
+        active = self._active()
+        return Snapshot(
+            now=self.now,
+            models={
+                name: ModelView(
+                    name,
+                    m.state,
+                    len(m.queue),
+                    m.queue[0].arrival if m.queue else None,
+                    m.in_flight,
+                )
+                for name, m in self.models.items()
+            },
+            active=active.name if active else None,
+            active_since=active.active_since if active else None,
+            switching=self._switching,
+            switch_costs=dict(self.costs),
+            cold_start_costs=dict(self.cold_costs),
+        )
+
+    def _consult(self, event: Event) -> None:
+        decision = self.policy.decide(event, self.snapshot())
+        if isinstance(decision, SwitchTo):
+            target = self.models[decision.model]
+            if not self._switching and target.state is not ModelState.ACTIVE:
+                self._start_switch(target)
+        elif isinstance(decision, CallAt):
+            self._timer_token += 1
+            self._at(max(decision.when, self.now), "timer", self._timer_token)
+
+    def _on_timer(self, token: int) -> None:
+        if token == self._timer_token:  # a later CallAt replaces an earlier one
+            self._consult(TimerFired())
+
+    # ----- switching (as Switcher._carry_out_switch) -----
+
+    def _start_switch(self, target: _Model) -> None:
+        self._switching = True
+        self._switch_target = target
+        source = self._active()
+        self._switch_source = source
+        if source is not None and source.active_since is not None:
+            serve_until = source.active_since + self.min_active
+            if serve_until > self.now:
+                self._at(serve_until, "min_active_over")
+                return
+        self._begin_drain()
+
+    def _on_min_active_over(self, _: object) -> None:
+        self._begin_drain()
+
+    def _begin_drain(self) -> None:
+        target, source = self._switch_target, self._active()
+        assert target is not None
+        self._switch_source = source
+        if not target.queue:
+            self._finish_switch(ok=False)
+            return
+        if source is None:
+            self._sleep_and_wake()
+            return
+        source.state = ModelState.DRAINING
+        if source.in_flight == 0:
+            self._sleep_and_wake()
+
+    def _draining_done(self, model: _Model) -> bool:
+        return self._switching and model.state is ModelState.DRAINING and model.in_flight == 0
+
+    def _continue_switch(self) -> None:
+        self._sleep_and_wake()
+
+    def _sleep_and_wake(self) -> None:
+        source, target = self._switch_source, self._switch_target
+        assert target is not None
+        if source is not None:
+            source.state = ModelState.SLEEPING
+            source.active_since = None
+        target.state = ModelState.WAKING
+        cost = self.switch_cost(source.name if source else None, target.name)
+        self._observe_cost(source.name if source else None, target.name, cost)
+        self._at(self.now + cost, "woken")
+
+    def _on_woken(self, _: object) -> None:
+        source, target = self._switch_source, self._switch_target
+        assert target is not None
+        if source is not None:
+            source.state = ModelState.ASLEEP
+        target.state = ModelState.ACTIVE
+        target.active_since = self.now
+        self.switches.append((source.name if source else None, target.name, self.now))
+        while target.queue:
+            self._forward(target, target.queue.popleft())
+        self._finish_switch(ok=True)
+
+    def _finish_switch(self, ok: bool) -> None:
+        target = self._switch_target
+        assert target is not None
+        self._switching = False
+        self._switch_target = self._switch_source = None
+        self._consult(SwitchCompleted(target.name, ok))
+
+    def _observe_cost(self, source: str | None, target: str, cost: float) -> None:
+        table: dict = self.cold_costs if source is None else self.costs
+        key: object = target if source is None else (source, target)
+        previous = table.get(key)
+        table[key] = cost if previous is None else EMA_ALPHA * cost + (1 - EMA_ALPHA) * previous
+
+    def _active(self) -> _Model | None:
+        for model in self.models.values():
+            if model.state is ModelState.ACTIVE:
+                return model
+        return None
