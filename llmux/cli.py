@@ -131,6 +131,17 @@ def _setup_logging(args: argparse.Namespace) -> None:
     setup_logging(args.log_level, args.log_format)
 
 
+def _ignore_late_signals() -> None:
+    """Outside llmux's own signal receiver (which is open from start-up to the end of the
+    graceful shutdown) SIGTERM and SIGINT are ignored: the one-file binary's bootloader forwards
+    a signal the child got already, so a second one often arrives after llmux has drained and
+    is on its way out, and must not turn a clean exit into a crash."""
+    import signal
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def _load(path: str):  # type: ignore[no-untyped-def]
     """Load config and policy; print the problem and return None when either is invalid."""
     from llmux.config import ConfigError, load_config
@@ -176,6 +187,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"llmux: config error: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     config = config.with_listen(args.host, args.port)
+    _ignore_late_signals()
     try:
         trio.run(partial(serve_forever, config, policy, watch_config=args.watch_config))
     except OSError as exc:
@@ -192,6 +204,7 @@ def _demo(args: argparse.Namespace) -> int:
     from llmux.demo import run_demo
 
     _setup_logging(args)
+    _ignore_late_signals()
     try:
         trio.run(run_demo, args.host, args.port)
     except OSError as exc:

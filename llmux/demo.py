@@ -7,6 +7,7 @@ this process, so Ctrl-C stops everything at once.
 from __future__ import annotations
 
 import shlex
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -75,7 +76,12 @@ Press Ctrl-C to stop.
 
 
 async def run_demo(host: str = "127.0.0.1", port: int = 3000) -> None:
-    with tempfile.TemporaryDirectory(prefix="llmux-demo-") as folder:
+    # Held until the temp folder is gone: a second Ctrl-C (the one-file binary's bootloader
+    # forwards the terminal's to us too) must not interrupt the clean-up.
+    with (
+        trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM),
+        tempfile.TemporaryDirectory(prefix="llmux-demo-") as folder,
+    ):
         async with trio.open_nursery() as nursery:
             ports: dict[str, int] = {}
             for name in DEMO_MODELS:

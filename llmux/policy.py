@@ -169,16 +169,18 @@ class CostAwarePolicy:
             return SwitchTo(self._next(waiting, snapshot))
         target = self._next(waiting, snapshot)
         cost = self._cost(snapshot, target)
-        served = snapshot.active_for()
-        oldest = min(view.oldest_arrival or snapshot.now for view in waiting)
-        if self.max_wait is not None and snapshot.now - oldest >= self.max_wait and served >= cost:
-            stalest = min(waiting, key=lambda view: view.oldest_arrival or snapshot.now)
+        assert snapshot.active_since is not None
+        since, now = snapshot.active_since, snapshot.now
+        oldest = min(view.oldest_arrival or now for view in waiting)
+        # Compare against the very times a timer is set for, so that a timer that fires is
+        # never answered with the same timer again (no float rounding gap to spin in).
+        if self.max_wait is not None and now >= oldest + self.max_wait and now >= since + cost:
+            stalest = min(waiting, key=lambda view: view.oldest_arrival or now)
             return SwitchTo(stalest.name)
         quantum = max(self.min_quantum, self.quantum_factor * cost)
-        if served >= quantum:
+        if now >= since + quantum:
             return SwitchTo(target)
-        assert snapshot.active_since is not None
-        wake_at = snapshot.active_since + quantum
+        wake_at = since + quantum
         if self.max_wait is not None:
             wake_at = min(wake_at, max(oldest + self.max_wait, snapshot.active_since + cost))
         return CallAt(wake_at)

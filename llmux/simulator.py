@@ -44,6 +44,7 @@ STEP_PER_SEQUENCE_SECS = 0.0005
 BATCH = 64
 EMA_ALPHA = 0.3
 MAX_STEPS_PER_EVENT = 16
+MIN_TIMER_SECS = 0.001
 
 
 @dataclass
@@ -277,7 +278,8 @@ class Simulator:
                 self._start_switch(target)
         elif isinstance(decision, CallAt):
             self._timer_token += 1
-            self._at(max(decision.when, self.now), "timer", self._timer_token)
+            # As the live switcher: a time not in the future fires a little later, never now.
+            self._at(max(decision.when, self.now + MIN_TIMER_SECS), "timer", self._timer_token)
 
     def _on_timer(self, token: int) -> None:
         if token == self._timer_token:  # a later CallAt replaces an earlier one

@@ -75,6 +75,7 @@ log = logging.getLogger("llmux.switcher")
 
 FAILED_SWITCH_BACKOFF_SECS = 2.0
 DEFAULT_RETRY_AFTER_SECS = 5.0  # Retry-After when no switch to the model was measured yet
+MIN_TIMER_SECS = 0.001  # the soonest a policy's CallAt fires
 
 
 @dataclass(eq=False)
@@ -477,9 +478,11 @@ class Switcher:
                 self._switch_running = True
                 self._nursery.start_soon(self._switch, target)
         elif isinstance(decision, CallAt):
-            self._timer_deadline = decision.when
+            # A time not in the future would spin the timer: call again a little later.
+            when = max(decision.when, trio.current_time() + MIN_TIMER_SECS)
+            self._timer_deadline = when
             if self._timer_scope is not None:
-                self._timer_scope.deadline = decision.when
+                self._timer_scope.deadline = when
 
     async def _timer_loop(self) -> None:
         while True:

@@ -113,14 +113,15 @@ def test_max_wait_bounds_a_request_against_a_steady_stream(
     stream_gap, service, other_at, cost, max_wait
 ):
     """A never-ending stream to `a` must not starve one request for `b`: it waits at most the
-    bound, one switch of guard, the drain and the switch itself."""
+    bound, the rest of a switch in progress, one switch cost of guard, the drain and the switch
+    itself."""
     stream = [Request(i * stream_gap, "a", service=service) for i in range(int(120 / stream_gap))]
     lone = Request(other_at, "b", service=service)
     # The guard uses the policy's cost estimate: here the true cost, as after one measurement.
     policy = CostAwarePolicy(quantum_factor=1000, max_wait_secs=max_wait, default_cost_secs=cost)
     result = simulate(policy, cost, [*stream, lone])
     served = next(r for r in result.requests if r.model == "b")
-    assert served.started - served.arrival <= max_wait + 2 * cost + service + 1e-6
+    assert served.started - served.arrival <= max_wait + 3 * cost + service + 1e-6
 
 
 def test_without_the_bound_the_same_stream_starves_the_request():
