@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from llmux.costs import SwitchCostTracker
 from llmux.policy import (
     CallAt,
     Event,
@@ -42,7 +43,6 @@ PREFILL_TOKENS_PER_SEC = 5000.0
 STEP_BASE_SECS = 0.020
 STEP_PER_SEQUENCE_SECS = 0.0005
 BATCH = 64
-EMA_ALPHA = 0.3
 MAX_STEPS_PER_EVENT = 16
 MIN_TIMER_SECS = 0.001
 
@@ -139,8 +139,7 @@ class Simulator:
         self._switching = False
         self._timer_at = math.inf
         self._timer_token = 0
-        self.costs: dict[tuple[str, str], float] = {}
-        self.cold_costs: dict[str, float] = {}
+        self.costs = SwitchCostTracker()  # the live switcher's EMA, fed the simulated costs
         self.switches: list[tuple[str | None, str, float]] = []
         self.busy_time = 0.0
         self._batch_step_pending = False
@@ -266,8 +265,8 @@ class Simulator:
             active=active.name if active else None,
             active_since=active.active_since if active else None,
             switching=self._switching,
-            switch_costs=dict(self.costs),
-            cold_start_costs=dict(self.cold_costs),
+            switch_costs=dict(self.costs.switches),
+            cold_start_costs=dict(self.costs.cold_starts),
         )
 
     def _consult(self, event: Event) -> None:
@@ -330,7 +329,7 @@ class Simulator:
             source.active_since = None
         target.state = ModelState.WAKING
         cost = self.switch_cost(source.name if source else None, target.name)
-        self._observe_cost(source.name if source else None, target.name, cost)
+        self.costs.observe(source.name if source else None, target.name, cost)
         self._at(self.now + cost, "woken")
 
     def _on_woken(self, _: object) -> None:
@@ -351,12 +350,6 @@ class Simulator:
         self._switching = False
         self._switch_target = self._switch_source = None
         self._consult(SwitchCompleted(target.name, ok))
-
-    def _observe_cost(self, source: str | None, target: str, cost: float) -> None:
-        table: dict = self.cold_costs if source is None else self.costs
-        key: object = target if source is None else (source, target)
-        previous = table.get(key)
-        table[key] = cost if previous is None else EMA_ALPHA * cost + (1 - EMA_ALPHA) * previous
 
     def _active(self) -> _Model | None:
         for model in self.models.values():
