@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -58,6 +58,53 @@ class Snapshot:
         if self.active is None:
             return self.cold_start_costs.get(target)
         return self.switch_costs.get((self.active, target))
+
+
+class _QueuedItem(Protocol):
+    arrival: float
+
+
+class ModelRuntimeLike(Protocol):
+    """What the live switcher and the simulator both keep per model."""
+
+    @property
+    def name(self) -> str: ...
+
+    state: ModelState
+    queue: Sequence[_QueuedItem]
+    in_flight: int
+    active_since: float | None
+
+
+def snapshot_of(
+    now: float,
+    models: Iterable[ModelRuntimeLike],
+    switching: bool,
+    switch_costs: Mapping[tuple[str, str], float],
+    cold_start_costs: Mapping[str, float],
+) -> Snapshot:
+    """The one way a snapshot is built, so that live and simulated policies see the same thing."""
+    views = {}
+    active = None
+    for model in models:
+        views[model.name] = ModelView(
+            name=model.name,
+            state=model.state,
+            queue_depth=len(model.queue),
+            oldest_arrival=model.queue[0].arrival if model.queue else None,
+            in_flight=model.in_flight,
+        )
+        if model.state is ModelState.ACTIVE and active is None:
+            active = model
+    return Snapshot(
+        now=now,
+        models=views,
+        active=active.name if active else None,
+        active_since=active.active_since if active else None,
+        switching=switching,
+        switch_costs=dict(switch_costs),
+        cold_start_costs=dict(cold_start_costs),
+    )
 
 
 # Events the switcher reports.

@@ -29,7 +29,6 @@ from llmux.policy import (
     CallAt,
     Event,
     ModelState,
-    ModelView,
     Policy,
     RequestArrived,
     RequestCompleted,
@@ -37,6 +36,7 @@ from llmux.policy import (
     SwitchCompleted,
     SwitchTo,
     TimerFired,
+    snapshot_of,
 )
 
 PREFILL_TOKENS_PER_SEC = 5000.0
@@ -249,24 +249,12 @@ class Simulator:
     # ----- policy (as Switcher._consult / _apply) -----
 
     def snapshot(self) -> Snapshot:
-        active = self._active()
-        return Snapshot(
-            now=self.now,
-            models={
-                name: ModelView(
-                    name,
-                    m.state,
-                    len(m.queue),
-                    m.queue[0].arrival if m.queue else None,
-                    m.in_flight,
-                )
-                for name, m in self.models.items()
-            },
-            active=active.name if active else None,
-            active_since=active.active_since if active else None,
-            switching=self._switching,
-            switch_costs=dict(self.costs.switches),
-            cold_start_costs=dict(self.costs.cold_starts),
+        return snapshot_of(
+            self.now,
+            self.models.values(),
+            self._switching,
+            self.costs.switches,
+            self.costs.cold_starts,
         )
 
     def _consult(self, event: Event) -> None:

@@ -61,7 +61,6 @@ from llmux.policy import (
     Event,
     FifoPolicy,
     ModelState,
-    ModelView,
     Policy,
     RequestArrived,
     RequestCompleted,
@@ -69,6 +68,7 @@ from llmux.policy import (
     SwitchCompleted,
     SwitchTo,
     TimerFired,
+    snapshot_of,
 )
 
 log = logging.getLogger("llmux.switcher")
@@ -437,24 +437,12 @@ class Switcher:
     # ----- policy -----
 
     def snapshot(self) -> Snapshot:
-        active = self._active()
-        return Snapshot(
-            now=trio.current_time(),
-            models={
-                name: ModelView(
-                    name=name,
-                    state=model.state,
-                    queue_depth=len(model.queue),
-                    oldest_arrival=model.queue[0].arrival if model.queue else None,
-                    in_flight=model.in_flight,
-                )
-                for name, model in self.models.items()
-            },
-            active=active.name if active else None,
-            active_since=active.active_since if active else None,
-            switching=self._switch_running,
-            switch_costs=dict(self.costs.switches),
-            cold_start_costs=dict(self.costs.cold_starts),
+        return snapshot_of(
+            trio.current_time(),
+            self.models.values(),
+            self._switch_running,
+            self.costs.switches,
+            self.costs.cold_starts,
         )
 
     def _consult(self, event: Event) -> None:
