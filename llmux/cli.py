@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--top", type=int, default=4, help="alibaba: keep the N most requested models")
     sim.add_argument(
-        "--window-hours", type=int, default=72, help="alibaba: the busiest window (0: all)"
+        "--window-hours", type=int, default=12, help="alibaba: the busiest window (0: all)"
     )
     sim.add_argument("--load", type=float, help="thin or compress the trace to this offered load")
     sim.add_argument(
@@ -234,7 +234,8 @@ def _simulate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from llmux import simulate, traces
-    from llmux.simulator import ServiceModel
+    from llmux.policy import PolicyLoadError
+    from llmux.simulator import ServiceModel, StrandedRequests
 
     service = ServiceModel(
         args.service, args.batch, args.prefill_rate, args.step_base, args.step_per_sequence
@@ -253,7 +254,11 @@ def _simulate(args: argparse.Namespace) -> int:
         f"{len(requests)} requests, {len(models)} models, offered load {load:.2f} ({service.kind})"
     )
     costs = simulate.cost_factory(args.switch_cost, folder, args.seed)
-    summaries = simulate.compare(requests, args.policy, costs, service, args.min_active)
+    try:
+        summaries = simulate.compare(requests, args.policy, costs, service, args.min_active)
+    except (PolicyLoadError, StrandedRequests) as exc:
+        print(f"llmux: {exc}", file=sys.stderr)
+        return 1
     print(simulate.render(summaries))
     return 0
 

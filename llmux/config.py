@@ -57,9 +57,13 @@ class AuthConfig:
         return bool(self.api_keys)
 
 
+# The built-in policy that won the trace replays (README, "Switch policies").
+DEFAULT_POLICY = "cost_aware"
+
+
 @dataclass(frozen=True)
 class PolicyConfig:
-    name: str = "fifo"
+    name: str = DEFAULT_POLICY
     request_timeout_secs: float | None = None
     drain_before_switch: bool = True
     min_active_secs: float = 0.0
@@ -195,7 +199,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
     checker.table(policy_raw, "policy", _POLICY_KEYS)
     timeout = policy_raw.get("request_timeout_secs")
     policy = PolicyConfig(
-        name=policy_raw.get("name", "fifo"),
+        name=policy_raw.get("name", DEFAULT_POLICY),
         request_timeout_secs=None
         if timeout is None
         else checker.positive(timeout, "policy.request_timeout_secs"),

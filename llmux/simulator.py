@@ -47,6 +47,19 @@ MAX_STEPS_PER_EVENT = 16
 MIN_TIMER_SECS = 0.001
 
 
+class StrandedRequests(Exception):
+    """A policy answered Stay while requests waited and asked for no timer: they were never
+    served. The live switcher would hold them until their request timeout."""
+
+    def __init__(self, policy: str, stranded: list[Request], total: int) -> None:
+        first = stranded[0]
+        super().__init__(
+            f"policy {policy!r} left {len(stranded)} of {total} requests unserved (the first: "
+            f"{first.model!r}, arrived at {first.arrival:.1f} s): it answered Stay while they "
+            "waited and asked for no timer"
+        )
+
+
 @dataclass
 class Request:
     arrival: float
@@ -155,6 +168,9 @@ class Simulator:
             time, _, kind, payload = heapq.heappop(self._events)
             self.now = time
             getattr(self, "_on_" + kind)(payload)
+        stranded = [r for r in self.requests if r.finished is None]
+        if stranded:
+            raise StrandedRequests(self.policy_name, stranded, len(self.requests))
         span = max((r.finished or 0.0) for r in self.requests) - (
             self.requests[0].arrival if self.requests else 0.0
         )

@@ -102,6 +102,11 @@ def write_setup(
                 "fail" if roll < 0.10 else "hang" if roll < 0.12 else f"{rng.uniform(0, 0.15):.3f}"
             )
             plan.append(step)
+        # Every model's second wake fails and the first model's third hangs, so that a short run
+        # injects both faults however few switches the policy makes.
+        plan[1] = "fail"
+        if not blocks:
+            plan[2] = "hang"
         (folder / f"{name}.plan").write_text("\n".join(plan) + "\n")
         ctl = f"{LLMUX} fake-ctl {{}} --port {backend.port}"
         blocks.append(

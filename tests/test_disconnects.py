@@ -43,7 +43,10 @@ async def test_client_leaving_the_queue_is_removed_at_once(fakes, tmp_path):
 
 async def test_switch_for_a_departed_client_is_not_continued_past_the_drain(fakes, tmp_path):
     a, b = fakes.start("a", "b", wake_delay=0.05, token_interval=0.05)
-    path = write_config(tmp_path, fake_model_block(a) + fake_model_block(b))
+    # FIFO starts the switch (a drains) while a's long request runs.
+    path = write_config(
+        tmp_path, fake_model_block(a) + fake_model_block(b), policy={"name": "fifo"}
+    )
     async with llmux_running(path) as (server, client):
         await client.post("/v1/chat/completions", json=chat("a", max_tokens=1))
 

@@ -56,7 +56,8 @@ async def test_cost_ema_counts_hooks_not_the_drain(fakes, tmp_path):
     blocks = fake_model_block(a, sleep=f"sleep 0.3; {a.ctl('sleep')}") + fake_model_block(
         b, wake=f"sleep 0.2; {b.ctl('wake')}"
     )
-    path = write_config(tmp_path, blocks)
+    # FIFO switches while the stream runs, so the switch includes its drain.
+    path = write_config(tmp_path, blocks, policy={"name": "fifo"})
     async with llmux_running(path) as (_, client):
         await client.post("/v1/chat/completions", json=chat("a", max_tokens=1))
         async with trio.open_nursery() as nursery:

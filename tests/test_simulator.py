@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmux.policy import CostAwarePolicy, FifoPolicy
-from llmux.simulator import Request, ServiceModel, Simulator
+from llmux.policy import CostAwarePolicy, FifoPolicy, RequestArrived, Stay
+from llmux.simulator import Request, ServiceModel, Simulator, StrandedRequests
 from llmux.traces import constant_cost
 from tests.conftest import chat, fake_model_block, llmux_running, write_config
 
@@ -21,6 +22,14 @@ SCENARIO = [
     (2.5, "c", 10), (2.6, "a", 5), (2.7, "b", 5), (2.8, "c", 5),
     (5.0, "b", 5), (5.1, "a", 5), (5.15, "b", 5),
 ]  # fmt: skip
+# `a` busy while `b` waits: FIFO switches away and back, cost_aware serves `a` until it is idle.
+# No decision falls near one of cost_aware's timers (quantum 8 s, staleness 6 s).
+SCENARIO_HOLD = [
+    (0.0, "a", 10), (0.3, "a", 20), (0.5, "b", 5), (0.6, "a", 20), (0.9, "a", 20),
+    (1.2, "a", 20), (1.5, "a", 20), (1.8, "a", 20),
+    (5.0, "b", 50), (5.2, "c", 5), (5.4, "a", 5), (5.5, "c", 5),
+]  # fmt: skip
+HOLD_OPTIONS = {"default_cost_secs": 2.0}
 
 
 PARALLEL = ServiceModel("parallel")
@@ -31,13 +40,20 @@ def simulate(policy, cost: float, requests, service: ServiceModel = PARALLEL):
     return Simulator(requests, models, policy, constant_cost(cost), service).run()
 
 
-async def test_live_switcher_and_simulator_agree_on_the_switches(fakes, tmp_path, caplog):
+@pytest.mark.parametrize("policy", ["fifo", "cost_aware"])
+async def test_live_switcher_and_simulator_agree_on_the_switches(
+    fakes, tmp_path, caplog, policy: str
+):
+    scenario = SCENARIO if policy == "fifo" else SCENARIO_HOLD
     caplog.set_level(logging.INFO)
     backends = fakes.start(
         "a", "b", "c", wake_delay=0.0, sleep_delay=0.0, token_interval=TOKEN_SECS
     )
     blocks = "".join(fake_model_block(f, wake=f"sleep 0.3; {f.ctl('wake')}") for f in backends)
-    path = write_config(tmp_path, blocks)
+    if policy == "cost_aware":
+        options = "".join(f"{key} = {value}\n" for key, value in HOLD_OPTIONS.items())
+        blocks = "[policy.options]\n" + options + blocks
+    path = write_config(tmp_path, blocks, policy={"name": policy})
     async with llmux_running(path) as (_, client):
         started = trio.current_time()
 
@@ -49,7 +65,7 @@ async def test_live_switcher_and_simulator_agree_on_the_switches(fakes, tmp_path
             assert response.status_code == 200
 
         async with trio.open_nursery() as nursery:
-            for at, model, tokens in SCENARIO:
+            for at, model, tokens in scenario:
                 nursery.start_soon(send, at, model, tokens)
     live = [
         (r.fields["from"], r.fields["to"])
@@ -61,11 +77,16 @@ async def test_live_switcher_and_simulator_agree_on_the_switches(fakes, tmp_path
         for r in caplog.records
         if getattr(r, "event", None) == "model_activated" and "cost_seconds" in r.fields
     ]
-    requests = [Request(at, model, service=tokens * TOKEN_SECS) for at, model, tokens in SCENARIO]
-    result = simulate(FifoPolicy(), sum(measured) / len(measured), requests)
+    requests = [Request(at, model, service=tokens * TOKEN_SECS) for at, model, tokens in scenario]
+    chosen = FifoPolicy() if policy == "fifo" else CostAwarePolicy(**HOLD_OPTIONS)
+    cost = sum(measured) / len(measured)
+    result = simulate(chosen, cost, requests)
     simulated = [(source or "idle", target) for source, target, _ in result.switches]
     assert live == simulated, (live, simulated)
-    assert len(live) >= 5
+    assert len(live) >= 4
+    if policy == "cost_aware":  # the scenario tells the policies apart
+        fifo = [(s or "idle", t) for s, t, _ in simulate(FifoPolicy(), cost, requests).switches]
+        assert fifo != simulated
 
 
 def test_fifo_releases_every_waiting_request_with_one_switch():
@@ -113,22 +134,40 @@ def test_max_wait_bounds_a_request_against_a_steady_stream(
     stream_gap, service, other_at, cost, max_wait
 ):
     """A never-ending stream to `a` must not starve one request for `b`: it waits at most the
-    bound, the rest of a switch in progress, one switch cost of guard, the drain and the switch
-    itself."""
+    bound, or else the rest of a switch in progress and the guard (the active model serves
+    `guard_factor` switch costs first), then the drain and the switch itself."""
     stream = [Request(i * stream_gap, "a", service=service) for i in range(int(120 / stream_gap))]
     lone = Request(other_at, "b", service=service)
     # The guard uses the policy's cost estimate: here the true cost, as after one measurement.
-    policy = CostAwarePolicy(quantum_factor=1000, max_wait_secs=max_wait, default_cost_secs=cost)
+    policy = CostAwarePolicy(
+        quantum_factor=1000, wait_factor=None, max_wait_secs=max_wait, default_cost_secs=cost
+    )
     result = simulate(policy, cost, [*stream, lone])
     served = next(r for r in result.requests if r.model == "b")
-    assert served.started - served.arrival <= max_wait + 3 * cost + service + 1e-6
+    guard = policy.guard_factor * cost
+    assert served.started - served.arrival <= max(max_wait, cost + guard) + service + cost + 1e-6
 
 
 def test_without_the_bound_the_same_stream_starves_the_request():
     stream = [Request(i * 0.1, "a", service=0.5) for i in range(1200)]
     lone = Request(5.0, "b", service=0.5)
     result = simulate(
-        CostAwarePolicy(quantum_factor=1000, max_wait_secs=None), 2.0, [*stream, lone]
+        CostAwarePolicy(quantum_factor=1000, wait_factor=None, max_wait_secs=None),
+        2.0,
+        [*stream, lone],
     )
     served = next(r for r in result.requests if r.model == "b")
     assert served.started - served.arrival > 100  # it waits out the whole stream
+
+
+def test_a_policy_that_strands_requests_is_reported():
+    class SwitchOnlyOnArrival:
+        """Forgets a request that arrives during a switch (answers Stay when it completes)."""
+
+        def decide(self, event, snapshot):
+            fifo = FifoPolicy().decide(event, snapshot)
+            return fifo if isinstance(event, RequestArrived) else Stay()
+
+    requests = [Request(0.0, "a", service=1.0), Request(0.5, "b", service=1.0)]
+    with pytest.raises(StrandedRequests, match=r"left 1 of 2 requests unserved .*'b'"):
+        simulate(SwitchOnlyOnArrival(), 2.0, requests)

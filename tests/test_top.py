@@ -137,7 +137,7 @@ async def test_status_reports_a_switch_in_progress(fakes, tmp_path):
     assert after["models"]["a"] == {
         "state": "active", "queue_depth": 0, "in_flight": 0, "last_alive": None, "port": a.port,
     }  # fmt: skip
-    assert after["policy"]["name"] == "fifo"
+    assert after["policy"]["name"] == "cost_aware"
     assert [c["from"] for c in after["switch_costs"]] == ["idle"]
     assert after["version"] and after["uptime_seconds"] >= 0
 
