@@ -5,7 +5,7 @@ Load is the offered work divided by the span: for one-at-a-time service, the sum
 times; for continuous batching, each request's share of a full batch (its prefill plus its
 tokens at the per-sequence cost of a full step). A trace above the target load is thinned (by
 group, when the trace has groups: whole users kept or dropped, as a smaller tenant mix would
-look); one below it is compressed in time.
+look), then stretched in time by the little it overshoots; one below it is compressed in time.
 """
 
 from __future__ import annotations
@@ -139,7 +139,8 @@ def scale_to_load(
             keep = target / load
             requests = [r for r in requests if rng.random() < keep]
         load = offered_load(requests, service)
-    if 0 < load < target:
+    if load > 0 and abs(load - target) > 1e-9:
+        # Compress (or, after thinning that overshot, stretch) time to meet the load exactly.
         factor = load / target
         start = requests[0].arrival
         requests = [_moved(r, start + (r.arrival - start) * factor) for r in requests]
