@@ -182,9 +182,11 @@ class LlmuxApp:
             name, _, action = path.removeprefix("/llmux/models/").rpartition("/")
             if not path.startswith("/llmux/models/") or action not in ("wake", "sleep"):
                 raise RouteNotFound(f"no admin route {path}")
-            if name not in self.config.models:
+            resolved = self.config.resolve(name)
+            if resolved is None:
                 known = ", ".join(self.config.models)
                 raise ModelNotFound(f"model {name!r} is not served here; known models: {known}")
+            name = resolved
             if action == "wake":
                 async with self.switcher.serving(name):
                     pass
@@ -198,19 +200,17 @@ class LlmuxApp:
     def _model_list(self) -> dict[str, Any]:
         data = []
         for name, model in self.switcher.models.items():
-            data.append(
-                {
-                    "id": name,
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "llmux",
-                    "llmux": {
-                        "state": model.state.value,
-                        "queue_depth": len(model.queue),
-                        "in_flight": model.in_flight,
-                    },
-                }
-            )
+            about = {
+                "state": model.state.value,
+                "queue_depth": len(model.queue),
+                "in_flight": model.in_flight,
+                "group": model.config.group,
+            }
+            entry = {"object": "model", "created": 0, "owned_by": "llmux"}
+            data.append({"id": name, **entry, "llmux": about})
+            if self.config.server.list_aliases:
+                for alias in model.config.aliases:
+                    data.append({"id": alias, **entry, "llmux": {**about, "alias_of": name}})
         return {"object": "list", "data": data}
 
     # ----- proxying -----
@@ -226,9 +226,9 @@ class LlmuxApp:
             if body_wait.cancelled_caught:
                 limit = self.config.server.request_body_timeout_secs
                 raise RequestTimeout(f"request body not received within {limit:g}s")
-            model = self._model_of(body)
+            model, asked_for = self._model_of(body)
             model_label = model
-            outcome = await self._forward(model, scope, receive, send, body, started)
+            outcome = await self._forward(model, asked_for, scope, receive, send, body, started)
         except ClientDisconnected:
             outcome = _Outcome(status=CLIENT_CLOSED)
         except LlmuxError as error:
@@ -249,7 +249,8 @@ class LlmuxApp:
                 status=outcome.status, queue_wait=outcome.queue_wait, duration=duration,
             )  # fmt: skip
 
-    def _model_of(self, body: bytes) -> str:
+    def _model_of(self, body: bytes) -> tuple[str, str]:
+        """The configured model a request is for, and the name the client used for it."""
         try:
             payload = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -263,13 +264,21 @@ class LlmuxApp:
             raise InvalidRequest("request body has no 'model' field")
         if not isinstance(model, str):
             raise InvalidRequest("'model' must be a string")
-        if model not in self.config.models:
+        resolved = self.config.resolve(model)
+        if resolved is None:
             known = ", ".join(self.config.models)
             raise ModelNotFound(f"model {model!r} is not served here; known models: {known}")
-        return model
+        return resolved, model
 
     async def _forward(
-        self, model: str, scope: Scope, receive: Receive, send: Send, body: bytes, started: float
+        self,
+        model: str,
+        asked_for: str,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        body: bytes,
+        started: float,
     ) -> _Outcome:
         """Wait for the model, then stream its answer; a client disconnect cancels both.
 
@@ -279,7 +288,9 @@ class LlmuxApp:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
             try:
-                await self._stream_from_backend(model, scope, send, body, started, outcome)
+                await self._stream_from_backend(
+                    model, asked_for, scope, send, body, started, outcome
+                )
             except LlmuxError as error:
                 outcome.status, outcome.error = error.status, error
             finally:
@@ -287,13 +298,25 @@ class LlmuxApp:
         return outcome
 
     async def _stream_from_backend(
-        self, model: str, scope: Scope, send: Send, body: bytes, started: float, outcome: _Outcome
+        self,
+        model: str,
+        asked_for: str,
+        scope: Scope,
+        send: Send,
+        body: bytes,
+        started: float,
+        outcome: _Outcome,
     ) -> None:
         target = scope["raw_path"].decode("latin-1") if scope.get("raw_path") else scope["path"]
         if scope.get("query_string") and "?" not in target:
             target += "?" + scope["query_string"].decode("latin-1")
         async with self.switcher.serving(model) as slot:
             outcome.queue_wait = slot.waited
+            # The backend knows the model by its upstream name: an alias or a renamed model
+            # gets the request's `model` rewritten; otherwise the body goes on byte for byte.
+            upstream_name = slot.backend.upstream_model or slot.backend.name
+            if asked_for != upstream_name:
+                body = _with_model(body, upstream_name)
             try:
                 async with self.upstream.open(
                     slot.backend.base_url, scope["method"], target, scope["headers"], body
@@ -323,6 +346,12 @@ class LlmuxApp:
             except BackendConnectFailed:
                 self.switcher.report_unreachable(model)
                 raise
+
+
+def _with_model(body: bytes, model: str) -> bytes:
+    payload = json.loads(body)
+    payload["model"] = model
+    return json.dumps(payload, ensure_ascii=False).encode()
 
 
 async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> None:

@@ -9,12 +9,13 @@ from __future__ import annotations
 import re
 import shlex
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 3000
+DEFAULT_GROUP = "default"  # the group of every model no [groups.NAME] table lists
 
 
 _ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
@@ -43,6 +44,7 @@ class ServerConfig:
     request_body_timeout_secs: float = 60.0
     max_header_bytes: int = 16 * 1024
     state_dir: str | None = None  # where running hooks are recorded; see hook_registry
+    list_aliases: bool = False  # /v1/models lists aliases beside the models they name
 
 
 @dataclass(frozen=True)
@@ -81,10 +83,36 @@ class ModelConfig:
     sleep_timeout_secs: float
     alive_timeout_secs: float
     alive_interval_secs: float
+    ttl_secs: float = 0.0  # idle this long while awake: put to sleep (0: never)
+    size: float | None = None  # memory_gb or size: what it takes of its group's capacity
+    aliases: tuple[str, ...] = ()  # other names clients may use for it
+    upstream_model: str | None = None  # the `model` the backend is sent, if not `name`
+    group: str = DEFAULT_GROUP
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+
+@dataclass(frozen=True)
+class GroupConfig:
+    """Models that share one GPU (or one set of GPUs): they switch among themselves, beside and
+    independently of other groups. Without a capacity, one model of the group is awake at once;
+    with one, several are while their sizes fit."""
+
+    name: str
+    models: tuple[str, ...]
+    capacity: float | None = None
+
+    def size_of(self, model: ModelConfig) -> float:
+        """What a model takes of the capacity; one whole slot when the group has none."""
+        if self.capacity is None or model.size is None:
+            return 1.0
+        return model.size
+
+    @property
+    def room(self) -> float:
+        return 1.0 if self.capacity is None else self.capacity
 
 
 @dataclass(frozen=True)
@@ -96,22 +124,44 @@ class Config:
     policy: PolicyConfig
     models: dict[str, ModelConfig]
     auth: AuthConfig = AuthConfig()
+    groups: dict[str, GroupConfig] = field(default_factory=dict)  # filled in by __post_init__
+    preload: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.groups:  # built in code or tests: every model in the default group
+            default = GroupConfig(DEFAULT_GROUP, tuple(self.models))
+            object.__setattr__(self, "groups", {DEFAULT_GROUP: default})
 
     @property
     def hook_dir(self) -> Path:
         """Hooks run here, so relative script paths in the file work wherever llmux starts."""
         return self.path.parent
 
+    def resolve(self, name: str) -> str | None:
+        """The model a client's name means: the model itself or one of its aliases."""
+        if name in self.models:
+            return name
+        for model in self.models.values():
+            if name in model.aliases:
+                return model.name
+        return None
+
+    def group_config(self, group: str) -> Config:
+        """The same config narrowed to one group's models: what that group's switcher sees."""
+        members = self.groups[group].models
+        return replace(
+            self,
+            models={name: self.models[name] for name in members},
+            groups={group: self.groups[group]},
+            preload=tuple(name for name in self.preload if name in members),
+        )
+
     def with_listen(self, host: str | None, port: int | None) -> Config:
         """Apply `--host`/`--port` from the command line over the file's values."""
-        return Config(
-            path=self.path,
+        return replace(
+            self,
             host=host if host is not None else self.host,
             port=port if port is not None else self.port,
-            server=self.server,
-            policy=self.policy,
-            models=self.models,
-            auth=self.auth,
         )
 
 
@@ -126,6 +176,8 @@ _TOP_KEYS = {
     "defaults": dict,
     "models": dict,
     "auth": dict,
+    "groups": dict,
+    "preload": list,
 }
 _SERVER_KEYS = {
     "max_body_bytes": int,
@@ -138,6 +190,7 @@ _SERVER_KEYS = {
     "request_body_timeout_secs": _NUMBER,
     "max_header_bytes": int,
     "state_dir": str,
+    "list_aliases": bool,
 }
 _AUTH_KEYS = {
     "api_keys": list,
@@ -165,7 +218,20 @@ _TIMING_DEFAULTS = {
     "alive_timeout_secs": 10.0,
     "alive_interval_secs": 10.0,
 }
-_MODEL_KEYS = {"port": int, "wake": str, "sleep": str, "alive": str, **_TIMING_KEYS}
+_MODEL_KEYS = {
+    "port": int,
+    "wake": str,
+    "sleep": str,
+    "alive": str,
+    "ttl_secs": _NUMBER,
+    "memory_gb": _NUMBER,
+    "size": _NUMBER,
+    "aliases": list,
+    "upstream_model": str,
+    **_TIMING_KEYS,
+}
+_DEFAULTS_KEYS = {**_TIMING_KEYS, "ttl_secs": _NUMBER}
+_GROUP_KEYS = {"capacity": _NUMBER, "models": list}
 
 
 def load_config(path: str | Path) -> Config:
@@ -211,10 +277,11 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
     )
 
     defaults_raw = raw.get("defaults", {})
-    checker.table(defaults_raw, "defaults", _TIMING_KEYS)
-    defaults = {**_TIMING_DEFAULTS, **defaults_raw}
+    checker.table(defaults_raw, "defaults", _DEFAULTS_KEYS)
+    defaults = {**_TIMING_DEFAULTS, "ttl_secs": 0.0, **defaults_raw}
     for key in _TIMING_KEYS:
         checker.positive(defaults[key], f"defaults.{key}")
+    checker.non_negative(defaults["ttl_secs"], "defaults.ttl_secs")
 
     models_raw = raw.get("models", {})
     if not models_raw:
@@ -224,9 +291,92 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
     models: dict[str, ModelConfig] = {}
     for name, model_raw in models_raw.items():
         models[name] = _parse_model(checker, name, model_raw, defaults, own_port=port)
+    _check_aliases(checker, models)
+    groups = _parse_groups(checker, raw.get("groups", {}), models)
+    for group in groups.values():
+        for name in group.models:
+            models[name] = replace(models[name], group=group.name)
+    preload = _parse_preload(checker, raw.get("preload", []), models)
     return Config(
-        path=path, host=host, port=port, server=server, policy=policy, models=models, auth=auth
-    )
+        path=path, host=host, port=port, server=server, policy=policy, models=models,
+        auth=auth, groups=groups, preload=preload,
+    )  # fmt: skip
+
+
+def _check_aliases(checker: _Checker, models: dict[str, ModelConfig]) -> None:
+    """An alias names exactly one model and is not itself a model's name."""
+    owner: dict[str, str] = {}
+    for model in models.values():
+        for alias in model.aliases:
+            key = f"models.{_quote(model.name)}.aliases"
+            if alias in models:
+                raise ConfigError(checker.path, key, f"{alias!r} is already a model's name")
+            if alias in owner:
+                other = owner[alias]
+                raise ConfigError(checker.path, key, f"{alias!r} is also an alias of {other!r}")
+            owner[alias] = model.name
+
+
+def _parse_groups(
+    checker: _Checker, raw: Any, models: dict[str, ModelConfig]
+) -> dict[str, GroupConfig]:
+    """[groups.NAME] tables; every model no group lists joins the group named "default"."""
+    if not isinstance(raw, dict):
+        raise ConfigError(checker.path, "groups", "must be a table of [groups.NAME] tables")
+    groups: dict[str, GroupConfig] = {}
+    member_of: dict[str, str] = {}
+    for name, table in raw.items():
+        key = f"groups.{_quote(name)}"
+        if not isinstance(table, dict):
+            raise ConfigError(checker.path, key, "must be a table ([groups.NAME])")
+        checker.table(table, key, _GROUP_KEYS)
+        listed = table.get("models", [])
+        if name != DEFAULT_GROUP and not listed:
+            raise ConfigError(checker.path, f"{key}.models", "missing: list the group's models")
+        for model in listed:
+            if model not in models:
+                known = ", ".join(models)
+                problem = f"{model!r} is not a configured model (known: {known})"
+                raise ConfigError(checker.path, f"{key}.models", problem)
+            if model in member_of:
+                problem = f"{model!r} is already in group {member_of[model]!r}"
+                raise ConfigError(checker.path, f"{key}.models", problem)
+            member_of[model] = name
+        capacity = table.get("capacity")
+        if capacity is not None:
+            checker.positive(capacity, f"{key}.capacity")
+        groups[name] = GroupConfig(name, tuple(listed), capacity)
+    unlisted = tuple(m for m in models if m not in member_of)
+    if unlisted:
+        default = groups.get(DEFAULT_GROUP, GroupConfig(DEFAULT_GROUP, ()))
+        groups[DEFAULT_GROUP] = replace(default, models=default.models + unlisted)
+    groups = {name: group for name, group in groups.items() if group.models}
+    for group in groups.values():
+        if group.capacity is None:
+            continue
+        for name in group.models:
+            size = models[name].size
+            key = f"models.{_quote(name)}"
+            if size is None:
+                problem = f"group {group.name!r} has a capacity: give the model memory_gb or size"
+                raise ConfigError(checker.path, key, problem)
+            if size > group.capacity:
+                problem = (
+                    f"size {size:g} exceeds group {group.name!r}'s capacity {group.capacity:g}"
+                )
+                raise ConfigError(checker.path, key, problem)
+    return groups
+
+
+def _parse_preload(checker: _Checker, raw: list[Any], models: dict[str, ModelConfig]) -> tuple:
+    for index, name in enumerate(raw):
+        if not isinstance(name, str) or name not in models:
+            known = ", ".join(models)
+            problem = f"{name!r} is not a configured model (known: {known})"
+            raise ConfigError(checker.path, f"preload[{index}]", problem)
+        if raw.index(name) != index:
+            raise ConfigError(checker.path, f"preload[{index}]", f"{name!r} is listed twice")
+    return tuple(raw)
 
 
 def _parse_server(checker: _Checker, raw: Any, auth: AuthConfig) -> ServerConfig:
@@ -291,12 +441,28 @@ def _parse_model(
         if command is not None:
             checker.hook(command, f"{key}.{hook}")
     timings = {k: checker.positive(raw.get(k, defaults[k]), f"{key}.{k}") for k in _TIMING_KEYS}
+    if "memory_gb" in raw and "size" in raw:
+        raise ConfigError(checker.path, key, "give memory_gb or size, not both")
+    size = raw.get("memory_gb", raw.get("size"))
+    if size is not None:
+        checker.positive(size, f"{key}.{'memory_gb' if 'memory_gb' in raw else 'size'}")
+    aliases = raw.get("aliases", [])
+    for index, alias in enumerate(aliases):
+        if not isinstance(alias, str) or not alias.strip():
+            raise ConfigError(checker.path, f"{key}.aliases[{index}]", "must be a non-empty string")
+    upstream = raw.get("upstream_model")
+    if upstream is not None and not upstream.strip():
+        raise ConfigError(checker.path, f"{key}.upstream_model", "must not be empty")
     return ModelConfig(
         name=name,
         port=port,
         wake=raw["wake"],
         sleep=raw["sleep"],
         alive=raw.get("alive"),
+        ttl_secs=checker.non_negative(raw.get("ttl_secs", defaults["ttl_secs"]), f"{key}.ttl_secs"),
+        size=size,
+        aliases=tuple(dict.fromkeys(aliases)),
+        upstream_model=upstream,
         **timings,
     )
 

@@ -158,6 +158,16 @@ def chat(model: str, **extra: Any) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
 
 
+async def stream_all(client: httpx.AsyncClient, model: str, tokens: int) -> tuple[int, str]:
+    body = b""
+    async with client.stream(
+        "POST", "/v1/chat/completions", json=chat(model, stream=True, max_tokens=tokens)
+    ) as response:
+        async for chunk in response.aiter_bytes():
+            body += chunk
+    return response.status_code, body.decode()
+
+
 def metric_value(text: str, name: str, **labels: str) -> float | None:
     """Read one sample from Prometheus exposition text, parsed with prometheus-client's parser."""
     from prometheus_client.parser import text_string_to_metric_families

@@ -181,9 +181,10 @@ def test_the_example_config_parses_and_names_every_key(tmp_path):
     text = example.read_text()
     keys = set(config_module._TOP_KEYS) | set(config_module._SERVER_KEYS)
     keys |= set(config_module._POLICY_KEYS) | set(config_module._MODEL_KEYS)
-    keys |= set(config_module._AUTH_KEYS)
+    keys |= set(config_module._AUTH_KEYS) | set(config_module._GROUP_KEYS)
+    keys |= set(config_module._DEFAULTS_KEYS)
     for key in keys:
-        assert re.search(rf"^#? ?{key} = |^\[{key}[.\]]|^\[policy\.{key}\]", text, re.M), key
+        assert re.search(rf"^#? ?{key} = |^#? ?\[{key}[.\]]|^\[policy\.{key}\]", text, re.M), key
 
 
 def test_unquoted_dotted_model_name_gets_a_hint(tmp_path):

@@ -6,22 +6,18 @@ import itertools
 import random
 from functools import partial
 
-import httpx
 import trio
 
-from tests.conftest import chat, fake_model_block, llmux_running, metric_value, write_config
+from tests.conftest import (
+    chat,
+    fake_model_block,
+    llmux_running,
+    metric_value,
+    stream_all,
+    write_config,
+)
 
 FIFO = {"name": "fifo"}
-
-
-async def stream_all(client: httpx.AsyncClient, model: str, tokens: int) -> tuple[int, str]:
-    body = b""
-    async with client.stream(
-        "POST", "/v1/chat/completions", json=chat(model, stream=True, max_tokens=tokens)
-    ) as response:
-        async for chunk in response.aiter_bytes():
-            body += chunk
-    return response.status_code, body.decode()
 
 
 async def test_first_request_wakes_model_and_is_proxied(fakes, tmp_path):

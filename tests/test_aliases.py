@@ -1,0 +1,101 @@
+"""Aliases and upstream names: other names route to a model, and the backend is sent the name it
+knows the model by."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llmux.config import ConfigError, load_config
+from tests.conftest import chat, fake_model_block, llmux_running, stream_all, write_config
+
+
+async def test_aliases_route_and_the_backend_gets_its_upstream_name(fakes, tmp_path):
+    llama, qwen = fakes.start("llama", "qwen", wake_delay=0.05)
+    blocks = fake_model_block(
+        llama, aliases=["gpt-4o-mini", "fast"], upstream_model="meta/llama-3.1-8b"
+    ) + fake_model_block(qwen, aliases=["gpt-4o"])
+    path = write_config(tmp_path, blocks)
+    async with llmux_running(path) as (_, client):
+        by_alias = await client.post("/v1/chat/completions", json=chat("gpt-4o-mini"))
+        by_name = await client.post("/v1/chat/completions", json=chat("llama"))
+        status, text = await stream_all(client, "fast", 3)
+        other = await client.post("/v1/chat/completions", json=chat("gpt-4o"))
+        unknown = await client.post("/v1/chat/completions", json=chat("gpt-5"))
+        listed = (await client.get("/v1/models")).json()["data"]
+        metrics = (await client.get("/metrics")).text
+    # The fake backend answers with the `model` it was sent.
+    assert by_alias.status_code == 200
+    assert by_alias.json()["model"] == "meta/llama-3.1-8b"
+    assert by_name.json()["model"] == "meta/llama-3.1-8b"
+    assert status == 200 and '"model": "meta/llama-3.1-8b"' in text.replace('":"', '": "')
+    assert other.status_code == 200 and other.json()["model"] == "qwen"
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
+    # Aliases are not listed unless asked for; metrics count requests under the model's name.
+    assert [m["id"] for m in listed] == ["llama", "qwen"]
+    assert 'llmux_requests_total{model="llama",status="200"} 3.0' in metrics
+    assert llama.state()["wakes"] == 1  # one model, whatever it was called
+
+
+async def test_v1_models_can_list_aliases(fakes, tmp_path):
+    (llama,) = fakes.start("llama", wake_delay=0.05)
+    path = write_config(
+        tmp_path,
+        fake_model_block(llama, aliases=["gpt-4o-mini"]),
+        server={"list_aliases": True},
+    )
+    async with llmux_running(path) as (_, client):
+        listed = (await client.get("/v1/models")).json()["data"]
+    assert [m["id"] for m in listed] == ["llama", "gpt-4o-mini"]
+    assert listed[1]["llmux"]["alias_of"] == "llama"
+
+
+async def test_upstream_names_are_not_client_names_and_renames_rewrite(fakes, tmp_path):
+    (llama,) = fakes.start("llama", wake_delay=0.05)
+    path = write_config(tmp_path, fake_model_block(llama, upstream_model="llama-upstream"))
+    raw = b'{"model":"llama-upstream","messages":[{"role":"user","content":"\\u00e9"}]}'
+    async with llmux_running(path) as (_, client):
+        same = await client.post("/v1/chat/completions", content=raw)
+    assert same.status_code == 404  # the upstream name is not a name clients use
+    path = write_config(tmp_path, fake_model_block(llama, upstream_model="x/y"))
+    async with llmux_running(path) as (_, client):
+        renamed = await client.post(
+            "/v1/chat/completions", content=raw.replace(b"llama-upstream", b"llama")
+        )
+    assert renamed.status_code == 200 and renamed.json()["model"] == "x/y"
+
+
+@pytest.mark.parametrize(
+    ("blocks", "problem"),
+    [
+        ('aliases = ["b"]', "'b' is already a model's name"),
+        ('aliases = ["x"]\n[models.b]\nport = 2\nwake = "true"\nsleep = "true"\naliases = ["x"]',
+         "'x' is also an alias of 'a'"),
+        ('aliases = [""]', "must be a non-empty string"),
+        ('upstream_model = " "', "must not be empty"),
+        ("memory_gb = 10\nsize = 2", "memory_gb or size, not both"),
+        ("memory_gb = -1", "must be a positive number"),
+        ("ttl_secs = -5", "must be zero or a positive number"),
+    ],
+)  # fmt: skip
+def test_bad_aliases_and_sizes_are_refused(tmp_path, blocks, problem):
+    text = f'[models.a]\nport = 1\nwake = "true"\nsleep = "true"\n{blocks}\n'
+    if "[models.b]" not in text:
+        text += '[models.b]\nport = 2\nwake = "true"\nsleep = "true"\n'
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=problem):
+        load_config(path)
+
+
+def test_resolve_names_and_aliases(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text(
+        '[models.a]\nport = 1\nwake = "true"\nsleep = "true"\naliases = ["gpt-4o-mini"]\n'
+    )
+    config = load_config(path)
+    assert config.resolve("a") == "a"
+    assert config.resolve("gpt-4o-mini") == "a"
+    assert config.resolve("gpt-4o") is None
+    assert json.loads(json.dumps(config.models["a"].aliases)) == ["gpt-4o-mini"]
