@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,12 +31,12 @@ from llmux.errors import (
     ShuttingDown,
     Unauthorized,
 )
+from llmux.fleet import Fleet, GroupsChanged
 from llmux.logs import log_event
 from llmux.metrics import UNKNOWN_MODEL, Metrics
 from llmux.policy import Policy, PolicyLoadError, load_policy
 from llmux.proxy import BackendConnectFailed, UpstreamClient, forwarded_response_headers
 from llmux.status import status_report
-from llmux.switcher import Switcher
 
 log = logging.getLogger("llmux.app")
 access_log = logging.getLogger("llmux.access")
@@ -62,9 +63,11 @@ class LlmuxApp:
         self.config = config
         self.metrics = Metrics(config.models)
         self.costs = SwitchCostTracker()
-        if policy is None:
-            policy = load_policy(config.policy.name, config.policy.options, config.hook_dir)
-        self.switcher = Switcher(config, policy, self.metrics, self.costs)
+        # Each group gets its own policy instance; an instance given here (tests, embedding) is
+        # shared by all of them.
+        make_policy = (lambda: policy) if policy is not None else _policy_factory(config)
+        make_policy()  # fail here, before anything runs, if the policy cannot be built
+        self.fleet = Fleet(config, make_policy, self.metrics, self.costs)
         self.upstream = UpstreamClient()
         self._shutdown_requested = trio.Event()
         self.started_wall = time.time()
@@ -79,20 +82,25 @@ class LlmuxApp:
         for new requests), then returns so hypercorn closes it."""
         await self._shutdown_requested.wait()
         log.info("shutting down: answering new requests 503, letting in-flight ones finish")
-        await self.switcher.shutdown(self.config.server.shutdown_timeout_secs)
+        await self.fleet.shutdown(self.config.server.shutdown_timeout_secs)
 
     def reload(self) -> bool:
         """Re-read the config file; apply it if valid, else keep the one in force (logged)."""
         path = self.config.path
         try:
             new = load_config(path)
-            policy = None
+            make_policy = None
             if (new.policy.name, new.policy.options) != (
                 self.config.policy.name,
                 self.config.policy.options,
             ):
-                policy = load_policy(new.policy.name, new.policy.options, new.hook_dir)
-        except (ConfigError, PolicyLoadError) as exc:
+                make_policy = _policy_factory(new)
+                make_policy()
+            # The listener stays where it is (the command line may have overridden the file).
+            summary = self.fleet.reconfigure(
+                new.with_listen(self.config.host, self.config.port), make_policy
+            )
+        except (ConfigError, PolicyLoadError, GroupsChanged) as exc:
             log_event(
                 log, "config_rejected", f"reload rejected, the old config stays in force: {exc}",
                 logging.ERROR, path=str(path), error=str(exc),
@@ -103,15 +111,11 @@ class LlmuxApp:
                 "still listening on %s:%s; the file's %s:%s applies from the next start",
                 self.config.host, self.config.port, new.host, new.port,
             )  # fmt: skip
-        # The listener stays where it is (the command line may have overridden the file).
-        summary = self.switcher.reconfigure(
-            new.with_listen(self.config.host, self.config.port), policy
-        )
-        self.config = self.switcher.config
+        self.config = self.fleet.config
         log_event(
             log, "config_reloaded", f"reloaded {path}", path=str(path),
             added=",".join(summary.added), removed=",".join(summary.removed),
-            changed=",".join(summary.changed), policy_replaced=policy is not None,
+            changed=",".join(summary.changed), policy_replaced=make_policy is not None,
         )  # fmt: skip
         return True
 
@@ -143,7 +147,7 @@ class LlmuxApp:
                 send, 200, self.metrics.exposition(), b"text/plain; version=0.0.4; charset=utf-8"
             )
         elif path == "/llmux/status" and method == "GET":
-            await send_json(send, 200, status_report(self.config, self.switcher, self.started_wall))
+            await send_json(send, 200, status_report(self.config, self.fleet, self.started_wall))
         elif path == "/v1/models" and method == "GET":
             await send_json(send, 200, self._model_list())
         elif path.startswith("/v1/") and method == "POST":
@@ -176,7 +180,7 @@ class LlmuxApp:
         path = scope["path"]
         try:
             if path == "/llmux/sleep":
-                await self.switcher.sleep_all()
+                await self.fleet.sleep_all()
                 await send_json(send, 200, {"status": "asleep"})
                 return
             name, _, action = path.removeprefix("/llmux/models/").rpartition("/")
@@ -188,18 +192,18 @@ class LlmuxApp:
                 raise ModelNotFound(f"model {name!r} is not served here; known models: {known}")
             name = resolved
             if action == "wake":
-                async with self.switcher.serving(name):
+                async with self.fleet.serving(name):
                     pass
             else:
-                await self.switcher.put_to_sleep(name)
-            state = self.switcher.models[name].state.value
+                await self.fleet.put_to_sleep(name)
+            state = self.fleet.models[name].state.value
             await send_json(send, 200, {"model": name, "state": state})
         except LlmuxError as error:
             await _send_error(send, error)
 
     def _model_list(self) -> dict[str, Any]:
         data = []
-        for name, model in self.switcher.models.items():
+        for name, model in self.fleet.models.items():
             about = {
                 "state": model.state.value,
                 "queue_depth": len(model.queue),
@@ -219,7 +223,7 @@ class LlmuxApp:
         started = trio.current_time()
         model_label = UNKNOWN_MODEL
         try:
-            if self.switcher.closing:
+            if self.fleet.closing:
                 raise ShuttingDown("llmux is shutting down")
             with trio.move_on_after(self.config.server.request_body_timeout_secs) as body_wait:
                 body = await _read_body(scope, receive, self.config.server.max_body_bytes)
@@ -310,7 +314,7 @@ class LlmuxApp:
         target = scope["raw_path"].decode("latin-1") if scope.get("raw_path") else scope["path"]
         if scope.get("query_string") and "?" not in target:
             target += "?" + scope["query_string"].decode("latin-1")
-        async with self.switcher.serving(model) as slot:
+        async with self.fleet.serving(model) as slot:
             outcome.queue_wait = slot.waited
             # The backend knows the model by its upstream name: an alias or a renamed model
             # gets the request's `model` rewritten; otherwise the body goes on byte for byte.
@@ -344,8 +348,12 @@ class LlmuxApp:
                         return
                     outcome.complete = True
             except BackendConnectFailed:
-                self.switcher.report_unreachable(model)
+                self.fleet.report_unreachable(model)
                 raise
+
+
+def _policy_factory(config: Config) -> Callable[[], Policy]:
+    return lambda: load_policy(config.policy.name, config.policy.options, config.hook_dir)
 
 
 def _with_model(body: bytes, model: str) -> bytes:

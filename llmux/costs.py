@@ -2,7 +2,8 @@
 
 A switch's cost is the time during which no model serves: the sleep hook plus the wake hook. The
 drain before it is not counted, since the old model is still serving then. Cold starts (nothing
-was active) are kept apart, because waking from idle skips the sleep hook entirely.
+was active) are kept apart, because waking from idle skips the sleep hook entirely. The wake
+hook alone is smoothed per model too: what evicting a model will cost when it is wanted again.
 """
 
 from __future__ import annotations
@@ -16,6 +17,15 @@ class SwitchCostTracker:
         self.alpha = alpha
         self.switches: dict[tuple[str, str], float] = {}
         self.cold_starts: dict[str, float] = {}
+        self.wakes: dict[str, float] = {}
+
+    def observe_wake(self, model: str, seconds: float) -> float:
+        previous = self.wakes.get(model)
+        estimate = (
+            seconds if previous is None else self.alpha * seconds + (1 - self.alpha) * previous
+        )
+        self.wakes[model] = estimate
+        return estimate
 
     def observe(self, from_model: str | None, to_model: str, seconds: float) -> float:
         """Fold one measured cost in and return the new estimate for that pair."""

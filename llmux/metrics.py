@@ -10,12 +10,16 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from llmux import __version__
 from llmux.policy import ModelState
+
+if TYPE_CHECKING:
+    from llmux.config import Config
 
 prometheus_client.disable_created_metrics()
 
@@ -109,6 +113,21 @@ class Metrics:
             "Unix time the model became active; 0 while it is not active",
             ["model"], registry=r,
         )  # fmt: skip
+        self.group_model = Gauge(
+            "llmux_group_model_info",
+            "Always 1: which group each model belongs to",
+            ["group", "model"], registry=r,
+        )  # fmt: skip
+        self.group_capacity = Gauge(
+            "llmux_group_capacity",
+            "The group's capacity (memory_gb or size units; 1 when one model is awake at a time)",
+            ["group"], registry=r,
+        )  # fmt: skip
+        self.group_used = Gauge(
+            "llmux_group_used",
+            "Capacity held now by the group's models that are not asleep",
+            ["group"], registry=r,
+        )  # fmt: skip
         self.build_info = Gauge(
             "llmux_build_info", "Always 1; the version of llmux serving", ["version"], registry=r
         )
@@ -117,6 +136,14 @@ class Metrics:
         self.start_time.set(time.time())
         for name in model_names:
             self.add_model(name)
+
+    def describe_groups(self, config: Config) -> None:
+        """(Re)state which models belong to which group, and each group's capacity."""
+        self.group_model.clear()
+        for group in config.groups.values():
+            self.group_capacity.labels(group.name).set(group.room)
+            for model in group.models:
+                self.group_model.labels(group.name, model).set(1)
 
     def add_model(self, name: str) -> None:
         """Create a model's gauges at zero, so dashboards see it before its first request."""

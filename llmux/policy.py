@@ -18,7 +18,7 @@ import importlib.util
 import math
 import sys
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
@@ -39,6 +39,9 @@ class ModelView:
     queue_depth: int
     oldest_arrival: float | None  # clock time the oldest waiting request arrived
     in_flight: int
+    size: float = 1.0  # what it takes of its group's capacity while awake
+    last_used: float | None = None  # clock time its latest request started
+    demand: float = 0.0  # requests per second, decayed over DEMAND_HALF_LIFE_SECS
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,8 @@ class Snapshot:
     switching: bool  # a switch is in progress: its decision is already made
     switch_costs: Mapping[tuple[str, str], float]  # EMA seconds of no model serving, per (from, to)
     cold_start_costs: Mapping[str, float]  # EMA seconds to wake a model when none was active
+    capacity: float = 1.0  # the group's room; models awake at once must fit (one at a time: 1)
+    wake_costs: Mapping[str, float] = field(default_factory=dict)  # EMA seconds of wake hooks
 
     def active_for(self) -> float:
         return 0.0 if self.active_since is None else self.now - self.active_since
@@ -61,8 +66,31 @@ class Snapshot:
         return self.switch_costs.get((self.active, target))
 
 
+DEMAND_HALF_LIFE_SECS = 300.0
+DEFAULT_WAKE_COST_SECS = 10.0
+
+
 class _QueuedItem(Protocol):
     arrival: float
+
+
+class DemandMeter:
+    """A model's request rate, decayed exponentially: cheap to keep, recent traffic weighs most."""
+
+    def __init__(self) -> None:
+        self._level = 0.0
+        self._at = 0.0
+
+    def record(self, now: float) -> None:
+        self._level = self._decayed(now) + 1.0
+        self._at = now
+
+    def rate(self, now: float) -> float:
+        """Requests per second (the decayed count over the decay's mean lifetime)."""
+        return self._decayed(now) * math.log(2) / DEMAND_HALF_LIFE_SECS
+
+    def _decayed(self, now: float) -> float:
+        return self._level * 0.5 ** (max(0.0, now - self._at) / DEMAND_HALF_LIFE_SECS)
 
 
 class ModelRuntimeLike(Protocol):
@@ -75,6 +103,9 @@ class ModelRuntimeLike(Protocol):
     queue: Sequence[_QueuedItem]
     in_flight: int
     active_since: float | None
+    size: float
+    last_used: float | None
+    demand: DemandMeter
 
 
 def snapshot_of(
@@ -83,10 +114,15 @@ def snapshot_of(
     switching: bool,
     switch_costs: Mapping[tuple[str, str], float],
     cold_start_costs: Mapping[str, float],
+    capacity: float = 1.0,
+    wake_costs: Mapping[str, float] | None = None,
 ) -> Snapshot:
-    """The one way a snapshot is built, so that live and simulated policies see the same thing."""
+    """The one way a snapshot is built, so that live and simulated policies see the same thing.
+
+    `active` is the awake model a switch would put to sleep: the awake one when one model is
+    awake at a time. With a capacity, it is the first eviction the oldest waiting model needs
+    (None when that model fits beside the awake ones); with nobody waiting, the first awake."""
     views = {}
-    active = None
     for model in models:
         views[model.name] = ModelView(
             name=model.name,
@@ -94,18 +130,69 @@ def snapshot_of(
             queue_depth=len(model.queue),
             oldest_arrival=model.queue[0].arrival if model.queue else None,
             in_flight=model.in_flight,
+            size=model.size,
+            last_used=model.last_used,
+            demand=model.demand.rate(now),
         )
-        if model.state is ModelState.ACTIVE and active is None:
-            active = model
-    return Snapshot(
+    snapshot = Snapshot(
         now=now,
         models=views,
-        active=active.name if active else None,
-        active_since=active.active_since if active else None,
+        active=None,
+        active_since=None,
         switching=switching,
         switch_costs=dict(switch_costs),
         cold_start_costs=dict(cold_start_costs),
+        capacity=capacity,
+        wake_costs=dict(wake_costs or {}),
     )
+    awake = [view.name for view in views.values() if view.state is ModelState.ACTIVE]
+    waiting = oldest_waiting_model(snapshot)
+    if waiting is None:
+        displaced = awake[0] if awake else None
+    else:
+        victims = default_evictions(waiting, snapshot)
+        displaced = victims[0] if victims else None
+    if displaced is None:
+        return snapshot
+    active = next(model for model in models if model.name == displaced)
+    return replace(snapshot, active=displaced, active_since=active.active_since)
+
+
+def default_evictions(target: str, snapshot: Snapshot) -> list[str]:
+    """The awake models to put to sleep so that `target` fits: idle ones before busy ones, then
+    those whose loss costs least (recent demand x the cost of waking them again), then the least
+    recently used. Empty when the target fits as things are."""
+    views = snapshot.models
+    others = sum(
+        view.size
+        for view in views.values()
+        if view.state is not ModelState.ASLEEP and view.name != target
+    )
+    excess = others + views[target].size - snapshot.capacity
+    candidates = [v for v in views.values() if v.state is ModelState.ACTIVE and v.name != target]
+
+    def loss(view: ModelView) -> tuple[bool, float, float]:
+        busy = view.in_flight > 0 or view.queue_depth > 0
+        return (busy, view.demand * wake_cost(snapshot, view.name), view.last_used or -math.inf)
+
+    victims = []
+    for view in sorted(candidates, key=loss):
+        if excess <= 1e-9:
+            break
+        victims.append(view.name)
+        excess -= view.size
+    return victims
+
+
+def wake_cost(snapshot: Snapshot, name: str) -> float:
+    """What waking `name` again is expected to cost: its measured wake hook, else its cold start,
+    else the mean of measured switches to it, else a default."""
+    if name in snapshot.wake_costs:
+        return snapshot.wake_costs[name]
+    if name in snapshot.cold_start_costs:
+        return snapshot.cold_start_costs[name]
+    into = [cost for (_, target), cost in snapshot.switch_costs.items() if target == name]
+    return sum(into) / len(into) if into else DEFAULT_WAKE_COST_SECS
 
 
 # Events the switcher reports.

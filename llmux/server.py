@@ -73,7 +73,7 @@ async def running_server(
             listener_closed.set()
 
     async with trio.open_nursery() as nursery:
-        await nursery.start(app.switcher.run)
+        await nursery.start(app.fleet.run)
         urls = await nursery.start(listen)
         try:
             yield RunningServer(app=app, url=urls[0])
@@ -123,17 +123,17 @@ async def serve_forever(
 
 def describe_state(app: LlmuxApp) -> str:
     """One line for systemd's STATUS=: what is awake, or what is happening."""
-    switch = app.switcher.current_switch
-    if switch is not None:
-        return f"switching {switch.from_label} -> {switch.target}"
-    active = next((m.name for m in app.switcher.models.values() if m.state == "active"), None)
-    return f"active: {active}" if active else "idle: no model awake"
+    switches = app.fleet.current_switches.values()
+    if switches:
+        return "; ".join(f"switching {s.from_label} -> {s.target}" for s in switches)
+    active = [m.name for m in app.fleet.models.values() if m.state == "active"]
+    return f"active: {', '.join(active)}" if active else "idle: no model awake"
 
 
 async def _report_status(app: LlmuxApp, notifier: Notifier) -> None:
     last = describe_state(app)
     while True:
-        await app.switcher.wait_for_change()
+        await app.fleet.wait_for_change()
         now = describe_state(app)
         if now != last:
             notifier.send(f"STATUS={now}")

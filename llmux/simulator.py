@@ -7,6 +7,13 @@ min_active_secs, drains the active model's in-flight requests, costs C(from, to)
 no model serves, then releases all of the target's queue. Only the clock and the backends are
 virtual. Deterministic for a given trace and cost function.
 
+Capacity: with `capacity` and per-model `sizes`, several models are awake at once while their
+sizes fit, as in a live group with a capacity: a model that fits is woken without asking the
+policy, and one that does not first drains and puts to sleep the models `default_evictions` (or
+the policy's `evict`) chooses. Evicting several models costs what evicting the first does (sleep
+hooks are short next to a wake). The awake models share one GPU: their requests take turns
+(sequential) or share one batch (batching), so co-residency saves switches, not compute.
+
 Service models:
 - "sequential": the backend serves one request at a time, in the order llmux forwarded them.
 - "parallel": every forwarded request runs at once for its service time (llmux's fake backend).
@@ -27,6 +34,7 @@ from dataclasses import dataclass, field
 from llmux.costs import SwitchCostTracker
 from llmux.policy import (
     CallAt,
+    DemandMeter,
     Event,
     ModelState,
     Policy,
@@ -36,6 +44,7 @@ from llmux.policy import (
     SwitchCompleted,
     SwitchTo,
     TimerFired,
+    default_evictions,
     snapshot_of,
 )
 
@@ -122,9 +131,17 @@ class _Model:
     queue: deque[Request] = field(default_factory=deque)
     in_flight: int = 0
     active_since: float | None = None
-    # backend
+    size: float = 1.0
+    last_used: float | None = None
+    demand: DemandMeter = field(default_factory=DemandMeter)
+
+
+@dataclass
+class _Gpu:
+    """The group's GPU: what its awake models were forwarded, served in turn or in one batch."""
+
     backlog: deque[Request] = field(default_factory=deque)  # forwarded, not yet running
-    running: list[list] = field(default_factory=list)  # batching: [request, tokens left]
+    running: list[list] = field(default_factory=list)  # [request, tokens left] (batching)
     busy_until: float = 0.0  # sequential
 
 
@@ -138,9 +155,17 @@ class Simulator:
         service: ServiceModel = ServiceModel(),
         min_active_secs: float = 0.0,
         policy_name: str = "",
+        capacity: float | None = None,
+        sizes: dict[str, float] | None = None,
     ) -> None:
         self.requests = sorted((Request(**vars(r)) for r in requests), key=lambda r: r.arrival)
-        self.models = {name: _Model(name) for name in models}
+        self.capacity = capacity
+        self.room = 1.0 if capacity is None else capacity
+        self.models = {
+            name: _Model(name, size=1.0 if capacity is None else (sizes or {})[name])
+            for name in models
+        }
+        self.gpu = _Gpu()
         self.policy = policy
         self.switch_cost = switch_cost
         self.service = service
@@ -157,7 +182,7 @@ class Simulator:
         self.busy_time = 0.0
         self._batch_step_pending = False
         self._switch_target: _Model | None = None
-        self._switch_source: _Model | None = None
+        self._victims: list[_Model] = []
 
     # ----- the event loop -----
 
@@ -194,73 +219,78 @@ class Simulator:
 
     def _forward(self, model: _Model, request: Request) -> None:
         model.in_flight += 1
+        model.last_used = self.now
+        model.demand.record(self.now)
         request.started = self.now
-        model.backlog.append(request)
-        self._serve(model)
+        self.gpu.backlog.append(request)
+        self._serve()
 
-    def _complete(self, model: _Model, request: Request) -> None:
+    def _complete(self, request: Request) -> None:
+        model = self.models[request.model]
         request.finished = self.now
         model.in_flight -= 1
         self._consult(RequestCompleted(model.name))
-        if self._draining_done(model):
+        if self._draining_done():
             self._continue_switch()
 
-    # ----- backends -----
+    # ----- the GPU -----
 
-    def _serve(self, model: _Model) -> None:
+    def _serve(self) -> None:
+        gpu = self.gpu
         if self.service.kind == "parallel":
-            while model.backlog:
-                request = model.backlog.popleft()
+            while gpu.backlog:
+                request = gpu.backlog.popleft()
                 self.busy_time += request.service
-                self._at(self.now + request.service, "parallel_done", (model, request))
+                self._at(self.now + request.service, "parallel_done", request)
         elif self.service.kind == "sequential":
-            if model.busy_until <= self.now and model.backlog and not model.running:
-                request = model.backlog.popleft()
-                model.running.append([request, 0])
-                model.busy_until = self.now + request.service
+            if gpu.busy_until <= self.now and gpu.backlog and not gpu.running:
+                request = gpu.backlog.popleft()
+                gpu.running.append([request, 0])
+                gpu.busy_until = self.now + request.service
                 self.busy_time += request.service
-                self._at(model.busy_until, "sequential_done", model)
+                self._at(gpu.busy_until, "sequential_done")
         elif not self._batch_step_pending:
-            self._batch_step(model)
+            self._batch_step()
 
-    def _on_parallel_done(self, payload: tuple[_Model, Request]) -> None:
-        self._complete(*payload)
+    def _on_parallel_done(self, request: Request) -> None:
+        self._complete(request)
 
-    def _on_sequential_done(self, model: _Model) -> None:
-        request, _ = model.running.pop()
-        self._complete(model, request)
-        self._serve(model)
+    def _on_sequential_done(self, _: object) -> None:
+        request, _ = self.gpu.running.pop()
+        self._complete(request)
+        self._serve()
 
-    def _batch_step(self, model: _Model) -> None:
+    def _batch_step(self) -> None:
         """Admit waiting sequences (their prefill pauses the batch), then run decode steps up to
         the next completion; one event per completion, not per token."""
+        gpu = self.gpu
         prefill = 0.0
-        while model.backlog and len(model.running) < self.service.batch:
-            request = model.backlog.popleft()
+        while gpu.backlog and len(gpu.running) < self.service.batch:
+            request = gpu.backlog.popleft()
             prefill += request.prompt_tokens / self.service.prefill_tokens_per_sec
-            model.running.append([request, max(1, request.output_tokens)])
-        if not model.running:
+            gpu.running.append([request, max(1, request.output_tokens)])
+        if not gpu.running:
             return
         # Run to the next completion, but at most MAX_STEPS_PER_EVENT steps, so that a request
         # forwarded meanwhile joins the batch soon (its prefill at the next boundary).
-        steps = min(MAX_STEPS_PER_EVENT, *(left for _, left in model.running))
-        duration = prefill + steps * self.service.step(len(model.running))
+        steps = min(MAX_STEPS_PER_EVENT, *(left for _, left in gpu.running))
+        duration = prefill + steps * self.service.step(len(gpu.running))
         self._batch_step_pending = True
-        self._at(self.now + duration, "batch_progress", (model, steps))
+        self._at(self.now + duration, "batch_progress", steps)
         self.busy_time += duration
 
-    def _on_batch_progress(self, payload: tuple[_Model, int]) -> None:
-        model, steps = payload
+    def _on_batch_progress(self, steps: int) -> None:
+        gpu = self.gpu
         self._batch_step_pending = False
         finished = []
-        for entry in model.running:
+        for entry in gpu.running:
             entry[1] -= steps
             if entry[1] <= 0:
                 finished.append(entry)
-        model.running = [entry for entry in model.running if entry[1] > 0]
+        gpu.running = [entry for entry in gpu.running if entry[1] > 0]
         for request, _ in finished:
-            self._complete(model, request)
-        self._serve(model)
+            self._complete(request)
+        self._serve()
 
     # ----- policy (as Switcher._consult / _apply) -----
 
@@ -271,9 +301,18 @@ class Simulator:
             self._switching,
             self.costs.switches,
             self.costs.cold_starts,
+            self.room,
+            self.costs.wakes,
         )
 
     def _consult(self, event: Event) -> None:
+        if self.capacity is not None and not self._switching:
+            # As the live switcher: waking into free room needs no policy decision.
+            waiting = [m for m in self.models.values() if m.queue and m.state is ModelState.ASLEEP]
+            for model in sorted(waiting, key=lambda m: m.queue[0].arrival):
+                if self._fits(model):
+                    self._start_switch(model)
+                    return
         decision = self.policy.decide(event, self.snapshot())
         if isinstance(decision, SwitchTo):
             target = self.models[decision.model]
@@ -293,10 +332,9 @@ class Simulator:
     def _start_switch(self, target: _Model) -> None:
         self._switching = True
         self._switch_target = target
-        source = self._active()
-        self._switch_source = source
-        if source is not None and source.active_since is not None:
-            serve_until = source.active_since + self.min_active
+        started = [v.active_since for v in self._victims_for(target) if v.active_since is not None]
+        if started:
+            serve_until = max(started) + self.min_active
             if serve_until > self.now:
                 self._at(serve_until, "min_active_over")
                 return
@@ -306,41 +344,47 @@ class Simulator:
         self._begin_drain()
 
     def _begin_drain(self) -> None:
-        target, source = self._switch_target, self._active()
+        target = self._switch_target
         assert target is not None
-        self._switch_source = source
         if not target.queue:
             self._finish_switch(ok=False)
             return
-        if source is None:
-            self._sleep_and_wake()
-            return
-        source.state = ModelState.DRAINING
-        if source.in_flight == 0:
+        self._victims = self._victims_for(target)
+        for victim in self._victims:
+            victim.state = ModelState.DRAINING
+        if not self._victims or self._draining_done():
             self._sleep_and_wake()
 
-    def _draining_done(self, model: _Model) -> bool:
-        return self._switching and model.state is ModelState.DRAINING and model.in_flight == 0
+    def _draining_done(self) -> bool:
+        """The victims of the switch in progress have nothing left in flight."""
+        return (
+            self._switching
+            and bool(self._victims)
+            and all(v.state is ModelState.DRAINING and v.in_flight == 0 for v in self._victims)
+        )
 
     def _continue_switch(self) -> None:
         self._sleep_and_wake()
 
     def _sleep_and_wake(self) -> None:
-        source, target = self._switch_source, self._switch_target
+        target = self._switch_target
         assert target is not None
-        if source is not None:
-            source.state = ModelState.SLEEPING
-            source.active_since = None
+        source = self._victims[0] if self._victims else None
+        for victim in self._victims:
+            victim.state = ModelState.SLEEPING
+            victim.active_since = None
         target.state = ModelState.WAKING
         cost = self.switch_cost(source.name if source else None, target.name)
         self.costs.observe(source.name if source else None, target.name, cost)
+        self.costs.observe_wake(target.name, cost)
         self._at(self.now + cost, "woken")
 
     def _on_woken(self, _: object) -> None:
-        source, target = self._switch_source, self._switch_target
+        target = self._switch_target
         assert target is not None
-        if source is not None:
-            source.state = ModelState.ASLEEP
+        source = self._victims[0] if self._victims else None
+        for victim in self._victims:
+            victim.state = ModelState.ASLEEP
         target.state = ModelState.ACTIVE
         target.active_since = self.now
         self.switches.append((source.name if source else None, target.name, self.now))
@@ -352,11 +396,26 @@ class Simulator:
         target = self._switch_target
         assert target is not None
         self._switching = False
-        self._switch_target = self._switch_source = None
+        self._switch_target = None
+        self._victims = []
         self._consult(SwitchCompleted(target.name, ok))
 
-    def _active(self) -> _Model | None:
-        for model in self.models.values():
-            if model.state is ModelState.ACTIVE:
-                return model
-        return None
+    # ----- capacity (as Switcher._fits / _victims_for) -----
+
+    def _fits(self, target: _Model) -> bool:
+        held = sum(
+            m.size
+            for m in self.models.values()
+            if m.state is not ModelState.ASLEEP and m is not target
+        )
+        return held + target.size <= self.room + 1e-9
+
+    def _victims_for(self, target: _Model) -> list[_Model]:
+        if self._fits(target):
+            return []
+        snapshot = self.snapshot()
+        names = default_evictions(target.name, snapshot)
+        evict = getattr(self.policy, "evict", None)
+        if evict is not None:
+            names = list(evict(target.name, snapshot)) or names
+        return [self.models[name] for name in names]

@@ -10,38 +10,46 @@ import trio
 from llmux import __version__
 from llmux.config import Config
 from llmux.costs import IDLE
-from llmux.switcher import Switcher
+from llmux.fleet import Fleet
+from llmux.policy import ModelState
+from llmux.switcher import SwitchInProgress
 
 
-def status_report(config: Config, switcher: Switcher, started_wall: float) -> dict[str, Any]:
-    active = next((m.name for m in switcher.models.values() if m.state == "active"), None)
-    switch = switcher.current_switch
-    if switch is not None:
+def status_report(config: Config, fleet: Fleet, started_wall: float) -> dict[str, Any]:
+    models = fleet.models
+    active = [name for name, m in models.items() if m.state is ModelState.ACTIVE]
+    switches = fleet.current_switches
+    if switches:
         state = "switching"
-    elif active is not None:
+    elif active:
         state = "active"
     else:
         state = "idle"
     costs = [
         {"from": source, "to": target, "seconds": seconds}
-        for (source, target), seconds in switcher.costs.switches.items()
+        for (source, target), seconds in fleet.costs.switches.items()
     ] + [
-        {"from": IDLE, "to": target, "seconds": s}
-        for target, s in switcher.costs.cold_starts.items()
+        {"from": IDLE, "to": target, "seconds": s} for target, s in fleet.costs.cold_starts.items()
     ]
+    groups = {}
+    for name, group in config.groups.items():
+        members = [models[m] for m in group.models if m in models]
+        groups[name] = {
+            "capacity": group.capacity,
+            "used": sum(m.size for m in members if m.state is not ModelState.ASLEEP),
+            "models": list(group.models),
+            "active_models": [m.name for m in members if m.state is ModelState.ACTIVE],
+            "switch": _switch(switches.get(name)),
+        }
     return {
         "version": __version__,
         "uptime_seconds": round(time.time() - started_wall, 3),
         "state": state,
-        "active_model": active,
-        "switch": None
-        if switch is None
-        else {
-            "from": switch.from_label,
-            "to": switch.target,
-            "elapsed_seconds": round(trio.current_time() - switch.started, 3),
-        },
-        "shutting_down": switcher.closing,
+        "active_model": active[0] if active else None,  # the first; all are in active_models
+        "active_models": active,
+        "switch": _switch(next(iter(switches.values()), None)),
+        "shutting_down": fleet.closing,
+        "groups": groups,
         "models": {
             name: {
                 "state": model.state.value,
@@ -49,8 +57,9 @@ def status_report(config: Config, switcher: Switcher, started_wall: float) -> di
                 "in_flight": model.in_flight,
                 "last_alive": model.last_alive,
                 "port": model.config.port,
+                "group": model.config.group,
             }
-            for name, model in switcher.models.items()
+            for name, model in models.items()
         },
         "switch_costs": costs,
         "policy": {
@@ -60,4 +69,15 @@ def status_report(config: Config, switcher: Switcher, started_wall: float) -> di
             "drain_before_switch": config.policy.drain_before_switch,
             "min_active_secs": config.policy.min_active_secs,
         },
+    }
+
+
+def _switch(switch: SwitchInProgress | None) -> dict[str, Any] | None:
+    if switch is None:
+        return None
+    return {
+        "from": switch.from_label,
+        "to": switch.target,
+        "evicting": list(switch.evicting),
+        "elapsed_seconds": round(trio.current_time() - switch.started, 3),
     }

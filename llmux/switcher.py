@@ -24,8 +24,12 @@ Rules
    beside them (one lifecycle lock).
 3. A switch whose target no longer has anyone waiting (they all left or timed out) stops before it
    puts anything to sleep.
-4. At most one model is ACTIVE, DRAINING, SLEEPING or WAKING at any time (one model awake); the
-   state lives per model so co-residency can be added without a global "active" slot.
+4. A switcher serves one group of models. Models not ASLEEP hold their size of the group's
+   capacity; without a capacity each holds all of it (one model awake at a time). A switch first
+   drains and puts to sleep the awake models the target does not fit beside (the policy's
+   `evict`, or `policy.default_evictions`), then wakes it. In a group with a capacity, a model
+   that fits beside the awake ones is woken without asking the policy: nobody is disturbed.
+5. An ACTIVE model idle for its `ttl_secs` is drained and put to sleep (under the same lock).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from pathlib import Path
 
 import trio
 
-from llmux.config import Config, ModelConfig
+from llmux.config import Config, GroupConfig, ModelConfig
 from llmux.costs import IDLE, SwitchCostTracker
 from llmux.errors import (
     LlmuxError,
@@ -58,6 +62,7 @@ from llmux.metrics import Metrics
 from llmux.policy import (
     CallAt,
     Decision,
+    DemandMeter,
     Event,
     FifoPolicy,
     ModelState,
@@ -68,6 +73,7 @@ from llmux.policy import (
     SwitchCompleted,
     SwitchTo,
     TimerFired,
+    default_evictions,
     snapshot_of,
 )
 
@@ -93,6 +99,7 @@ class Waiter:
 class SwitchInProgress:
     source: str | None
     target: str
+    evicting: tuple[str, ...] = ()  # every model put to sleep for it (source is the first)
     started: float = field(default_factory=trio.current_time)
     started_wall: float = field(default_factory=time.time)
 
@@ -126,6 +133,11 @@ class ModelRuntime:
     last_alive_check: float = 0.0
     last_alive: bool | None = None  # the latest alive hook answer (None: never run, or no hook)
     retiring: bool = False  # removed or replaced by a reload: drained, slept, then forgotten
+    size: float = 1.0  # what it takes of its group's capacity while not ASLEEP
+    idle_since: float = 0.0  # when its in-flight count last reached 0 (for ttl_secs)
+    last_used: float | None = None
+    demand: DemandMeter = field(default_factory=DemandMeter)
+    check_requested: bool = False  # the proxy could not connect: run its alive hook soon
 
     @property
     def name(self) -> str:
@@ -133,14 +145,22 @@ class ModelRuntime:
 
 
 class Switcher:
+    """The models of one group (`config` narrowed to it by `Config.group_config`)."""
+
     def __init__(
-        self, config: Config, policy: Policy, metrics: Metrics, costs: SwitchCostTracker
+        self,
+        config: Config,
+        policy: Policy,
+        metrics: Metrics,
+        costs: SwitchCostTracker,
+        hook_registry: HookRegistry | None = None,
     ) -> None:
         self.config = config
+        self.group: GroupConfig = next(iter(config.groups.values()))
         self.policy = policy
         self.metrics = metrics
         self.costs = costs
-        self.models = {name: ModelRuntime(cfg) for name, cfg in config.models.items()}
+        self.models = {name: self._runtime(cfg) for name, cfg in config.models.items()}
         self._nursery: trio.Nursery | None = None
         self._ready = False
         self._closing = False
@@ -150,13 +170,17 @@ class Switcher:
         self._changed = trio.Event()
         self._timer_deadline = math.inf
         self._timer_scope: trio.CancelScope | None = None
-        self._alive_requested = False
         self.current_switch: SwitchInProgress | None = None
         self._retiring: list[ModelRuntime] = []  # removed or replaced by a reload, still awake
-        state_dir = config.server.state_dir
-        self.hook_registry = HookRegistry(
-            Path(state_dir) if state_dir else default_state_dir(), config.path
-        )
+        if hook_registry is None:
+            state_dir = config.server.state_dir
+            hook_registry = HookRegistry(
+                Path(state_dir) if state_dir else default_state_dir(), config.path
+            )
+        self.hook_registry = hook_registry
+
+    def _runtime(self, config: ModelConfig) -> ModelRuntime:
+        return ModelRuntime(config, size=self.group.size_of(config))
 
     # ----- running -----
 
@@ -165,12 +189,12 @@ class Switcher:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
-            # Hooks a crashed llmux left running must stop before we ask what is awake.
-            await self.hook_registry.stop_survivors()
             await self.reconcile()
+            await self.preload()
             self._ready = True
             nursery.start_soon(self._timer_loop)
             nursery.start_soon(self._alive_loop)
+            nursery.start_soon(self._ttl_loop)
             # Requests that queued during reconciliation reach the policy now, oldest first.
             waiting = sorted(
                 (m for m in self.models.values() if m.queue), key=lambda m: m.queue[0].arrival
@@ -179,8 +203,8 @@ class Switcher:
                 self._consult(RequestArrived(model.name))
 
     async def reconcile(self) -> None:
-        """Adopt a model that is already serving; if several are, keep the first in config order
-        and put the others to sleep."""
+        """Adopt the models that already serve, in config order while they fit, and put the
+        others to sleep (one at a time: the first in config order is kept)."""
         alive: dict[str, bool | None] = {}
 
         async def check(model: ModelRuntime) -> None:
@@ -191,22 +215,55 @@ class Switcher:
                 nursery.start_soon(check, model)
         awake = [name for name in self.models if alive.get(name)]
         if not awake:
-            log.info("no model is serving at start-up; llmux is idle")
+            log.info("no model of group %s is serving at start-up", self.group.name)
             return
-        keep, *extra = awake
-        self._activate(self.models[keep])
-        log_event(
-            log, "model_activated", f"{keep} already serves: adopted as the active model",
-            model=keep, adopted=True,
-        )  # fmt: skip
+        extra = []
+        for name in awake:
+            model = self.models[name]
+            if not self._fits(model):
+                extra.append(name)
+                continue
+            self._activate(model)
+            log_event(
+                log, "model_activated", f"{name} already serves: adopted as an active model",
+                model=name, adopted=True,
+            )  # fmt: skip
         async with self._lifecycle_lock:
             for name in extra:
                 log.warning("%s is also serving at start-up; putting it to sleep", name)
                 result = await self._run_hook(self.models[name], "sleep")
                 if not result.ok:
                     log.error(
-                        "could not put %s to sleep at start-up: two models may be awake", name
-                    )
+                        "could not put %s to sleep at start-up: more models may be awake than "
+                        "fit", name
+                    )  # fmt: skip
+
+    async def preload(self) -> None:
+        """Wake the configured `preload` models, in order, while they fit; requests that arrive
+        meanwhile queue until it is done."""
+        for name in self.config.preload:
+            model = self.models[name]
+            if model.state is ModelState.ACTIVE:
+                continue
+            if not self._fits(model):
+                awake = ", ".join(m.name for m in self._awake())
+                log.warning(
+                    "preload: %s does not fit beside %s in group %s; left asleep",
+                    name, awake, self.group.name,
+                )  # fmt: skip
+                continue
+            async with self._lifecycle_lock:
+                result = await self._wake(model, None)
+                if not result.ok:
+                    continue
+                self._activate(model)
+                self.costs.observe_wake(name, result.duration)
+                estimate = self.costs.observe(None, name, result.duration)
+                self.metrics.switch_cost_ema.labels(IDLE, name).set(estimate)
+            log_event(
+                log, "model_activated", f"{name} preloaded in {result.duration:.2f}s",
+                model=name, preload=True, cost_seconds=result.duration,
+            )  # fmt: skip
 
     # ----- requests -----
 
@@ -276,10 +333,15 @@ class Switcher:
 
     def _start_request(self, model: ModelRuntime) -> None:
         model.in_flight += 1
+        now = trio.current_time()
+        model.last_used = now
+        model.demand.record(now)
         self._update_in_flight_gauge(model.name)
 
     def _release(self, model: ModelRuntime) -> None:
         model.in_flight -= 1
+        if model.in_flight == 0:
+            model.idle_since = trio.current_time()
         self._update_in_flight_gauge(model.name)
         if model.queue and model.state is ModelState.ACTIVE:
             self._grant_waiting(model)  # a request held back by max_in_flight_per_model
@@ -316,7 +378,7 @@ class Switcher:
     def report_unreachable(self, name: str) -> None:
         """The proxy could not connect to an ACTIVE model: check at once whether it still serves."""
         if self.models[name].state is ModelState.ACTIVE:
-            self._alive_requested = True
+            self.models[name].check_requested = True
             self._notify()
 
     # ----- reload -----
@@ -332,6 +394,7 @@ class Switcher:
         awake at once."""
         old_configs = {name: model.config for name, model in self.models.items()}
         self.config = config
+        self.group = next(iter(config.groups.values()))
         if policy is not None:
             self.policy = policy
         runtimes: dict[str, ModelRuntime] = {}
@@ -339,17 +402,18 @@ class Switcher:
         for name, cfg in config.models.items():
             runtime = self.models.get(name)
             if runtime is None:
-                runtime = ModelRuntime(cfg)
+                runtime = self._runtime(cfg)
                 self.metrics.add_model(name)
             elif runtime.config != cfg:
                 changed.append(name)
                 if runtime.state is not ModelState.ASLEEP and _needs_restart(runtime.config, cfg):
-                    replacement = ModelRuntime(cfg)
+                    replacement = self._runtime(cfg)
                     replacement.queue, runtime.queue = runtime.queue, deque()
                     self._retire(runtime)
                     runtime = replacement
                     self.metrics.set_state(name, ModelState.ASLEEP)
                 runtime.config = cfg
+                runtime.size = self.group.size_of(cfg)
             runtimes[name] = runtime
         removed = [model for name, model in self.models.items() if name not in config.models]
         for model in removed:
@@ -443,11 +507,19 @@ class Switcher:
             self._switch_running,
             self.costs.switches,
             self.costs.cold_starts,
+            self.group.room,
+            self.costs.wakes,
         )
 
     def _consult(self, event: Event) -> None:
         if not self._ready or self._closing:
             return
+        if self.group.capacity is not None and not self._switch_running:
+            # Waking a model into free room disturbs nobody: no policy decision to make.
+            for model in sorted(self._waiting(), key=lambda m: m.queue[0].arrival):
+                if model.state is ModelState.ASLEEP and self._fits(model):
+                    self._apply(SwitchTo(model.name))
+                    return
         snapshot = self.snapshot()
         try:
             decision = self.policy.decide(event, snapshot)
@@ -505,11 +577,12 @@ class Switcher:
         """Drain, sleep, wake; returns whether the target ended up ACTIVE."""
         policy = self.config.policy
         await trio.sleep_until(self._retry_at)
-        source = self._active()
-        if not target.queue or source is target:
+        if not target.queue or target.state is ModelState.ACTIVE:
             return False  # stale: everyone who wanted it left, or it is already serving
-        if source is not None and source.active_since is not None:
-            serve_until = source.active_since + policy.min_active_secs
+        victims = self._victims_for(target)
+        started = [v.active_since for v in victims if v.active_since is not None]
+        if started:
+            serve_until = max(started) + policy.min_active_secs
             with trio.move_on_at(serve_until):
                 await self._wait_until(lambda: not target.queue)
             if not target.queue:
@@ -517,40 +590,51 @@ class Switcher:
         # A model a reload retired may still be awake: never wake another beside it.
         await self._wait_until(lambda: not self._retiring)
         async with self._lifecycle_lock:
-            source = self._active()  # an alive check may have marked it asleep while we waited
-            if not target.queue or source is target:
+            if not target.queue or target.state is ModelState.ACTIVE:
                 return False
-            self.current_switch = SwitchInProgress(source.name if source else None, target.name)
+            # Again: an alive check or an idle sleep may have changed what is awake meanwhile.
+            victims = self._victims_for(target)
+            source = victims[0] if victims else None
+            self.current_switch = SwitchInProgress(
+                source.name if source else None, target.name, tuple(v.name for v in victims)
+            )
             labels = (self.current_switch.from_label, target.name)
             self.metrics.switch_in_progress.labels(*labels).set(self.current_switch.started_wall)
             try:
-                return await self._drain_sleep_wake(source, target)
+                return await self._drain_sleep_wake(victims, target)
             finally:
                 self.metrics.switch_in_progress.remove(*labels)
                 self.current_switch = None
 
-    async def _drain_sleep_wake(self, source: ModelRuntime | None, target: ModelRuntime) -> bool:
+    async def _drain_sleep_wake(self, victims: list[ModelRuntime], target: ModelRuntime) -> bool:
         switch = self.current_switch
         assert switch is not None
+        source = victims[0] if victims else None
         from_label = switch.from_label
         fields = {"from": from_label, "to": target.name}
-        log_event(log, "switch_started", f"switching {from_label} -> {target.name}", **fields)
+        evicting = f" (putting {', '.join(switch.evicting)} to sleep)" if len(victims) > 1 else ""
+        log_event(
+            log, "switch_started", f"switching {from_label} -> {target.name}{evicting}",
+            evicting=list(switch.evicting), **fields,
+        )  # fmt: skip
         sleep_seconds = drain_seconds = 0.0
-        if source is not None:
-            drained = await self._drain(source, target)
+        if victims:
+            drained = await self._drain(victims, target)
             if drained is None:
                 return False
             drain_seconds = drained
-            sleep_result = await self._put_to_sleep(source, target)
-            if sleep_result is None:
-                self.metrics.switch_total.labels(from_label, target.name, "abandoned").inc()
-                return False
-            sleep_seconds = sleep_result.duration
+            for victim in victims:
+                sleep_result = await self._put_to_sleep(victim, target)
+                if sleep_result is None:
+                    self.metrics.switch_total.labels(from_label, target.name, "abandoned").inc()
+                    return False
+                sleep_seconds += sleep_result.duration
         wake_result = await self._wake(target, source)
         if not wake_result.ok:
             self.metrics.switch_total.labels(from_label, target.name, "failed").inc()
             return False
         self._activate(target)
+        self.costs.observe_wake(target.name, wake_result.duration)
         cost = sleep_seconds + wake_result.duration
         took = trio.current_time() - switch.started
         estimate = self.costs.observe(source.name if source else None, target.name, cost)
@@ -565,24 +649,30 @@ class Switcher:
         )  # fmt: skip
         return True
 
-    async def _drain(self, source: ModelRuntime, target: ModelRuntime) -> float | None:
-        """Stop admitting to `source` and wait for its in-flight requests; returns how long that
-        took, or None if the target's waiters all left meanwhile (the switch is called off and
-        `source` serves on)."""
-        self._set_state(source, ModelState.DRAINING)
+    async def _drain(self, victims: list[ModelRuntime], target: ModelRuntime) -> float | None:
+        """Stop admitting to the victims and wait for their in-flight requests; returns how long
+        that took, or None if the target's waiters all left meanwhile (the switch is called off
+        and the victims serve on)."""
+        for victim in victims:
+            self._set_state(victim, ModelState.DRAINING)
         began = trio.current_time()
         if self.config.policy.drain_before_switch:
-            await self._wait_until(lambda: source.in_flight == 0 or not target.queue)
+            await self._wait_until(
+                lambda: all(v.in_flight == 0 for v in victims) or not target.queue
+            )
         drained = trio.current_time() - began
-        self.metrics.switch_drain_duration.labels(source.name).observe(drained)
+        for victim in victims:
+            self.metrics.switch_drain_duration.labels(victim.name).observe(drained)
         if not target.queue:
+            source = victims[0].name
             log_event(
-                log, "switch_cancelled", f"switch {source.name} -> {target.name} called off: "
+                log, "switch_cancelled", f"switch {source} -> {target.name} called off: "
                 f"nobody waits for {target.name} any more",
-                **{"from": source.name, "to": target.name},
+                **{"from": source, "to": target.name},
             )  # fmt: skip
-            self._set_state(source, ModelState.ACTIVE)
-            self._grant_waiting(source)
+            for victim in victims:
+                self._set_state(victim, ModelState.ACTIVE)
+                self._grant_waiting(victim)
             return None
         return drained
 
@@ -661,19 +751,63 @@ class Switcher:
         a failed check marks it ASLEEP so the next request wakes it instead of getting 502s."""
         while True:
             deadline = math.inf
-            model = self._active()
-            if model is not None and model.config.alive is not None and not self._switch_running:
-                due_at = model.last_alive_check + model.config.alive_interval_secs
-                idle = model.in_flight == 0
-                if self._alive_requested or (idle and trio.current_time() >= due_at):
-                    self._alive_requested = False
-                    await self._periodic_alive_check(model)
-                    continue
-                if idle:
-                    deadline = due_at
+            due = None
+            if not self._switch_running:
+                for model in self._awake():
+                    if model.config.alive is None:
+                        continue
+                    due_at = model.last_alive_check + model.config.alive_interval_secs
+                    idle = model.in_flight == 0
+                    if model.check_requested or (idle and trio.current_time() >= due_at):
+                        due = model
+                        break
+                    if idle:
+                        deadline = min(deadline, due_at)
+            if due is not None:
+                due.check_requested = False
+                await self._periodic_alive_check(due)
+                continue
             changed = self._changed
             with trio.move_on_at(deadline):
                 await changed.wait()
+
+    async def _ttl_loop(self) -> None:
+        """Put an ACTIVE model to sleep once it has been idle for its ttl_secs."""
+        while True:
+            deadline = math.inf
+            due = None
+            for model in self._awake():
+                if model.config.ttl_secs <= 0 or model.in_flight or model.queue:
+                    continue
+                expires = max(model.idle_since, model.active_since or 0.0) + model.config.ttl_secs
+                if trio.current_time() >= expires and not self._switch_running:
+                    due = model
+                    break
+                deadline = min(deadline, expires)
+            if due is not None:
+                await self._idle_sleep(due)
+                continue
+            changed = self._changed
+            with trio.move_on_at(deadline):
+                await changed.wait()
+
+    async def _idle_sleep(self, model: ModelRuntime) -> None:
+        async with self._lifecycle_lock:
+            if model.state is not ModelState.ACTIVE or model.in_flight or model.queue:
+                return  # it got work while we waited for the lock
+            idle = trio.current_time() - max(model.idle_since, model.active_since or 0.0)
+            log_event(
+                log, "model_idle_sleep", f"{model.name} idle for {idle:.1f}s (ttl_secs "
+                f"{model.config.ttl_secs:g}): putting it to sleep", model=model.name, idle=idle,
+            )  # fmt: skip
+            result = await self._drain_and_sleep(model)
+            if not result.ok and await self._check_alive(model) is not False:
+                log.error("idle sleep of %s failed; it stays active", model.name)
+                self._activate(model)
+                return
+            self._set_state(model, ModelState.ASLEEP)
+            model.active_since = None
+        self._consult(TimerFired())  # requests that queued during the sleep hook
 
     async def _periodic_alive_check(self, model: ModelRuntime) -> None:
         async with self._lifecycle_lock:
@@ -728,11 +862,54 @@ class Switcher:
             self.metrics.hook_failures.labels(model.name, hook).inc()
         return result
 
-    def _active(self) -> ModelRuntime | None:
-        for model in self.models.values():
-            if model.state is ModelState.ACTIVE:
-                return model
-        return None
+    def _awake(self) -> list[ModelRuntime]:
+        return [m for m in self.models.values() if m.state is ModelState.ACTIVE]
+
+    def _waiting(self) -> list[ModelRuntime]:
+        return [m for m in self.models.values() if m.queue and m.state is not ModelState.ACTIVE]
+
+    def _fits(self, target: ModelRuntime) -> bool:
+        """Whether `target` fits beside every model that holds memory now."""
+        held = sum(
+            m.size
+            for m in (*self.models.values(), *self._retiring)
+            if m.state is not ModelState.ASLEEP and m is not target
+        )
+        return held + target.size <= self.group.room + 1e-9
+
+    def _victims_for(self, target: ModelRuntime) -> list[ModelRuntime]:
+        """The awake models to put to sleep so that `target` fits: the policy's `evict` if it
+        has one and its answer frees enough, else `policy.default_evictions`."""
+        if self._fits(target):
+            return []
+        snapshot = self.snapshot()
+        names = default_evictions(target.name, snapshot)
+        evict = getattr(self.policy, "evict", None)
+        if evict is not None:
+            try:
+                chosen = list(evict(target.name, snapshot))
+            except Exception:
+                log.exception(
+                    "policy %r failed to choose evictions; using the default", self.policy
+                )
+            else:
+                if self._frees_enough(target, chosen):
+                    names = chosen
+                else:
+                    log.error("policy chose evictions %r that do not make room for %s; using %r",
+                              chosen, target.name, names)  # fmt: skip
+        return [self.models[name] for name in names]
+
+    def _frees_enough(self, target: ModelRuntime, names: list[str]) -> bool:
+        models = [self.models.get(name) for name in names]
+        if any(m is None or m is target or m.state is not ModelState.ACTIVE for m in models):
+            return False
+        held = sum(
+            m.size
+            for m in self.models.values()
+            if m.state is not ModelState.ASLEEP and m is not target and m.name not in names
+        )
+        return held + target.size <= self.group.room + 1e-9
 
     def _update_in_flight_gauge(self, name: str) -> None:
         """In flight under this name: the current runtime's and any retiring one's."""
@@ -745,6 +922,12 @@ class Switcher:
         if self.models.get(model.name) is model or model.name not in self.models:
             # A replaced model's retirement must not overwrite its successor's state.
             self.metrics.set_state(model.name, state)
+        held = sum(
+            m.size
+            for m in (*self.models.values(), *self._retiring)
+            if m.state is not ModelState.ASLEEP
+        )
+        self.metrics.group_used.labels(self.group.name).set(held)
         self._notify()
 
     async def wait_for_change(self) -> None:

@@ -186,7 +186,7 @@ async def run_chaos(folder: Path, requests: int, seed: int, concurrency: int = 1
     try:
         config = load_config(path).with_listen("127.0.0.1", 0)
         async with running_server(config) as server:
-            switcher = server.app.switcher
+            switcher = server.app.fleet
             plan = [
                 (
                     rng.choice(MODELS),

@@ -30,7 +30,7 @@ async def test_switch_hook_and_request_events_carry_their_fields(fakes, tmp_path
         await client.post("/v1/chat/completions", json=chat("a"))
         await client.post("/v1/chat/completions", json=chat("b"))
     found = events(caplog)
-    assert {"from": "a", "to": "b"} in found["switch_started"]
+    assert {"from": "a", "to": "b", "evicting": ["a"]} in found["switch_started"]
     activated = next(f for f in found["model_activated"] if f["model"] == "b")
     assert activated["from"] == "a" and activated["switch_seconds"] >= activated["cost_seconds"] > 0
     wakes = [f for f in found["hook_completed"] if f["hook"] == "wake"]

@@ -101,7 +101,7 @@ async def test_changed_timeouts_apply_in_place(fakes, tmp_path):
         assert (await client.post("/v1/chat/completions", json=chat("a"))).status_code == 200
         write_config(tmp_path, fake_model_block(a, alive_interval_secs=77))
         assert server.app.reload()
-        assert server.app.switcher.models["a"].config.alive_interval_secs == 77
+        assert server.app.fleet.models["a"].config.alive_interval_secs == 77
         assert (await _states(client))["a"] == "active"
     assert a.state()["wakes"] == 1
 

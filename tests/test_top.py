@@ -136,6 +136,12 @@ async def test_status_reports_a_switch_in_progress(fakes, tmp_path):
     assert after["state"] == "active" and after["active_model"] == "a"
     assert after["models"]["a"] == {
         "state": "active", "queue_depth": 0, "in_flight": 0, "last_alive": None, "port": a.port,
+        "group": "default",
+    }  # fmt: skip
+    assert after["groups"] == {
+        "default": {
+            "capacity": None, "used": 1.0, "models": ["a"], "active_models": ["a"], "switch": None,
+        },
     }  # fmt: skip
     assert after["policy"]["name"] == "cost_aware"
     assert [c["from"] for c in after["switch_costs"]] == ["idle"]

@@ -1,0 +1,157 @@
+"""The fleet: one switcher per group of models, behind the one face the app talks to.
+
+Groups share nothing but llmux's process: each has its own switcher (states, queues, lifecycle
+lock) and its own policy instance, so a switch on one GPU never waits for a switch on another.
+The fleet routes each call to the group of the model it names, and runs, shuts down and reloads
+all of them together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import trio
+
+from llmux.config import Config
+from llmux.costs import SwitchCostTracker
+from llmux.hook_registry import HookRegistry, default_state_dir
+from llmux.metrics import Metrics
+from llmux.policy import Policy
+from llmux.switcher import ModelRuntime, ReloadSummary, Slot, Switcher, SwitchInProgress
+
+
+class GroupsChanged(Exception):
+    """A reload that adds or removes groups, or moves a model between them: needs a restart."""
+
+
+class Fleet:
+    def __init__(
+        self,
+        config: Config,
+        make_policy: Callable[[], Policy],
+        metrics: Metrics,
+        costs: SwitchCostTracker,
+    ) -> None:
+        self.config = config
+        self.costs = costs
+        self.metrics = metrics
+        state_dir = config.server.state_dir
+        self.hook_registry = HookRegistry(
+            Path(state_dir) if state_dir else default_state_dir(), config.path
+        )
+        self.switchers = {
+            name: Switcher(config.group_config(name), make_policy(), metrics, costs,
+                           self.hook_registry)
+            for name in config.groups
+        }  # fmt: skip
+        metrics.describe_groups(config)
+
+    # ----- running -----
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Stop hooks a crashed llmux left running, then run every group's switcher."""
+        async with trio.open_nursery() as nursery:
+            # Before any group asks its backends what is awake.
+            await self.hook_registry.stop_survivors()
+            for switcher in self.switchers.values():
+                await nursery.start(switcher.run)
+            task_status.started()
+
+    async def shutdown(self, timeout: float) -> None:
+        async with trio.open_nursery() as nursery:
+            for switcher in self.switchers.values():
+                nursery.start_soon(switcher.shutdown, timeout)
+
+    def reconfigure(
+        self, config: Config, make_policy: Callable[[], Policy] | None
+    ) -> ReloadSummary:
+        """Apply a reloaded config group by group; raise GroupsChanged (changing nothing) when
+        groups were added or removed or a model moved to another group."""
+        if set(config.groups) != set(self.config.groups):
+            raise GroupsChanged("groups were added or removed: restart llmux to apply that")
+        for name, model in config.models.items():
+            old = self.config.models.get(name)
+            if old is not None and old.group != model.group:
+                raise GroupsChanged(
+                    f"model {name!r} moved from group {old.group!r} to {model.group!r}: "
+                    "restart llmux to apply that"
+                )
+        summaries = [
+            switcher.reconfigure(config.group_config(group), make_policy() if make_policy else None)
+            for group, switcher in self.switchers.items()
+        ]
+        self.config = config
+        self.metrics.describe_groups(config)
+        return ReloadSummary(
+            added=[n for s in summaries for n in s.added],
+            removed=[n for s in summaries for n in s.removed],
+            changed=[n for s in summaries for n in s.changed],
+        )
+
+    # ----- requests -----
+
+    def switcher_of(self, model: str) -> Switcher:
+        return self.switchers[self.config.models[model].group]
+
+    @asynccontextmanager
+    async def serving(self, model: str) -> AsyncIterator[Slot]:
+        group = self._group_holding(model)
+        async with self.switchers[group].serving(model) as slot:
+            yield slot
+
+    def _group_holding(self, model: str) -> str:
+        cfg = self.config.models.get(model)
+        if cfg is not None:
+            return cfg.group
+        # Removed by a reload: let a group refuse it with its own error.
+        return next(iter(self.switchers))
+
+    def report_unreachable(self, model: str) -> None:
+        self.switcher_of(model).report_unreachable(model)
+
+    async def put_to_sleep(self, model: str) -> None:
+        await self.switcher_of(model).put_to_sleep(model)
+
+    async def sleep_all(self) -> None:
+        async with trio.open_nursery() as nursery:
+            for switcher in self.switchers.values():
+                nursery.start_soon(switcher.sleep_all)
+
+    # ----- state -----
+
+    @property
+    def models(self) -> dict[str, ModelRuntime]:
+        """Every model's runtime, in config order."""
+        runtimes = {}
+        for switcher in self.switchers.values():
+            runtimes.update(switcher.models)
+        return {name: runtimes[name] for name in self.config.models if name in runtimes}
+
+    @property
+    def closing(self) -> bool:
+        return any(switcher.closing for switcher in self.switchers.values())
+
+    @property
+    def current_switches(self) -> dict[str, SwitchInProgress]:
+        """The switch running in each group that has one."""
+        return {
+            group: switcher.current_switch
+            for group, switcher in self.switchers.items()
+            if switcher.current_switch is not None
+        }
+
+    def total_in_flight(self) -> int:
+        return sum(switcher.total_in_flight() for switcher in self.switchers.values())
+
+    async def wait_for_change(self) -> None:
+        """Return after the next change in any group."""
+        async with trio.open_nursery() as nursery:
+
+            async def first(switcher: Switcher) -> None:
+                await switcher.wait_for_change()
+                nursery.cancel_scope.cancel()
+
+            for switcher in self.switchers.values():
+                nursery.start_soon(first, switcher)

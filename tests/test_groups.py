@@ -1,0 +1,200 @@
+"""Beyond one model at a time: co-residency within a group's capacity, eviction after a drain,
+groups switching in parallel, idle sleep (ttl_secs) and preload. Fake backends are processes,
+hooks are shell commands, llmux listens on a real socket."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import trio
+
+from tests.conftest import (
+    chat,
+    fake_model_block,
+    llmux_running,
+    metric_value,
+    stream_all,
+    write_config,
+)
+
+
+def groups_table(**groups: tuple[float | None, list[str]]) -> str:
+    lines = []
+    for name, (capacity, models) in groups.items():
+        lines.append(f"[groups.{name}]")
+        if capacity is not None:
+            lines.append(f"capacity = {capacity}")
+        lines.append("models = [" + ", ".join(f'"{m}"' for m in models) + "]")
+    return "\n".join(lines) + "\n"
+
+
+async def states(client) -> dict[str, str]:
+    return {m["id"]: m["llmux"]["state"] for m in (await client.get("/v1/models")).json()["data"]}
+
+
+async def settle(client, expected: dict[str, str], within: float = 3.0) -> None:
+    """Wait until the models are in the expected states (start-up work runs in the background)."""
+    with trio.move_on_after(within):
+        while await states(client) != expected:
+            await trio.sleep(0.05)
+    assert await states(client) == expected
+
+
+async def test_two_models_that_fit_serve_at_once_without_switching(fakes, tmp_path):
+    a, b = fakes.start("a", "b", wake_delay=0.05, token_interval=0.05)
+    blocks = fake_model_block(a, memory_gb=30) + fake_model_block(b, memory_gb=40)
+    path = write_config(tmp_path, groups_table(gpu0=(80, ["a", "b"])) + blocks)
+    async with llmux_running(path) as (_, client):
+        results = {}
+
+        async def stream(model: str) -> None:
+            results[model] = await stream_all(client, model, 20)  # 1 s of tokens
+
+        started = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stream, "a")
+            nursery.start_soon(stream, "b")
+        took = trio.current_time() - started
+        status = (await client.get("/llmux/status")).json()
+        metrics = (await client.get("/metrics")).text
+    assert all(code == 200 and text.count('"content"') == 20 for code, text in results.values())
+    assert took < 1.8, f"the two streams did not run side by side ({took:.2f}s)"
+    assert a.state()["sleeps"] == b.state()["sleeps"] == 0
+    assert status["active_models"] == ["a", "b"]
+    assert status["groups"]["gpu0"] == {
+        "capacity": 80, "used": 70, "models": ["a", "b"], "active_models": ["a", "b"],
+        "switch": None,
+    }  # fmt: skip
+    assert metric_value(metrics, "llmux_group_capacity", group="gpu0") == 80
+    assert metric_value(metrics, "llmux_group_used", group="gpu0") == 70
+    assert metric_value(metrics, "llmux_group_model_info", group="gpu0", model="b") == 1
+
+
+async def test_a_model_that_does_not_fit_evicts_the_one_with_least_demand(fakes, tmp_path):
+    a, b, c = fakes.start("a", "b", "c", wake_delay=0.05)
+    blocks = "".join(fake_model_block(f, memory_gb=30) for f in (a, b)) + fake_model_block(
+        c, memory_gb=40
+    )
+    path = write_config(tmp_path, groups_table(gpu0=(80, ["a", "b", "c"])) + blocks)
+    async with llmux_running(path) as (_, client):
+        for _ in range(4):
+            await client.post("/v1/chat/completions", json=chat("a", max_tokens=1))
+        await client.post("/v1/chat/completions", json=chat("b", max_tokens=1))
+        # b was used last, but a is in demand: least recently used alone would evict a.
+        response = await client.post("/v1/chat/completions", json=chat("c", max_tokens=1))
+        after = await states(client)
+    assert response.status_code == 200
+    assert after == {"a": "active", "b": "asleep", "c": "active"}
+    assert b.state()["sleeps"] == 1 and a.state()["sleeps"] == 0
+
+
+async def test_eviction_prefers_an_idle_model_and_drains_a_busy_one(fakes, tmp_path):
+    a, b, c = fakes.start("a", "b", "c", wake_delay=0.05, token_interval=0.05)
+    blocks = "".join(fake_model_block(f, memory_gb=40) for f in (a, b, c))
+    path = write_config(tmp_path, groups_table(gpu0=(80, ["a", "b", "c"])) + blocks)
+    async with llmux_running(path) as (_, client):
+        for model in "bbbaaa":
+            await client.post("/v1/chat/completions", json=chat(model, max_tokens=1))
+        results = {}
+
+        async def long_a() -> None:
+            results["a"] = await stream_all(client, "a", 20)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(long_a)
+            await trio.sleep(0.2)
+            # a is busy, b is idle (though in more demand): b goes, a keeps streaming.
+            first = await client.post("/v1/chat/completions", json=chat("c", max_tokens=1))
+            assert first.status_code == 200
+            assert (await states(client))["a"] == "active"
+        assert b.state()["sleeps"] == 1 and a.state()["sleeps"] == 0
+        # Now b is wanted again and both awake models are idle: c (less demand) goes.
+        await client.post("/v1/chat/completions", json=chat("b", max_tokens=1))
+        assert (await states(client)) == {"a": "active", "b": "active", "c": "asleep"}
+        # Only busy models left to evict: the one chosen is drained first, its stream whole.
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(stream_all, client, "a", 20))
+            nursery.start_soon(partial(stream_all, client, "b", 20))
+            await trio.sleep(0.2)
+            late = await stream_all(client, "c", 1)
+            assert late[0] == 200
+    assert results["a"][0] == 200 and results["a"][1].count('"content"') == 20
+    for fake in (a, b, c):
+        assert fake.state()["slept_while_busy"] == 0
+        assert fake.state()["rejected_while_asleep"] == 0
+
+
+async def test_two_groups_switch_in_parallel(fakes, tmp_path):
+    a, b, c, d = fakes.start("a", "b", "c", "d", wake_delay=1.0, sleep_delay=0.0)
+    blocks = "".join(fake_model_block(f) for f in (a, b, c, d))
+    path = write_config(
+        tmp_path, groups_table(gpu0=(None, ["a", "b"]), gpu1=(None, ["c", "d"])) + blocks
+    )
+    async with llmux_running(path) as (_, client):
+
+        async def both(first: str, second: str) -> float:
+            started = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                for model in (first, second):
+                    nursery.start_soon(
+                        partial(client.post, "/v1/chat/completions", json=chat(model))
+                    )
+            return trio.current_time() - started
+
+        cold = await both("a", "c")
+        switched = await both("b", "d")
+        after = await states(client)
+    # Each wake takes 1 s: one after the other would take 2 s or more.
+    assert cold < 1.8 and switched < 1.8, (cold, switched)
+    assert after == {"a": "asleep", "b": "active", "c": "asleep", "d": "active"}
+
+
+async def test_an_idle_model_goes_to_sleep_after_its_ttl(fakes, tmp_path):
+    a, b = fakes.start("a", "b", wake_delay=0.05, token_interval=0.05)
+    blocks = fake_model_block(a, ttl_secs=0.6) + fake_model_block(b)
+    path = write_config(tmp_path, blocks, defaults={"ttl_secs": 0})
+    async with llmux_running(path) as (_, client):
+        # A stream longer than the ttl: busy is not idle.
+        status, _ = await stream_all(client, "a", 20)
+        assert status == 200 and (await states(client))["a"] == "active"
+        await trio.sleep(0.3)
+        assert (await states(client))["a"] == "active"
+        with trio.fail_after(2):
+            while (await states(client))["a"] != "asleep":
+                await trio.sleep(0.05)
+        assert a.state()["sleeps"] == 1 and a.state()["slept_while_busy"] == 0
+        # Without a ttl (the [defaults] 0), b stays awake.
+        await client.post("/v1/chat/completions", json=chat("b", max_tokens=1))
+        await trio.sleep(1.0)
+        assert (await states(client))["b"] == "active"
+        # The next request for a simply wakes it again.
+        again = await client.post("/v1/chat/completions", json=chat("a", max_tokens=1))
+        assert again.status_code == 200
+
+
+async def test_preload_wakes_models_in_order_within_capacity(fakes, tmp_path, caplog):
+    a, b, c = fakes.start("a", "b", "c", wake_delay=0.05)
+    blocks = (
+        fake_model_block(a, memory_gb=30)
+        + fake_model_block(b, memory_gb=30)
+        + fake_model_block(c, memory_gb=40)
+    )
+    path = write_config(
+        tmp_path,
+        groups_table(gpu0=(80, ["a", "b", "c"])) + blocks,
+        top='preload = ["c", "a", "b"]',
+    )
+    async with llmux_running(path) as (_, client):
+        # c (40) and a (30) fit in 80; b (30) would not, and is left asleep.
+        await settle(client, {"a": "active", "b": "asleep", "c": "active"})
+    assert a.state()["wakes"] == c.state()["wakes"] == 1 and b.state()["wakes"] == 0
+    assert "preload: b does not fit" in caplog.text
+
+
+async def test_preload_in_a_one_at_a_time_group(fakes, tmp_path):
+    a, b = fakes.start("a", "b", wake_delay=0.05)
+    path = write_config(tmp_path, fake_model_block(a) + fake_model_block(b), top='preload = ["b"]')
+    async with llmux_running(path) as (_, client):
+        await settle(client, {"a": "asleep", "b": "active"})
+        response = await client.post("/v1/chat/completions", json=chat("b", max_tokens=1))
+    assert response.status_code == 200 and b.state()["wakes"] == 1
