@@ -75,6 +75,13 @@ class Poll:
             dict.fromkeys(labels["model"] for labels, _ in self.series("llmux_model_state"))
         )
 
+    def groups(self) -> dict[str, list[str]]:
+        """Each group's models (from llmux_group_model_info), in exposition order."""
+        groups: dict[str, list[str]] = {}
+        for labels, _ in self.series("llmux_group_model_info"):
+            groups.setdefault(labels["group"], []).append(labels["model"])
+        return groups
+
     def state_of(self, model: str) -> str:
         for labels, value in self.series("llmux_model_state"):
             if labels["model"] == model and value == 1:
@@ -151,26 +158,43 @@ class Dashboard:
         started = poll.value("llmux_start_time_seconds")
         uptime = _duration(poll.at - started) if started else "?"
         version = next((labels["version"] for labels, _ in poll.series("llmux_build_info")), "?")
-        text.append(f"  v{version}  up {uptime}\n")
-        switching = list(poll.series("llmux_switch_in_progress"))
-        active = [m for m in poll.models() if poll.state_of(m) == "active"]
-        if switching:
-            labels, since = switching[0]
-            text.append(
-                f"switching {labels['from']} → {labels['to']} ({_duration(poll.at - since)})",
-                style="bold yellow",
-            )
-        elif active:
-            text.append(f"active {active[0]}", style="bold green")
-        else:
-            text.append("idle", style="dim")
+        text.append(f"  v{version}  up {uptime}")
+        known = poll.groups()
+        groups = known or {"": poll.models()}
+        shared = len(groups) == 1 and (poll.value("llmux_group_capacity") or 1) == 1
+        for group, members in groups.items():
+            text.append("\n")
+            if not shared:
+                used = poll.value("llmux_group_used", group=group) or 0
+                capacity = poll.value("llmux_group_capacity", group=group) or 1
+                text.append(f"{group} {used:g}/{capacity:g}  ", style="bold")
+            switching = [
+                (labels, since)
+                for labels, since in poll.series("llmux_switch_in_progress")
+                if labels["to"] in members or not known
+            ]
+            active = [m for m in members if poll.state_of(m) == "active"]
+            if switching:
+                labels, since = switching[0]
+                text.append(
+                    f"switching {labels['from']} → {labels['to']} ({_duration(poll.at - since)})",
+                    style="bold yellow",
+                )
+            elif active:
+                text.append(f"active {', '.join(active)}", style="bold green")
+            else:
+                text.append("idle", style="dim")
         return text
 
     def _model_table(self) -> Table:
         poll, before = self.current, self.previous
         assert poll is not None
         table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
+        group_of = {model: group for group, ms in poll.groups().items() for model in ms}
+        several = len(set(group_of.values())) > 1
         table.add_column("model", overflow="ellipsis", max_width=18, no_wrap=True)
+        if several:
+            table.add_column("group", overflow="ellipsis", max_width=10, no_wrap=True)
         table.add_column("state", min_width=8, no_wrap=True)
         for heading in ("queue", "infl", "req/s", "err%", "wait50", "wait95", "active", "switch"):
             table.add_column(heading, justify="right", no_wrap=True)
@@ -193,6 +217,7 @@ class Dashboard:
                 p95 = _seconds(_quantile(0.95, buckets))
             table.add_row(
                 model,
+                *([group_of.get(model, "?")] if several else []),
                 Text(state, style=STATE_STYLES.get(state, "")),
                 f"{poll.value('llmux_request_queue_depth', model=model) or 0:g}",
                 f"{poll.value('llmux_model_in_flight', model=model) or 0:g}",

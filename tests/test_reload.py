@@ -141,3 +141,29 @@ async def _read_url(process: trio.Process) -> str:
             buffer += await process.stderr.receive_some(4096)
     line = buffer.split(b"llmux listening on ", 1)[1].split(b"\n", 1)[0]
     return line.decode().split()[0]
+
+
+async def test_reload_applies_a_new_capacity_and_refuses_to_regroup(fakes, tmp_path, caplog):
+    a, b = fakes.start("a", "b", wake_delay=0.05)
+    blocks = fake_model_block(a, memory_gb=40) + fake_model_block(b, memory_gb=40)
+
+    def groups(capacity: int, gpu1: str = "") -> str:
+        moved = f'[groups.gpu1]\nmodels = ["{gpu1}"]\n' if gpu1 else ""
+        members = ", ".join(f'"{m}"' for m in "ab" if m != gpu1)
+        return f"[groups.gpu0]\ncapacity = {capacity}\nmodels = [{members}]\n{moved}"
+
+    path = write_config(tmp_path, groups(40) + blocks)
+    async with llmux_running(path) as (server, client):
+        await client.post("/v1/chat/completions", json=chat("a", max_tokens=1))
+        await client.post("/v1/chat/completions", json=chat("b", max_tokens=1))
+        assert await _states(client) == {"a": "asleep", "b": "active"}
+        write_config(tmp_path, groups(80) + blocks)
+        assert server.app.reload()
+        await client.post("/v1/chat/completions", json=chat("a", max_tokens=1))
+        assert await _states(client) == {"a": "active", "b": "active"}  # both fit now
+        write_config(tmp_path, groups(80, gpu1="b") + blocks)
+        assert not server.app.reload()
+        status = (await client.get("/llmux/status")).json()
+    assert "groups were added or removed: restart llmux" in caplog.text
+    assert list(status["groups"]) == ["gpu0"] and status["groups"]["gpu0"]["capacity"] == 80
+    assert a.state()["sleeps"] == 1 and b.state()["sleeps"] == 0

@@ -232,3 +232,24 @@ async def test_token_is_sent_from_flag_or_environment(nursery, tmp_path):
     assert by_flag.returncode == 0 and "idle" in by_flag.stdout
     by_env = await trio.to_thread.run_sync(lambda: top(env={**os.environ, "LLMUX_TOKEN": "s3cret"}))
     assert by_env.returncode == 0
+
+
+def test_groups_get_a_line_each_and_a_column():
+    text = "".join(
+        f'llmux_group_model_info{{group="{g}",model="{m}"}} 1\n'
+        f'llmux_model_state{{model="{m}",state="{state}"}} 1\n'
+        for g, m, state in [
+            ("gpu0", "a", "active"), ("gpu0", "b", "active"),
+            ("gpu1", "c", "asleep"), ("gpu1", "d", "waking"),
+        ]
+    )  # fmt: skip
+    text += 'llmux_group_capacity{group="gpu0"} 80\nllmux_group_used{group="gpu0"} 70\n'
+    text += 'llmux_group_capacity{group="gpu1"} 1\nllmux_group_used{group="gpu1"} 1\n'
+    text += 'llmux_switch_in_progress{from="idle",to="d"} 195\nllmux_start_time_seconds 100\n'
+    dashboard = Dashboard("u")
+    dashboard.update(Poll.parse(text, 200))
+    frame = render(dashboard)
+    assert "gpu0 70/80  active a, b" in frame
+    assert "gpu1 1/1  switching idle → d (5s)" in frame
+    row = next(line for line in frame.splitlines() if line.lstrip().startswith("c "))
+    assert "gpu1" in row and "asleep" in row
