@@ -85,6 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="decode step seconds per running sequence",
     )
     sim.add_argument("--policy", nargs="+", default=["fifo", "cost_aware"])
+    sim.add_argument(
+        "--groups", type=int, default=1, help="GPUs: models dealt round-robin, busiest first"
+    )
+    sim.add_argument(
+        "--capacity", type=float, help="each group's capacity (default: one model at a time)"
+    )
+    sim.add_argument(
+        "--sizes", default="", help="model sizes: name=size,... or uniform:LO-HI (seeded)"
+    )
     sim.add_argument("--min-active", type=float, default=0.0, help="policy.min_active_secs")
     sim.add_argument("--seed", type=int, default=1)
     sim.set_defaults(handler=_simulate)
@@ -255,7 +264,19 @@ def _simulate(args: argparse.Namespace) -> int:
     )
     costs = simulate.cost_factory(args.switch_cost, folder, args.seed)
     try:
-        summaries = simulate.compare(requests, args.policy, costs, service, args.min_active)
+        layout = simulate.layout_from(
+            simulate.by_demand(requests), args.groups, args.capacity, args.sizes, args.seed
+        )
+    except ValueError as exc:
+        print(f"llmux: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    if layout.sizes and args.capacity is not None:
+        sizes = ", ".join(f"{m} {s:g}" for m, s in layout.sizes.items())
+        print(f"capacity {args.capacity:g} per group; sizes: {sizes}")
+    try:
+        summaries = simulate.compare(
+            requests, args.policy, costs, service, args.min_active, layout=layout
+        )
     except (PolicyLoadError, StrandedRequests) as exc:
         print(f"llmux: {exc}", file=sys.stderr)
         return 1

@@ -7,13 +7,15 @@ reference: FIFO with switches that cost nothing, which says how much switching s
 from __future__ import annotations
 
 import math
+import random
 import statistics
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmux import traces
-from llmux.policy import load_policy
+from llmux.policy import Policy, load_policy
 from llmux.simulator import Request, Result, ServiceModel, Simulator
 
 
@@ -54,8 +56,53 @@ def summarize(result: Result, ideal_mean: float) -> Summary:
         max=latencies[-1],
         per_model_p99={m: percentile(result.latencies(m), 0.99) for m in models},
         switches=len(result.switches),
-        utilization=result.busy_time / result.span if result.span else 0.0,
+        utilization=result.busy_time / (result.span * result.gpus) if result.span else 0.0,
         ideal_ratio=mean / ideal_mean if ideal_mean else math.nan,
+    )
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How models sit on GPUs: groups (each its models and capacity, None = one at a time) and
+    the models' sizes. The default: one group, one model awake at a time."""
+
+    groups: tuple[tuple[tuple[str, ...], float | None], ...] = ()
+    sizes: dict[str, float] = field(default_factory=dict)
+
+    def resolved(self, models: Sequence[str]) -> tuple[tuple[tuple[str, ...], float | None], ...]:
+        return self.groups or ((tuple(models), None),)
+
+
+def run_layout(
+    requests: list[Request],
+    layout: Layout,
+    make_policy: Callable[[], Policy],
+    cost: Callable[[str | None, str], float],
+    service: ServiceModel,
+    min_active_secs: float,
+    name: str,
+) -> Result:
+    """Simulate each group on its own GPU (groups share nothing) and merge the results."""
+    models = sorted({r.model for r in requests})
+    results = []
+    for members, capacity in layout.resolved(models):
+        own = [r for r in requests if r.model in members]
+        if not own:
+            continue
+        simulator = Simulator(
+            own, list(members), make_policy(), cost, service, min_active_secs, name,
+            capacity=capacity, sizes=layout.sizes,
+        )  # fmt: skip
+        results.append(simulator.run())
+    served = [r for result in results for r in result.requests]
+    start = min(r.arrival for r in served)
+    return Result(
+        policy=name,
+        requests=served,
+        switches=sorted((s for result in results for s in result.switches), key=lambda s: s[2]),
+        busy_time=sum(result.busy_time for result in results),
+        span=max(r.finished or 0.0 for r in served) - start,
+        gpus=len(results),
     )
 
 
@@ -66,20 +113,53 @@ def compare(
     service: ServiceModel,
     min_active_secs: float = 0.0,
     options: dict[str, dict] | None = None,
+    layout: Layout = Layout(),
 ) -> list[Summary]:
     """Run every policy (and the zero-cost ideal) on the same requests; `cost` makes a fresh,
     identically seeded cost function per run."""
-    models = sorted({r.model for r in requests})
-    fifo = load_policy("fifo", {}, Path("."))
+    fifo = lambda: load_policy("fifo", {}, Path("."))  # noqa: E731
     free = traces.constant_cost(0.0)
-    ideal = Simulator(requests, models, fifo, free, service, min_active_secs, "ideal").run()
+    ideal = run_layout(requests, layout, fifo, free, service, min_active_secs, "ideal")
     ideal_mean = statistics.fmean(ideal.latencies())
     summaries = []
     for name in policies:
-        policy = load_policy(name, (options or {}).get(name, {}), Path("."))
-        result = Simulator(requests, models, policy, cost(), service, min_active_secs, name).run()
+        opts = (options or {}).get(name, {})
+        make = lambda n=name, o=opts: load_policy(n, o, Path("."))  # noqa: E731
+        result = run_layout(requests, layout, make, cost(), service, min_active_secs, name)
         summaries.append(summarize(result, ideal_mean))
     return summaries
+
+
+def by_demand(requests: Sequence[Request]) -> list[str]:
+    """The trace's models, most requested first."""
+    return [model for model, _ in Counter(r.model for r in requests).most_common()]
+
+
+def layout_from(
+    models: Sequence[str], groups: int, capacity: float | None, sizes_spec: str, seed: int
+) -> Layout:
+    """`--groups N` (models dealt round-robin, most requested first), `--capacity` per group,
+    `--sizes` as `name=size,...` or `uniform:LO-HI` (drawn per model, seeded)."""
+    sizes: dict[str, float] = {}
+    if sizes_spec.startswith("uniform:"):
+        low, high = (float(x) for x in sizes_spec.removeprefix("uniform:").split("-"))
+        rng = random.Random(seed)
+        sizes = {m: round(rng.uniform(low, high), 1) for m in models}
+    elif sizes_spec:
+        for item in sizes_spec.split(","):
+            name, _, value = item.partition("=")
+            sizes[name.strip()] = float(value)
+    if capacity is not None:
+        missing = [m for m in models if m not in sizes]
+        if missing:
+            raise ValueError(f"--capacity needs a size for every model; missing: {missing}")
+        too_big = [m for m in models if sizes[m] > capacity]
+        if too_big:
+            raise ValueError(f"models larger than --capacity {capacity:g}: {too_big}")
+    dealt: list[list[str]] = [[] for _ in range(max(1, groups))]
+    for index, model in enumerate(models):
+        dealt[index % len(dealt)].append(model)
+    return Layout(tuple((tuple(g), capacity) for g in dealt if g), sizes)
 
 
 def render(summaries: Sequence[Summary]) -> str:

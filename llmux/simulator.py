@@ -119,6 +119,8 @@ class Result:
     switches: list[tuple[str | None, str, float]]  # (from, to, time activated)
     busy_time: float  # time the active backend was serving something
     span: float
+    gpus: int = 1  # groups simulated side by side (utilization is per GPU)
+    peak_held: float = 0.0  # the most capacity awake models ever held at once
 
     def latencies(self, model: str | None = None) -> list[float]:
         return sorted(r.latency for r in self.requests if model is None or r.model == model)
@@ -183,6 +185,7 @@ class Simulator:
         self._batch_step_pending = False
         self._switch_target: _Model | None = None
         self._victims: list[_Model] = []
+        self.peak_held = 0.0
 
     # ----- the event loop -----
 
@@ -199,7 +202,10 @@ class Simulator:
         span = max((r.finished or 0.0) for r in self.requests) - (
             self.requests[0].arrival if self.requests else 0.0
         )
-        return Result(self.policy_name, self.requests, self.switches, self.busy_time, span)
+        return Result(
+            self.policy_name, self.requests, self.switches, self.busy_time, span,
+            peak_held=self.peak_held,
+        )  # fmt: skip
 
     def _at(self, time: float, kind: str, payload: object = None) -> None:
         heapq.heappush(self._events, (time, next(self._sequence), kind, payload))
@@ -371,9 +377,12 @@ class Simulator:
         assert target is not None
         source = self._victims[0] if self._victims else None
         for victim in self._victims:
-            victim.state = ModelState.SLEEPING
+            # Its sleep is folded into the switch cost: its memory is free before the wake.
+            victim.state = ModelState.ASLEEP
             victim.active_since = None
         target.state = ModelState.WAKING
+        held = sum(m.size for m in self.models.values() if m.state is not ModelState.ASLEEP)
+        self.peak_held = max(self.peak_held, held)
         cost = self.switch_cost(source.name if source else None, target.name)
         self.costs.observe(source.name if source else None, target.name, cost)
         self.costs.observe_wake(target.name, cost)
@@ -383,8 +392,6 @@ class Simulator:
         target = self._switch_target
         assert target is not None
         source = self._victims[0] if self._victims else None
-        for victim in self._victims:
-            victim.state = ModelState.ASLEEP
         target.state = ModelState.ACTIVE
         target.active_since = self.now
         self.switches.append((source.name if source else None, target.name, self.now))

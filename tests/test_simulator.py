@@ -30,30 +30,48 @@ SCENARIO_HOLD = [
     (5.0, "b", 50), (5.2, "c", 5), (5.4, "a", 5), (5.5, "c", 5),
 ]  # fmt: skip
 HOLD_OPTIONS = {"default_cost_secs": 2.0}
+# Two of three 40 GB models fit in 80 GB: `b` wakes beside `a` without a switch; then `c` and `b`
+# evict each other, never `a`, which has four times their demand.
+SCENARIO_CAPACITY = [
+    (0.0, "a", 5), (0.1, "a", 5), (0.2, "a", 5), (0.25, "a", 5), (0.3, "b", 5),
+    (1.0, "c", 5), (2.0, "b", 5), (3.0, "c", 5), (3.1, "a", 5),
+]  # fmt: skip
+SIZES = {"a": 40.0, "b": 40.0, "c": 40.0}  # with capacity 80, two fit; with 120, all three
 
 
 PARALLEL = ServiceModel("parallel")
 
 
-def simulate(policy, cost: float, requests, service: ServiceModel = PARALLEL):
+def simulate(
+    policy, cost: float, requests, service: ServiceModel = PARALLEL, capacity: float | None = None
+):
     models = sorted({r.model for r in requests})
-    return Simulator(requests, models, policy, constant_cost(cost), service).run()
+    sizes = SIZES if capacity else None
+    return Simulator(
+        requests, models, policy, constant_cost(cost), service, capacity=capacity, sizes=sizes
+    ).run()
 
 
-@pytest.mark.parametrize("policy", ["fifo", "cost_aware"])
+@pytest.mark.parametrize("policy", ["fifo", "cost_aware", "fifo with capacity"])
 async def test_live_switcher_and_simulator_agree_on_the_switches(
     fakes, tmp_path, caplog, policy: str
 ):
-    scenario = SCENARIO if policy == "fifo" else SCENARIO_HOLD
+    scenario = {"fifo": SCENARIO, "cost_aware": SCENARIO_HOLD}.get(policy, SCENARIO_CAPACITY)
+    capacity = 80.0 if policy == "fifo with capacity" else None
     caplog.set_level(logging.INFO)
     backends = fakes.start(
         "a", "b", "c", wake_delay=0.0, sleep_delay=0.0, token_interval=TOKEN_SECS
     )
-    blocks = "".join(fake_model_block(f, wake=f"sleep 0.3; {f.ctl('wake')}") for f in backends)
+    sizes = {"memory_gb": 40} if capacity else {}
+    blocks = "".join(
+        fake_model_block(f, wake=f"sleep 0.3; {f.ctl('wake')}", **sizes) for f in backends
+    )
+    if capacity:
+        blocks = f'[groups.gpu]\ncapacity = {capacity:g}\nmodels = ["a", "b", "c"]\n' + blocks
     if policy == "cost_aware":
         options = "".join(f"{key} = {value}\n" for key, value in HOLD_OPTIONS.items())
         blocks = "[policy.options]\n" + options + blocks
-    path = write_config(tmp_path, blocks, policy={"name": policy})
+    path = write_config(tmp_path, blocks, policy={"name": policy.split()[0]})
     async with llmux_running(path) as (_, client):
         started = trio.current_time()
 
@@ -78,9 +96,9 @@ async def test_live_switcher_and_simulator_agree_on_the_switches(
         if getattr(r, "event", None) == "model_activated" and "cost_seconds" in r.fields
     ]
     requests = [Request(at, model, service=tokens * TOKEN_SECS) for at, model, tokens in scenario]
-    chosen = FifoPolicy() if policy == "fifo" else CostAwarePolicy(**HOLD_OPTIONS)
+    chosen = CostAwarePolicy(**HOLD_OPTIONS) if policy == "cost_aware" else FifoPolicy()
     cost = sum(measured) / len(measured)
-    result = simulate(chosen, cost, requests)
+    result = simulate(chosen, cost, requests, capacity=capacity)
     simulated = [(source or "idle", target) for source, target, _ in result.switches]
     assert live == simulated, (live, simulated)
     assert len(live) >= 4
@@ -110,16 +128,20 @@ traces_strategy = st.lists(
     trace=traces_strategy,
     cost=st.floats(0, 5),
     kind=st.sampled_from(["parallel", "sequential", "batching"]),
+    capacity=st.sampled_from([None, 80.0, 120.0]),
 )
-def test_every_request_is_served_once(trace, cost, kind):
+def test_every_request_is_served_once(trace, cost, kind, capacity):
+    """Whatever the trace, every request is served, once, and never by a model that is not
+    awake: with a capacity, the awake models' sizes never exceed it."""
     requests = [
         Request(at, model, service=s, prompt_tokens=100, output_tokens=max(1, int(s * 20)))
         for at, model, s in trace
     ]
     for policy in (FifoPolicy(), CostAwarePolicy(max_wait_secs=20)):
-        result = simulate(policy, cost, requests, ServiceModel(kind))
+        result = simulate(policy, cost, requests, ServiceModel(kind), capacity=capacity)
         assert len(result.requests) == len(requests)
         assert all(r.finished is not None and r.finished >= r.arrival for r in result.requests)
+        assert result.peak_held <= (capacity or 1.0) + 1e-9
 
 
 @settings(max_examples=150, deadline=None)
