@@ -175,6 +175,10 @@ def _check(args: argparse.Namespace) -> int:
     config, _ = loaded
     names = ", ".join(config.models)
     print(f"{config.path}: ok ({len(config.models)} models: {names}; policy {config.policy.name})")
+    if len(config.groups) > 1 or any(g.capacity is not None for g in config.groups.values()):
+        for group in config.groups.values():
+            room = f"capacity {group.capacity:g}" if group.capacity else "one at a time"
+            print(f"  group {group.name} ({room}): {', '.join(group.models)}")
     return 0
 
 

@@ -201,3 +201,55 @@ def test_hook_scripts_are_found_after_env_assignments(tmp_path):
     bad = write(tmp_path, '[models.a]\nport = 9\nwake = "MODEL=/x.gguf ./nope.sh"\nsleep = "t"\n')
     with pytest.raises(ConfigError, match=r"nope\.sh not found"):
         load_config(bad)
+
+
+TWO_MODELS = (
+    '[models.a]\nport = 1\nwake = "t"\nsleep = "t"\nmemory_gb = 30\n'
+    '[models.b]\nport = 2\nwake = "t"\nsleep = "t"\nmemory_gb = 50\n'
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "problem"),
+    [
+        ('[groups.g]\nmodels = ["a", "x"]\n', "groups.g.models", "'x' is not a configured model"),
+        ('[groups.g]\nmodels = ["a"]\n[groups.h]\nmodels = ["a"]\n', "groups.h.models",
+         "'a' is already in group 'g'"),
+        ("[groups.g]\ncapacity = 80\n", "groups.g.models", "missing"),
+        ('[groups.g]\ncapacity = 40\nmodels = ["a", "b"]\n', "models.b",
+         "size 50 exceeds group 'g's capacity 40"),
+        ('[groups.g]\ncapacity = 0\nmodels = ["a"]\n', "groups.g.capacity", "positive"),
+        ('preload = ["a", "a"]\n', "preload[1]", "'a' is listed twice"),
+        ('preload = ["z"]\n', "preload[0]", "'z' is not a configured model"),
+    ],
+)  # fmt: skip
+def test_bad_groups_and_preload_are_refused(tmp_path, text, key, problem):
+    # Top-level keys come before the tables.
+    body = text + TWO_MODELS if text.startswith("preload") else TWO_MODELS + text
+    with pytest.raises(ConfigError, match=re.escape(problem)) as caught:
+        load_config(write(tmp_path, body))
+    assert caught.value.key == key
+
+
+def test_a_capacity_needs_every_member_sized(tmp_path):
+    body = (
+        TWO_MODELS.replace("memory_gb = 50\n", "")
+        + '[groups.g]\ncapacity = 80\nmodels = ["a", "b"]\n'
+    )
+    with pytest.raises(ConfigError, match="give the model memory_gb or size") as caught:
+        load_config(write(tmp_path, body))
+    assert caught.value.key == "models.b"
+
+
+def test_unlisted_models_form_the_default_group(tmp_path):
+    config = load_config(
+        write(tmp_path, TWO_MODELS + '[groups.g]\ncapacity = 80\nmodels = ["b"]\n')
+    )
+    assert {name: (g.models, g.capacity) for name, g in config.groups.items()} == {
+        "g": (("b",), 80),
+        "default": (("a",), None),
+    }
+    assert config.models["a"].group == "default" and config.models["b"].group == "g"
+    result = _llmux("check", "-c", str(tmp_path / "config.toml"))
+    assert "group g (capacity 80): b" in result.stdout
+    assert "group default (one at a time): a" in result.stdout
