@@ -362,7 +362,7 @@ def _parse_groups(
                 raise ConfigError(checker.path, key, problem)
             if size > group.capacity:
                 problem = (
-                    f"size {size:g} exceeds group {group.name!r}'s capacity {group.capacity:g}"
+                    f"size {size:g} exceeds the capacity {group.capacity:g} of group {group.name!r}"
                 )
                 raise ConfigError(checker.path, key, problem)
     return groups

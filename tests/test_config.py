@@ -217,7 +217,7 @@ TWO_MODELS = (
          "'a' is already in group 'g'"),
         ("[groups.g]\ncapacity = 80\n", "groups.g.models", "missing"),
         ('[groups.g]\ncapacity = 40\nmodels = ["a", "b"]\n', "models.b",
-         "size 50 exceeds group 'g's capacity 40"),
+         "size 50 exceeds the capacity 40 of group 'g'"),
         ('[groups.g]\ncapacity = 0\nmodels = ["a"]\n', "groups.g.capacity", "positive"),
         ('preload = ["a", "a"]\n', "preload[1]", "'a' is listed twice"),
         ('preload = ["z"]\n', "preload[0]", "'z' is not a configured model"),
