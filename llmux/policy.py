@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import math
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -22,6 +23,8 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
+
+log = logging.getLogger("llmux.policy")
 
 
 class ModelState(StrEnum):
@@ -182,6 +185,37 @@ def default_evictions(target: str, snapshot: Snapshot) -> list[str]:
         victims.append(view.name)
         excess -= view.size
     return victims
+
+
+def choose_evictions(policy: Policy, target: str, snapshot: Snapshot) -> list[str]:
+    """The models to put to sleep so that `target` fits: the policy's `evict(target, snapshot)`
+    if it has one and its answer makes room with awake models only, else the default."""
+    default = default_evictions(target, snapshot)
+    evict = getattr(policy, "evict", None)
+    if evict is None or not default:
+        return default
+    try:
+        chosen = list(evict(target, snapshot))
+    except Exception:
+        log.exception("policy %r failed to choose evictions; using the default", policy)
+        return default
+    views = snapshot.models
+    awake = all(
+        name in views and name != target and views[name].state is ModelState.ACTIVE
+        for name in chosen
+    )
+    kept = sum(
+        view.size
+        for view in views.values()
+        if view.state is not ModelState.ASLEEP and view.name != target and view.name not in chosen
+    )
+    if awake and kept + views[target].size <= snapshot.capacity + 1e-9:
+        return chosen
+    log.error(
+        "policy %r chose evictions %r that do not make room for %s; using %r",
+        policy, chosen, target, default,
+    )  # fmt: skip
+    return default
 
 
 def wake_cost(snapshot: Snapshot, name: str) -> float:

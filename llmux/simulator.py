@@ -44,7 +44,7 @@ from llmux.policy import (
     SwitchCompleted,
     SwitchTo,
     TimerFired,
-    default_evictions,
+    choose_evictions,
     snapshot_of,
 )
 
@@ -420,9 +420,5 @@ class Simulator:
     def _victims_for(self, target: _Model) -> list[_Model]:
         if self._fits(target):
             return []
-        snapshot = self.snapshot()
-        names = default_evictions(target.name, snapshot)
-        evict = getattr(self.policy, "evict", None)
-        if evict is not None:
-            names = list(evict(target.name, snapshot)) or names
+        names = choose_evictions(self.policy, target.name, self.snapshot())
         return [self.models[name] for name in names]

@@ -73,7 +73,7 @@ from llmux.policy import (
     SwitchCompleted,
     SwitchTo,
     TimerFired,
-    default_evictions,
+    choose_evictions,
     snapshot_of,
 )
 
@@ -878,38 +878,11 @@ class Switcher:
         return held + target.size <= self.group.room + 1e-9
 
     def _victims_for(self, target: ModelRuntime) -> list[ModelRuntime]:
-        """The awake models to put to sleep so that `target` fits: the policy's `evict` if it
-        has one and its answer frees enough, else `policy.default_evictions`."""
+        """The awake models to put to sleep so that `target` fits (none if it fits now)."""
         if self._fits(target):
             return []
-        snapshot = self.snapshot()
-        names = default_evictions(target.name, snapshot)
-        evict = getattr(self.policy, "evict", None)
-        if evict is not None:
-            try:
-                chosen = list(evict(target.name, snapshot))
-            except Exception:
-                log.exception(
-                    "policy %r failed to choose evictions; using the default", self.policy
-                )
-            else:
-                if self._frees_enough(target, chosen):
-                    names = chosen
-                else:
-                    log.error("policy chose evictions %r that do not make room for %s; using %r",
-                              chosen, target.name, names)  # fmt: skip
+        names = choose_evictions(self.policy, target.name, self.snapshot())
         return [self.models[name] for name in names]
-
-    def _frees_enough(self, target: ModelRuntime, names: list[str]) -> bool:
-        models = [self.models.get(name) for name in names]
-        if any(m is None or m is target or m.state is not ModelState.ACTIVE for m in models):
-            return False
-        held = sum(
-            m.size
-            for m in self.models.values()
-            if m.state is not ModelState.ASLEEP and m is not target and m.name not in names
-        )
-        return held + target.size <= self.group.room + 1e-9
 
     def _update_in_flight_gauge(self, name: str) -> None:
         """In flight under this name: the current runtime's and any retiring one's."""

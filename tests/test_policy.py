@@ -23,6 +23,8 @@ from llmux.policy import (
     Snapshot,
     Stay,
     SwitchTo,
+    choose_evictions,
+    default_evictions,
     load_policy,
 )
 from tests.conftest import chat, fake_model_block, llmux_running, write_config
@@ -177,3 +179,37 @@ def test_the_readme_example_policy_and_its_test_work_as_printed(tmp_path):
     assert run.returncode == 0, run.stderr
     rows = [line.split()[0] for line in run.stdout.splitlines()[2:5]]
     assert rows == ["fifo", "cost_aware", "delayed.py:Delayed"], run.stdout
+
+
+def _capacity_snapshot() -> Snapshot:
+    """75 of capacity: a (30) and b (40) awake, c (40) waiting; a is busy, b idle."""
+    views = {
+        "a": ModelView("a", ModelState.ACTIVE, 0, None, 1, size=30, last_used=99.0, demand=0.1),
+        "b": ModelView("b", ModelState.ACTIVE, 0, None, 0, size=40, last_used=50.0, demand=0.5),
+        "c": ModelView("c", ModelState.ASLEEP, 1, 99.0, 0, size=40),
+    }
+    return Snapshot(100.0, views, "b", 0.0, False, {}, {}, capacity=75.0)
+
+
+def test_default_evictions_spare_busy_models_and_make_just_enough_room():
+    snapshot = _capacity_snapshot()
+    assert default_evictions("c", snapshot) == ["b"]  # b is idle, though in more demand
+    assert default_evictions("a", snapshot) == []  # already awake: nothing to do
+
+
+def test_a_policy_may_choose_evictions_and_a_wrong_choice_falls_back(caplog):
+    class EvictBusy:
+        def __init__(self, answer):
+            self.answer = answer
+
+        def decide(self, event, snapshot):
+            return Stay()
+
+        def evict(self, target, snapshot):
+            return self.answer
+
+    snapshot = _capacity_snapshot()
+    assert choose_evictions(EvictBusy(["a", "b"]), "c", snapshot) == ["a", "b"]
+    assert choose_evictions(EvictBusy(["a"]), "c", snapshot) == ["b"]  # 40 + 40 > 75
+    assert choose_evictions(EvictBusy(["c"]), "c", snapshot) == ["b"]  # not an awake model
+    assert "do not make room for c" in caplog.text
