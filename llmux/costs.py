@@ -20,21 +20,15 @@ class SwitchCostTracker:
         self.wakes: dict[str, float] = {}
 
     def observe_wake(self, model: str, seconds: float) -> float:
-        previous = self.wakes.get(model)
-        estimate = (
-            seconds if previous is None else self.alpha * seconds + (1 - self.alpha) * previous
-        )
-        self.wakes[model] = estimate
-        return estimate
+        return self._fold(self.wakes, model, seconds)
 
     def observe(self, from_model: str | None, to_model: str, seconds: float) -> float:
         """Fold one measured cost in and return the new estimate for that pair."""
         if from_model is None:
-            table: dict = self.cold_starts
-            key: object = to_model
-        else:
-            table = self.switches
-            key = (from_model, to_model)
+            return self._fold(self.cold_starts, to_model, seconds)
+        return self._fold(self.switches, (from_model, to_model), seconds)
+
+    def _fold(self, table: dict, key: object, seconds: float) -> float:
         previous = table.get(key)
         estimate = (
             seconds if previous is None else self.alpha * seconds + (1 - self.alpha) * previous
