@@ -8,6 +8,7 @@ import shutil
 import signal
 import socket
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -209,3 +210,53 @@ def test_every_example_config_passes_check():
             [PYTHON, "-m", "llmux", "check", "-c", str(config)], capture_output=True, text=True
         )
         assert result.returncode == 0, result.stderr
+
+
+async def test_groups_example_on_vllm_stand_ins(fakes, tmp_path):
+    """Seven vLLM servers, all awake at start-up: each group keeps what fits, then serves and
+    evicts with the vLLM hooks; the servers' own state always matches llmux's."""
+    shutil.copytree(EXAMPLES / "vllm", tmp_path / "vllm")
+    folder = tmp_path / "groups"
+    shutil.copytree(EXAMPLES / "groups", folder)
+    text = (folder / "config.toml").read_text()
+    names = ["llama-70b", "qwen-72b", "qwen-coder-32b", "llama-8b", "mistral-7b", "bge-m3"]
+    names.append("qwen-7b")  # in the file's port order, 8001 to 8007
+    started = fakes.start(*names, api="vllm", awake=True, wake_delay=0.05)
+    backends = {fake.name: fake for fake in started}
+    for index, fake in enumerate(backends.values()):
+        text = text.replace(f"port = {8001 + index}\n", f"port = {fake.port}\n")
+    text = text.replace("port = 3000\n", "port = 3999\n")
+    (folder / "config.toml").write_text(text)
+
+    def awake_now() -> set[str]:
+        return {name for name, fake in backends.items() if fake.state()["state"] == "awake"}
+
+    async with llmux_running(folder / "config.toml") as (_, client):
+
+        async def llmux_awake() -> set[str]:
+            data = (await client.get("/v1/models")).json()["data"]
+            return {
+                m["id"]
+                for m in data
+                if m["llmux"]["state"] == "active" and "alias_of" not in m["llmux"]
+            }
+
+        # Start-up: the first of each one-at-a-time group, and what fits in the others.
+        kept = {"llama-70b", "qwen-coder-32b", "llama-8b", "bge-m3", "qwen-7b"}
+        with trio.fail_after(10):
+            while await llmux_awake() != kept:
+                await trio.sleep(0.05)
+        assert await trio.to_thread.run_sync(awake_now) == kept
+        by_alias = await client.post("/v1/chat/completions", json=chat("gpt-4o-mini"))
+        assert by_alias.status_code == 200
+        assert by_alias.json()["model"] == "Qwen/Qwen2.5-7B-Instruct"
+        # mistral-7b needs room on GPU 2: one of the two awake there goes (the coder, in
+        # config order, as neither has been used); GPUs 0-1 switch at the same time.
+        async with trio.open_nursery() as nursery:
+            for model in ("mistral-7b", "qwen-72b"):
+                nursery.start_soon(partial(client.post, "/v1/chat/completions", json=chat(model)))
+        expected = {"qwen-72b", "llama-8b", "mistral-7b", "bge-m3", "qwen-7b"}
+        assert await llmux_awake() == expected
+        assert await trio.to_thread.run_sync(awake_now) == expected
+    for fake in backends.values():
+        assert clean(fake.state()), fake.state()
