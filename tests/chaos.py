@@ -10,7 +10,8 @@ SIGKILL while it streams, and restarted (awake, as a supervisor would) a second 
 Afterwards these must hold: no request reached a sleeping backend and no backend was put to sleep
 with requests in flight; every request got its full answer or a defined error (502/503/504 in
 OpenAI shape, or a truncated stream from the killed backend); in-flight counts and queues are 0;
-no hook process is left; llmux still serves every model.
+no hook process is left; llmux still serves every model; with groups, no group ever has more
+awake than its capacity.
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ from llmux.server import running_server
 
 LLMUX = shlex.join([sys.executable, "-m", "llmux"])
 MODELS = ("m1", "m2", "m3")
+# With --groups: two of m1-m3 awake at once on one "GPU" (capacity 2), m4 alone on another.
+GROUPED_MODELS = ("m1", "m2", "m3", "m4")
+GROUPS = (
+    '[groups.gpu0]\ncapacity = 2\nmodels = ["m1", "m2", "m3"]\n[groups.gpu1]\nmodels = ["m4"]\n'
+)
+CAPACITY = {"gpu0": 2.0, "gpu1": 1.0}
 WAKE_HOOK = """#!/bin/sh
 # Wake with an injected fault: the next line of the model's plan says what to do.
 plan="$1"; count="$2"; port="$3"
@@ -88,7 +95,11 @@ class Backend:
 
 
 def write_setup(
-    folder: Path, backends: dict[str, Backend], rng: random.Random, report: ChaosReport
+    folder: Path,
+    backends: dict[str, Backend],
+    rng: random.Random,
+    report: ChaosReport,
+    grouped: bool = False,
 ) -> Path:
     hook = folder / "wake.sh"
     hook.write_text(WAKE_HOOK.replace("LLMUX", LLMUX))
@@ -113,14 +124,16 @@ def write_setup(
             f"[models.{name}]\nport = {backend.port}\n"
             f'wake = "./wake.sh {name}.plan {name}.count {backend.port}"\n'
             f'sleep = "sleep 0.02; {ctl.format("sleep")}"\nalive = "{ctl.format("alive")}"\n'
-            "wake_timeout_secs = 1.5\n"
+            "wake_timeout_secs = 1.5\n" + ("size = 1\n" if grouped else "")
         )
     path = folder / "config.toml"
     path.write_text(
         "[server]\nshutdown_timeout_secs = 5\n"
         f'state_dir = "{folder / "state"}"\n'
         "[policy]\nrequest_timeout_secs = 30\n"
-        "[defaults]\nalive_interval_secs = 0.5\n\n" + "\n".join(blocks)
+        "[defaults]\nalive_interval_secs = 0.5\n\n"
+        + (GROUPS if grouped else "")
+        + "\n".join(blocks)
     )
     return path
 
@@ -176,11 +189,14 @@ def _json_ok(content: bytes) -> bool:
         return False
 
 
-async def run_chaos(folder: Path, requests: int, seed: int, concurrency: int = 16) -> ChaosReport:
+async def run_chaos(
+    folder: Path, requests: int, seed: int, concurrency: int = 16, grouped: bool = False
+) -> ChaosReport:
     rng = random.Random(seed)
     report = ChaosReport(requests=requests)
-    backends = {name: Backend(name) for name in MODELS}
-    path = write_setup(folder, backends, rng, report)
+    models = GROUPED_MODELS if grouped else MODELS
+    backends = {name: Backend(name) for name in models}
+    path = write_setup(folder, backends, rng, report, grouped)
     killed: set[str] = set()
     lost_stats: list[dict] = []
     try:
@@ -189,7 +205,7 @@ async def run_chaos(folder: Path, requests: int, seed: int, concurrency: int = 1
             switcher = server.app.fleet
             plan = [
                 (
-                    rng.choice(MODELS),
+                    rng.choice(models),
                     rng.random() < 0.5,
                     rng.choices(["normal", "leave_queued", "leave_mid_stream"], [8, 1, 1])[0],
                 )
@@ -235,14 +251,27 @@ async def run_chaos(folder: Path, requests: int, seed: int, concurrency: int = 1
                         )
                         report.faults["backend_restarted"] += 1
 
+                async def watch_capacity() -> None:
+                    """llmux's own books: never more awake in a group than it holds."""
+                    while True:
+                        held: collections.Counter[str] = collections.Counter()
+                        for model in switcher.models.values():
+                            if model.state != "asleep":
+                                held[model.config.group] += model.size
+                        for group, used in held.items():
+                            if used > CAPACITY.get(group, 1.0) + 1e-9:
+                                report.violations.append(f"group {group} holds {used:g}")
+                        await trio.sleep(0.005)
+
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(kill_a_streaming_backend)
+                    nursery.start_soon(watch_capacity)
                     async with trio.open_nursery() as clients:
                         for _ in range(concurrency):
                             clients.start_soon(client_task)
                     nursery.cancel_scope.cancel()
 
-                for name in MODELS:
+                for name in models:
                     plan_file = folder / f"{name}.plan"
                     count = (
                         int((folder / f"{name}.count").read_text() or 0)
@@ -269,7 +298,7 @@ async def run_chaos(folder: Path, requests: int, seed: int, concurrency: int = 1
                         ("llmux_model_in_flight{", "llmux_request_queue_depth{")
                     ) and not line.endswith(" 0.0"):
                         report.violations.append(f"gauge not back to 0: {line}")
-                for name in MODELS:
+                for name in models:
                     await trio.sleep(2.1)  # past the backoff of a failed switch
                     response = await client.post(
                         "/v1/chat/completions", json={"model": name, "messages": []}
@@ -314,9 +343,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--groups", action="store_true", help="two groups, one with capacity 2")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="llmux-chaos-") as folder:
-        report = trio.run(run_chaos, Path(folder), args.requests, args.seed, args.concurrency)
+        report = trio.run(
+            run_chaos, Path(folder), args.requests, args.seed, args.concurrency, args.groups
+        )
     print(report.summary())
     raise SystemExit(1 if report.violations else 0)
 
