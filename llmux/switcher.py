@@ -623,9 +623,13 @@ class Switcher:
             if drained is None:
                 return False
             drain_seconds = drained
-            for victim in victims:
+            for index, victim in enumerate(victims):
                 sleep_result = await self._put_to_sleep(victim, target)
                 if sleep_result is None:
+                    # The target cannot fit now: the victims not yet put to sleep serve on.
+                    for spared in victims[index + 1 :]:
+                        self._set_state(spared, ModelState.ACTIVE)
+                        self._grant_waiting(spared)
                     self.metrics.switch_total.labels(from_label, target.name, "abandoned").inc()
                     return False
                 sleep_seconds += sleep_result.duration

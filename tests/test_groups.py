@@ -198,3 +198,23 @@ async def test_preload_in_a_one_at_a_time_group(fakes, tmp_path):
         await settle(client, {"a": "asleep", "b": "active"})
         response = await client.post("/v1/chat/completions", json=chat("b", max_tokens=1))
     assert response.status_code == 200 and b.state()["wakes"] == 1
+
+
+async def test_a_failed_eviction_leaves_the_other_victims_serving(fakes, tmp_path):
+    a, b, c = fakes.start("a", "b", "c", wake_delay=0.05)
+    blocks = (
+        fake_model_block(a, memory_gb=40, sleep="exit 1")  # fails, and a's alive still passes
+        + fake_model_block(b, memory_gb=40)
+        + fake_model_block(c, memory_gb=80)
+    )
+    path = write_config(tmp_path, groups_table(gpu0=(80, ["a", "b", "c"])) + blocks)
+    async with llmux_running(path) as (_, client):
+        for model in "abbb":  # b in more demand: a is the first to go
+            await client.post("/v1/chat/completions", json=chat(model, max_tokens=1))
+        refused = await client.post("/v1/chat/completions", json=chat("c", max_tokens=1))
+        assert refused.status_code == 503
+        assert await states(client) == {"a": "active", "b": "active", "c": "asleep"}
+        with trio.fail_after(1):
+            served = await client.post("/v1/chat/completions", json=chat("b", max_tokens=1))
+        assert served.status_code == 200
+    assert b.state()["sleeps"] == 0 and c.state()["wakes"] == 0
