@@ -197,7 +197,11 @@ class FakeBackend:
                     send, receive, model, tokens, chat=path.endswith("/chat/completions")
                 )
             else:
-                await trio.sleep(self.token_interval * tokens)
+                # Like a real server, abort the work when the client (llmux) goes away: from
+                # then on the request is no longer in flight here.
+                with trio.move_on_after(self.token_interval * tokens):
+                    await _until_disconnect(receive)
+                    return
                 text = "".join(self._token(i) for i in range(tokens))
                 await send_json(
                     send,
@@ -247,6 +251,11 @@ class FakeBackend:
         final = _stream_chunk(model, "", created, chat, finish="length")
         end = _sse(final) + b"data: [DONE]\n\n"
         await send({"type": "http.response.body", "body": end, "more_body": False})
+
+
+async def _until_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 class FakeOllama:
