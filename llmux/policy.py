@@ -166,12 +166,7 @@ def default_evictions(target: str, snapshot: Snapshot) -> list[str]:
     those whose loss costs least (recent demand x the cost of waking them again), then the least
     recently used. Empty when the target fits as things are."""
     views = snapshot.models
-    others = sum(
-        view.size
-        for view in views.values()
-        if view.state is not ModelState.ASLEEP and view.name != target
-    )
-    excess = others + views[target].size - snapshot.capacity
+    excess = held(snapshot, {target}) + views[target].size - snapshot.capacity
     candidates = [v for v in views.values() if v.state is ModelState.ACTIVE and v.name != target]
 
     def loss(view: ModelView) -> tuple[bool, float, float]:
@@ -204,11 +199,7 @@ def choose_evictions(policy: Policy, target: str, snapshot: Snapshot) -> list[st
         name in views and name != target and views[name].state is ModelState.ACTIVE
         for name in chosen
     )
-    kept = sum(
-        view.size
-        for view in views.values()
-        if view.state is not ModelState.ASLEEP and view.name != target and view.name not in chosen
-    )
+    kept = held(snapshot, {target, *chosen})
     if awake and kept + views[target].size <= snapshot.capacity + 1e-9:
         return chosen
     log.error(
@@ -216,6 +207,15 @@ def choose_evictions(policy: Policy, target: str, snapshot: Snapshot) -> list[st
         policy, chosen, target, default,
     )  # fmt: skip
     return default
+
+
+def held(snapshot: Snapshot, excluding: set[str]) -> float:
+    """Capacity held by the models that are not asleep, leaving out `excluding`."""
+    return sum(
+        view.size
+        for view in snapshot.models.values()
+        if view.state is not ModelState.ASLEEP and view.name not in excluding
+    )
 
 
 def wake_cost(snapshot: Snapshot, name: str) -> float:
