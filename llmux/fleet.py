@@ -142,9 +142,6 @@ class Fleet:
             if switcher.current_switch is not None
         }
 
-    def total_in_flight(self) -> int:
-        return sum(switcher.total_in_flight() for switcher in self.switchers.values())
-
     async def wait_for_change(self) -> None:
         """Return after the next change in any group."""
         async with trio.open_nursery() as nursery:
