@@ -140,6 +140,8 @@ def layout_from(
 ) -> Layout:
     """`--groups N` (models dealt round-robin, most requested first), `--capacity` per group,
     `--sizes` as `name=size,...` or `uniform:LO-HI` (drawn per model, seeded)."""
+    if sizes_spec and capacity is None:
+        raise ValueError("--sizes needs --capacity (without one, a model is awake at a time)")
     sizes: dict[str, float] = {}
     if sizes_spec.startswith("uniform:"):
         low, high = (float(x) for x in sizes_spec.removeprefix("uniform:").split("-"))

@@ -193,3 +193,26 @@ def test_a_policy_that_strands_requests_is_reported():
     requests = [Request(0.0, "a", service=1.0), Request(0.5, "b", service=1.0)]
     with pytest.raises(StrandedRequests, match=r"left 1 of 2 requests unserved .*'b'"):
         simulate(SwitchOnlyOnArrival(), 2.0, requests)
+
+
+def test_simulate_cli_with_groups_and_capacity(tmp_path):
+    import subprocess
+    import sys
+
+    trace = tmp_path / "trace.csv"
+    rows = [f"{i * 0.5},{'abc'[i % 3]},0.2" for i in range(60)]
+    trace.write_text("arrival,model,service\n" + "\n".join(rows) + "\n")
+    base = [sys.executable, "-m", "llmux", "simulate", "--trace", str(trace), "--policy", "fifo"]
+    base += ["--switch-cost", "0.1"]  # cheap: FIFO switches for nearly every request
+
+    def switches(*extra: str) -> int:
+        run = subprocess.run([*base, *extra], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        return int(run.stdout.splitlines()[-3].split()[5])  # the fifo row's switch count
+
+    one_at_a_time = switches()
+    all_fit = switches("--capacity", "3", "--sizes", "a=1,b=1,c=1")
+    three_gpus = switches("--groups", "3")
+    assert one_at_a_time > 30 and all_fit == 3 and three_gpus == 3
+    refused = subprocess.run([*base, "--sizes", "a=1"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "--sizes needs --capacity" in refused.stderr
