@@ -8,7 +8,8 @@ at offered loads 0.3, 0.6 and 0.9, with switch costs of 10 s, 30 s and sampled f
 measured model-load latencies, one request at a time on the shared GPU (co-resident models take
 turns: co-residency saves switches, not compute). Each cell averages three seeds. Prints a
 Markdown table of the default policy's mean and p99 latency and switches per request in both
-layouts, and FIFO's mean with co-residency.
+layouts, FIFO's mean with co-residency, and the default policy's mean when evictions follow
+least-recently-used alone (a custom `evict`), to measure the eviction order itself.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from llmux import simulate, traces
 from llmux.config import DEFAULT_POLICY
-from llmux.policy import load_policy
+from llmux.policy import CostAwarePolicy, ModelState, Snapshot, held, load_policy
 from llmux.simulator import ServiceModel
 
 CAPACITY = 80.0
@@ -29,6 +30,28 @@ LOADS = (0.3, 0.6, 0.9)
 COSTS = ("10", "30", "alibaba")
 SEEDS = (1, 2, 3)
 WINDOW_HOURS = 12
+
+
+class LeastRecentlyUsed(CostAwarePolicy):
+    """The default policy with llama-swap-style evictions: the least recently used go first."""
+
+    def evict(self, target: str, snapshot: Snapshot) -> list[str]:
+        views = snapshot.models
+        awake = [v for v in views.values() if v.state is ModelState.ACTIVE and v.name != target]
+        excess = held(snapshot, {target}) + views[target].size - snapshot.capacity
+        victims = []
+        for view in sorted(awake, key=lambda v: v.last_used or 0.0):
+            if excess <= 1e-9:
+                break
+            victims.append(view.name)
+            excess -= view.size
+        return victims
+
+
+def make(policy: str):
+    if policy == "lru":
+        return LeastRecentlyUsed
+    return lambda: load_policy(policy, {}, Path("."))
 
 
 def run_cell(job: tuple[int, float, str, str]) -> str:
@@ -44,21 +67,19 @@ def run_cell(job: tuple[int, float, str, str]) -> str:
             "one": simulate.Layout(),
             "co": simulate.layout_from(models, 1, CAPACITY, SIZES, seed),
         }
-        for layout_name, layout in layouts.items():
-            for policy in ("fifo", DEFAULT_POLICY):
-                cost = simulate.cost_factory(cost_spec, folder, seed)()
-                result = simulate.run_layout(
-                    requests, layout, lambda p=policy: load_policy(p, {}, Path(".")), cost,
-                    service, 0.0, policy,
-                )  # fmt: skip
-                latencies = result.latencies()
-                figures.setdefault(f"{layout_name}/{policy}", []).append(
-                    (
-                        statistics.fmean(latencies),
-                        simulate.percentile(latencies, 0.99),
-                        len(result.switches) / len(latencies),
-                    )
+        runs = [("one", DEFAULT_POLICY), ("co", DEFAULT_POLICY), ("co", "fifo"), ("co", "lru")]
+        for layout_name, policy in runs:
+            layout = layouts[layout_name]
+            cost = simulate.cost_factory(cost_spec, folder, seed)()
+            result = simulate.run_layout(requests, layout, make(policy), cost, service, 0.0, policy)
+            latencies = result.latencies()
+            figures.setdefault(f"{layout_name}/{policy}", []).append(
+                (
+                    statistics.fmean(latencies),
+                    simulate.percentile(latencies, 0.99),
+                    len(result.switches) / len(latencies),
                 )
+            )
     avg = {
         key: [statistics.fmean(v[i] for v in runs) for i in range(3)]
         for key, runs in figures.items()
@@ -69,7 +90,7 @@ def run_cell(job: tuple[int, float, str, str]) -> str:
         f"| top-{top} | {load} | {cost_label} | {one[0]:.0f} / {one[1]:.0f} "
         f"| {co[0]:.0f} / {co[1]:.0f} "
         f"| {co[0] / one[0]:.2f} / {co[1] / one[1]:.2f} | {one[2]:.2f} / {co[2]:.2f} "
-        f"| {avg['co/fifo'][0]:.0f} |"
+        f"| {avg['co/fifo'][0]:.0f} | {avg['co/lru'][0]:.0f} |"
     )
 
 
@@ -81,9 +102,9 @@ def main() -> None:
     print(
         f"| trace | load | switch cost | one at a time: {p} mean / p99 (s) "
         f"| co-resident: {p} mean / p99 (s) | ratio mean / p99 | switches per request one / co "
-        "| co-resident: fifo mean (s) |"
+        f"| co-resident: fifo mean (s) | co-resident: {p} with LRU evictions, mean (s) |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     jobs = [
         (top, load, cost, args.traces_dir) for top in (4, 8) for load in LOADS for cost in COSTS
     ]
