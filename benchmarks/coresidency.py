@@ -5,7 +5,8 @@
 One 80 GB GPU; each model's size is drawn between 25 and 40 GB (seeded), so two always fit and
 three fit when they are small. Alibaba top-4 and top-8 (busiest 12 hours, thinned by user group)
 at offered loads 0.3, 0.6 and 0.9, with switch costs of 10 s, 30 s and sampled from Alibaba's
-measured model-load latencies, one request at a time on the shared GPU (co-resident models take
+measured model-load latencies, or 1 s per GB of the model woken (so models differ in what
+evicting them costs), one request at a time on the shared GPU (co-resident models take
 turns: co-residency saves switches, not compute). Each cell averages three seeds. Prints a
 Markdown table of the default policy's mean and p99 latency and switches per request in both
 layouts, FIFO's mean with co-residency, and the default policy's mean when evictions follow
@@ -27,7 +28,8 @@ from llmux.simulator import ServiceModel
 CAPACITY = 80.0
 SIZES = "uniform:25-40"
 LOADS = (0.3, 0.6, 0.9)
-COSTS = ("10", "30", "alibaba")
+COSTS = ("10", "30", "alibaba", "by-size")
+BY_SIZE_SECS_PER_GB = 1.0  # "by-size": waking a model takes 1 s per GB (a 40 GB model, 40 s)
 SEEDS = (1, 2, 3)
 WINDOW_HOURS = 12
 
@@ -70,7 +72,14 @@ def run_cell(job: tuple[int, float, str, str]) -> str:
         runs = [("one", DEFAULT_POLICY), ("co", DEFAULT_POLICY), ("co", "fifo"), ("co", "lru")]
         for layout_name, policy in runs:
             layout = layouts[layout_name]
-            cost = simulate.cost_factory(cost_spec, folder, seed)()
+            if cost_spec == "by-size":
+                sizes = layouts["co"].sizes
+
+                def cost(source: str | None, target: str, sizes=sizes) -> float:
+                    return BY_SIZE_SECS_PER_GB * sizes[target]
+
+            else:
+                cost = simulate.cost_factory(cost_spec, folder, seed)()
             result = simulate.run_layout(requests, layout, make(policy), cost, service, 0.0, policy)
             latencies = result.latencies()
             figures.setdefault(f"{layout_name}/{policy}", []).append(
@@ -85,7 +94,7 @@ def run_cell(job: tuple[int, float, str, str]) -> str:
         for key, runs in figures.items()
     }
     one, co = avg[f"one/{DEFAULT_POLICY}"], avg[f"co/{DEFAULT_POLICY}"]
-    cost_label = "sampled" if cost_spec == "alibaba" else f"{cost_spec} s"
+    cost_label = {"alibaba": "sampled", "by-size": "1 s/GB"}.get(cost_spec, f"{cost_spec} s")
     return (
         f"| top-{top} | {load} | {cost_label} | {one[0]:.0f} / {one[1]:.0f} "
         f"| {co[0]:.0f} / {co[1]:.0f} "

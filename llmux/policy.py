@@ -43,8 +43,7 @@ class ModelView:
     oldest_arrival: float | None  # clock time the oldest waiting request arrived
     in_flight: int
     size: float = 1.0  # what it takes of its group's capacity while awake
-    last_used: float | None = None  # clock time its latest request started
-    demand: float = 0.0  # requests per second, decayed over DEMAND_HALF_LIFE_SECS
+    last_used: float | None = None  # clock time a request of it last started or ended
 
 
 @dataclass(frozen=True)
@@ -69,31 +68,11 @@ class Snapshot:
         return self.switch_costs.get((self.active, target))
 
 
-DEMAND_HALF_LIFE_SECS = 300.0
 DEFAULT_WAKE_COST_SECS = 10.0
 
 
 class _QueuedItem(Protocol):
     arrival: float
-
-
-class DemandMeter:
-    """A model's request rate, decayed exponentially: cheap to keep, recent traffic weighs most."""
-
-    def __init__(self) -> None:
-        self._level = 0.0
-        self._at = 0.0
-
-    def record(self, now: float) -> None:
-        self._level = self._decayed(now) + 1.0
-        self._at = now
-
-    def rate(self, now: float) -> float:
-        """Requests per second (the decayed count over the decay's mean lifetime)."""
-        return self._decayed(now) * math.log(2) / DEMAND_HALF_LIFE_SECS
-
-    def _decayed(self, now: float) -> float:
-        return self._level * 0.5 ** (max(0.0, now - self._at) / DEMAND_HALF_LIFE_SECS)
 
 
 class ModelRuntimeLike(Protocol):
@@ -108,7 +87,6 @@ class ModelRuntimeLike(Protocol):
     active_since: float | None
     size: float
     last_used: float | None
-    demand: DemandMeter
 
 
 def snapshot_of(
@@ -135,7 +113,6 @@ def snapshot_of(
             in_flight=model.in_flight,
             size=model.size,
             last_used=model.last_used,
-            demand=model.demand.rate(now),
         )
     snapshot = Snapshot(
         now=now,
@@ -163,15 +140,19 @@ def snapshot_of(
 
 def default_evictions(target: str, snapshot: Snapshot) -> list[str]:
     """The awake models to put to sleep so that `target` fits: idle ones before busy ones, then
-    those whose loss costs least (recent demand x the cost of waking them again), then the least
-    recently used. Empty when the target fits as things are."""
+    those whose loss costs least: expected demand x the cost of waking them again, demand being
+    estimated from recency (a model last used t seconds ago, about once per t seconds). With
+    equal wake costs that is least recently used; a model that is slow to wake is kept longer.
+    Empty when the target fits as things are."""
     views = snapshot.models
     excess = held(snapshot, {target}) + views[target].size - snapshot.capacity
     candidates = [v for v in views.values() if v.state is ModelState.ACTIVE and v.name != target]
 
     def loss(view: ModelView) -> tuple[bool, float, float]:
         busy = view.in_flight > 0 or view.queue_depth > 0
-        return (busy, view.demand * wake_cost(snapshot, view.name), view.last_used or -math.inf)
+        idle = snapshot.now - view.last_used if view.last_used is not None else math.inf
+        demand = 1.0 / max(idle, 1e-3)
+        return (busy, demand * wake_cost(snapshot, view.name), view.last_used or -math.inf)
 
     victims = []
     for view in sorted(candidates, key=loss):

@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from llmux.costs import SwitchCostTracker
 from llmux.policy import (
     CallAt,
-    DemandMeter,
     Event,
     ModelState,
     Policy,
@@ -135,7 +134,6 @@ class _Model:
     active_since: float | None = None
     size: float = 1.0
     last_used: float | None = None
-    demand: DemandMeter = field(default_factory=DemandMeter)
 
 
 @dataclass
@@ -226,7 +224,6 @@ class Simulator:
     def _forward(self, model: _Model, request: Request) -> None:
         model.in_flight += 1
         model.last_used = self.now
-        model.demand.record(self.now)
         request.started = self.now
         self.gpu.backlog.append(request)
         self._serve()
@@ -234,6 +231,7 @@ class Simulator:
     def _complete(self, request: Request) -> None:
         model = self.models[request.model]
         request.finished = self.now
+        model.last_used = self.now
         model.in_flight -= 1
         self._consult(RequestCompleted(model.name))
         if self._draining_done():

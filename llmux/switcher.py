@@ -62,7 +62,6 @@ from llmux.metrics import Metrics
 from llmux.policy import (
     CallAt,
     Decision,
-    DemandMeter,
     Event,
     FifoPolicy,
     ModelState,
@@ -136,7 +135,6 @@ class ModelRuntime:
     size: float = 1.0  # what it takes of its group's capacity while not ASLEEP
     idle_since: float = 0.0  # when its in-flight count last reached 0 (for ttl_secs)
     last_used: float | None = None
-    demand: DemandMeter = field(default_factory=DemandMeter)
     check_requested: bool = False  # the proxy could not connect: run its alive hook soon
 
     @property
@@ -333,15 +331,14 @@ class Switcher:
 
     def _start_request(self, model: ModelRuntime) -> None:
         model.in_flight += 1
-        now = trio.current_time()
-        model.last_used = now
-        model.demand.record(now)
+        model.last_used = trio.current_time()
         self._update_in_flight_gauge(model.name)
 
     def _release(self, model: ModelRuntime) -> None:
         model.in_flight -= 1
+        model.last_used = trio.current_time()
         if model.in_flight == 0:
-            model.idle_since = trio.current_time()
+            model.idle_since = model.last_used
         self._update_in_flight_gauge(model.name)
         if model.queue and model.state is ModelState.ACTIVE:
             self._grant_waiting(model)  # a request held back by max_in_flight_per_model

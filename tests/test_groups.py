@@ -70,22 +70,40 @@ async def test_two_models_that_fit_serve_at_once_without_switching(fakes, tmp_pa
     assert metric_value(metrics, "llmux_group_model_info", group="gpu0", model="b") == 1
 
 
-async def test_a_model_that_does_not_fit_evicts_the_one_with_least_demand(fakes, tmp_path):
+async def test_a_model_that_does_not_fit_evicts_the_least_recently_used(fakes, tmp_path):
     a, b, c = fakes.start("a", "b", "c", wake_delay=0.05)
     blocks = "".join(fake_model_block(f, memory_gb=30) for f in (a, b)) + fake_model_block(
         c, memory_gb=40
     )
     path = write_config(tmp_path, groups_table(gpu0=(80, ["a", "b", "c"])) + blocks)
     async with llmux_running(path) as (_, client):
-        for _ in range(4):
-            await client.post("/v1/chat/completions", json=chat("a", max_tokens=1))
-        await client.post("/v1/chat/completions", json=chat("b", max_tokens=1))
-        # b was used last, but a is in demand: least recently used alone would evict a.
+        for model in "aab":
+            await client.post("/v1/chat/completions", json=chat(model, max_tokens=1))
         response = await client.post("/v1/chat/completions", json=chat("c", max_tokens=1))
         after = await states(client)
     assert response.status_code == 200
+    assert after == {"a": "asleep", "b": "active", "c": "active"}
+    assert a.state()["sleeps"] == 1 and b.state()["sleeps"] == 0
+
+
+async def test_a_model_slow_to_wake_again_is_kept_longer(fakes, tmp_path):
+    a, b, c = fakes.start("a", "b", "c", wake_delay=0.05)
+    slow = f"sleep 1.5; {a.ctl('wake')}"  # waking a again would cost 1.5 s, b 0.1 s
+    blocks = (
+        fake_model_block(a, memory_gb=30, wake=slow)
+        + fake_model_block(b, memory_gb=30)
+        + fake_model_block(c, memory_gb=40)
+    )
+    path = write_config(tmp_path, groups_table(gpu0=(80, ["a", "b", "c"])) + blocks)
+    async with llmux_running(path) as (_, client):
+        for model in "ab":
+            await client.post("/v1/chat/completions", json=chat(model, max_tokens=1))
+        await trio.sleep(0.3)  # a used ~0.4 s before c arrives, b ~0.3 s: close in recency
+        response = await client.post("/v1/chat/completions", json=chat("c", max_tokens=1))
+        after = await states(client)
+    assert response.status_code == 200
+    # Least recently used alone would evict a; its wake costs 15 times b's.
     assert after == {"a": "active", "b": "asleep", "c": "active"}
-    assert b.state()["sleeps"] == 1 and a.state()["sleeps"] == 0
 
 
 async def test_eviction_prefers_an_idle_model_and_drains_a_busy_one(fakes, tmp_path):
@@ -93,7 +111,7 @@ async def test_eviction_prefers_an_idle_model_and_drains_a_busy_one(fakes, tmp_p
     blocks = "".join(fake_model_block(f, memory_gb=40) for f in (a, b, c))
     path = write_config(tmp_path, groups_table(gpu0=(80, ["a", "b", "c"])) + blocks)
     async with llmux_running(path) as (_, client):
-        for model in "bbbaaa":
+        for model in "aaabbb":
             await client.post("/v1/chat/completions", json=chat(model, max_tokens=1))
         results = {}
 
@@ -103,12 +121,13 @@ async def test_eviction_prefers_an_idle_model_and_drains_a_busy_one(fakes, tmp_p
         async with trio.open_nursery() as nursery:
             nursery.start_soon(long_a)
             await trio.sleep(0.2)
-            # a is busy, b is idle (though in more demand): b goes, a keeps streaming.
+            # a is busy, b is idle (though used more recently): b goes, a keeps streaming.
             first = await client.post("/v1/chat/completions", json=chat("c", max_tokens=1))
             assert first.status_code == 200
             assert (await states(client))["a"] == "active"
         assert b.state()["sleeps"] == 1 and a.state()["sleeps"] == 0
-        # Now b is wanted again and both awake models are idle: c (less demand) goes.
+        # Now b is wanted again and both awake models are idle: c, used before a's stream
+        # ended, is the least recently used and goes.
         await client.post("/v1/chat/completions", json=chat("b", max_tokens=1))
         assert (await states(client)) == {"a": "active", "b": "active", "c": "asleep"}
         # Only busy models left to evict: the one chosen is drained first, its stream whole.
@@ -209,7 +228,7 @@ async def test_a_failed_eviction_leaves_the_other_victims_serving(fakes, tmp_pat
     )
     path = write_config(tmp_path, groups_table(gpu0=(80, ["a", "b", "c"])) + blocks)
     async with llmux_running(path) as (_, client):
-        for model in "abbb":  # b in more demand: a is the first to go
+        for model in "ab":  # a, the least recently used, is the first to go
             await client.post("/v1/chat/completions", json=chat(model, max_tokens=1))
         refused = await client.post("/v1/chat/completions", json=chat("c", max_tokens=1))
         assert refused.status_code == 503

@@ -184,16 +184,29 @@ def test_the_readme_example_policy_and_its_test_work_as_printed(tmp_path):
 def _capacity_snapshot() -> Snapshot:
     """75 of capacity: a (30) and b (40) awake, c (40) waiting; a is busy, b idle."""
     views = {
-        "a": ModelView("a", ModelState.ACTIVE, 0, None, 1, size=30, last_used=99.0, demand=0.1),
-        "b": ModelView("b", ModelState.ACTIVE, 0, None, 0, size=40, last_used=50.0, demand=0.5),
+        "a": ModelView("a", ModelState.ACTIVE, 0, None, 1, size=30, last_used=50.0),
+        "b": ModelView("b", ModelState.ACTIVE, 0, None, 0, size=40, last_used=99.0),
         "c": ModelView("c", ModelState.ASLEEP, 1, 99.0, 0, size=40),
     }
     return Snapshot(100.0, views, "b", 0.0, False, {}, {}, capacity=75.0)
 
 
+def test_evictions_weigh_recency_against_the_cost_of_waking_again():
+    views = {
+        name: ModelView(name, ModelState.ACTIVE, 0, None, 0, size=40, last_used=used)
+        for name, used in (("a", 90.0), ("b", 98.0))
+    }
+    views["c"] = ModelView("c", ModelState.ASLEEP, 1, 99.0, 0, size=40)
+    equal = Snapshot(100.0, views, "a", 0.0, False, {}, {}, capacity=80.0)
+    assert default_evictions("c", equal) == ["a"]  # least recently used
+    # a was used 10 s ago but takes 60 s to wake; b, used 2 s ago, wakes in 1 s: b goes.
+    costly = Snapshot(100.0, views, "a", 0.0, False, {}, {}, 80.0, {"a": 60.0, "b": 1.0})
+    assert default_evictions("c", costly) == ["b"]
+
+
 def test_default_evictions_spare_busy_models_and_make_just_enough_room():
     snapshot = _capacity_snapshot()
-    assert default_evictions("c", snapshot) == ["b"]  # b is idle, though in more demand
+    assert default_evictions("c", snapshot) == ["b"]  # b is idle, though used more recently
     assert default_evictions("a", snapshot) == []  # already awake: nothing to do
 
 

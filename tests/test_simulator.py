@@ -30,8 +30,8 @@ SCENARIO_HOLD = [
     (5.0, "b", 50), (5.2, "c", 5), (5.4, "a", 5), (5.5, "c", 5),
 ]  # fmt: skip
 HOLD_OPTIONS = {"default_cost_secs": 2.0}
-# Two of three 40 GB models fit in 80 GB: `b` wakes beside `a` without a switch; then `c` and `b`
-# evict each other, never `a`, which has four times their demand.
+# Two of three 40 GB models fit in 80 GB: `b` wakes beside `a` without a switch; then each
+# newcomer evicts the least recently used awake model.
 SCENARIO_CAPACITY = [
     (0.0, "a", 5), (0.1, "a", 5), (0.2, "a", 5), (0.25, "a", 5), (0.3, "b", 5),
     (1.0, "c", 5), (2.0, "b", 5), (3.0, "c", 5), (3.1, "a", 5),
