@@ -41,7 +41,6 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import trio
 
@@ -55,7 +54,7 @@ from llmux.errors import (
     QueueTimeout,
     ShuttingDown,
 )
-from llmux.hook_registry import HookRegistry, default_state_dir
+from llmux.hook_registry import HookRegistry
 from llmux.hooks import HookResult, run_hook
 from llmux.logs import log_event
 from llmux.metrics import Metrics
@@ -151,7 +150,7 @@ class Switcher:
         policy: Policy,
         metrics: Metrics,
         costs: SwitchCostTracker,
-        hook_registry: HookRegistry | None = None,
+        hook_registry: HookRegistry,
     ) -> None:
         self.config = config
         self.group: GroupConfig = next(iter(config.groups.values()))
@@ -170,12 +169,7 @@ class Switcher:
         self._timer_scope: trio.CancelScope | None = None
         self.current_switch: SwitchInProgress | None = None
         self._retiring: list[ModelRuntime] = []  # removed or replaced by a reload, still awake
-        if hook_registry is None:
-            state_dir = config.server.state_dir
-            hook_registry = HookRegistry(
-                Path(state_dir) if state_dir else default_state_dir(), config.path
-            )
-        self.hook_registry = hook_registry
+        self.hook_registry = hook_registry  # shared by all groups (see Fleet)
 
     def _runtime(self, config: ModelConfig) -> ModelRuntime:
         return ModelRuntime(config, size=self.group.size_of(config))
@@ -869,14 +863,17 @@ class Switcher:
     def _waiting(self) -> list[ModelRuntime]:
         return [m for m in self.models.values() if m.queue and m.state is not ModelState.ACTIVE]
 
-    def _fits(self, target: ModelRuntime) -> bool:
-        """Whether `target` fits beside every model that holds memory now."""
-        held = sum(
+    def _held(self, leaving_out: ModelRuntime | None = None) -> float:
+        """Capacity held now by the models not asleep (retiring ones included)."""
+        return sum(
             m.size
             for m in (*self.models.values(), *self._retiring)
-            if m.state is not ModelState.ASLEEP and m is not target
+            if m.state is not ModelState.ASLEEP and m is not leaving_out
         )
-        return held + target.size <= self.group.room + 1e-9
+
+    def _fits(self, target: ModelRuntime) -> bool:
+        """Whether `target` fits beside every model that holds memory now."""
+        return self._held(leaving_out=target) + target.size <= self.group.room + 1e-9
 
     def _victims_for(self, target: ModelRuntime) -> list[ModelRuntime]:
         """The awake models to put to sleep so that `target` fits (none if it fits now)."""
@@ -896,12 +893,7 @@ class Switcher:
         if self.models.get(model.name) is model or model.name not in self.models:
             # A replaced model's retirement must not overwrite its successor's state.
             self.metrics.set_state(model.name, state)
-        held = sum(
-            m.size
-            for m in (*self.models.values(), *self._retiring)
-            if m.state is not ModelState.ASLEEP
-        )
-        self.metrics.group_used.labels(self.group.name).set(held)
+        self.metrics.group_used.labels(self.group.name).set(self._held())
         self._notify()
 
     async def wait_for_change(self) -> None:

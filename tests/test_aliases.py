@@ -3,8 +3,6 @@ knows the model by."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from llmux.config import ConfigError, load_config
@@ -98,4 +96,4 @@ def test_resolve_names_and_aliases(tmp_path):
     assert config.resolve("a") == "a"
     assert config.resolve("gpt-4o-mini") == "a"
     assert config.resolve("gpt-4o") is None
-    assert json.loads(json.dumps(config.models["a"].aliases)) == ["gpt-4o-mini"]
+    assert config.models["a"].aliases == ("gpt-4o-mini",)
