@@ -16,7 +16,7 @@ from typing import Any
 import trio
 
 from llmux.asgi import Receive, Scope, Send, answer_lifespan, send_bytes, send_json
-from llmux.auth import bearer_token, token_matches
+from llmux.auth import bearer_token, presented_key, token_matches
 from llmux.config import Config, ConfigError, load_config
 from llmux.costs import SwitchCostTracker
 from llmux.errors import (
@@ -25,7 +25,6 @@ from llmux.errors import (
     InvalidRequest,
     LlmuxError,
     ModelNotFound,
-    QueueFull,
     RequestTimeout,
     RouteNotFound,
     ShuttingDown,
@@ -35,7 +34,13 @@ from llmux.fleet import Fleet, GroupsChanged
 from llmux.logs import log_event
 from llmux.metrics import UNKNOWN_MODEL, Metrics
 from llmux.policy import Policy, PolicyLoadError, load_policy
-from llmux.proxy import BackendConnectFailed, UpstreamClient, forwarded_response_headers
+from llmux.proxy import (
+    BackendConnectFailed,
+    UpstreamClient,
+    forwarded_request_headers,
+    forwarded_response_headers,
+)
+from llmux.routes import ROUTES, Access, Endpoint, ModelFrom, RouteMatch, RouteTable, prefix_allows
 from llmux.status import status_report
 
 log = logging.getLogger("llmux.app")
@@ -69,6 +74,7 @@ class LlmuxApp:
         make_policy()  # fail here, before anything runs, if the policy cannot be built
         self.fleet = Fleet(config, make_policy, self.metrics, self.costs)
         self.upstream = UpstreamClient()
+        self.routes = RouteTable(ROUTES, admin=config.auth.admin_token is not None)
         self._shutdown_requested = trio.Event()
         self.started_wall = time.time()
 
@@ -112,6 +118,7 @@ class LlmuxApp:
                 self.config.host, self.config.port, new.host, new.port,
             )  # fmt: skip
         self.config = self.fleet.config
+        self.routes = RouteTable(ROUTES, admin=self.config.auth.admin_token is not None)
         log_event(
             log, "config_reloaded", f"reloaded {path}", path=str(path),
             added=",".join(summary.added), removed=",".join(summary.removed),
@@ -127,99 +134,119 @@ class LlmuxApp:
             return
         if scope["type"] != "http":
             return
-        method, path = scope["method"], scope["path"]
-        auth = self.config.auth
         limit = self.config.server.max_header_bytes
-        # hypercorn bounds only a head that arrives in pieces; a whole one is checked here.
-        if sum(len(name) + len(value) + 4 for name, value in scope["headers"]) > limit:
-            message = f"request headers exceed server.max_header_bytes ({limit})"
-            await _send_error(send, HeadersTooLarge(message))
-        elif path == "/health" and method in ("GET", "HEAD"):
+        try:
+            # hypercorn bounds only a head that arrives in pieces; a whole one is checked here.
+            if sum(len(name) + len(value) + 4 for name, value in scope["headers"]) > limit:
+                raise HeadersTooLarge(f"request headers exceed server.max_header_bytes ({limit})")
+            match = self.routes.match(scope["method"], _raw_path(scope))
+            self._check_access(match.route.access, scope["headers"])
+        except LlmuxError as error:
+            await _send_error(send, error)
+            self._log_request(scope, UNKNOWN_MODEL, error.status, 0.0, 0.0)
+            return
+        await self._dispatch(match, scope, receive, send)
+
+    async def _dispatch(
+        self, match: RouteMatch, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        endpoint = match.route.endpoint
+        if match.route.forwards:
+            await self._proxy(match, scope, receive, send)
+        elif endpoint is Endpoint.HEALTH:
             await send_json(send, 200, {"status": "ok"})
-        elif path.startswith("/llmux/") and method == "POST" and auth.admin_token:
-            await self._admin(scope, receive, send)
-        elif not self._may_enter(scope, path):
-            await _send_error(
-                send, Unauthorized("missing or invalid API key (Authorization: Bearer ...)")
-            )
-        elif path == "/metrics" and method == "GET":
+        elif endpoint is Endpoint.METRICS:
             await send_bytes(
                 send, 200, self.metrics.exposition(), b"text/plain; version=0.0.4; charset=utf-8"
             )
-        elif path == "/llmux/status" and method == "GET":
+        elif endpoint is Endpoint.STATUS:
             await send_json(send, 200, status_report(self.config, self.fleet, self.started_wall))
-        elif path == "/v1/models" and method == "GET":
+        elif endpoint is Endpoint.MODEL_LIST:
             await send_json(send, 200, self._model_list())
-        elif path.startswith("/v1/") and method == "POST":
-            await self._proxy(scope, receive, send)
         else:
-            error = RouteNotFound(
-                f"no route for {method} {path}; llmux serves POST /v1/..., "
-                "GET /v1/models, /llmux/status, /health, /metrics"
-            )
-            await _send_error(send, error)
+            try:
+                await self._answer_about_model(match, send)
+            except LlmuxError as error:
+                await _send_error(send, error)
 
-    def _may_enter(self, scope: Scope, path: str) -> bool:
-        """Whether a client needs no key here, or presented a valid one."""
+    def _check_access(self, access: Access, headers: list[tuple[bytes, bytes]]) -> None:
+        """Raise Unauthorized unless the route is open to this client."""
         auth = self.config.auth
-        if not auth.required:
-            return True
-        if (path == "/metrics" and auth.public_metrics) or (
-            path == "/llmux/status" and auth.public_status
-        ):
-            return True
-        return token_matches(bearer_token(scope["headers"]), auth.api_keys)
-
-    async def _admin(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """POST /llmux/models/NAME/wake|sleep (NAME may hold `/`, raw or %2F) and /llmux/sleep."""
-        token = self.config.auth.admin_token
-        assert token is not None
-        if not token_matches(bearer_token(scope["headers"]), [token]):
-            await _send_error(send, Unauthorized("missing or invalid admin token"))
+        if access is Access.PUBLIC:
             return
-        path = scope["path"]
-        try:
-            if path == "/llmux/sleep":
-                await self.fleet.sleep_all()
-                await send_json(send, 200, {"status": "asleep"})
-                return
-            name, _, action = path.removeprefix("/llmux/models/").rpartition("/")
-            if not path.startswith("/llmux/models/") or action not in ("wake", "sleep"):
-                raise RouteNotFound(f"no admin route {path}")
-            resolved = self.config.resolve(name)
-            if resolved is None:
-                known = ", ".join(self.config.models)
-                raise ModelNotFound(f"model {name!r} is not served here; known models: {known}")
-            name = resolved
-            if action == "wake":
-                async with self.fleet.serving(name):
-                    pass
-            else:
-                await self.fleet.put_to_sleep(name)
-            state = self.fleet.models[name].state.value
-            await send_json(send, 200, {"model": name, "state": state})
-        except LlmuxError as error:
-            await _send_error(send, error)
+        if access is Access.ADMIN:
+            assert auth.admin_token is not None  # the table has no admin routes without one
+            if not token_matches(bearer_token(headers), [auth.admin_token]):
+                raise Unauthorized("missing or invalid admin token")
+            return
+        if not auth.required:
+            return
+        if (access is Access.METRICS and auth.public_metrics) or (
+            access is Access.STATUS and auth.public_status
+        ):
+            return
+        if not token_matches(presented_key(headers), auth.api_keys):
+            raise Unauthorized(
+                "missing or invalid API key (Authorization: Bearer ..., or x-api-key)"
+            )
+
+    async def _answer_about_model(self, match: RouteMatch, send: Send) -> None:
+        """GET /v1/models/NAME and the admin routes: llmux answers these itself."""
+        endpoint = match.route.endpoint
+        if endpoint is Endpoint.ADMIN_SLEEP_ALL:
+            await self.fleet.sleep_all()
+            await send_json(send, 200, {"status": "asleep"})
+            return
+        assert match.model is not None
+        asked_for = match.model
+        name = self._resolve(asked_for)
+        if endpoint is Endpoint.MODEL:
+            entry = self._model_entry(name)
+            if asked_for != name:
+                entry = {**entry, "id": asked_for, "llmux": {**entry["llmux"], "alias_of": name}}
+            await send_json(send, 200, entry)
+            return
+        if endpoint is Endpoint.ADMIN_WAKE:
+            async with self.fleet.serving(name):
+                pass
+        else:
+            await self.fleet.put_to_sleep(name)
+        state = self.fleet.models[name].state.value
+        await send_json(send, 200, {"model": name, "state": state})
+
+    def _resolve(self, asked_for: str) -> str:
+        resolved = self.config.resolve(asked_for)
+        if resolved is None:
+            known = ", ".join(self.config.models)
+            raise ModelNotFound(f"model {asked_for!r} is not served here; known models: {known}")
+        return resolved
 
     def _model_list(self) -> dict[str, Any]:
         data = []
         for name, model in self.fleet.models.items():
-            about = {
-                "state": model.state.value,
-                "queue_depth": len(model.queue),
-                "in_flight": model.in_flight,
-                "group": model.config.group,
-            }
-            entry = {"object": "model", "created": 0, "owned_by": "llmux"}
-            data.append({"id": name, **entry, "llmux": about})
+            entry = self._model_entry(name)
+            data.append(entry)
             if self.config.server.list_aliases:
                 for alias in model.config.aliases:
-                    data.append({"id": alias, **entry, "llmux": {**about, "alias_of": name}})
+                    data.append(
+                        {**entry, "id": alias, "llmux": {**entry["llmux"], "alias_of": name}}
+                    )
         return {"object": "list", "data": data}
+
+    def _model_entry(self, name: str) -> dict[str, Any]:
+        """One model in OpenAI form, with llmux's state beside."""
+        model = self.fleet.models[name]
+        about = {
+            "state": model.state.value,
+            "queue_depth": len(model.queue),
+            "in_flight": model.in_flight,
+            "group": model.config.group,
+        }
+        return {"id": name, "object": "model", "created": 0, "owned_by": "llmux", "llmux": about}
 
     # ----- proxying -----
 
-    async def _proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _proxy(self, match: RouteMatch, scope: Scope, receive: Receive, send: Send) -> None:
         started = trio.current_time()
         model_label = UNKNOWN_MODEL
         try:
@@ -230,9 +257,9 @@ class LlmuxApp:
             if body_wait.cancelled_caught:
                 limit = self.config.server.request_body_timeout_secs
                 raise RequestTimeout(f"request body not received within {limit:g}s")
-            model, asked_for = self._model_of(body)
-            model_label = model
-            outcome = await self._forward(model, asked_for, scope, receive, send, body, started)
+            request = self._upstream_request(match, scope, body)
+            model_label = request.model
+            outcome = await self._forward(request, scope, receive, send, started)
         except ClientDisconnected:
             outcome = _Outcome(status=CLIENT_CLOSED)
         except LlmuxError as error:
@@ -244,45 +271,43 @@ class LlmuxApp:
         # A broken upstream leaves the body unfinished: hypercorn then closes the connection
         # without the final chunk, and the client sees a truncated answer, not a clean end.
         self.metrics.requests_total.labels(model_label, str(outcome.status)).inc()
-        if self.config.server.access_log:
-            duration = trio.current_time() - started
-            log_event(
-                access_log, "request",
-                f"{scope['method']} {scope['path']} {model_label} {outcome.status} {duration:.3f}s",
-                method=scope["method"], path=scope["path"], model=model_label,
-                status=outcome.status, queue_wait=outcome.queue_wait, duration=duration,
-            )  # fmt: skip
+        duration = trio.current_time() - started
+        self._log_request(scope, model_label, outcome.status, outcome.queue_wait, duration)
 
-    def _model_of(self, body: bytes) -> tuple[str, str]:
-        """The configured model a request is for, and the name the client used for it."""
-        try:
-            payload = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
-        except RecursionError:
-            raise InvalidRequest("request body is nested too deeply") from None
-        if not isinstance(payload, dict):
-            raise InvalidRequest("request body must be a JSON object")
-        model = payload.get("model")
-        if model is None:
-            raise InvalidRequest("request body has no 'model' field")
-        if not isinstance(model, str):
-            raise InvalidRequest("'model' must be a string")
-        resolved = self.config.resolve(model)
-        if resolved is None:
-            known = ", ".join(self.config.models)
-            raise ModelNotFound(f"model {model!r} is not served here; known models: {known}")
-        return resolved, model
+    def _log_request(
+        self, scope: Scope, model: str, status: int, queue_wait: float, duration: float
+    ) -> None:
+        """The access log line; the path is the raw one (the log formatter escapes it)."""
+        if not self.config.server.access_log:
+            return
+        method, path = scope["method"], _raw_path(scope).decode("latin-1")
+        log_event(
+            access_log, "request", f"{method} {path} {model} {status} {duration:.3f}s",
+            method=method, path=path, model=model, status=status, queue_wait=queue_wait,
+            duration=duration,
+        )  # fmt: skip
+
+    def _upstream_request(self, match: RouteMatch, scope: Scope, body: bytes) -> _UpstreamRequest:
+        """What goes to which model: the routed path, the model the body or path names."""
+        assert match.forward_path is not None
+        target = match.forward_path
+        if scope.get("query_string"):
+            target += b"?" + scope["query_string"]
+        if match.route.model_from is ModelFrom.PATH:
+            assert match.model is not None
+            model = self._resolve(match.model)
+            allowed = self.config.models[model].passthrough_paths
+            if not any(prefix_allows(prefix, match.forward_path) for prefix in allowed):
+                raise RouteNotFound(
+                    f"{match.forward_path.decode('latin-1')} is not in "
+                    f"models.{model}.passthrough_paths, so llmux does not forward it"
+                )
+            return _UpstreamRequest(model, match.model, target, body, rewrite_model=False)
+        asked_for = _model_named_in(body)
+        return _UpstreamRequest(self._resolve(asked_for), asked_for, target, body)
 
     async def _forward(
-        self,
-        model: str,
-        asked_for: str,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        body: bytes,
-        started: float,
+        self, request: _UpstreamRequest, scope: Scope, receive: Receive, send: Send, started: float
     ) -> _Outcome:
         """Wait for the model, then stream its answer; a client disconnect cancels both.
 
@@ -292,9 +317,7 @@ class LlmuxApp:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
             try:
-                await self._stream_from_backend(
-                    model, asked_for, scope, send, body, started, outcome
-                )
+                await self._stream_from_backend(request, scope, send, started, outcome)
             except LlmuxError as error:
                 outcome.status, outcome.error = error.status, error
             finally:
@@ -303,27 +326,29 @@ class LlmuxApp:
 
     async def _stream_from_backend(
         self,
-        model: str,
-        asked_for: str,
+        request: _UpstreamRequest,
         scope: Scope,
         send: Send,
-        body: bytes,
         started: float,
         outcome: _Outcome,
     ) -> None:
-        target = scope["raw_path"].decode("latin-1") if scope.get("raw_path") else scope["path"]
-        if scope.get("query_string") and "?" not in target:
-            target += "?" + scope["query_string"].decode("latin-1")
+        model = request.model
         async with self.fleet.serving(model) as slot:
             outcome.queue_wait = slot.waited
             # The backend knows the model by its upstream name: an alias or a renamed model
             # gets the request's `model` rewritten; otherwise the body goes on byte for byte.
+            body = request.body
             upstream_name = slot.backend.upstream_model or slot.backend.name
-            if asked_for != upstream_name:
+            if request.rewrite_model and request.asked_for != upstream_name:
                 body = _with_model(body, upstream_name)
+            headers = forwarded_request_headers(
+                scope["headers"],
+                strip_credentials=self.config.auth.required,
+                backend_api_key=slot.backend.backend_api_key,
+            )
             try:
                 async with self.upstream.open(
-                    slot.backend.base_url, scope["method"], target, scope["headers"], body
+                    slot.backend.base_url, scope["method"], request.target, headers, body
                 ) as response:
                     await send(
                         {
@@ -350,6 +375,38 @@ class LlmuxApp:
             except BackendConnectFailed:
                 self.fleet.report_unreachable(model)
                 raise
+
+
+@dataclass(frozen=True)
+class _UpstreamRequest:
+    model: str  # the configured model that serves it
+    asked_for: str  # the name the client used (the model, or an alias)
+    target: bytes  # path and query, exactly as routed
+    body: bytes
+    rewrite_model: bool = True  # a JSON body whose `model` becomes the backend's name
+
+
+def _raw_path(scope: Scope) -> bytes:
+    """The path as the client sent it (hypercorn always sets raw_path)."""
+    return scope.get("raw_path") or scope["path"].encode("latin-1", errors="replace")
+
+
+def _model_named_in(body: bytes) -> str:
+    """The `model` a JSON body names."""
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidRequest("request body is nested too deeply") from None
+    if not isinstance(payload, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    model = payload.get("model")
+    if model is None:
+        raise InvalidRequest("request body has no 'model' field")
+    if not isinstance(model, str):
+        raise InvalidRequest("'model' must be a string")
+    return model
 
 
 def _policy_factory(config: Config) -> Callable[[], Policy]:
@@ -412,11 +469,7 @@ async def _discard_rest(receive: Receive, budget: int) -> None:
 
 
 async def _send_error(send: Send, error: LlmuxError) -> None:
-    headers = [(b"content-type", b"application/json")]
-    if isinstance(error, QueueFull):
-        headers.append((b"retry-after", str(error.retry_after).encode()))
-    if isinstance(error, Unauthorized):
-        headers.append((b"www-authenticate", b"Bearer"))
+    headers = [(b"content-type", b"application/json"), *error.headers()]
     body = error.body()
     headers.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": error.status, "headers": headers})

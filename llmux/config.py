@@ -13,6 +13,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from llmux.errors import InvalidPath
+from llmux.routes import check_path
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 3000
 DEFAULT_GROUP = "default"  # the group of every model no [groups.NAME] table lists
@@ -88,6 +91,9 @@ class ModelConfig:
     aliases: tuple[str, ...] = ()  # other names clients may use for it
     upstream_model: str | None = None  # the `model` the backend is sent, if not `name`
     group: str = DEFAULT_GROUP
+    # Backend paths outside the route table that clients may reach as /upstream/NAME/PATH.
+    passthrough_paths: tuple[str, ...] = ()
+    backend_api_key: str | None = None  # sent to the backend as its bearer token
 
     @property
     def base_url(self) -> str:
@@ -228,6 +234,8 @@ _MODEL_KEYS = {
     "size": _NUMBER,
     "aliases": list,
     "upstream_model": str,
+    "passthrough_paths": list,
+    "backend_api_key": str,
     **_TIMING_KEYS,
 }
 _DEFAULTS_KEYS = {**_TIMING_KEYS, "ttl_secs": _NUMBER}
@@ -453,6 +461,9 @@ def _parse_model(
     upstream = raw.get("upstream_model")
     if upstream is not None and not upstream.strip():
         raise ConfigError(checker.path, f"{key}.upstream_model", "must not be empty")
+    backend_key = raw.get("backend_api_key")
+    if backend_key is not None and (not backend_key.strip() or not backend_key.isprintable()):
+        raise ConfigError(checker.path, f"{key}.backend_api_key", "must be a printable key")
     return ModelConfig(
         name=name,
         port=port,
@@ -463,8 +474,27 @@ def _parse_model(
         size=size,
         aliases=tuple(dict.fromkeys(aliases)),
         upstream_model=upstream,
+        passthrough_paths=_passthrough_paths(checker, raw.get("passthrough_paths", []), key),
+        backend_api_key=backend_key,
         **timings,
     )
+
+
+def _passthrough_paths(checker: _Checker, raw: list[Any], key: str) -> tuple[str, ...]:
+    """Path prefixes of a backend that /upstream/NAME/... may reach: plain paths only."""
+    for index, prefix in enumerate(raw):
+        where = f"{key}.passthrough_paths[{index}]"
+        if not isinstance(prefix, str):
+            raise ConfigError(checker.path, where, "must be a string")
+        try:
+            check_path(prefix.encode())
+        except (InvalidPath, UnicodeEncodeError):
+            problem = f"{prefix!r} must be a plain path such as /tokenize (no .., no %, no ?)"
+            raise ConfigError(checker.path, where, problem) from None
+        if any(c in prefix for c in "%?"):
+            problem = f"{prefix!r} must be a plain path such as /tokenize (no .., no %, no ?)"
+            raise ConfigError(checker.path, where, problem)
+    return tuple(raw)
 
 
 def _quote(name: str) -> str:

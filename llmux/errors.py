@@ -19,6 +19,10 @@ class LlmuxError(Exception):
     def body(self) -> bytes:
         return error_body(self.message, self.error_type, self.code)
 
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """Headers this answer needs besides the body's (Retry-After, Allow, ...)."""
+        return []
+
 
 class InvalidRequest(LlmuxError):
     status = 400
@@ -26,10 +30,22 @@ class InvalidRequest(LlmuxError):
     code = "invalid_request"
 
 
+class InvalidPath(LlmuxError):
+    """A path that means different things to different servers (dot segments, backslashes,
+    an encoded slash outside a model name, not origin form): refused, never forwarded."""
+
+    status = 400
+    error_type = "invalid_request_error"
+    code = "invalid_path"
+
+
 class Unauthorized(LlmuxError):
     status = 401
     error_type = "invalid_request_error"
     code = "invalid_api_key"
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"www-authenticate", b"Bearer")]
 
 
 class RequestTimeout(LlmuxError):
@@ -51,6 +67,9 @@ class QueueFull(LlmuxError):
         super().__init__(message)
         self.retry_after = retry_after
 
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"retry-after", str(self.retry_after).encode())]
+
 
 class HeadersTooLarge(LlmuxError):
     status = 431
@@ -62,6 +81,19 @@ class RouteNotFound(LlmuxError):
     status = 404
     error_type = "invalid_request_error"
     code = "not_found"
+
+
+class MethodNotAllowed(LlmuxError):
+    status = 405
+    error_type = "invalid_request_error"
+    code = "method_not_allowed"
+
+    def __init__(self, message: str, allowed: list[str]) -> None:
+        super().__init__(message)
+        self.allowed = allowed
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"allow", ", ".join(self.allowed).encode())]
 
 
 class ModelNotFound(LlmuxError):

@@ -7,6 +7,8 @@ prove that llmux never sent a request to a sleeping model and never put a busy o
 
 Control endpoints (what hooks call): POST /fake/wake, POST /fake/sleep, GET /fake/alive (200 only
 while awake), GET /fake/state. `/health` answers 200 even while asleep, like vLLM's does.
+`GET /fake/received` tells what reached it: every request target (method and raw path, query
+included) with a count, and the last requests' headers, so tests can prove what llmux forwards.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter, deque
 from dataclasses import asdict, dataclass
 from typing import Any
 from urllib.parse import parse_qs
@@ -26,6 +29,7 @@ from llmux.asgi import Receive, Scope, Send, answer_lifespan, send_bytes, send_j
 from llmux.errors import error_body
 
 DEFAULT_TOKENS = 8
+RECENT_REQUESTS = 100
 
 
 @dataclass
@@ -62,6 +66,16 @@ class FakeBackend:
         self.stats = FakeStats()
         self.weights_loaded = True  # vLLM: false after a level-2 sleep until reload_weights
         self.parts_asleep: set[str] = set() if awake else {"weights", "kv_cache"}  # vLLM
+        self.targets: Counter[str] = Counter()  # "METHOD /raw/path?query" -> times received
+        self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_REQUESTS)
+
+    def _record(self, scope: Scope) -> None:
+        query = scope["query_string"]
+        target = scope["raw_path"] + (b"?" + query if query else b"")
+        line = f"{scope['method']} {target.decode('latin-1')}"
+        self.targets[line] += 1
+        headers = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in scope["headers"]]
+        self.recent.append({"request": line, "headers": headers})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -70,6 +84,10 @@ class FakeBackend:
         if scope["type"] != "http":
             return
         method, path = scope["method"], scope["path"]
+        if (method, path) == ("GET", "/fake/received"):
+            await send_json(send, 200, {"targets": self.targets, "recent": list(self.recent)})
+            return
+        self._record(scope)
         if method == "GET" and path == "/health":
             await send_json(send, 200, {"status": "ok"})
         elif method == "GET" and path == "/fake/state":

@@ -2,6 +2,9 @@
 
 This module knows nothing of models, switching or ASGI: it builds the upstream request, filters
 hop-by-hop headers both ways, and maps transport failures to `BackendUnavailable`.
+
+The target goes upstream byte for byte as the route table matched it: the URL is built from its
+parts, never parsed from a string, so nothing resolves `..` or re-splits the path on the way.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from contextlib import asynccontextmanager
 import httpx
 import trio
 
+from llmux.auth import CREDENTIAL_HEADERS
 from llmux.errors import BackendUnavailable
 
 # Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus those the proxy
@@ -65,14 +69,14 @@ class UpstreamClient:
         self,
         base_url: str,
         method: str,
-        target: str,
-        headers: Iterable[tuple[bytes, bytes]],
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
         body: bytes,
     ) -> AsyncIterator[httpx.Response]:
-        """Send the request and yield the response with its body unread; always closes it."""
-        request = self._client.build_request(
-            method, base_url + target, headers=forwarded_request_headers(headers), content=body
-        )
+        """Send the request (headers already filtered by `forwarded_request_headers`) and yield
+        the response with its body unread; always closes it."""
+        url = httpx.URL(base_url).copy_with(raw_path=target)
+        request = self._client.build_request(method, url, headers=headers, content=body)
         try:
             response = await self._client.send(request, stream=True)
         except httpx.ConnectError as exc:
@@ -88,8 +92,19 @@ class UpstreamClient:
                 await response.aclose()
 
 
-def forwarded_request_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    out = [(name, value) for name, value in headers if name.lower() not in HOP_BY_HOP]
+def forwarded_request_headers(
+    headers: Iterable[tuple[bytes, bytes]], *, strip_credentials: bool, backend_api_key: str | None
+) -> list[tuple[bytes, bytes]]:
+    """The client's headers as the backend gets them: without hop-by-hop headers and those the
+    client's `Connection` names; without the client's credentials when llmux checked them
+    (`strip_credentials`) or the backend has a key of its own, which is sent instead."""
+    headers = list(headers)
+    dropped = HOP_BY_HOP | connection_named(headers)
+    if strip_credentials or backend_api_key is not None:
+        dropped |= CREDENTIAL_HEADERS
+    out = [(name, value) for name, value in headers if name.lower() not in dropped]
+    if backend_api_key is not None:
+        out.append((b"authorization", b"Bearer " + backend_api_key.encode()))
     if not any(name.lower() == b"accept-encoding" for name, _ in out):
         # httpx would otherwise ask for gzip on the client's behalf, and the raw bytes we pass on
         # would be compressed for a client that never said it could decode them.
@@ -98,8 +113,16 @@ def forwarded_request_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tu
 
 
 def forwarded_response_headers(response: httpx.Response) -> list[tuple[bytes, bytes]]:
-    return [
-        (name, value)
-        for name, value in response.headers.raw
-        if name.lower() not in DROPPED_RESPONSE_HEADERS
-    ]
+    raw = response.headers.raw
+    dropped = DROPPED_RESPONSE_HEADERS | connection_named(raw)
+    return [(name, value) for name, value in raw if name.lower() not in dropped]
+
+
+def connection_named(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """The headers a `Connection` header names: they describe this hop only (RFC 9110 §7.6.1)."""
+    named: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            named.update(token.strip().lower() for token in value.split(b","))
+    named.discard(b"")
+    return frozenset(named)

@@ -39,6 +39,10 @@ class FakeProcess:
     def state(self) -> dict[str, Any]:
         return httpx.get(self.url + "/fake/state", timeout=5).json()
 
+    def received(self) -> dict[str, Any]:
+        """What reached this backend: {"targets": {"METHOD /path?q": n}, "recent": [...]}."""
+        return httpx.get(self.url + "/fake/received", timeout=5).json()
+
     def ctl(self, action: str) -> str:
         return f"{LLMUX} fake-ctl {action} --port {self.port}"
 
@@ -152,6 +156,30 @@ async def llmux_running(path: Path) -> AsyncIterator[tuple[RunningServer, httpx.
         httpx.AsyncClient(base_url=server.url, timeout=60) as client,
     ):
         yield server, client
+
+
+async def raw_exchange(url: str, data: bytes, wait: float = 5.0) -> bytes:
+    """Send bytes exactly as given (no client normalises the path) and read the answer until the
+    server closes or `wait` seconds pass."""
+    import trio
+
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port))
+    async with stream:
+        await stream.send_all(data)
+        received = b""
+        with trio.move_on_after(wait):
+            while chunk := await stream.receive_some(65536):
+                received += chunk
+        return received
+
+
+def raw_post(target: str, body: bytes, headers: str = "") -> bytes:
+    """One HTTP/1.1 POST with `Connection: close`, target written as is."""
+    return (
+        f"POST {target} HTTP/1.1\r\nhost: llmux\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n{headers}\r\n"
+    ).encode() + body
 
 
 def chat(model: str, **extra: Any) -> dict[str, Any]:

@@ -142,7 +142,9 @@ async def test_models_health_metrics_and_unknown_routes(fakes, tmp_path):
         )
         assert list(text_string_to_metric_families(metrics.text))
         _assert_openai_error(await client.get("/nope"), 404, "not_found")
-        _assert_openai_error(await client.get("/v1/chat/completions"), 404, "not_found")
+        wrong_method = await client.get("/v1/chat/completions")
+        _assert_openai_error(wrong_method, 405, "method_not_allowed")
+        assert wrong_method.headers["allow"] == "POST"
 
 
 async def test_openai_sdk_works_through_llmux(fakes, tmp_path):

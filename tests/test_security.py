@@ -8,7 +8,7 @@ from functools import partial
 import httpx
 import trio
 
-from tests.conftest import chat, fake_model_block, llmux_running, write_config
+from tests.conftest import chat, fake_model_block, llmux_running, raw_exchange, write_config
 
 KEY = "sk-test-0123456789abcdef"
 ADMIN = "admin-0123456789abcdef"
@@ -55,18 +55,6 @@ async def test_in_flight_limit_queues_the_rest(fakes, tmp_path):
     assert a.state()["peak_in_flight"] == 2
 
 
-async def _raw(url: str, data: bytes, wait: float) -> bytes:
-    host, port = url.removeprefix("http://").split(":")
-    stream = await trio.open_tcp_stream(host, int(port))
-    async with stream:
-        await stream.send_all(data)
-        received = b""
-        with trio.move_on_after(wait):
-            while chunk := await stream.receive_some(65536):
-                received += chunk
-        return received
-
-
 async def test_slow_body_gets_408_and_slow_head_is_cut(fakes, tmp_path):
     (a,) = fakes.start("a")
     path = write_config(
@@ -76,10 +64,12 @@ async def test_slow_body_gets_408_and_slow_head_is_cut(fakes, tmp_path):
     )
     async with llmux_running(path) as (server, _):
         head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n"
-        answer = await _raw(server.url, head + b'{"model"', wait=3)
+        answer = await raw_exchange(server.url, head + b'{"model"', wait=3)
         assert answer.startswith(b"HTTP/1.1 408") and b'"request_timeout"' in answer
         began = trio.current_time()
-        answer = await _raw(server.url, b"POST /v1/chat/completions HTTP/1.1\r\nhos", wait=5)
+        answer = await raw_exchange(
+            server.url, b"POST /v1/chat/completions HTTP/1.1\r\nhos", wait=5
+        )
         assert trio.current_time() - began < 3, "a trickling head must not hold the connection"
 
 

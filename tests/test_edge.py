@@ -1,0 +1,196 @@
+"""The edge, end to end: only the route table's paths reach a backend, exactly as routed, and
+the client's credentials and hop-by-hop headers stay at llmux."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import (
+    chat,
+    fake_model_block,
+    llmux_running,
+    raw_exchange,
+    raw_post,
+    write_config,
+)
+
+KEY = "sk-client-0123456789"
+BODY = json.dumps({"model": "a", "messages": []}).encode()
+
+# Every spelling of "one level up" a server might resolve, each aimed at vLLM's POST /sleep.
+TRAVERSALS = [
+    "/v1/../sleep?level=2",
+    "/v1/chat/completions/../../sleep",
+    "/v1/%2e%2e/sleep",
+    "/v1/%2E%2E/sleep",
+    "/v1/.%2e/sleep",
+    "/v1/%2e./sleep",
+    "/v1/%252e%252e/sleep",
+    "/v1/%25252e%25252e/sleep",
+    "/v1/..%2fsleep",
+    "/v1/..%2Fsleep",
+    "/v1/%2e%2e%2fsleep",
+    "/v1/./../sleep",
+    "/v1/.",
+    "/v1/..",
+    "/v1\\..\\sleep",
+    "/v1/%5c..%5csleep",
+    "/v1/chat%2fcompletions",
+    "//sleep",
+    "/v1//../sleep",
+    "http://127.0.0.1:1/sleep",
+    "*",
+    "/v1/chat/completions#x",
+]
+
+
+def _status(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1])
+
+
+def _error_code(answer: bytes) -> str:
+    return json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"]
+
+
+def _llmux_targets(received: dict) -> set[str]:
+    """What reached a fake backend, apart from what its hooks asked for."""
+    hooks = {"POST /fake/wake", "POST /fake/sleep", "GET /fake/alive", "GET /fake/state"}
+    return set(received["targets"]) - hooks
+
+
+async def test_no_traversal_reaches_a_backend_control_api(fakes, tmp_path):
+    (a,) = fakes.start("a", api="vllm", wake_delay=0.05)
+    path = write_config(tmp_path, fake_model_block(a))
+    async with llmux_running(path) as (server, client):
+        assert (await client.post("/v1/chat/completions", json=chat("a"))).status_code == 200
+        for target in TRAVERSALS:
+            answer = await raw_exchange(server.url, raw_post(target, BODY))
+            assert _status(answer) == 400, (target, answer)
+            assert _error_code(answer) == "invalid_path", target
+        assert (await client.post("/v1/chat/completions", json=chat("a"))).status_code == 200
+    state = a.state()
+    assert state["state"] == "awake" and state["sleeps"] == 0
+    assert _llmux_targets(a.received()) == {"POST /v1/chat/completions"}
+
+
+async def test_only_the_route_table_is_forwarded_and_exactly_as_routed(fakes, tmp_path):
+    (a,) = fakes.start("a", api="vllm", wake_delay=0.05)
+    path = write_config(tmp_path, fake_model_block(a))
+    async with llmux_running(path) as (server, client):
+        for target in ("/v1/load_lora_adapter", "/v1/chat/completions/x", "/sleep", "/v1/x"):
+            response = await client.post(target, json={"model": "a", "lora_name": "x"})
+            assert response.status_code == 404, target
+            assert response.json()["error"]["code"] == "not_found"
+        for target in ("/v1/completions?foo=bar&x=%2e%2e/y", "/v1/embeddings"):
+            answer = await raw_exchange(server.url, raw_post(target, BODY))
+            assert _status(answer) == 200, answer
+        wrong = await client.put("/v1/chat/completions", json=chat("a"))
+        assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+    assert _llmux_targets(a.received()) == {
+        "POST /v1/completions?foo=bar&x=%2e%2e/y",
+        "POST /v1/embeddings",
+    }
+
+
+async def test_passthrough_reaches_only_allow_listed_paths(fakes, tmp_path):
+    a, b = fakes.start("a", "b/c", api="vllm", wake_delay=0.05)
+    path = write_config(
+        tmp_path,
+        fake_model_block(a, passthrough_paths=["/tokenize", "/v1/load_lora_adapter"])
+        + fake_model_block(b),
+    )
+    async with llmux_running(path) as (server, client):
+        forwarded = await client.post("/upstream/a/tokenize?add_special=1", json={"x": 1})
+        assert forwarded.status_code == 404  # the fake has no /tokenize: its own answer
+        assert forwarded.json()["error"]["message"] == "no route POST /tokenize"
+        lora = await client.post("/upstream/a/v1/load_lora_adapter", json={"lora_name": "x"})
+        assert lora.status_code == 200  # the fake answers any POST under /v1/
+        for target in (
+            "/upstream/a/tokenizer",
+            "/upstream/a/sleep",
+            "/upstream/a/",
+            "/upstream/b%2Fc/tokenize",
+            "/upstream/nope/tokenize",
+        ):
+            response = await client.post(target, json={})
+            assert response.status_code == 404, target
+        for target in ("/upstream/a/tokenize/../../sleep", "/upstream/a/tokenize/%2e%2e/sleep"):
+            answer = await raw_exchange(server.url, raw_post(target, b"{}"))
+            assert _status(answer) == 400, target
+        assert (await client.post("/upstream/a%2Fx/tokenize", json={})).status_code == 404
+    assert _llmux_targets(a.received()) == {
+        "POST /tokenize?add_special=1",
+        "POST /v1/load_lora_adapter",
+    }
+    assert _llmux_targets(b.received()) == set()
+    assert a.state()["sleeps"] == 0
+
+
+def _headers_seen(backend) -> dict[str, str]:
+    (last,) = [r for r in backend.received()["recent"] if r["request"].startswith("POST /v1/")][-1:]
+    return {name: value for name, value in last["headers"]}
+
+
+@pytest.mark.parametrize("key_header", ["authorization", "x-api-key"])
+async def test_client_credentials_and_connection_named_headers_stay_at_llmux(
+    fakes, tmp_path, key_header
+):
+    (a,) = fakes.start("a", wake_delay=0.05)
+    path = write_config(tmp_path, fake_model_block(a), top=f'[auth]\napi_keys = ["{KEY}"]\n')
+    presented = f"Bearer {KEY}" if key_header == "authorization" else KEY
+    headers = (
+        f"{key_header}: {presented}\r\nx-api-key: {KEY}\r\nx-hop-secret: 1\r\nx-trace: kept\r\n"
+    )
+    async with llmux_running(path) as (server, _):
+        hop = raw_post("/v1/chat/completions", BODY, headers).replace(
+            b"connection: close", b"connection: close, x-hop-secret"
+        )
+        answer = await raw_exchange(server.url, hop)
+        assert _status(answer) == 200, answer
+    seen = _headers_seen(a)
+    assert "authorization" not in seen and "x-api-key" not in seen
+    assert "x-hop-secret" not in seen
+    assert seen["connection"] == "keep-alive"  # llmux's own hop to the backend
+    assert seen["x-trace"] == "kept"
+
+
+async def test_backend_key_replaces_the_clients_and_without_llmux_keys_it_passes(fakes, tmp_path):
+    a, b = fakes.start("a", "b", wake_delay=0.05)
+    path = write_config(
+        tmp_path, fake_model_block(a, backend_api_key="backend-secret") + fake_model_block(b)
+    )
+    async with llmux_running(path) as (_, client):
+        mine = {"authorization": "Bearer for-the-backend"}
+        assert (await client.post("/v1/chat/completions", json=chat("a"), headers=mine)).is_success
+        assert _headers_seen(a)["authorization"] == "Bearer backend-secret"
+        # llmux checks no keys here: the client's key is for the backend, and goes on.
+        assert (await client.post("/v1/chat/completions", json=chat("b"), headers=mine)).is_success
+        assert _headers_seen(b)["authorization"] == "Bearer for-the-backend"
+
+
+async def test_anthropic_sdk_key_header_is_accepted(fakes, tmp_path):
+    (a,) = fakes.start("a", wake_delay=0.05)
+    path = write_config(tmp_path, fake_model_block(a), top=f'[auth]\napi_keys = ["{KEY}"]\n')
+    async with llmux_running(path) as (_, client):
+        body = {"model": "a", "max_tokens": 3, "messages": [{"role": "user", "content": "x"}]}
+        good = await client.post("/v1/messages", json=body, headers={"x-api-key": KEY})
+        bad = await client.post("/v1/messages", json=body, headers={"x-api-key": "sk-wrong"})
+    assert (good.status_code, bad.status_code) == (200, 401)
+
+
+async def test_model_names_with_slashes_in_llmux_routes(fakes, tmp_path):
+    (a,) = fakes.start("org/a", wake_delay=0.05)
+    path = write_config(tmp_path, fake_model_block(a))
+    async with llmux_running(path) as (server, client):
+        for target in ("/v1/models/org%2Fa", "/v1/models/org/a"):
+            answer = await raw_exchange(
+                server.url,
+                f"GET {target} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n".encode(),
+            )
+            assert _status(answer) == 200, answer
+            entry = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+            assert entry["id"] == "org/a" and entry["object"] == "model"
+        missing = await client.get("/v1/models/nope")
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
