@@ -3,12 +3,18 @@
 `log_event(logger, "switch_started", "a -> b", **fields)` writes a normal log record that carries
 `event` and `fields`. The text format shows them as `key=value` pairs after the message; the JSON
 format (`--log-format json`, one object per line) puts them at the top level, for log shippers.
+
+Logged text can come from clients (a path, a model name) and from hooks (their stderr): in the
+text format every control character (CR, LF, ESC, ...) and every Unicode line or bidi control is
+escaped as `\\xNN`/`\\uNNNN`, so no field can start a forged line or repaint the terminal. One
+record is one line; only a traceback spans several. JSON escapes them by itself.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 from typing import Any
@@ -27,6 +33,20 @@ EVENTS = (
 )
 
 
+# C0 and C1 controls, DEL, Unicode line/paragraph separators and bidirectional overrides.
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def escape_controls(text: str) -> str:
+    """`text` with every control character written as an escape: safe on one log line."""
+    return _CONTROLS.sub(_escape_one, text)
+
+
+def _escape_one(found: re.Match[str]) -> str:
+    code = ord(found.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
 def log_event(
     logger: logging.Logger, event: str, message: str, level: int = logging.INFO, **fields: Any
 ) -> None:
@@ -37,6 +57,10 @@ def log_event(
 class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
@@ -65,8 +89,10 @@ class JsonFormatter(logging.Formatter):
 def _text_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3f}"
-    text = str(value)
-    return json.dumps(text) if (not text or any(c in text for c in ' ="\n')) else text
+    text = escape_controls(str(value))
+    if text and not any(c in text for c in ' ="'):
+        return text
+    return '"' + text.replace('"', '\\"') + '"'  # controls are escaped already
 
 
 def setup_logging(level: str = "info", log_format: str = "text") -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import logging
 import subprocess
 import time
@@ -118,3 +119,34 @@ def test_json_logs_from_a_real_process_and_access_log_switch(fakes, tmp_path):
         assert "model_activated" in names or "switch_started" in names
         assert ("request" in names) is access_log
         assert proc.returncode == 0
+
+
+def test_no_client_or_hook_text_can_forge_a_log_line(fakes, tmp_path):
+    """Paths, model names and hook output carry CR, LF and ESC: each record stays one line."""
+    (a,) = fakes.start("a", wake_delay=0.05)
+    forged = r"printf 'ok\n2026-01-01 00:00:00,000 INFO llmux.access: FORGED\r\x1b[2K\n' >&2"
+    path = write_config(tmp_path, fake_model_block(a, wake=f"{forged}; exit 3"))
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "llmux", "serve", "-c", str(path), "--port", "0", "--log-level=debug"],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "llmux listening on" in line:
+                url = line.split("llmux listening on ", 1)[1].split()[0]
+                break
+        with httpx.Client(base_url=url, timeout=10) as client:
+            client.post("/v1/chat/completions", json=chat("a"))  # the hook fails: 503
+            client.post("/v1/chat/completions%0a2026-01-01%20FORGED", json=chat("a"))
+            client.post("/v1/chat/completions", json=chat("a\n2026-01-01 FORGED\x1b[2K"))
+        time.sleep(0.2)
+    finally:
+        proc.terminate()
+        _, rest = proc.communicate(timeout=10)
+    record_start = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR) ")
+    lines = rest.splitlines()
+    assert any("FORGED" in line for line in lines), "the hook's stderr is logged"
+    for line in lines:
+        assert record_start.match(line), line
+        assert "\x1b" not in line and "\r" not in line
