@@ -112,6 +112,11 @@ class LlmuxApp:
                 logging.ERROR, path=str(path), error=str(exc),
             )  # fmt: skip
             return False
+        except Exception as exc:  # a bug of ours: a reload must never stop the server
+            log.error("reload of %s failed", path, exc_info=True, extra={
+                "event": "config_rejected", "fields": {"path": str(path), "error": repr(exc)},
+            })  # fmt: skip
+            return False
         if (new.host, new.port) != (self.config.host, self.config.port):
             log.info(
                 "still listening on %s:%s; the file's %s:%s applies from the next start",

@@ -165,6 +165,9 @@ def _load(path: str):  # type: ignore[no-untyped-def]
     except PolicyLoadError as exc:
         print(f"llmux: config error: {path}: policy.name: {exc}", file=sys.stderr)
         return None
+    except Exception as exc:  # a file we failed to foresee: still one line, still exit 2
+        print(f"llmux: config error: {path}: cannot use this file: {exc!r}", file=sys.stderr)
+        return None
     return config, policy
 
 

@@ -6,6 +6,7 @@ can refuse a bad file before anything binds a port.
 
 from __future__ import annotations
 
+import math
 import re
 import shlex
 import tomllib
@@ -341,7 +342,10 @@ def _parse_groups(
         listed = table.get("models", [])
         if name != DEFAULT_GROUP and not listed:
             raise ConfigError(checker.path, f"{key}.models", "missing: list the group's models")
-        for model in listed:
+        for index, model in enumerate(listed):
+            if not isinstance(model, str):
+                problem = f"must be model names (strings), got {_type_name(type(model))}"
+                raise ConfigError(checker.path, f"{key}.models[{index}]", problem)
             if model not in models:
                 known = ", ".join(models)
                 problem = f"{model!r} is not a configured model (known: {known})"
@@ -416,6 +420,12 @@ def _parse_auth(checker: _Checker, raw: Any) -> AuthConfig:
             lines = keys_path.read_text(encoding="utf-8").splitlines()
         except OSError as exc:
             problem = f"cannot read {keys_path}: {exc.strerror}"
+            raise ConfigError(checker.path, "auth.api_keys_file", problem) from None
+        except UnicodeDecodeError as exc:
+            problem = f"{keys_path} is not UTF-8 text (byte {exc.start})"
+            raise ConfigError(checker.path, "auth.api_keys_file", problem) from None
+        except ValueError:  # a NUL in the name
+            problem = f"{raw['api_keys_file']!r} is not a file name"
             raise ConfigError(checker.path, "auth.api_keys_file", problem) from None
         keys += [line.strip() for line in lines if line.strip() and not line.startswith("#")]
     token = raw.get("admin_token")
@@ -532,12 +542,12 @@ class _Checker:
         return value
 
     def positive(self, value: Any, key: str) -> Any:
-        if not _is_type(value, _NUMBER) or value <= 0:
+        if not _is_type(value, _NUMBER) or not math.isfinite(value) or value <= 0:
             raise ConfigError(self.path, key, f"must be a positive number, got {value!r}")
         return value
 
     def non_negative(self, value: Any, key: str) -> Any:
-        if not _is_type(value, _NUMBER) or value < 0:
+        if not _is_type(value, _NUMBER) or not math.isfinite(value) or value < 0:
             raise ConfigError(self.path, key, f"must be zero or a positive number, got {value!r}")
         return value
 
@@ -553,9 +563,15 @@ class _Checker:
         while words and _ASSIGNMENT.match(words[0]):
             words.pop(0)
         program = words[0] if words else ""
+        if "\0" in command:
+            raise ConfigError(self.path, key, "a hook command cannot hold a NUL character")
         if "/" in program:
-            script = (self.path.parent / program).resolve()
-            if not script.exists():
+            try:
+                script = (self.path.parent / program).resolve()
+                found = script.exists()
+            except OSError as exc:
+                raise ConfigError(self.path, key, f"cannot look at {program}: {exc}") from None
+            if not found:
                 raise ConfigError(
                     self.path, key, f"hook script {program} not found (looked at {script})"
                 )

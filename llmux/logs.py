@@ -30,6 +30,8 @@ EVENTS = (
     "request_timeout",
     "model_dead",
     "request",
+    "config_rejected",
+    "config_reloaded",
 )
 
 
@@ -58,7 +60,7 @@ class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+    def formatMessage(self, record: logging.LogRecord) -> str:
         record.message = escape_controls(record.message)
         return super().formatMessage(record)
 

@@ -395,6 +395,8 @@ def load_policy(name: str, options: Mapping[str, Any], base_dir: Path) -> Policy
         raise PolicyLoadError(f"policy {name!r} rejected [policy.options]: {exc}") from None
     except ValueError as exc:
         raise PolicyLoadError(f"policy {name!r}: invalid option: {exc}") from None
+    except Exception as exc:  # the operator's code: whatever it raises, refuse it, stay up
+        raise PolicyLoadError(f"policy {name!r} failed to start: {exc!r}") from None
     if not callable(getattr(policy, "decide", None)):
         raise PolicyLoadError(f"policy {name!r} has no decide(event, snapshot) method")
     return policy
@@ -417,6 +419,9 @@ def _find_policy_class(name: str, base_dir: Path) -> type:
             module = importlib.import_module(location)
         except ImportError as exc:
             raise PolicyLoadError(f"cannot import policy module {location!r}: {exc}") from None
+        except Exception as exc:  # the module's own code failed while importing
+            problem = f"policy module {location!r} failed to import: {exc!r}"
+            raise PolicyLoadError(problem) from None
     cls = getattr(module, class_name, None)
     if not isinstance(cls, type):
         raise PolicyLoadError(f"policy class {class_name!r} not found in {location!r}")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from llmux.config import ConfigError, load_config
 from tests.conftest import PYTHON
@@ -253,3 +256,142 @@ def test_unlisted_models_form_the_default_group(tmp_path):
     result = _llmux("check", "-c", str(tmp_path / "config.toml"))
     assert "group g (capacity 80): b" in result.stdout
     assert "group default (one at a time): a" in result.stdout
+
+
+MODEL = '[models.a]\nport = 9\nwake = "true"\nsleep = "true"\n'
+# Files that once killed llmux on SIGHUP or made `llmux check` print a traceback.
+BAD_FILES = {
+    "keys file with a non-UTF-8 byte": ('[auth]\napi_keys_file = "keys.txt"\n' + MODEL, "keys"),
+    "policy whose constructor raises": ('[policy]\nname = "./p.py:Broken"\n' + MODEL, "policy"),
+    "policy module that raises on import": ('[policy]\nname = "./q.py:X"\n' + MODEL, "policy"),
+    "group listing a table": (MODEL + '[groups.g]\nmodels = [{name = "a"}]\n', "groups.g"),
+    "nan timeout": ("[defaults]\nwake_timeout_secs = nan\n" + MODEL, "wake_timeout_secs"),
+    "infinite capacity": (MODEL + 'size = 1\n[groups.g]\ncapacity = inf\nmodels = ["a"]\n', "cap"),
+    "hook with a NUL": (MODEL.replace('"true"\nsleep', '"./x\\u0000y"\nsleep'), "models.a.wake"),
+    "keys file name with a NUL": ('[auth]\napi_keys_file = "k\\u0000"\n' + MODEL, "api_keys_file"),
+}
+
+
+def _bad_config(tmp_path: Path, name: str) -> Path:
+    (tmp_path / "keys.txt").write_bytes(b"sk-good\nsk-\xff\n")
+    (tmp_path / "p.py").write_text(
+        "class Broken:\n    def __init__(self):\n        raise RuntimeError('no')\n"
+    )
+    (tmp_path / "q.py").write_text("raise RuntimeError('broken module')\n")
+    path = tmp_path / "config.toml"
+    path.write_text(BAD_FILES[name][0])
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_check_refuses_every_malformed_file_with_one_line_and_exit_2(tmp_path, name):
+    path = _bad_config(tmp_path, name)
+    result = _llmux("check", "-c", str(path))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("llmux: config error: "), result.stderr
+    assert BAD_FILES[name][1] in lines[0]
+
+
+def test_a_reload_of_any_malformed_file_keeps_the_old_config_and_the_process(fakes, tmp_path):
+    import signal
+    import time
+
+    import httpx
+
+    from tests.conftest import chat, fake_model_block
+
+    (fake,) = fakes.start("a", wake_delay=0.05)
+    good = fake_model_block(fake)
+    path = tmp_path / "config.toml"
+    path.write_text(good)
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "llmux", "serve", "-c", str(path), "--port", "0"],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "llmux listening on" in line:
+                url = line.split("llmux listening on ", 1)[1].split()[0]
+                break
+        for name in sorted(BAD_FILES):
+            _bad_config(tmp_path, name)
+            text = BAD_FILES[name][0].replace(MODEL, good)
+            path.write_text(text)
+            proc.send_signal(signal.SIGHUP)
+            time.sleep(0.3)
+            assert proc.poll() is None, f"a reload of {name} stopped llmux"
+            response = httpx.post(url + "/v1/chat/completions", json=chat("a"), timeout=10)
+            assert response.status_code == 200, name
+    finally:
+        proc.terminate()
+        _, rest = proc.communicate(timeout=10)
+    assert rest.count("config_rejected") == len(BAD_FILES), rest
+    assert "Traceback" not in rest
+
+
+_SCALARS = (
+    st.text(max_size=12)
+    | st.integers(-(2**70), 2**70)
+    | st.floats()
+    | st.booleans()
+    | st.sampled_from(["true", "./missing.sh", "\x00", "fifo", "cost_aware", "a", "default"])
+)
+_VALUES = st.recursive(
+    _SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+_VALID = {
+    "port": 3000,
+    "preload": ["a"],
+    "server": {"max_body_bytes": 1000, "state_dir": "state", "list_aliases": True},
+    "auth": {"api_keys": ["sk-1"], "admin_token": "0123456789abcdef"},
+    "policy": {"name": "cost_aware", "request_timeout_secs": 5, "options": {"quantum_factor": 2}},
+    "defaults": {"wake_timeout_secs": 5, "ttl_secs": 3},
+    "models": {
+        "a": {"port": 9001, "wake": "true", "sleep": "true", "alive": "true", "size": 1,
+              "aliases": ["x"], "upstream_model": "m", "passthrough_paths": ["/tokenize"],
+              "backend_api_key": "k"},
+        "b": {"port": 9002, "wake": "true", "sleep": "true", "memory_gb": 2},
+    },
+    "groups": {"g": {"capacity": 4, "models": ["a", "b"]}},
+}  # fmt: skip
+
+
+def _paths(doc: dict, prefix: tuple = ()) -> list[tuple]:
+    found = []
+    for key, value in doc.items():
+        found.append((*prefix, key))
+        if isinstance(value, dict):
+            found += _paths(value, (*prefix, key))
+    return found
+
+
+@st.composite
+def _mutated_configs(draw: st.DrawFn) -> dict:
+    """A valid document with a few values replaced or keys added: deep paths get exercised."""
+    import copy
+
+    doc = copy.deepcopy(_VALID)
+    for _ in range(draw(st.integers(1, 3))):
+        path = draw(st.sampled_from(_paths(doc)))
+        parent = doc
+        for key in path[:-1]:
+            parent = parent[key]
+        key = path[-1] if draw(st.booleans()) else draw(st.sampled_from(["x", "models", "name"]))
+        parent[key] = draw(_VALUES)
+    return doc
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(raw=_mutated_configs())
+def test_any_document_is_a_config_or_a_config_error(tmp_path_factory, raw):
+    from llmux.config import parse_config
+
+    path = tmp_path_factory.getbasetemp() / "fuzzed.toml"
+    with contextlib.suppress(ConfigError):  # anything else escaping is the failure
+        parse_config(raw, path)
