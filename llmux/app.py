@@ -6,21 +6,25 @@ request becomes a slot on a model, and where every `LlmuxError` becomes its stat
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
 from collections.abc import Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import trio
 
 from llmux.asgi import Receive, Scope, Send, answer_lifespan, send_bytes, send_json
 from llmux.auth import bearer_token, presented_key, token_matches
-from llmux.config import Config, ConfigError, load_config
+from llmux.body import BodyReader, ClientDisconnected, model_named_in
+from llmux.config import Config, ConfigError, ModelConfig, load_config
 from llmux.costs import SwitchCostTracker
 from llmux.errors import (
-    BodyTooLarge,
+    BackendTimeout,
     HeadersTooLarge,
     InvalidRequest,
     LlmuxError,
@@ -31,27 +35,25 @@ from llmux.errors import (
     Unauthorized,
 )
 from llmux.fleet import Fleet, GroupsChanged
+from llmux.listener import current_connection
 from llmux.logs import log_event
 from llmux.metrics import UNKNOWN_MODEL, Metrics
 from llmux.policy import Policy, PolicyLoadError, load_policy
 from llmux.proxy import (
     BackendConnectFailed,
     UpstreamClient,
+    body_chunks,
     forwarded_request_headers,
     forwarded_response_headers,
 )
 from llmux.routes import ROUTES, Access, Endpoint, ModelFrom, RouteMatch, RouteTable, prefix_allows
+from llmux.state_dir import StateDir
 from llmux.status import status_report
 
 log = logging.getLogger("llmux.app")
 access_log = logging.getLogger("llmux.access")
 
-DISCARD_LIMIT_BYTES = 64 * 1024 * 1024
 CLIENT_CLOSED = 499  # nginx's status for "the client went away before the answer was complete"
-
-
-class ClientDisconnected(Exception):
-    """The client went away while its body was still being read."""
 
 
 @dataclass
@@ -64,7 +66,7 @@ class _Outcome:
 
 
 class LlmuxApp:
-    def __init__(self, config: Config, policy: Policy | None = None) -> None:
+    def __init__(self, config: Config, policy: Policy | None, state: StateDir) -> None:
         self.config = config
         self.metrics = Metrics(config.models)
         self.costs = SwitchCostTracker()
@@ -72,7 +74,7 @@ class LlmuxApp:
         # shared by all of them.
         make_policy = (lambda: policy) if policy is not None else _policy_factory(config)
         make_policy()  # fail here, before anything runs, if the policy cannot be built
-        self.fleet = Fleet(config, make_policy, self.metrics, self.costs)
+        self.fleet = Fleet(config, make_policy, self.metrics, self.costs, state)
         self.upstream = UpstreamClient()
         self.routes = RouteTable(ROUTES, admin=config.auth.admin_token is not None)
         self._shutdown_requested = trio.Event()
@@ -222,8 +224,7 @@ class LlmuxApp:
     def _resolve(self, asked_for: str) -> str:
         resolved = self.config.resolve(asked_for)
         if resolved is None:
-            known = ", ".join(self.config.models)
-            raise ModelNotFound(f"model {asked_for!r} is not served here; known models: {known}")
+            raise _not_served(asked_for, self.config)
         return resolved
 
     def _model_list(self) -> dict[str, Any]:
@@ -254,15 +255,17 @@ class LlmuxApp:
     async def _proxy(self, match: RouteMatch, scope: Scope, receive: Receive, send: Send) -> None:
         started = trio.current_time()
         model_label = UNKNOWN_MODEL
+        reader: BodyReader | None = None
         try:
             if self.fleet.closing:
                 raise ShuttingDown("llmux is shutting down")
+            reader = BodyReader(scope, receive, self.config.server.max_body_bytes)
+            reader.check_declared_length()
             with trio.move_on_after(self.config.server.request_body_timeout_secs) as body_wait:
-                body = await _read_body(scope, receive, self.config.server.max_body_bytes)
+                request = await self._read_request(match, scope, reader)
             if body_wait.cancelled_caught:
                 limit = self.config.server.request_body_timeout_secs
                 raise RequestTimeout(f"request body not received within {limit:g}s")
-            request = self._upstream_request(match, scope, body)
             model_label = request.model
             outcome = await self._forward(request, scope, receive, send, started)
         except ClientDisconnected:
@@ -270,14 +273,89 @@ class LlmuxApp:
         except LlmuxError as error:
             outcome = _Outcome(status=error.status, error=error)
         if outcome.error is not None and not outcome.headers_sent:
-            await _send_error(send, outcome.error)
+            if reader is not None and reader.unread:
+                await self._answer_early(send, outcome.error, reader)
+            else:
+                await _send_error(send, outcome.error)
         elif outcome.headers_sent and outcome.complete:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         # A broken upstream leaves the body unfinished: hypercorn then closes the connection
         # without the final chunk, and the client sees a truncated answer, not a clean end.
+        connection = current_connection.get()
+        if outcome.status == CLIENT_CLOSED and connection is not None and connection.send_timed_out:
+            self._client_too_slow(model_label)
         self.metrics.requests_total.labels(model_label, str(outcome.status)).inc()
         duration = trio.current_time() - started
         self._log_request(scope, model_label, outcome.status, outcome.queue_wait, duration)
+
+    async def _read_request(
+        self, match: RouteMatch, scope: Scope, reader: BodyReader
+    ) -> _UpstreamRequest:
+        """Read the body only as far as needed to know its model; refuse then if the model is
+        unknown or its queue is full (dropping the rest unread), else read it all."""
+        assert match.forward_path is not None
+        target = match.forward_path
+        if scope.get("query_string"):
+            target += b"?" + scope["query_string"]
+        if match.route.model_from is ModelFrom.PATH:
+            assert match.model is not None
+            model = self._passthrough_model(match.model, match.forward_path)
+            self._refuse_early(model)
+            body = await reader.read_all()
+            return _UpstreamRequest(model, match.model, target, body, rewrite_model=False)
+        seen = await reader.read_until_model()
+        if seen is not None:
+            self._refuse_early(seen)
+        body = await reader.read_all()
+        asked_for = model_named_in(body)
+        if seen is not None and asked_for != seen:
+            raise InvalidRequest("the request body names 'model' more than once")
+        return _UpstreamRequest(self._resolve(asked_for), asked_for, target, body)
+
+    async def _answer_early(self, send: Send, error: LlmuxError, reader: BodyReader) -> None:
+        """Answer before the body is all in: the whole answer goes out now, then the rest of
+        the body is read and dropped (within the body timeout), then the answer is ended.
+
+        hypercorn closes a connection whose answer ends while the request is still arriving,
+        and closing with unread bytes resets it, which can destroy the answer before the
+        client reads it. Ending only once the body is in keeps the connection, and the client
+        has every byte of the answer (its Content-Length says so) from the start."""
+        await _send_error(send, error, end=False)
+        with (
+            trio.move_on_after(self.config.server.request_body_timeout_secs),
+            contextlib.suppress(ClientDisconnected),
+        ):
+            await reader.discard_rest()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _refuse_early(self, asked_for: str) -> None:
+        resolved = self.config.resolve(asked_for)
+        refusal = (
+            self.fleet.refusal(resolved)
+            if resolved is not None
+            else _not_served(asked_for, self.config)
+        )
+        if refusal is not None:
+            raise refusal  # answered now; the rest of the body is dropped after the answer
+
+    def _passthrough_model(self, asked_for: str, path: bytes) -> str:
+        """The model an /upstream/ path names, if its passthrough_paths allow `path`."""
+        model = self._resolve(asked_for)
+        allowed = self.config.models[model].passthrough_paths
+        if not any(prefix_allows(prefix, path) for prefix in allowed):
+            raise RouteNotFound(
+                f"{path.decode('latin-1')} is not in models.{model}.passthrough_paths, "
+                "so llmux does not forward it"
+            )
+        return model
+
+    def _client_too_slow(self, model: str) -> None:
+        limit = self.config.server.client_send_timeout_secs
+        self.metrics.client_send_timeouts.labels(model).inc()
+        log_event(
+            log, "client_send_timeout", f"a client of {model} took nothing for {limit:g}s: "
+            "cut, its slot freed", logging.WARNING, model=model,
+        )  # fmt: skip
 
     def _log_request(
         self, scope: Scope, model: str, status: int, queue_wait: float, duration: float
@@ -291,25 +369,6 @@ class LlmuxApp:
             method=method, path=path, model=model, status=status, queue_wait=queue_wait,
             duration=duration,
         )  # fmt: skip
-
-    def _upstream_request(self, match: RouteMatch, scope: Scope, body: bytes) -> _UpstreamRequest:
-        """What goes to which model: the routed path, the model the body or path names."""
-        assert match.forward_path is not None
-        target = match.forward_path
-        if scope.get("query_string"):
-            target += b"?" + scope["query_string"]
-        if match.route.model_from is ModelFrom.PATH:
-            assert match.model is not None
-            model = self._resolve(match.model)
-            allowed = self.config.models[model].passthrough_paths
-            if not any(prefix_allows(prefix, match.forward_path) for prefix in allowed):
-                raise RouteNotFound(
-                    f"{match.forward_path.decode('latin-1')} is not in "
-                    f"models.{model}.passthrough_paths, so llmux does not forward it"
-                )
-            return _UpstreamRequest(model, match.model, target, body, rewrite_model=False)
-        asked_for = _model_named_in(body)
-        return _UpstreamRequest(self._resolve(asked_for), asked_for, target, body)
 
     async def _forward(
         self, request: _UpstreamRequest, scope: Scope, receive: Receive, send: Send, started: float
@@ -353,8 +412,9 @@ class LlmuxApp:
             )
             try:
                 async with self.upstream.open(
-                    slot.backend.base_url, scope["method"], request.target, headers, body
-                ) as response:
+                    slot.backend.base_url, scope["method"], request.target, headers, body,
+                    slot.backend.first_byte_timeout_secs,
+                ) as response:  # fmt: skip
                     await send(
                         {
                             "type": "http.response.start",
@@ -367,19 +427,45 @@ class LlmuxApp:
                     self.metrics.request_duration.labels(model).observe(
                         trio.current_time() - started
                     )
-                    try:
-                        async for chunk in response.aiter_raw():
-                            await send(
-                                {"type": "http.response.body", "body": chunk, "more_body": True}
-                            )
-                    except Exception as exc:  # httpx transport errors, h11 protocol errors
-                        log.warning("backend for %s broke mid-response: %r", model, exc)
-                        outcome.status = 502
-                        return
-                    outcome.complete = True
+                    await self._relay_body(response, slot.backend, send, outcome)
             except BackendConnectFailed:
                 self.fleet.report_unreachable(model)
                 raise
+            except BackendTimeout:
+                self._backend_timed_out(model, "first_byte", slot.backend.first_byte_timeout_secs)
+                raise
+
+    def _backend_timed_out(self, model: str, phase: str, limit: float) -> None:
+        self.metrics.backend_timeouts.labels(model, phase).inc()
+        where = "before its first byte" if phase == "first_byte" else "mid-answer"
+        log_event(
+            log, "backend_timeout", f"backend for {model} sent nothing for {limit:g}s {where}",
+            logging.WARNING, model=model, phase=phase,
+        )  # fmt: skip
+
+    async def _relay_body(
+        self, response: httpx.Response, backend: ModelConfig, send: Send, outcome: _Outcome
+    ) -> None:
+        """Pass the body on as it comes; a backend that breaks or goes silent mid-answer leaves
+        the answer incomplete (`outcome.complete` stays false)."""
+        model = backend.name
+        connection = current_connection.get()
+        try:
+            async with aclosing(body_chunks(response, backend.idle_timeout_secs)) as chunks:
+                async for chunk in chunks:
+                    if chunk is None:
+                        self._backend_timed_out(model, "idle", backend.idle_timeout_secs)
+                        outcome.status = 504
+                        return
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    if connection is not None and connection.send_timed_out:
+                        outcome.status = CLIENT_CLOSED  # cut by client_send_timeout_secs
+                        return
+        except Exception as exc:  # httpx transport errors, h11 protocol errors
+            log.warning("backend for %s broke mid-response: %r", model, exc)
+            outcome.status = 502
+            return
+        outcome.complete = True
 
 
 @dataclass(frozen=True)
@@ -391,27 +477,14 @@ class _UpstreamRequest:
     rewrite_model: bool = True  # a JSON body whose `model` becomes the backend's name
 
 
+def _not_served(asked_for: str, config: Config) -> ModelNotFound:
+    known = ", ".join(config.models)
+    return ModelNotFound(f"model {asked_for!r} is not served here; known models: {known}")
+
+
 def _raw_path(scope: Scope) -> bytes:
     """The path as the client sent it (hypercorn always sets raw_path)."""
     return scope.get("raw_path") or scope["path"].encode("latin-1", errors="replace")
-
-
-def _model_named_in(body: bytes) -> str:
-    """The `model` a JSON body names."""
-    try:
-        payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise InvalidRequest("request body is nested too deeply") from None
-    if not isinstance(payload, dict):
-        raise InvalidRequest("request body must be a JSON object")
-    model = payload.get("model")
-    if model is None:
-        raise InvalidRequest("request body has no 'model' field")
-    if not isinstance(model, str):
-        raise InvalidRequest("'model' must be a string")
-    return model
 
 
 def _policy_factory(config: Config) -> Callable[[], Policy]:
@@ -432,50 +505,11 @@ async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> No
             return
 
 
-async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    for name, value in scope["headers"]:
-        if name == b"content-length":
-            try:
-                declared = int(value)
-            except ValueError:
-                raise InvalidRequest("invalid Content-Length header") from None
-            if declared > limit:
-                raise BodyTooLarge(
-                    f"request body of {declared} bytes exceeds server.max_body_bytes ({limit})"
-                )
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnected()
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        more = message.get("more_body", False)
-        if size > limit:
-            if more:
-                await _discard_rest(receive, DISCARD_LIMIT_BYTES)
-            raise BodyTooLarge(f"request body exceeds server.max_body_bytes ({limit})")
-        chunks.append(chunk)
-        if not more:
-            return b"".join(chunks)
-
-
-async def _discard_rest(receive: Receive, budget: int) -> None:
-    """Read and drop the rest of an oversized body (up to `budget` bytes) so that the client,
-    still sending, gets to read our 413 instead of a reset connection."""
-    while budget > 0:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnected()
-        budget -= len(message.get("body", b""))
-        if not message.get("more_body", False):
-            return
-
-
-async def _send_error(send: Send, error: LlmuxError) -> None:
+async def _send_error(send: Send, error: LlmuxError, end: bool = True) -> None:
+    """The error in OpenAI shape; `end=False` leaves the (complete) answer open for the caller
+    to end."""
     headers = [(b"content-type", b"application/json"), *error.headers()]
     body = error.body()
     headers.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+    await send({"type": "http.response.body", "body": body, "more_body": not end})

@@ -191,7 +191,9 @@ def _serve(args: argparse.Namespace) -> int:
     import trio
 
     from llmux.config import ConfigError
-    from llmux.server import serve_forever
+    from llmux.instance import InstanceError
+    from llmux.server import serve_forever, start_instance
+    from llmux.state_dir import StateDirError
 
     _setup_logging(args)
     loaded = _load(args.config)
@@ -203,14 +205,16 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"llmux: config error: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     config = config.with_listen(args.host, args.port)
-    _ignore_late_signals()
     try:
-        trio.run(partial(serve_forever, config, policy, watch_config=args.watch_config))
-    except OSError as exc:
-        print(
-            f"llmux: cannot listen on {config.host}:{config.port}: {exc.strerror}", file=sys.stderr
-        )
-        return 1
+        # The state folder, both instance locks and the port, before anything runs.
+        instance = start_instance(config)
+    except (StateDirError, InstanceError) as exc:
+        print(f"llmux: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    _ignore_late_signals()
+    trio.run(
+        partial(serve_forever, config, policy, watch_config=args.watch_config, instance=instance)
+    )
     return 0
 
 
@@ -218,14 +222,19 @@ def _demo(args: argparse.Namespace) -> int:
     import trio
 
     from llmux.demo import run_demo
+    from llmux.instance import InstanceError
+    from llmux.state_dir import StateDirError
 
     _setup_logging(args)
     _ignore_late_signals()
+    refused: list[BaseException] = []
     try:
         trio.run(run_demo, args.host, args.port)
-    except OSError as exc:
-        print(f"llmux: cannot listen on {args.host}:{args.port}: {exc.strerror}", file=sys.stderr)
-        return 1
+    except* (InstanceError, StateDirError) as group:  # raised inside the demo's nursery
+        refused += group.exceptions
+    if refused:
+        print(f"llmux: {refused[0]}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     return 0
 
 

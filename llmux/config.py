@@ -47,7 +47,9 @@ class ServerConfig:
     request_head_timeout_secs: float = 75.0  # also how long an idle keep-alive connection lives
     request_body_timeout_secs: float = 60.0
     max_header_bytes: int = 16 * 1024
-    state_dir: str | None = None  # where running hooks are recorded; see hook_registry
+    state_dir: str | None = None  # llmux's locks and hook record; see state_dir
+    client_send_timeout_secs: float = 60.0  # a client that takes nothing this long is cut
+    max_connections: int = 4096  # beyond it, new connections get 503 and are closed
     list_aliases: bool = False  # /v1/models lists aliases beside the models they name
 
 
@@ -87,6 +89,10 @@ class ModelConfig:
     sleep_timeout_secs: float
     alive_timeout_secs: float
     alive_interval_secs: float
+    # The backend's answer: its first byte within this (vLLM sends a non-streamed answer's
+    # first byte only when generation ends), then no gap longer than idle_timeout_secs.
+    first_byte_timeout_secs: float = 600.0
+    idle_timeout_secs: float = 300.0
     ttl_secs: float = 0.0  # idle this long while awake: put to sleep (0: never)
     size: float | None = None  # memory_gb or size: what it takes of its group's capacity
     aliases: tuple[str, ...] = ()  # other names clients may use for it
@@ -198,6 +204,8 @@ _SERVER_KEYS = {
     "max_header_bytes": int,
     "state_dir": str,
     "list_aliases": bool,
+    "client_send_timeout_secs": _NUMBER,
+    "max_connections": int,
 }
 _AUTH_KEYS = {
     "api_keys": list,
@@ -218,12 +226,16 @@ _TIMING_KEYS = {
     "sleep_timeout_secs": _NUMBER,
     "alive_timeout_secs": _NUMBER,
     "alive_interval_secs": _NUMBER,
+    "first_byte_timeout_secs": _NUMBER,
+    "idle_timeout_secs": _NUMBER,
 }
 _TIMING_DEFAULTS = {
     "wake_timeout_secs": 600.0,
     "sleep_timeout_secs": 120.0,
     "alive_timeout_secs": 10.0,
     "alive_interval_secs": 10.0,
+    "first_byte_timeout_secs": 600.0,
+    "idle_timeout_secs": 300.0,
 }
 _MODEL_KEYS = {
     "port": int,

@@ -116,6 +116,14 @@ class BackendUnavailable(LlmuxError):
     code = "backend_unavailable"
 
 
+class BackendTimeout(LlmuxError):
+    """The backend sent no first byte within its model's first_byte_timeout_secs."""
+
+    status = 504
+    error_type = "timeout_error"
+    code = "backend_timeout"
+
+
 class ModelUnavailable(LlmuxError):
     """The model could not be made active (a hook failed, or a switch was abandoned)."""
 

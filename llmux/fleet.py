@@ -10,15 +10,16 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import trio
 
 from llmux.config import Config
 from llmux.costs import SwitchCostTracker
-from llmux.hook_registry import HookRegistry, default_state_dir
+from llmux.errors import LlmuxError
+from llmux.hook_registry import HookRegistry
 from llmux.metrics import Metrics
 from llmux.policy import Policy
+from llmux.state_dir import StateDir
 from llmux.switcher import ModelRuntime, ReloadSummary, Slot, Switcher, SwitchInProgress
 
 
@@ -33,14 +34,12 @@ class Fleet:
         make_policy: Callable[[], Policy],
         metrics: Metrics,
         costs: SwitchCostTracker,
+        state: StateDir,
     ) -> None:
         self.config = config
         self.costs = costs
         self.metrics = metrics
-        state_dir = config.server.state_dir
-        self.hook_registry = HookRegistry(
-            Path(state_dir) if state_dir else default_state_dir(), config.path
-        )
+        self.hook_registry = HookRegistry(state, config.path)
         self.switchers = {
             name: Switcher(config.group_config(name), make_policy(), metrics, costs,
                            self.hook_registry)
@@ -107,6 +106,10 @@ class Fleet:
             return cfg.group
         # Removed by a reload: let a group refuse it with its own error.
         return next(iter(self.switchers))
+
+    def refusal(self, model: str) -> LlmuxError | None:
+        """Why a request for `model` would be refused at once (queue full, shutting down)."""
+        return self.switchers[self._group_holding(model)].refusal(model)
 
     def report_unreachable(self, model: str) -> None:
         self.switcher_of(model).report_unreachable(model)

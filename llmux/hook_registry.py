@@ -3,43 +3,48 @@
 Every hook runs in a process group of its own. Its group id and the start time of its leader go
 into a small file while it runs. If llmux dies without cleaning up (SIGKILL, OOM killer, power
 cut of the service), the next llmux reads the file at start-up and stops every recorded group
-that still runs, before it asks the backends what state they are in. The start time guards
-against a recycled process id: a group whose leader started at another time is left alone.
+that still runs, before it asks the backends what state they are in.
+
+The record decides what llmux signals, so it is read and written with care:
+- it lives in the checked state folder (see state_dir) and is opened through its descriptor,
+  with O_NOFOLLOW, and replaced atomically (a temporary file renamed over it);
+- one record per config file, removed when llmux exits cleanly;
+- a recorded group is signalled only if its id is above 1, is not llmux's own group, its leader
+  still leads it, runs as llmux's user, and started at the recorded time (a recycled process id
+  gets another start time). A record that says less is ignored.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import signal
-import tempfile
+import stat
 from pathlib import Path
 
 import trio
 
+from llmux.instance import config_digest
 from llmux.logs import log_event
+from llmux.state_dir import StateDir
 
 log = logging.getLogger("llmux.hooks")
 
 STOP_GRACE_SECS = 5.0
-
-
-def default_state_dir() -> Path:
-    """systemd's RuntimeDirectory when there is one, else a private temp folder."""
-    runtime = os.environ.get("RUNTIME_DIRECTORY")
-    if runtime:
-        return Path(runtime.split(":")[0])
-    return Path(tempfile.gettempdir()) / f"llmux-{os.getuid()}"
+MAX_RECORD_BYTES = 64 * 1024
 
 
 class HookRegistry:
-    def __init__(self, state_dir: Path, config_path: Path) -> None:
-        # One file per config, so that two llmux instances on one box keep apart.
-        digest = hashlib.sha256(str(config_path).encode()).hexdigest()[:12]
-        self.path = state_dir / f"running-hooks-{digest}.txt"
+    def __init__(self, state: StateDir, config_path: Path) -> None:
+        self.state = state
+        self.name = f"running-hooks-{config_digest(config_path)}.txt"
+        self._temporary = f".{self.name}.{os.getpid()}.tmp"
         self._running: dict[int, str] = {}
+
+    @property
+    def path(self) -> Path:
+        return self.state.path / self.name
 
     def add(self, pgid: int) -> None:
         self._running[pgid] = _start_time(pgid) or "?"
@@ -50,28 +55,57 @@ class HookRegistry:
             self._write()
 
     def _write(self) -> None:
+        text = "".join(f"{g} {t}\n" for g, t in self._running.items()).encode()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            temporary = self.path.with_suffix(".tmp")
-            temporary.write_text("".join(f"{g} {t}\n" for g, t in self._running.items()))
-            temporary.replace(self.path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._temporary, dir_fd=self.state.fd)
+            fd = os.open(self._temporary, flags | os.O_EXCL, 0o600, dir_fd=self.state.fd)
+            try:
+                os.write(fd, text)
+            finally:
+                os.close(fd)
+            os.replace(
+                self._temporary, self.name, src_dir_fd=self.state.fd, dst_dir_fd=self.state.fd
+            )
         except OSError as exc:
             log.warning("cannot record running hooks in %s: %s", self.path, exc)
 
-    async def stop_survivors(self) -> list[int]:
-        """Stop the hook groups a previous llmux left running; returns their group ids."""
+    def discard(self) -> None:
+        """Remove the record: nothing is left to stop at the next start."""
+        with contextlib.suppress(OSError):
+            os.unlink(self.name, dir_fd=self.state.fd)
+
+    def discard_if_idle(self) -> None:
+        """At a clean exit: remove the record unless a hook somehow still runs."""
+        if not self._running:
+            self.discard()
+
+    def _read(self) -> list[str]:
         try:
-            lines = self.path.read_text().splitlines()
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(self.name, flags, dir_fd=self.state.fd)
         except OSError:
             return []
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+                log.warning("ignoring %s: not a regular file of llmux's user", self.path)
+                return []
+            return os.read(fd, MAX_RECORD_BYTES).decode("ascii", errors="replace").splitlines()
+        finally:
+            os.close(fd)
+
+    async def stop_survivors(self) -> list[int]:
+        """Stop the hook groups a previous llmux left running; returns their group ids."""
         stopped = []
-        for line in lines:
+        for line in self._read():
             pgid_text, _, started = line.partition(" ")
-            if not pgid_text.isdigit():
+            if not pgid_text.isdigit() or not started.isdigit():
                 continue
             pgid = int(pgid_text)
-            if not _group_runs(pgid) or _start_time(pgid) not in (started, None):
-                continue  # gone, or the id now belongs to another process
+            if not _may_signal(pgid, started):
+                continue
             log_event(
                 log, "hook_survivor_stopped", f"stopping hook process group {pgid} left by a "
                 "previous llmux", logging.WARNING, pgid=pgid,
@@ -79,8 +113,23 @@ class HookRegistry:
             await stop_group(pgid, STOP_GRACE_SECS)
             stopped.append(pgid)
         self._running.clear()
-        self._write()
+        self.discard()
         return stopped
+
+
+def _may_signal(pgid: int, started: str) -> bool:
+    """Whether a recorded group is, beyond doubt, a hook of a previous llmux of ours."""
+    if pgid <= 1 or pgid in (os.getpgrp(), os.getpid()):
+        return False
+    fields = _stat_fields(Path(f"/proc/{pgid}/stat"))
+    if fields is None or fields[0] in ("Z", "X"):
+        return False  # gone (or no /proc to tell: then never signal)
+    leads_its_group = int(fields[2]) == pgid
+    try:
+        ours = os.stat(f"/proc/{pgid}").st_uid == os.geteuid()
+    except OSError:
+        return False
+    return leads_its_group and ours and fields[19] == started
 
 
 async def stop_group(pgid: int, grace: float) -> None:
@@ -107,8 +156,8 @@ def _group_runs(pgid: int) -> bool:
         except ProcessLookupError:
             return False
         return True
-    for stat in proc.glob("[0-9]*/stat"):
-        fields = _stat_fields(stat)
+    for process_stat in proc.glob("[0-9]*/stat"):
+        fields = _stat_fields(process_stat)
         if fields is not None and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
             return True
     return False

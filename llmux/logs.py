@@ -32,6 +32,10 @@ EVENTS = (
     "request",
     "config_rejected",
     "config_reloaded",
+    "backend_timeout",
+    "client_send_timeout",
+    "connection_refused",
+    "hook_survivor_stopped",
 )
 
 

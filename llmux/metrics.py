@@ -128,6 +128,25 @@ class Metrics:
             "Capacity held now by the group's models that are not asleep",
             ["group"], registry=r,
         )  # fmt: skip
+        self.connections_open = Gauge(
+            "llmux_connections_open", "Client connections open now", registry=r
+        )
+        self.connections_refused = Counter(
+            "llmux_connections_refused_total",
+            "Connections answered 503 and closed because server.max_connections were open",
+            registry=r,
+        )
+        self.client_send_timeouts = Counter(
+            "llmux_client_send_timeouts_total",
+            "Requests cut because their client took nothing for client_send_timeout_secs",
+            ["model"], registry=r,
+        )  # fmt: skip
+        self.backend_timeouts = Counter(
+            "llmux_backend_timeouts_total",
+            "Requests cut because the backend sent nothing for first_byte_timeout_secs "
+            "(phase first_byte) or idle_timeout_secs (phase idle)",
+            ["model", "phase"], registry=r,
+        )  # fmt: skip
         self.build_info = Gauge(
             "llmux_build_info", "Always 1; the version of llmux serving", ["version"], registry=r
         )

@@ -16,7 +16,7 @@ import httpx
 import trio
 
 from llmux.auth import CREDENTIAL_HEADERS
-from llmux.errors import BackendUnavailable
+from llmux.errors import BackendTimeout, BackendUnavailable
 
 # Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus those the proxy
 # recomputes itself.
@@ -72,13 +72,21 @@ class UpstreamClient:
         target: bytes,
         headers: list[tuple[bytes, bytes]],
         body: bytes,
+        first_byte_timeout: float,
     ) -> AsyncIterator[httpx.Response]:
         """Send the request (headers already filtered by `forwarded_request_headers`) and yield
-        the response with its body unread; always closes it."""
+        the response with its body unread; always closes it. BackendTimeout when the response
+        head takes longer than `first_byte_timeout`."""
         url = httpx.URL(base_url).copy_with(raw_path=target)
         request = self._client.build_request(method, url, headers=headers, content=body)
         try:
-            response = await self._client.send(request, stream=True)
+            with trio.fail_after(first_byte_timeout):
+                response = await self._client.send(request, stream=True)
+        except trio.TooSlowError:
+            raise BackendTimeout(
+                f"backend at {base_url} sent nothing within {first_byte_timeout:g}s "
+                "(first_byte_timeout_secs)"
+            ) from None
         except httpx.ConnectError as exc:
             raise BackendConnectFailed(
                 f"backend at {base_url} refused the connection: {exc}"
@@ -90,6 +98,24 @@ class UpstreamClient:
         finally:
             with trio.CancelScope(shield=True):
                 await response.aclose()
+
+
+async def body_chunks(response: httpx.Response, idle_timeout: float) -> AsyncIterator[bytes | None]:
+    """The response body as it arrives, undecoded; `None` once, at the end, if the backend went
+    silent for `idle_timeout` (the answer is then incomplete and must be cut, not ended)."""
+    chunks = response.aiter_raw()
+    while True:
+        with trio.move_on_after(idle_timeout) as waiting:
+            chunk = await anext(chunks, _END)
+        if waiting.cancelled_caught:
+            yield None
+            return
+        if chunk is _END:
+            return
+        yield chunk
+
+
+_END = b"end of body"  # compared by identity: no chunk httpx yields is this object
 
 
 def forwarded_request_headers(

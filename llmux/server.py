@@ -1,4 +1,7 @@
-"""Run the app under hypercorn on trio: one nursery owns the switcher, the listener and signals.
+"""Run llmux: claim the instance, then one nursery owns the switcher, the listener and signals.
+
+Start-up (see instance.py): the state folder is checked, both instance locks are taken and the
+port is bound before any hook runs; only then are survivors stopped and backends reconciled.
 
 Shutdown (SIGTERM/SIGINT, or `request_shutdown()`): the listener keeps answering, new requests get
 503, queued ones get 503 at once, in-flight ones get up to `shutdown_timeout_secs` to finish; then
@@ -14,13 +17,15 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-import hypercorn.trio
 import trio
 from hypercorn.config import Config as HypercornConfig
 
 from llmux.app import LlmuxApp
 from llmux.config import Config, ServerConfig
+from llmux.instance import InstanceGuard, claim_instance
+from llmux.listener import ConnectionBounds, Listener
 from llmux.policy import Policy
+from llmux.state_dir import StateDir, open_state_dir, state_dir_path
 from llmux.systemd import Notifier, raise_open_files_limit
 
 log = logging.getLogger("llmux.server")
@@ -38,9 +43,33 @@ class RunningServer:
         self.app.request_shutdown()
 
 
-def hypercorn_config(host: str, port: int, server: ServerConfig) -> HypercornConfig:
+@dataclass
+class Instance:
+    """What this llmux holds before anything runs: its checked state folder, its two locks and
+    its bound listening socket (see instance.py for why, and in that order)."""
+
+    state: StateDir
+    guard: InstanceGuard
+
+    def release(self) -> None:
+        self.guard.release()
+        self.state.close()
+
+
+def start_instance(config: Config) -> Instance:
+    """Open the state folder, take the locks, bind the port: raise StateDirError or
+    InstanceError (one line each) if another llmux runs or anything is amiss."""
+    state = open_state_dir(state_dir_path(config.server.state_dir, config.hook_dir))
+    try:
+        guard = claim_instance(state, config.path, config.host, config.port)
+    except BaseException:
+        state.close()
+        raise
+    return Instance(state, guard)
+
+
+def hypercorn_config(server: ServerConfig) -> HypercornConfig:
     config = HypercornConfig()
-    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     # One timer bounds both an idle keep-alive connection and a request head that trickles in
     # (hypercorn counts a connection as idle until the whole head has arrived). Keep it longer
     # than clients' pool expiry (often 5 s) to avoid the close race.
@@ -55,35 +84,44 @@ def hypercorn_config(host: str, port: int, server: ServerConfig) -> HypercornCon
 
 @asynccontextmanager
 async def running_server(
-    config: Config, policy: Policy | None = None
+    config: Config, policy: Policy | None = None, instance: Instance | None = None
 ) -> AsyncIterator[RunningServer]:
-    """Start llmux inside the caller's trio run; leaving the block shuts it down gracefully."""
-    app = LlmuxApp(config, policy)
-    listener_closed = trio.Event()
+    """Start llmux inside the caller's trio run; leaving the block shuts it down gracefully.
+    Without an `instance`, one is started here (and may raise before anything runs)."""
+    instance = instance or start_instance(config)
+    try:
+        app = LlmuxApp(config, policy, instance.state)
+        bounds = ConnectionBounds(
+            config.server.max_connections, config.server.client_send_timeout_secs
+        )
+        listener = Listener(app, hypercorn_config(config.server), bounds, app.metrics)
+        sock = instance.guard.listener
+        assert sock is not None
+        listener_closed = trio.Event()
 
-    async def listen(task_status: trio.TaskStatus[list[str]]) -> None:
-        try:
-            await hypercorn.trio.serve(
-                app,
-                hypercorn_config(config.host, config.port, config.server),
-                shutdown_trigger=app.shutdown_trigger,
-                task_status=task_status,
-            )
-        finally:
-            listener_closed.set()
+        async def listen(task_status: trio.TaskStatus[str]) -> None:
+            try:
+                await listener.serve(sock, app.shutdown_trigger, task_status=task_status)
+            finally:
+                listener_closed.set()
 
-    async with trio.open_nursery() as nursery:
-        await nursery.start(app.fleet.run)
-        urls = await nursery.start(listen)
-        try:
-            yield RunningServer(app=app, url=urls[0])
-        finally:
-            app.request_shutdown()
-            # hypercorn returns once the trigger has drained and the listener is closed; then
-            # the switcher's tasks, and any hook still running, are cancelled.
-            await listener_closed.wait()
-            await app.upstream.aclose()
-            nursery.cancel_scope.cancel()
+        async with trio.open_nursery() as nursery:
+            # Survivors are stopped and backends asked what is awake only now: both locks are
+            # held and the port is bound, so no other llmux on this config or port runs.
+            await nursery.start(app.fleet.run)
+            url = await nursery.start(listen)
+            try:
+                yield RunningServer(app=app, url=url)
+            finally:
+                app.request_shutdown()
+                # The listener returns once the trigger has drained and it is closed; then
+                # the switcher's tasks, and any hook still running, are cancelled.
+                await listener_closed.wait()
+                await app.upstream.aclose()
+                nursery.cancel_scope.cancel()
+        app.fleet.hook_registry.discard_if_idle()
+    finally:
+        instance.release()
 
 
 async def serve_forever(
@@ -91,17 +129,19 @@ async def serve_forever(
     policy: Policy | None = None,
     on_ready: Callable[[RunningServer], None] | None = None,
     watch_config: bool = False,
+    instance: Instance | None = None,
 ) -> None:
     """`llmux serve`: run until SIGTERM or SIGINT, then shut down gracefully and return.
     SIGHUP (and, with `watch_config`, a change of the file) reloads the config."""
     notifier = Notifier()
     raise_open_files_limit()
+    instance = instance or start_instance(config)
     # The receiver stays open until we return: a second signal must not kill us mid-drain.
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as helpers:
             if notifier.watchdog_interval:
                 helpers.start_soon(_ping_watchdog, notifier, notifier.watchdog_interval)
-            async with running_server(config, policy) as server:
+            async with running_server(config, policy, instance) as server:
                 log.info("llmux listening on %s", server.url)
                 notifier.send("READY=1", f"STATUS={describe_state(server.app)}")
                 helpers.start_soon(_report_status, server.app, notifier)

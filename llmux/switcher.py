@@ -272,21 +272,37 @@ class Switcher:
         finally:
             self._release(model)
 
-    async def _acquire(self, model: ModelRuntime) -> float:
+    def refusal(self, name: str) -> LlmuxError | None:
+        """Why a request for `name` would be refused at once, if it would: lets the app answer
+        before it reads the rest of a large body."""
+        model = self.models.get(name)
+        if model is None or model.retiring:
+            return ModelNotFound(f"model {name!r} is no longer configured")
         if self._closing:
-            raise ShuttingDown("llmux is shutting down")
-        name = model.name
-        if model.state is ModelState.ACTIVE and not model.queue and self._has_room(model):
-            self._start_request(model)
-            self.metrics.queue_wait.labels(name).observe(0.0)
-            return 0.0
+            return ShuttingDown("llmux is shutting down")
+        if self._may_start_now(model):
+            return None
         limit = self.config.server.max_queue_per_model
         if len(model.queue) >= limit:
             estimate = self.snapshot().estimated_cost(name) or DEFAULT_RETRY_AFTER_SECS
-            raise QueueFull(
+            return QueueFull(
                 f"{limit} requests already wait for {name!r} (server.max_queue_per_model)",
                 retry_after=max(1, math.ceil(estimate)),
             )
+        return None
+
+    def _may_start_now(self, model: ModelRuntime) -> bool:
+        return model.state is ModelState.ACTIVE and not model.queue and self._has_room(model)
+
+    async def _acquire(self, model: ModelRuntime) -> float:
+        name = model.name
+        refused = self.refusal(name)
+        if refused is not None:
+            raise refused
+        if self._may_start_now(model):
+            self._start_request(model)
+            self.metrics.queue_wait.labels(name).observe(0.0)
+            return 0.0
         waiter = Waiter(model=name, arrival=trio.current_time())
         model.queue.append(waiter)
         self._queue_changed(model)

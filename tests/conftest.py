@@ -89,6 +89,23 @@ class FakeFleet:
             fake.stop()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_state_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every llmux a test starts (in process or as a child) keeps its locks and hook records in
+    one folder of this test run, not in the user's runtime folder."""
+    import os
+
+    folder = tmp_path_factory.mktemp("llmux-state")
+    folder.chmod(0o700)
+    before = os.environ.get("RUNTIME_DIRECTORY")
+    os.environ["RUNTIME_DIRECTORY"] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop("RUNTIME_DIRECTORY", None)
+    else:
+        os.environ["RUNTIME_DIRECTORY"] = before
+
+
 @pytest.fixture
 def fakes() -> Iterator[FakeFleet]:
     fleet = FakeFleet()

@@ -11,6 +11,7 @@ import httpx
 import trio
 
 from llmux.hook_registry import HookRegistry
+from llmux.state_dir import open_state_dir
 from tests.conftest import PYTHON, chat, fake_model_block, process_running, write_config
 
 
@@ -18,17 +19,18 @@ async def test_registry_stops_recorded_groups_but_not_recycled_ids(tmp_path):
     survivor = subprocess.Popen(["sleep", "60"], start_new_session=True)
     stranger = subprocess.Popen(["sleep", "60"], start_new_session=True)
     try:
-        crashed = HookRegistry(tmp_path, tmp_path / "config.toml")
+        state = open_state_dir(tmp_path / "state")
+        crashed = HookRegistry(state, tmp_path / "config.toml")
         crashed.add(survivor.pid)
         crashed.add(stranger.pid)
         # The stranger's id looks recycled: its recorded start time is not its own.
         text = crashed.path.read_text().replace(f"{stranger.pid} ", f"{stranger.pid} 1")
         crashed.path.write_text(text)
-        restarted = HookRegistry(tmp_path, tmp_path / "config.toml")
+        restarted = HookRegistry(state, tmp_path / "config.toml")
         assert await restarted.stop_survivors() == [survivor.pid]
         assert survivor.wait(timeout=5) == -signal.SIGTERM
         assert stranger.poll() is None
-        assert restarted.path.read_text() == ""
+        assert not restarted.path.exists()  # nothing left to stop: no record
     finally:
         for proc in (survivor, stranger):
             proc.kill()

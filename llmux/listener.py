@@ -1,0 +1,221 @@
+"""llmux's accept loop: hypercorn's HTTP protocol on each connection, inside llmux's own bounds.
+
+Why not `hypercorn.trio.serve`: it binds its own sockets and hands every connection straight to
+its protocol, which leaves no place for three things llmux needs:
+- serving on a socket bound earlier (instance.py binds it before any hook runs);
+- `max_connections`: beyond it a new connection gets a 503 with Retry-After and is closed, instead
+  of growing without bound until the process runs out of descriptors;
+- `client_send_timeout_secs`: hypercorn writes to a connection under a cancel shield, so a client
+  that stops reading would block its request, and the model slot the request holds (and with it
+  every drain of that model), forever. Each connection's stream is wrapped here: a write that makes
+  no progress for that long closes the connection; hypercorn then tells the app that the client is
+  gone, and the app releases the slot and counts the cut (see `current_connection`).
+
+And one repair: under trio, hypercorn keeps a connection that the client closed while idle for a
+full keep-alive timeout (its idle timer is never stopped), which would count it against
+`max_connections` for 75 s. A connection whose peer has closed is reaped here after a short grace.
+
+This is the only module that uses hypercorn's internals (TCPServer, WorkerContext, ASGIWrapper);
+pyproject.toml pins hypercorn's minor version for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from functools import partial
+
+import trio
+from hypercorn.app_wrappers import ASGIWrapper
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ASGIFramework, ConnectionState
+
+from llmux.errors import error_body
+from llmux.logs import log_event
+from llmux.metrics import Metrics
+
+log = logging.getLogger("llmux.listener")
+
+SEND_PIECE_BYTES = 16 * 1024  # progress is measured per piece: a reading client keeps going
+PEER_CLOSED_GRACE_SECS = 1.0  # after the client closed: time for the app to finish its bookkeeping
+REFUSAL_WAIT_SECS = 1.0  # how long a refused connection may take to send its head, then to read
+MAX_REFUSALS_AT_ONCE = 128  # beyond it, connections over the limit are closed without an answer
+
+
+@dataclass(frozen=True)
+class ConnectionBounds:
+    max_connections: int
+    client_send_timeout: float
+
+
+@dataclass
+class ConnectionInfo:
+    """What the listener knows of the connection a request came on (read by the app)."""
+
+    send_timed_out: bool = False
+    peer_closed: trio.Event = field(default_factory=trio.Event)
+
+
+# Set in each connection's task; hypercorn starts the app's task from it, so the app sees it.
+current_connection: ContextVar[ConnectionInfo | None] = ContextVar("llmux_connection", default=None)
+
+
+class BoundedStream:
+    """A socket stream whose writes give up, and close it, after `timeout` seconds without
+    progress, and which notes when the peer has closed. It has no `do_handshake`: hypercorn
+    takes that to mean plain TCP."""
+
+    def __init__(self, stream: trio.SocketStream, timeout: float, info: ConnectionInfo) -> None:
+        self._stream = stream
+        self._timeout = timeout
+        self._info = info
+
+    @property
+    def socket(self) -> trio.socket.SocketType:
+        return self._stream.socket
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        for start in range(0, len(view), SEND_PIECE_BYTES):
+            with trio.move_on_after(self._timeout) as waiting:
+                await self._stream.send_all(view[start : start + SEND_PIECE_BYTES])
+            if waiting.cancelled_caught:
+                self._info.send_timed_out = True
+                await self._stream.aclose()
+                raise trio.BrokenResourceError(f"the client took nothing for {self._timeout:g}s")
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data = await self._stream.receive_some(max_bytes)
+        if not data:
+            self._info.peer_closed.set()
+        return data
+
+    async def send_eof(self) -> None:
+        await self._stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+class Listener:
+    """Accepts connections on a bound socket and serves each with hypercorn's protocol."""
+
+    def __init__(
+        self,
+        app: ASGIFramework,
+        config: HypercornConfig,
+        bounds: ConnectionBounds,
+        metrics: Metrics,
+    ) -> None:
+        self._app = ASGIWrapper(app)
+        self._config = config
+        self._bounds = bounds
+        self._metrics = metrics
+        self._context = WorkerContext(None)
+        self._open = 0
+        self._refusing = 0
+        self._refused = 0
+
+    async def serve(
+        self,
+        sock: socket.socket,
+        shutdown_trigger: Callable[[], Awaitable[None]],
+        *,
+        task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve until `shutdown_trigger` returns; then stop accepting, close idle connections,
+        give busy ones `graceful_timeout` and cancel what is left."""
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+        host, port = sock.getsockname()[:2]
+        async with trio.open_nursery() as connections:
+            async with trio.open_nursery() as accepting:
+                accepting.start_soon(
+                    partial(
+                        trio.serve_listeners, self._handle, [listener], handler_nursery=connections
+                    )
+                )
+                task_status.started(f"http://{_url_host(host)}:{port}")
+                await shutdown_trigger()
+                accepting.cancel_scope.cancel()
+            await self._context.terminated.set()  # idle keep-alive connections close now
+            connections.cancel_scope.deadline = trio.current_time() + self._config.graceful_timeout
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        if self._open >= self._bounds.max_connections:
+            await self._refuse(stream)
+            return
+        self._open += 1
+        self._metrics.connections_open.set(self._open)
+        info = ConnectionInfo()
+        current_connection.set(info)
+        try:
+            bounded = BoundedStream(stream, self._bounds.client_send_timeout, info)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_reap_when_closed, info, nursery.cancel_scope)
+                await TCPServer(
+                    self._app, self._config, self._context, ConnectionState({}), bounded
+                )
+                nursery.cancel_scope.cancel()
+        finally:
+            self._open -= 1
+            self._metrics.connections_open.set(self._open)
+
+    async def _refuse(self, stream: trio.SocketStream) -> None:
+        """Answer 503 (after the request head, so the client reads it) and close."""
+        self._metrics.connections_refused.inc()
+        self._refused += 1
+        if self._refused == 1:  # say it once, not once per connection of a flood
+            log_event(
+                log, "connection_refused", "server.max_connections reached: new connections "
+                "get 503 until some close", logging.WARNING,
+                max_connections=self._bounds.max_connections,
+            )  # fmt: skip
+        if self._refusing >= MAX_REFUSALS_AT_ONCE:
+            return  # the serve loop closes the stream
+        self._refusing += 1
+        try:
+            await _answer_busy(stream, self._bounds.max_connections)
+        finally:
+            self._refusing -= 1
+
+
+async def _reap_when_closed(info: ConnectionInfo, connection: trio.CancelScope) -> None:
+    await info.peer_closed.wait()
+    await trio.sleep(PEER_CLOSED_GRACE_SECS)
+    connection.cancel()
+
+
+async def _answer_busy(stream: trio.SocketStream, limit: int) -> None:
+    body = error_body(
+        f"llmux has server.max_connections ({limit}) connections open; retry shortly",
+        "server_error",
+        "too_many_connections",
+    )
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nretry-after: 1\r\nconnection: close\r\n\r\n"
+    )
+    try:
+        with trio.move_on_after(REFUSAL_WAIT_SECS):
+            seen = b""
+            while b"\r\n\r\n" not in seen and len(seen) < 16384:
+                chunk = await stream.receive_some(16384)
+                if not chunk:
+                    break
+                seen += chunk
+        with trio.move_on_after(REFUSAL_WAIT_SECS):
+            await stream.send_all(head.encode() + body)
+            await stream.send_eof()
+            while await stream.receive_some(65536):  # let the client finish, then read us
+                pass
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

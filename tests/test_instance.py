@@ -1,0 +1,140 @@
+"""One llmux per config and per port: a second one started by mistake exits 2 with one line and
+harms nothing (no survivor stopped, no hook run); so does any failure to bind."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import PYTHON, chat, fake_model_block, write_config
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Serving:
+    """A `llmux serve` child process, its URL once it listens, and its log."""
+
+    def __init__(self, config, port: int = 0) -> None:
+        self.proc = subprocess.Popen(
+            [PYTHON, "-m", "llmux", "serve", "-c", str(config), "--port", str(port)],
+            stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        self.log: list[str] = []
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.log.append(line)
+            if "llmux listening on" in line:
+                self.url = line.split("llmux listening on ", 1)[1].split()[0]
+                threading.Thread(target=self._read_rest, daemon=True).start()
+                return
+        raise AssertionError("llmux did not start: " + "".join(self.log))
+
+    def _read_rest(self) -> None:
+        assert self.proc.stderr is not None
+        self.log.extend(self.proc.stderr)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=20)
+
+
+def _second(config, port: int = 0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PYTHON, "-m", "llmux", "serve", "-c", str(config), "--port", str(port)],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+
+
+def _one_line(result: subprocess.CompletedProcess[str]) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_a_second_llmux_on_the_same_config_harms_nothing(fakes, tmp_path):
+    (a,) = fakes.start("a", wake_delay=0.05)
+    alive_marker = tmp_path / "alive-ran"
+    config = write_config(
+        tmp_path,
+        fake_model_block(
+            a,
+            wake=f"sleep 2; {a.ctl('wake')}",
+            alive=f"echo x >> {alive_marker}; {a.ctl('alive')}",
+        ),
+    )
+    first = Serving(config)
+    try:
+        answers: list[int] = []
+        client = threading.Thread(
+            target=lambda: answers.append(
+                httpx.post(
+                    first.url + "/v1/chat/completions", json=chat("a"), timeout=30
+                ).status_code
+            )
+        )
+        client.start()  # the first instance's wake hook runs for 2 s
+        time.sleep(0.7)
+        alive_runs = alive_marker.read_text().count("x") if alive_marker.exists() else 0
+        second = _second(config)
+        # The first's wake hook still runs, and its hooks never overlap: any alive run now is
+        # the second instance's.
+        after = alive_marker.read_text().count("x") if alive_marker.exists() else 0
+        assert after == alive_runs, "the second instance ran an alive hook"
+        assert second.returncode == 2
+        line = _one_line(second)
+        assert line.startswith("llmux: another llmux (pid ") and str(config) in line, line
+        assert f"pid {first.proc.pid}" in line
+        client.join(timeout=30)
+        assert answers == [200], "the first instance's wake hook was disturbed"
+        assert "hook_survivor_stopped" not in "".join(first.log)
+    finally:
+        assert first.stop() == 0
+    # The lock dies with its holder: the next start is fine.
+    again = Serving(config)
+    assert again.stop() == 0
+
+
+def test_a_second_llmux_on_the_same_port_exits_with_one_line(fakes, tmp_path):
+    (a,) = fakes.start("a")
+    port = _free_port()
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    first = Serving(write_config(one, fake_model_block(a)), port)
+    try:
+        second = _second(write_config(two, fake_model_block(a)), port)
+    finally:
+        first.stop()
+    assert second.returncode == 2
+    assert (
+        _one_line(second) == f"llmux: port {port} is in use by another llmux (pid {first.proc.pid})"
+    )
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "203.0.113.7", "no-such-host.invalid"])
+def test_any_bind_failure_is_one_line_and_exit_2(fakes, tmp_path, host):
+    (a,) = fakes.start("a")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write_config(tmp_path, f'host = "{host}"\n' + fake_model_block(a))
+        result = _second(config, port)
+    assert result.returncode == 2
+    line = _one_line(result)
+    if host == "127.0.0.1":
+        assert line == f"llmux: port {port} is in use (another llmux on this config?)"
+    else:
+        assert line.startswith(f"llmux: cannot listen on {host}:{port}: "), line
+    assert a.state()["wakes"] == 0
