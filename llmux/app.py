@@ -9,9 +9,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
-from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +42,6 @@ from llmux.policy import Policy, PolicyLoadError, load_policy
 from llmux.proxy import (
     BackendConnectFailed,
     UpstreamClient,
-    body_chunks,
     forwarded_request_headers,
     forwarded_response_headers,
 )
@@ -447,23 +446,29 @@ class LlmuxApp:
         self, response: httpx.Response, backend: ModelConfig, send: Send, outcome: _Outcome
     ) -> None:
         """Pass the body on as it comes; a backend that breaks or goes silent mid-answer leaves
-        the answer incomplete (`outcome.complete` stays false)."""
-        model = backend.name
+        the answer incomplete (`outcome.complete` stays false).
+
+        One cancel scope bounds the backend's silences: its deadline is pushed on with every
+        chunk, and lifted while a chunk is being sent (a slow client is not a silent backend;
+        client_send_timeout_secs bounds that)."""
+        model, idle = backend.name, backend.idle_timeout_secs
         connection = current_connection.get()
         try:
-            async with aclosing(body_chunks(response, backend.idle_timeout_secs)) as chunks:
-                async for chunk in chunks:
-                    if chunk is None:
-                        self._backend_timed_out(model, "idle", backend.idle_timeout_secs)
-                        outcome.status = 504
-                        return
+            with trio.CancelScope(deadline=trio.current_time() + idle) as silence:
+                async for chunk in response.aiter_raw():
+                    silence.deadline = math.inf
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     if connection is not None and connection.send_timed_out:
                         outcome.status = CLIENT_CLOSED  # cut by client_send_timeout_secs
                         return
+                    silence.deadline = trio.current_time() + idle
         except Exception as exc:  # httpx transport errors, h11 protocol errors
             log.warning("backend for %s broke mid-response: %r", model, exc)
             outcome.status = 502
+            return
+        if silence.cancelled_caught:
+            self._backend_timed_out(model, "idle", idle)
+            outcome.status = 504
             return
         outcome.complete = True
 

@@ -80,14 +80,20 @@ class BoundedStream:
         return self._stream.socket
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if len(data) <= SEND_PIECE_BYTES:  # nearly always: one SSE event, one small answer
+            await self._send_piece(data)
+            return
         view = memoryview(data)
         for start in range(0, len(view), SEND_PIECE_BYTES):
-            with trio.move_on_after(self._timeout) as waiting:
-                await self._stream.send_all(view[start : start + SEND_PIECE_BYTES])
-            if waiting.cancelled_caught:
-                self._info.send_timed_out = True
-                await self._stream.aclose()
-                raise trio.BrokenResourceError(f"the client took nothing for {self._timeout:g}s")
+            await self._send_piece(view[start : start + SEND_PIECE_BYTES])
+
+    async def _send_piece(self, piece: bytes | bytearray | memoryview) -> None:
+        with trio.move_on_after(self._timeout) as waiting:
+            await self._stream.send_all(piece)
+        if waiting.cancelled_caught:
+            self._info.send_timed_out = True
+            await self._stream.aclose()
+            raise trio.BrokenResourceError(f"the client took nothing for {self._timeout:g}s")
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         data = await self._stream.receive_some(max_bytes)

@@ -100,24 +100,6 @@ class UpstreamClient:
                 await response.aclose()
 
 
-async def body_chunks(response: httpx.Response, idle_timeout: float) -> AsyncIterator[bytes | None]:
-    """The response body as it arrives, undecoded; `None` once, at the end, if the backend went
-    silent for `idle_timeout` (the answer is then incomplete and must be cut, not ended)."""
-    chunks = response.aiter_raw()
-    while True:
-        with trio.move_on_after(idle_timeout) as waiting:
-            chunk = await anext(chunks, _END)
-        if waiting.cancelled_caught:
-            yield None
-            return
-        if chunk is _END:
-            return
-        yield chunk
-
-
-_END = b"end of body"  # compared by identity: no chunk httpx yields is this object
-
-
 def forwarded_request_headers(
     headers: Iterable[tuple[bytes, bytes]], *, strip_credentials: bool, backend_api_key: str | None
 ) -> list[tuple[bytes, bytes]]:
