@@ -24,6 +24,7 @@ from llmux.body import BodyReader, ClientDisconnected, model_named_in
 from llmux.config import Config, ConfigError, ModelConfig, load_config
 from llmux.costs import SwitchCostTracker
 from llmux.errors import (
+    AmbiguousFraming,
     BackendTimeout,
     HeadersTooLarge,
     InvalidRequest,
@@ -145,6 +146,11 @@ class LlmuxApp:
             # hypercorn bounds only a head that arrives in pieces; a whole one is checked here.
             if sum(len(name) + len(value) + 4 for name, value in scope["headers"]) > limit:
                 raise HeadersTooLarge(f"request headers exceed server.max_header_bytes ({limit})")
+            names = {name for name, _ in scope["headers"]}
+            if b"content-length" in names and b"transfer-encoding" in names:
+                raise AmbiguousFraming(
+                    "a request may carry Content-Length or Transfer-Encoding, not both"
+                )
             match = self.routes.match(scope["method"], _raw_path(scope))
             self._check_access(match.route.access, scope["headers"])
         except LlmuxError as error:

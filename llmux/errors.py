@@ -39,6 +39,18 @@ class InvalidPath(LlmuxError):
     code = "invalid_path"
 
 
+class AmbiguousFraming(LlmuxError):
+    """Both Content-Length and Transfer-Encoding: servers on the way may split the stream into
+    requests differently (request smuggling). Refused, and the connection is closed after."""
+
+    status = 400
+    error_type = "invalid_request_error"
+    code = "invalid_request"
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"connection", b"close")]
+
+
 class Unauthorized(LlmuxError):
     status = 401
     error_type = "invalid_request_error"

@@ -8,7 +8,8 @@ prove that llmux never sent a request to a sleeping model and never put a busy o
 Control endpoints (what hooks call): POST /fake/wake, POST /fake/sleep, GET /fake/alive (200 only
 while awake), GET /fake/state. `/health` answers 200 even while asleep, like vLLM's does.
 `GET /fake/received` tells what reached it: every request target (method and raw path, query
-included) with a count, and the last requests' headers, so tests can prove what llmux forwards.
+included) and every header name with a count, and the last requests' headers, so tests can prove
+what llmux forwards.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class FakeBackend:
         self.weights_loaded = True  # vLLM: false after a level-2 sleep until reload_weights
         self.parts_asleep: set[str] = set() if awake else {"weights", "kv_cache"}  # vLLM
         self.targets: Counter[str] = Counter()  # "METHOD /raw/path?query" -> times received
+        self.header_names: Counter[str] = Counter()  # every header name that reached it
         self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_REQUESTS)
 
     def _record(self, scope: Scope) -> None:
@@ -75,6 +77,7 @@ class FakeBackend:
         line = f"{scope['method']} {target.decode('latin-1')}"
         self.targets[line] += 1
         headers = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in scope["headers"]]
+        self.header_names.update(name for name, _ in headers)
         self.recent.append({"request": line, "headers": headers})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -85,7 +88,8 @@ class FakeBackend:
             return
         method, path = scope["method"], scope["path"]
         if (method, path) == ("GET", "/fake/received"):
-            await send_json(send, 200, {"targets": self.targets, "recent": list(self.recent)})
+            received = {"targets": self.targets, "header_names": self.header_names}
+            await send_json(send, 200, {**received, "recent": list(self.recent)})
             return
         self._record(scope)
         if method == "GET" and path == "/health":

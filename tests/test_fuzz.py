@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import collections
 import json
+import random
 import subprocess
 import threading
 
@@ -12,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from llmux.routes import ROUTES, Endpoint
 from tests.conftest import PYTHON, FakeFleet, fake_model_block, write_config
 
 
@@ -154,3 +157,222 @@ def test_well_formed_traffic_from_the_openai_sdk(
         )
         text = answer.choices[0].message.content
     assert text.split() == [f"a-{i}" for i in range(max_tokens)]
+
+
+# ----- 10,000 hostile requests: only routed paths reach a backend, exactly as routed -----
+
+KEY = "sk-fuzz-0123456789"
+ALLOWED_PREFIX = "/tokenize"
+API_PATHS = sorted(r.pattern for r in ROUTES if r.endpoint is Endpoint.PROXY)
+# What an attacker aims at: the backends' control APIs, llmux's own, and near misses.
+TARGETS = [
+    *API_PATHS,
+    "/upstream/a/tokenize",
+    "/upstream/a/tokenize/x",
+    "/upstream/a/sleep",
+    "/upstream/a%2Fb/tokenize",
+    "/sleep",
+    "/wake_up",
+    "/collective_rpc",
+    "/release_memory_occupation",
+    "/update_weights_from_disk",
+    "/api/pull",
+    "/v1/load_lora_adapter",
+    "/fake/sleep",
+    "/fake/wake",
+    "/health",
+    "/metrics",
+    "/v1/models",
+    "/v1/models/a",
+    "/llmux/sleep",
+    "/llmux/models/a/sleep",
+]
+DOTS = [
+    "..", ".", "%2e%2e", "%2E%2E", ".%2e", "%2e.", "%2e", "%252e%252e", "%25252e%25252e",
+    "..%2f", "..%2F", "%2e%2e%2f", "..%5c", "..\\", "%c0%ae%c0%ae", ".%00.", "...", "..;",
+]  # fmt: skip
+CONTROL = ["\r\n", "\n", "\r", "%0d%0a", "%0a", "\x00", "%00", "\t", " ", "\x1b"]
+CONNECTION_NAMES = ["x-hop-1", "x-hop-2", "authorization", "x-api-key", "content-type", "te"]
+
+
+def _hostile_path(rng: random.Random) -> str:
+    base = rng.choice(API_PATHS) if rng.random() < 0.6 else rng.choice(TARGETS)
+    segments = base.split("/")[1:]
+    for _ in range(rng.choice([0, 0, 0, 0, 1, 1, 2, 3])):
+        where = rng.randrange(len(segments) + 1)
+        kind = rng.random()
+        if kind < 0.55:
+            segments.insert(where, rng.choice(DOTS))
+        elif kind < 0.7:
+            segments.insert(where, "")  # an empty segment: //
+        elif kind < 0.85 and segments:
+            index = rng.randrange(len(segments))
+            segments[index] = _percent_one(rng, segments[index])
+        else:
+            segments.insert(where, rng.choice(CONTROL))
+    path = "/" + "/".join(segments)
+    roll = rng.random()
+    if roll < 0.1:
+        path += "?level=2&x=" + rng.choice(DOTS) + "/sleep"
+    elif roll < 0.13:
+        path = "http://127.0.0.1:1" + path
+    elif roll < 0.15:
+        path += "#frag"
+    elif roll < 0.17:
+        path = path.replace("/", "\\", 1)
+    return path
+
+
+def _percent_one(rng: random.Random, segment: str) -> str:
+    if not segment:
+        return segment
+    index = rng.randrange(len(segment))
+    return segment[:index] + f"%{ord(segment[index]):02X}" + segment[index + 1 :]
+
+
+def _hostile_request(rng: random.Random) -> tuple[str, str, bytes]:
+    """(method, target, the raw request bytes)."""
+    method = rng.choice(["POST"] * 6 + ["GET", "PUT", "DELETE", "HEAD", "OPTIONS", "FOO"])
+    target = _hostile_path(rng)
+    model = rng.choice(["a"] * 8 + ["b", "a\r\nx: y", "A", ""])
+    body = json.dumps({"model": model, "messages": [], "max_tokens": 1}).encode()
+    if rng.random() < 0.05:
+        body = body[:-1] + b', "model": "zz"}'
+    named = rng.sample(CONNECTION_NAMES, rng.randrange(3))
+    lines = [f"{method} {target} HTTP/1.1", "host: llmux", "content-type: application/json"]
+    lines.append("connection: " + ", ".join(["close", *named]))
+    auth = rng.random()
+    if auth < 0.45:
+        lines.append(f"authorization: Bearer {KEY}")
+    elif auth < 0.8:
+        lines.append(f"x-api-key: {KEY}")
+    elif auth < 0.9:
+        lines.append("authorization: Bearer sk-wrong")
+    # Hop headers are sent only when the Connection list names them: they must never pass.
+    lines += [
+        f"{name}: {rng.choice(['1', 'secret'])}" for name in named if name.startswith("x-hop")
+    ]
+    if rng.random() < 0.15:
+        field = rng.randrange(1, len(lines))
+        # In the Connection line, only line breaks: anything else would rename its last token.
+        controls = CONTROL[:3] if lines[field].startswith("connection:") else CONTROL
+        lines[field] += rng.choice(controls) + "x-injected: 1"
+    if rng.random() < 0.05:
+        lines.append("transfer-encoding: chunked")
+    lines.append(f"content-length: {len(body)}")
+    head = "\r\n".join(lines) + "\r\n\r\n"
+    return method, target, head.encode("latin-1", errors="replace") + body
+
+
+def _upstream_remainder(line: str) -> str | None:
+    """`METHOD /upstream/a/rest?q` (the model maybe percent-encoded) -> `METHOD /rest?q`."""
+    from urllib.parse import unquote
+
+    method, _, target = line.partition(" ")
+    if not target.startswith("/upstream/"):
+        return None
+    model, slash, rest = target.removeprefix("/upstream/").partition("/")
+    return f"{method} /{rest}" if slash and unquote(model) == "a" else None
+
+
+def _dot_free(path: str) -> bool:
+    from urllib.parse import unquote
+
+    for _ in range(4):
+        if any(s in (".", "..") for s in path.replace("\\", "/").split("/")):
+            return False
+        path = unquote(path)
+    return True
+
+
+@pytest.fixture(scope="module")
+def hostile_llmux(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hostile")
+    fleet = FakeFleet()
+    (a,) = fleet.start("a", api="vllm", wake_delay=0.01, token_interval=0.0001)
+    marker = folder / "hook-ran"
+    hooks = {hook: f"echo {hook} >> {marker}; {a.ctl(hook)}" for hook in ("wake", "sleep")}
+    block = fake_model_block(a, alive=None, passthrough_paths=[ALLOWED_PREFIX], **hooks)
+    server = {"access_log": False, "request_body_timeout_secs": 2}
+    path = write_config(folder, block, top=f'[auth]\napi_keys = ["{KEY}"]\n', server=server)
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "llmux", "serve", "-c", str(path), "--port", "0"],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "llmux listening on" in line:
+            url = line.split("llmux listening on ", 1)[1].split()[0]
+            break
+    threading.Thread(target=proc.stderr.read, daemon=True).start()
+    yield url, marker, a
+    proc.terminate()
+    proc.wait(timeout=15)
+    fleet.stop_all()
+
+
+HOSTILE_REQUESTS = 10_000
+
+
+async def _status_of(url: str, data: bytes) -> int:
+    """Send one raw request and read one answer's head (0: no answer within 10 s)."""
+    import trio
+
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    with trio.move_on_after(10):
+        async with await trio.open_tcp_stream(host, int(port)) as stream:
+            await stream.send_all(data)
+            answer = b""
+            while b"\r\n" not in answer:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    break
+                answer += chunk
+            if answer.startswith(b"HTTP/1.1 "):
+                return int(answer.split(b" ", 2)[1])
+    return 0
+
+
+async def test_ten_thousand_hostile_requests_reach_only_routed_paths(hostile_llmux):
+    import trio
+
+    url, marker, backend = hostile_llmux
+    rng = random.Random(13)
+    requests = [_hostile_request(rng) for _ in range(HOSTILE_REQUESTS)]
+    statuses: list[int] = []
+
+    async def worker(share: list[tuple[str, str, bytes]]) -> None:
+        for _, _, data in share:
+            statuses.append(await _status_of(url, data))
+
+    async with trio.open_nursery() as nursery:
+        for k in range(8):
+            nursery.start_soon(worker, requests[k::8])
+    assert len(statuses) == HOSTILE_REQUESTS
+    print("statuses:", sorted(collections.Counter(statuses).items()))
+    assert 0 not in statuses and 500 not in statuses, "every request gets an HTTP answer"
+    sent = {f"{method} {target}" for method, target, _ in requests}
+    upstream_sent = {_upstream_remainder(line) for line in sent}
+    received = backend.received()
+    hook_runs = marker.read_text().split() if marker.exists() else []
+    forwarded = 0
+    for line, count in received["targets"].items():
+        method, target = line.split(" ", 1)
+        path = target.split("?", 1)[0]
+        if path in ("/fake/wake", "/fake/sleep", "/fake/state"):
+            continue
+        forwarded += count
+        if path.startswith(ALLOWED_PREFIX):
+            assert path == ALLOWED_PREFIX or path.startswith(ALLOWED_PREFIX + "/"), line
+            assert _dot_free(target), line
+            assert f"{method} {target}" in upstream_sent, line
+        else:
+            assert path in API_PATHS and method == "POST", line
+            assert line in sent, f"{line} reached the backend but was not sent as such"
+    assert received["targets"].get("POST /fake/wake", 0) == hook_runs.count("wake")
+    assert received["targets"].get("POST /fake/sleep", 0) == hook_runs.count("sleep")
+    assert backend.state()["sleeps"] == hook_runs.count("sleep")
+    assert forwarded > 800, "the run must also exercise routed requests"
+    leaked = {"authorization", "x-api-key", "x-hop-1", "x-hop-2"}
+    assert not leaked & set(received["header_names"]), leaked & set(received["header_names"])
+    assert httpx.get(url + "/health").status_code == 200
