@@ -109,7 +109,10 @@ def llmux(
         "--log-format",
         "json",
     ]
-    return Process(args, "llmux listening on")
+    # Locks and hook records stay in the run's folder, not in the user's state folder.
+    state = folder / "state"
+    state.mkdir(mode=0o700, exist_ok=True)
+    return Process(args, "llmux listening on", env={**os.environ, "RUNTIME_DIRECTORY": str(state)})
 
 
 def nginx(folder: Path, backend_port: int) -> Process | None:

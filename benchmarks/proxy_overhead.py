@@ -84,6 +84,9 @@ def main() -> None:
         f'sleep = "{ctl.format("sleep")}"\nalive = "{ctl.format("alive")}"\n'
         "[defaults]\nalive_interval_secs = 3600\n"
     )
+    state = Path(folder.name) / "state"  # locks and hook records stay in this run's folder
+    state.mkdir(mode=0o700)
+    config.write_text(f'[server]\nstate_dir = "{state}"\n' + config.read_text())
     llmux, llmux_url = start([*LLMUX, "serve", "-c", str(config), "--port", "0"], "listening on")
     try:
         direct: list[float] = []

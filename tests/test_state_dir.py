@@ -52,11 +52,11 @@ def test_a_folder_of_another_user_is_refused(tmp_path):
         open_state_dir(theirs)
 
 
-def _serve(config: Path, state: Path) -> subprocess.Popen[str]:
+def _serve(config: Path, state: Path, group: int = 0) -> subprocess.Popen[str]:
     env = {**os.environ, "RUNTIME_DIRECTORY": str(state)}
     return subprocess.Popen(
         [PYTHON, "-m", "llmux", "serve", "-c", str(config), "--port", "0"],
-        stderr=subprocess.PIPE, text=True, env=env,
+        stderr=subprocess.PIPE, text=True, env=env, process_group=group or None,
     )  # fmt: skip
 
 
@@ -83,28 +83,30 @@ def test_a_planted_record_makes_llmux_signal_nothing(fakes, tmp_path):
     )
     member = subprocess.Popen(["sleep", "60"])  # in the test's process group, not leading one
     unknown_start = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    own = subprocess.Popen(["sleep", "60"], process_group=0)  # will lead llmux's group
+    survivors = (stranger, member, unknown_start, own)
     try:
         time.sleep(0.1)
         record = state / f"running-hooks-{config_digest(config.resolve())}.txt"
         record.write_text(
             f"1 {_start_time(1)}\n"  # init: never
-            f"{os.getpgrp()} {_start_time(os.getpgrp())}\n"  # the group llmux runs in
+            f"{own.pid} {_start_time(own.pid)}\n"  # the group llmux itself runs in
             f"{stranger.pid} {_start_time(stranger.pid)}\n"  # not llmux's user
             f"{member.pid} {_start_time(member.pid)}\n"  # not the leader of its own group
             f"{unknown_start.pid} ?\n"  # a start time nobody can check
             "garbage line\n"
         )
-        proc = _serve(config, state)
+        proc = _serve(config, state, group=own.pid)
         try:
             _wait_listening(proc)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.communicate(timeout=15)
-        for survivor in (stranger, member, unknown_start):
+        for survivor in survivors:
             assert process_running(survivor.pid), survivor.args
         assert proc.returncode == 0
     finally:
-        for p in (stranger, member, unknown_start):
+        for p in survivors:
             p.kill()
             p.wait()
 
