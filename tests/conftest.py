@@ -6,6 +6,7 @@ Every process a test starts is stopped by the test, by its pid.
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import signal
 import subprocess
@@ -54,6 +55,51 @@ class FakeProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+class LlmuxProcess:
+    """`llmux serve` as a child process: its URL once it listens, and its whole log (read all
+    along, so that a full pipe never blocks it). Stopped by its pid."""
+
+    def __init__(self, config: Path, *flags: str, **popen: Any) -> None:
+        import threading
+
+        self.proc = subprocess.Popen(
+            [PYTHON, "-m", "llmux", "serve", "-c", str(config), "--port", "0", *flags],
+            stderr=subprocess.PIPE, text=True, **popen,
+        )  # fmt: skip
+        self.lines: list[str] = []
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            found = re.search(r"llmux listening on (http://[^\s\"]+)", line)  # text or JSON
+            if found:
+                self.url = found.group(1)
+                break
+        else:
+            raise AssertionError("llmux did not start:\n" + "".join(self.lines))
+        self._reader = threading.Thread(target=self._read_rest, daemon=True)
+        self._reader.start()
+
+    def _read_rest(self) -> None:
+        assert self.proc.stderr is not None
+        self.lines.extend(self.proc.stderr)
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        """Signal it (unless it has exited) and wait; its exit status. The log is complete."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self._reader.join(timeout=5)
+        return code
 
 
 @dataclass

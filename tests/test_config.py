@@ -299,34 +299,26 @@ def test_a_reload_of_any_malformed_file_keeps_the_old_config_and_the_process(fak
 
     import httpx
 
-    from tests.conftest import chat, fake_model_block
+    from tests.conftest import LlmuxProcess, chat, fake_model_block
 
     (fake,) = fakes.start("a", wake_delay=0.05)
     good = fake_model_block(fake)
     path = tmp_path / "config.toml"
     path.write_text(good)
-    proc = subprocess.Popen(
-        [PYTHON, "-m", "llmux", "serve", "-c", str(path), "--port", "0"],
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    llmux = LlmuxProcess(path)
     try:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            if "llmux listening on" in line:
-                url = line.split("llmux listening on ", 1)[1].split()[0]
-                break
         for name in sorted(BAD_FILES):
             _bad_config(tmp_path, name)
             text = BAD_FILES[name][0].replace(MODEL, good)
             path.write_text(text)
-            proc.send_signal(signal.SIGHUP)
+            llmux.proc.send_signal(signal.SIGHUP)
             time.sleep(0.3)
-            assert proc.poll() is None, f"a reload of {name} stopped llmux"
-            response = httpx.post(url + "/v1/chat/completions", json=chat("a"), timeout=10)
+            assert llmux.proc.poll() is None, f"a reload of {name} stopped llmux"
+            response = httpx.post(llmux.url + "/v1/chat/completions", json=chat("a"), timeout=10)
             assert response.status_code == 200, name
     finally:
-        proc.terminate()
-        _, rest = proc.communicate(timeout=10)
+        llmux.stop()
+    rest = llmux.log
     assert rest.count("config_rejected") == len(BAD_FILES), rest
     assert "Traceback" not in rest
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import threading
 
 import httpx
 import trio
 
 from llmux.hook_registry import HookRegistry
 from llmux.state_dir import open_state_dir
-from tests.conftest import PYTHON, chat, fake_model_block, process_running, write_config
+from tests.conftest import LlmuxProcess, chat, fake_model_block, process_running, write_config
 
 
 async def test_registry_stops_recorded_groups_but_not_recycled_ids(tmp_path):
@@ -37,28 +36,6 @@ async def test_registry_stops_recorded_groups_but_not_recycled_ids(tmp_path):
             proc.wait()
 
 
-class Llmux:
-    def __init__(self, config) -> None:
-        self.proc = subprocess.Popen(
-            [PYTHON, "-m", "llmux", "serve", "-c", str(config), "--port", "0"],
-            stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            if "llmux listening on" in line:
-                self.url = line.split("llmux listening on ", 1)[1].split()[0]
-                # Keep reading its log, so that a full pipe never blocks it.
-                threading.Thread(target=self.proc.stderr.read, daemon=True).start()
-                break
-        else:
-            raise AssertionError("llmux did not start")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-
-
 async def test_sigkill_mid_switch_then_restart_reconciles(fakes, tmp_path):
     a, b = fakes.start("a", "b", wake_delay=0.05)
     pidfile = tmp_path / "wake-b.pid"
@@ -66,7 +43,7 @@ async def test_sigkill_mid_switch_then_restart_reconciles(fakes, tmp_path):
         b, wake=f"echo $$ > {pidfile}; sleep 30; {b.ctl('wake')}"
     )
     path = write_config(tmp_path, blocks, server={"state_dir": str(tmp_path / "state")})
-    first = await trio.to_thread.run_sync(Llmux, path)
+    first = await trio.to_thread.run_sync(LlmuxProcess, path)
     second = None
     try:
         async with httpx.AsyncClient(base_url=first.url, timeout=30) as client:
@@ -82,7 +59,7 @@ async def test_sigkill_mid_switch_then_restart_reconciles(fakes, tmp_path):
         hook_pid = int(pidfile.read_text())
         assert process_running(hook_pid), "the hook survived the crash (its own process group)"
 
-        second = await trio.to_thread.run_sync(Llmux, path)
+        second = await trio.to_thread.run_sync(LlmuxProcess, path)
         assert not process_running(hook_pid), "the restarted llmux stopped the surviving hook"
         async with httpx.AsyncClient(base_url=second.url, timeout=30) as client:
             status = (await client.get("/llmux/status")).json()
@@ -91,15 +68,15 @@ async def test_sigkill_mid_switch_then_restart_reconciles(fakes, tmp_path):
             assert awake == believed and len(awake) <= 1
             assert (await client.post("/v1/chat/completions", json=chat("a"))).status_code == 200
     finally:
-        first.stop()
+        first.stop(signal.SIGKILL)
         if second is not None:
-            second.stop()
+            second.stop(signal.SIGKILL)
 
 
 async def test_sigterm_with_100_open_streams(fakes, tmp_path):
     (a,) = fakes.start("a", wake_delay=0.05, token_interval=0.02)
     path = write_config(tmp_path, fake_model_block(a), server={"shutdown_timeout_secs": 20})
-    llmux = await trio.to_thread.run_sync(Llmux, path)
+    llmux = await trio.to_thread.run_sync(LlmuxProcess, path)
     try:
         limits = httpx.Limits(max_connections=200)
         async with httpx.AsyncClient(base_url=llmux.url, timeout=30, limits=limits) as client:
@@ -134,4 +111,4 @@ async def test_sigterm_with_100_open_streams(fakes, tmp_path):
             assert complete == 100
         assert await trio.to_thread.run_sync(llmux.proc.wait) == 0
     finally:
-        llmux.stop()
+        llmux.stop(signal.SIGKILL)

@@ -6,8 +6,6 @@ from __future__ import annotations
 import collections
 import json
 import random
-import subprocess
-import threading
 
 import httpx
 import pytest
@@ -15,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llmux.routes import ROUTES, Endpoint
-from tests.conftest import PYTHON, FakeFleet, fake_model_block, write_config
+from tests.conftest import FakeFleet, LlmuxProcess, fake_model_block, write_config
 
 
 @pytest.fixture(scope="module")
@@ -26,20 +24,12 @@ def llmux_url(tmp_path_factory):
     marker = folder / "hook-ran"
     hooks = {hook: f"echo $LLMUX_MODEL >> {marker}; {a.ctl(hook)}" for hook in ("wake", "sleep")}
     path = write_config(folder, fake_model_block(a, **hooks), server={"max_body_bytes": 65536})
-    proc = subprocess.Popen(
-        [PYTHON, "-m", "llmux", "serve", "-c", str(path), "--port", "0"],
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        if "llmux listening on" in line:
-            url = line.split("llmux listening on ", 1)[1].split()[0]
-            break
-    threading.Thread(target=proc.stderr.read, daemon=True).start()
-    yield url, marker, a
-    proc.terminate()
-    proc.wait(timeout=15)
-    fleet.stop_all()
+    try:
+        llmux = LlmuxProcess(path)
+        yield llmux.url, marker, a
+        llmux.stop()
+    finally:
+        fleet.stop_all()
 
 
 json_values = st.recursive(
@@ -295,20 +285,12 @@ def hostile_llmux(tmp_path_factory):
     block = fake_model_block(a, alive=None, passthrough_paths=[ALLOWED_PREFIX], **hooks)
     server = {"access_log": False, "request_body_timeout_secs": 2}
     path = write_config(folder, block, top=f'[auth]\napi_keys = ["{KEY}"]\n', server=server)
-    proc = subprocess.Popen(
-        [PYTHON, "-m", "llmux", "serve", "-c", str(path), "--port", "0"],
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        if "llmux listening on" in line:
-            url = line.split("llmux listening on ", 1)[1].split()[0]
-            break
-    threading.Thread(target=proc.stderr.read, daemon=True).start()
-    yield url, marker, a
-    proc.terminate()
-    proc.wait(timeout=15)
-    fleet.stop_all()
+    try:
+        llmux = LlmuxProcess(path)
+        yield llmux.url, marker, a
+        llmux.stop()
+    finally:
+        fleet.stop_all()
 
 
 HOSTILE_REQUESTS = 10_000

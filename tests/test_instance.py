@@ -3,7 +3,6 @@ harms nothing (no survivor stopped, no hook run); so does any failure to bind.""
 
 from __future__ import annotations
 
-import signal
 import socket
 import subprocess
 import threading
@@ -12,41 +11,13 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import PYTHON, chat, fake_model_block, write_config
+from tests.conftest import PYTHON, LlmuxProcess, chat, fake_model_block, write_config
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-class Serving:
-    """A `llmux serve` child process, its URL once it listens, and its log."""
-
-    def __init__(self, config, port: int = 0) -> None:
-        self.proc = subprocess.Popen(
-            [PYTHON, "-m", "llmux", "serve", "-c", str(config), "--port", str(port)],
-            stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        self.log: list[str] = []
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.log.append(line)
-            if "llmux listening on" in line:
-                self.url = line.split("llmux listening on ", 1)[1].split()[0]
-                threading.Thread(target=self._read_rest, daemon=True).start()
-                return
-        raise AssertionError("llmux did not start: " + "".join(self.log))
-
-    def _read_rest(self) -> None:
-        assert self.proc.stderr is not None
-        self.log.extend(self.proc.stderr)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=20)
 
 
 def _second(config, port: int = 0) -> subprocess.CompletedProcess[str]:
@@ -73,7 +44,7 @@ def test_a_second_llmux_on_the_same_config_harms_nothing(fakes, tmp_path):
             alive=f"echo x >> {alive_marker}; {a.ctl('alive')}",
         ),
     )
-    first = Serving(config)
+    first = LlmuxProcess(config)
     try:
         answers: list[int] = []
         client = threading.Thread(
@@ -97,11 +68,11 @@ def test_a_second_llmux_on_the_same_config_harms_nothing(fakes, tmp_path):
         assert f"pid {first.proc.pid}" in line
         client.join(timeout=30)
         assert answers == [200], "the first instance's wake hook was disturbed"
-        assert "hook_survivor_stopped" not in "".join(first.log)
+        assert "hook_survivor_stopped" not in first.log
     finally:
         assert first.stop() == 0
     # The lock dies with its holder: the next start is fine.
-    again = Serving(config)
+    again = LlmuxProcess(config)
     assert again.stop() == 0
 
 
@@ -111,7 +82,7 @@ def test_a_second_llmux_on_the_same_port_exits_with_one_line(fakes, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir()
     two.mkdir()
-    first = Serving(write_config(one, fake_model_block(a)), port)
+    first = LlmuxProcess(write_config(one, fake_model_block(a)), "--port", str(port))
     try:
         second = _second(write_config(two, fake_model_block(a)), port)
     finally:

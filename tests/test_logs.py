@@ -5,14 +5,19 @@ from __future__ import annotations
 import json
 import logging
 import re
-import subprocess
 import time
 
 import httpx
 import trio
 
 from llmux.logs import JsonFormatter, TextFormatter, log_event
-from tests.conftest import PYTHON, chat, fake_model_block, llmux_running, write_config
+from tests.conftest import (
+    LlmuxProcess,
+    chat,
+    fake_model_block,
+    llmux_running,
+    write_config,
+)
 
 
 def events(caplog) -> dict[str, list[dict]]:
@@ -94,31 +99,18 @@ def test_json_logs_from_a_real_process_and_access_log_switch(fakes, tmp_path):
     (a,) = fakes.start("a", wake_delay=0.05)
     for access_log in (True, False):
         path = write_config(tmp_path, fake_model_block(a), server={"access_log": access_log})
-        proc = subprocess.Popen(
-            [PYTHON, "-m", "llmux", "serve", "-c", str(path), "--port", "0", "--log-format=json"],
-            stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+        llmux = LlmuxProcess(path, "--log-format=json")
         try:
-            assert proc.stderr is not None
-            lines = []
-            for line in proc.stderr:
-                lines.append(json.loads(line))
-                if lines[-1]["message"].startswith("llmux listening on"):
-                    break
-            url = lines[-1]["message"].rsplit(" ", 1)[1]
-            assert (
-                httpx.post(url + "/v1/chat/completions", json=chat("a"), timeout=10).status_code
-                == 200
-            )
+            response = httpx.post(llmux.url + "/v1/chat/completions", json=chat("a"), timeout=10)
+            assert response.status_code == 200
             time.sleep(0.2)
         finally:
-            proc.terminate()
-            _, rest = proc.communicate(timeout=10)
-        lines += [json.loads(line) for line in rest.splitlines()]
+            code = llmux.stop()
+        lines = [json.loads(line) for line in llmux.lines]  # every line is one JSON object
         names = [line["event"] for line in lines]
         assert "model_activated" in names or "switch_started" in names
         assert ("request" in names) is access_log
-        assert proc.returncode == 0
+        assert code == 0
 
 
 def test_no_client_or_hook_text_can_forge_a_log_line(fakes, tmp_path):
@@ -126,26 +118,17 @@ def test_no_client_or_hook_text_can_forge_a_log_line(fakes, tmp_path):
     (a,) = fakes.start("a", wake_delay=0.05)
     forged = r"printf 'ok\n2026-01-01 00:00:00,000 INFO llmux.access: FORGED\r\x1b[2K\n' >&2"
     path = write_config(tmp_path, fake_model_block(a, wake=f"{forged}; exit 3"))
-    proc = subprocess.Popen(
-        [PYTHON, "-m", "llmux", "serve", "-c", str(path), "--port", "0", "--log-level=debug"],
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    llmux = LlmuxProcess(path, "--log-level=debug")
     try:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            if "llmux listening on" in line:
-                url = line.split("llmux listening on ", 1)[1].split()[0]
-                break
-        with httpx.Client(base_url=url, timeout=10) as client:
+        with httpx.Client(base_url=llmux.url, timeout=10) as client:
             client.post("/v1/chat/completions", json=chat("a"))  # the hook fails: 503
             client.post("/v1/chat/completions%0a2026-01-01%20FORGED", json=chat("a"))
             client.post("/v1/chat/completions", json=chat("a\n2026-01-01 FORGED\x1b[2K"))
         time.sleep(0.2)
     finally:
-        proc.terminate()
-        _, rest = proc.communicate(timeout=10)
+        llmux.stop()
     record_start = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR) ")
-    lines = rest.splitlines()
+    lines = llmux.log.rstrip("\n").split("\n")  # only LF ends a line; a CR would show below
     assert any("FORGED" in line for line in lines), "the hook's stderr is logged"
     for line in lines:
         assert record_start.match(line), line

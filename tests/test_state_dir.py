@@ -4,16 +4,16 @@ redirected record makes llmux signal nothing it did not start, and a clean exit 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from llmux.instance import config_digest
 from llmux.state_dir import StateDirError, open_state_dir, state_dir_path
-from tests.conftest import PYTHON, fake_model_block, process_running, write_config
+from tests.conftest import PYTHON, LlmuxProcess, fake_model_block, process_running, write_config
 
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make another user's process")
 
@@ -52,20 +52,8 @@ def test_a_folder_of_another_user_is_refused(tmp_path):
         open_state_dir(theirs)
 
 
-def _serve(config: Path, state: Path, group: int = 0) -> subprocess.Popen[str]:
-    env = {**os.environ, "RUNTIME_DIRECTORY": str(state)}
-    return subprocess.Popen(
-        [PYTHON, "-m", "llmux", "serve", "-c", str(config), "--port", "0"],
-        stderr=subprocess.PIPE, text=True, env=env, process_group=group or None,
-    )  # fmt: skip
-
-
-def _wait_listening(proc: subprocess.Popen[str]) -> str:
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        if "llmux listening on" in line:
-            return line.split("llmux listening on ", 1)[1].split()[0]
-    raise AssertionError("llmux did not start")
+def _serve(config: Path, state: Path, **popen) -> LlmuxProcess:
+    return LlmuxProcess(config, env={**os.environ, "RUNTIME_DIRECTORY": str(state)}, **popen)
 
 
 def _start_time(pid: int) -> str:
@@ -96,15 +84,11 @@ def test_a_planted_record_makes_llmux_signal_nothing(fakes, tmp_path):
             f"{unknown_start.pid} ?\n"  # a start time nobody can check
             "garbage line\n"
         )
-        proc = _serve(config, state, group=own.pid)
-        try:
-            _wait_listening(proc)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.communicate(timeout=15)
+        llmux = _serve(config, state, process_group=own.pid)
+        code = llmux.stop()
         for survivor in survivors:
             assert process_running(survivor.pid), survivor.args
-        assert proc.returncode == 0
+        assert code == 0
     finally:
         for p in survivors:
             p.kill()
@@ -120,20 +104,16 @@ def test_records_never_follow_a_symlink_and_a_clean_exit_leaves_none(fakes, tmp_
     target.write_text("keep me\n")
     record = state / f"running-hooks-{config_digest(config.resolve())}.txt"
     record.symlink_to(target)
-    proc = _serve(config, state)
+    llmux = _serve(config, state)
     try:
-        import httpx
-
-        url = _wait_listening(proc)
         response = httpx.post(
-            url + "/v1/chat/completions", json={"model": "a", "messages": []}, timeout=15
+            llmux.url + "/v1/chat/completions", json={"model": "a", "messages": []}, timeout=15
         )
         assert response.status_code == 200  # the wake hook ran, so the record was written
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=15)
+        code = llmux.stop()
     assert target.read_text() == "keep me\n"
-    assert proc.returncode == 0
+    assert code == 0
     leftovers = sorted(p.name for p in state.iterdir())
     assert not [name for name in leftovers if "running-hooks" in name], leftovers
     assert state.is_dir()  # the folder stays (example hooks keep pid files there)
@@ -145,8 +125,12 @@ def test_serve_refuses_a_state_folder_others_may_write(fakes, tmp_path):
     state = tmp_path / "state"
     state.mkdir()
     state.chmod(0o777)
-    proc = _serve(config, state)
-    _, err = proc.communicate(timeout=15)
+    proc = subprocess.run(
+        [PYTHON, "-m", "llmux", "serve", "-c", str(config), "--port", "0"],
+        capture_output=True, text=True, timeout=15,
+        env={**os.environ, "RUNTIME_DIRECTORY": str(state)},
+    )  # fmt: skip
+    err = proc.stderr
     assert proc.returncode == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "writable by others" in lines[0] and str(state) in lines[0]
