@@ -278,7 +278,9 @@ class LlmuxApp:
         except LlmuxError as error:
             outcome = _Outcome(status=error.status, error=error)
         if outcome.error is not None and not outcome.headers_sent:
-            if reader is not None and reader.unread:
+            # A body that did not come in time is not waited for again.
+            timed_out = isinstance(outcome.error, RequestTimeout)
+            if reader is not None and reader.unread and not timed_out:
                 await self._answer_early(send, outcome.error, reader)
             else:
                 await _send_error(send, outcome.error)

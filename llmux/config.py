@@ -508,15 +508,21 @@ def _passthrough_paths(checker: _Checker, raw: list[Any], key: str) -> tuple[str
         where = f"{key}.passthrough_paths[{index}]"
         if not isinstance(prefix, str):
             raise ConfigError(checker.path, where, "must be a string")
-        try:
-            check_path(prefix.encode())
-        except (InvalidPath, UnicodeEncodeError):
-            problem = f"{prefix!r} must be a plain path such as /tokenize (no .., no %, no ?)"
-            raise ConfigError(checker.path, where, problem) from None
-        if any(c in prefix for c in "%?"):
+        if not _is_plain_path(prefix):
             problem = f"{prefix!r} must be a plain path such as /tokenize (no .., no %, no ?)"
             raise ConfigError(checker.path, where, problem)
     return tuple(raw)
+
+
+def _is_plain_path(path: str) -> bool:
+    """A path that passes the route table's rules and holds no encoding or query."""
+    if any(c in path for c in "%?"):
+        return False
+    try:
+        check_path(path.encode("ascii"))
+    except (InvalidPath, UnicodeEncodeError):
+        return False
+    return True
 
 
 def _quote(name: str) -> str:
