@@ -14,13 +14,15 @@ from contextlib import asynccontextmanager
 import trio
 
 from llmux.config import Config
+from llmux.core.group import ModelRecord, ReloadSummary, SwitchView
 from llmux.costs import SwitchCostTracker
 from llmux.errors import LlmuxError
 from llmux.hook_registry import HookRegistry
 from llmux.metrics import Metrics
 from llmux.policy import Policy
+from llmux.runtime.backends import ShellHooks
+from llmux.runtime.driver import GroupDriver, Slot
 from llmux.state_dir import StateDir
-from llmux.switcher import ModelRuntime, ReloadSummary, Slot, Switcher, SwitchInProgress
 
 
 class GroupsChanged(Exception):
@@ -40,11 +42,11 @@ class Fleet:
         self.costs = costs
         self.metrics = metrics
         self.hook_registry = HookRegistry(state, config.path)
+        backends = ShellHooks(config.hook_dir, self.hook_registry)
         self.switchers = {
-            name: Switcher(config.group_config(name), make_policy(), metrics, costs,
-                           self.hook_registry)
+            name: GroupDriver(config.group_config(name), make_policy(), metrics, costs, backends)
             for name in config.groups
-        }  # fmt: skip
+        }
         metrics.describe_groups(config)
 
     # ----- running -----
@@ -91,7 +93,7 @@ class Fleet:
 
     # ----- requests -----
 
-    def switcher_of(self, model: str) -> Switcher:
+    def switcher_of(self, model: str) -> GroupDriver:
         return self.switchers[self.config.models[model].group]
 
     @asynccontextmanager
@@ -118,14 +120,25 @@ class Fleet:
         await self.switcher_of(model).put_to_sleep(model)
 
     async def sleep_all(self) -> None:
+        """Every group puts its awake models to sleep; all are tried, the first error raised."""
+        errors: list[LlmuxError] = []
+
+        async def sleep_group(switcher: GroupDriver) -> None:
+            try:
+                await switcher.sleep_all()
+            except LlmuxError as error:
+                errors.append(error)
+
         async with trio.open_nursery() as nursery:
             for switcher in self.switchers.values():
-                nursery.start_soon(switcher.sleep_all)
+                nursery.start_soon(sleep_group, switcher)
+        if errors:
+            raise errors[0]
 
     # ----- state -----
 
     @property
-    def models(self) -> dict[str, ModelRuntime]:
+    def models(self) -> dict[str, ModelRecord]:
         """Every model's runtime, in config order."""
         runtimes = {}
         for switcher in self.switchers.values():
@@ -137,7 +150,7 @@ class Fleet:
         return any(switcher.closing for switcher in self.switchers.values())
 
     @property
-    def current_switches(self) -> dict[str, SwitchInProgress]:
+    def current_switches(self) -> dict[str, SwitchView]:
         """The switch running in each group that has one."""
         return {
             group: switcher.current_switch
@@ -149,7 +162,7 @@ class Fleet:
         """Return after the next change in any group."""
         async with trio.open_nursery() as nursery:
 
-            async def first(switcher: Switcher) -> None:
+            async def first(switcher: GroupDriver) -> None:
                 await switcher.wait_for_change()
                 nursery.cancel_scope.cancel()
 

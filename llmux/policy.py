@@ -20,19 +20,12 @@ import math
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
+from llmux.core.states import ModelState
+
 log = logging.getLogger("llmux.policy")
-
-
-class ModelState(StrEnum):
-    ASLEEP = "asleep"  # not serving; a request for it waits for a switch
-    WAKING = "waking"  # its wake hook is running
-    ACTIVE = "active"  # serving: the only state in which requests are forwarded to it
-    DRAINING = "draining"  # about to be put to sleep: new requests queue, in-flight ones finish
-    SLEEPING = "sleeping"  # its sleep hook is running
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,10 @@ import trio
 
 from llmux import __version__
 from llmux.config import Config
+from llmux.core.group import SwitchView
 from llmux.costs import IDLE
 from llmux.fleet import Fleet
 from llmux.policy import ModelState
-from llmux.switcher import SwitchInProgress
 
 
 def status_report(config: Config, fleet: Fleet, started_wall: float) -> dict[str, Any]:
@@ -72,7 +72,7 @@ def status_report(config: Config, fleet: Fleet, started_wall: float) -> dict[str
     }
 
 
-def _switch(switch: SwitchInProgress | None) -> dict[str, Any] | None:
+def _switch(switch: SwitchView | None) -> dict[str, Any] | None:
     if switch is None:
         return None
     return {

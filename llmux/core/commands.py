@@ -1,0 +1,73 @@
+"""What the core asks its executor to do. The executor carries each out and reports back through
+events (a hook's end, a timer that is due); the core never waits for anything itself."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmux.config import ModelConfig
+from llmux.core.states import HookName
+from llmux.errors import LlmuxError
+
+
+@dataclass(frozen=True)
+class Grant:
+    """Request `rid` may go to `backend` now (its config as it is at this moment)."""
+
+    rid: int
+    backend: ModelConfig
+    waited: float
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """Request `rid` ends with `error`: refused at once, or failed while it waited."""
+
+    rid: int
+    error: LlmuxError
+
+
+@dataclass(frozen=True)
+class RunHook:
+    """Run `hook` of `model` with `backend`'s commands and timeouts; answer `HookDone(job)`."""
+
+    job: int
+    model: str
+    hook: HookName
+    backend: ModelConfig
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SetTimer:
+    """Send `TimerDue(name)` at `at` (replacing a timer of the same name)."""
+
+    name: str
+    at: float
+
+
+@dataclass(frozen=True)
+class ClearTimer:
+    name: str
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The admin request `reply` is done: with `error`, or fine."""
+
+    reply: int
+    error: LlmuxError | None = None
+
+
+@dataclass(frozen=True)
+class Observe:
+    """Something worth a metric or a log line: `name` is the log event, `fields` its fields."""
+
+    name: str
+    message: str
+    fields: dict[str, Any] = field(default_factory=dict)
+    level: str = "info"
+
+
+Command = Grant | Refuse | RunHook | SetTimer | ClearTimer | Reply | Observe

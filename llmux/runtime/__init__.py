@@ -1,0 +1,1 @@
+"""Carrying out the core's commands with trio: hooks as subprocesses, timers, waiting requests."""
