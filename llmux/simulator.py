@@ -1,18 +1,17 @@
-"""A discrete-event simulator of llmux's switcher: replays a trace through a switch policy.
+"""A discrete-event simulator of llmux: replays a trace through the live switching core.
 
-It drives the very same policy objects as the live switcher (llmux.policy), with the same
-events and the same snapshot, and copies the switcher's mechanics: a request for the ACTIVE
-model (with room) is forwarded at once, otherwise it queues; one switch at a time waits out
-min_active_secs, drains the active model's in-flight requests, costs C(from, to) during which
-no model serves, then releases all of the target's queue. Only the clock and the backends are
+It runs the very core the live driver runs (core/group.py: the same rules, the same policy
+objects, the same snapshots), as a second executor of its commands on a virtual clock: a grant
+forwards the request to a simulated GPU, a sleep hook takes no time, a wake hook takes the
+switch cost C(from, to), a timer is an event on the clock. Only the clock and the backends are
 virtual. Deterministic for a given trace and cost function.
 
 Capacity: with `capacity` and per-model `sizes`, several models are awake at once while their
-sizes fit, as in a live group with a capacity: a model that fits is woken without asking the
-policy, and one that does not first drains and puts to sleep the models `default_evictions` (or
-the policy's `evict`) chooses. Evicting several models costs what evicting the first does (sleep
-hooks are short next to a wake). The awake models share one GPU: their requests take turns
-(sequential) or share one batch (batching), so co-residency saves switches, not compute.
+sizes fit, as in a live group with a capacity (the core wakes a model that fits without asking
+the policy, and evicts by `default_evictions` or the policy's `evict` otherwise). Evicting
+several models costs what waking the target does (sleep hooks are short next to a wake). The
+awake models share one GPU: their requests take turns (sequential) or share one batch
+(batching), so co-residency saves switches, not compute.
 
 Service models:
 - "sequential": the backend serves one request at a time, in the order llmux forwarded them.
@@ -30,29 +29,21 @@ import math
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from llmux.costs import SwitchCostTracker
-from llmux.policy import (
-    CallAt,
-    Event,
-    ModelState,
-    Policy,
-    RequestArrived,
-    RequestCompleted,
-    Snapshot,
-    SwitchCompleted,
-    SwitchTo,
-    TimerFired,
-    choose_evictions,
-    snapshot_of,
-)
+from llmux.config import Config, GroupConfig, ModelConfig, PolicyConfig, ServerConfig
+from llmux.core import events as ev
+from llmux.core.commands import ClearTimer, Command, Grant, Observe, Refuse, RunHook, SetTimer
+from llmux.core.group import GroupCore
+from llmux.core.states import HookName
+from llmux.costs import IDLE, SwitchCostTracker
+from llmux.policy import Policy
 
 PREFILL_TOKENS_PER_SEC = 5000.0
 STEP_BASE_SECS = 0.020
 STEP_PER_SEQUENCE_SECS = 0.0005
 BATCH = 64
 MAX_STEPS_PER_EVENT = 16
-MIN_TIMER_SECS = 0.001
 
 
 class StrandedRequests(Exception):
@@ -126,23 +117,44 @@ class Result:
 
 
 @dataclass
-class _Model:
-    name: str
-    state: ModelState = ModelState.ASLEEP
-    queue: deque[Request] = field(default_factory=deque)
-    in_flight: int = 0
-    active_since: float | None = None
-    size: float = 1.0
-    last_used: float | None = None
-
-
-@dataclass
 class _Gpu:
     """The group's GPU: what its awake models were forwarded, served in turn or in one batch."""
 
     backlog: deque[Request] = field(default_factory=deque)  # forwarded, not yet running
     running: list[list] = field(default_factory=list)  # [request, tokens left] (batching)
     busy_until: float = 0.0  # sequential
+
+
+SIMULATED_GROUP = "simulated"
+
+
+def simulated_config(
+    models: Sequence[str], capacity: float | None, sizes: dict[str, float] | None, min_active: float
+) -> Config:
+    """The config of one simulated group: its models, their sizes, no limits of its own."""
+    configs = {
+        name: ModelConfig(
+            name=name,
+            port=1,
+            wake="",
+            sleep="",
+            alive=None,
+            wake_timeout_secs=math.inf,
+            sleep_timeout_secs=math.inf,
+            alive_timeout_secs=math.inf,
+            alive_interval_secs=math.inf,
+            size=None if capacity is None else (sizes or {})[name],
+            group=SIMULATED_GROUP,
+        )
+        for name in models
+    }
+    group = GroupConfig(SIMULATED_GROUP, tuple(models), capacity)
+    config = Config(
+        path=Path("simulated.toml"), host="127.0.0.1", port=0,
+        server=ServerConfig(max_queue_per_model=2**62), models=configs,
+        policy=PolicyConfig(min_active_secs=min_active), groups={SIMULATED_GROUP: group},
+    )  # fmt: skip
+    return config.group_config(SIMULATED_GROUP)
 
 
 class Simulator:
@@ -159,37 +171,29 @@ class Simulator:
         sizes: dict[str, float] | None = None,
     ) -> None:
         self.requests = sorted((Request(**vars(r)) for r in requests), key=lambda r: r.arrival)
-        self.capacity = capacity
-        self.room = 1.0 if capacity is None else capacity
-        self.models = {
-            name: _Model(name, size=1.0 if capacity is None else (sizes or {})[name])
-            for name in models
-        }
+        self.costs = SwitchCostTracker()  # the live core's EMA, fed the simulated costs
+        config = simulated_config(models, capacity, sizes, min_active_secs)
+        self.core = GroupCore(config, policy, self.costs)
         self.gpu = _Gpu()
-        self.policy = policy
         self.switch_cost = switch_cost
         self.service = service
-        self.min_active = min_active_secs
         self.policy_name = policy_name
         self.now = 0.0
         self._events: list[tuple[float, int, str, object]] = []
         self._sequence = itertools.count()
-        self._switching = False
-        self._timer_at = math.inf
-        self._timer_token = 0
-        self.costs = SwitchCostTracker()  # the live switcher's EMA, fed the simulated costs
+        self._timer_tokens: dict[str, int] = {}
         self.switches: list[tuple[str | None, str, float]] = []
         self.busy_time = 0.0
         self._batch_step_pending = False
-        self._switch_target: _Model | None = None
-        self._victims: list[_Model] = []
         self.peak_held = 0.0
+        self._rid_of = {id(request): rid for rid, request in enumerate(self.requests)}
 
     # ----- the event loop -----
 
     def run(self) -> Result:
-        for request in self.requests:
-            self._at(request.arrival, "arrival", request)
+        for rid, request in enumerate(self.requests):
+            self._at(request.arrival, "arrival", rid)
+        self._feed(ev.Started(self.now))
         while self._events:
             time, _, kind, payload = heapq.heappop(self._events)
             self.now = time
@@ -208,34 +212,73 @@ class Simulator:
     def _at(self, time: float, kind: str, payload: object = None) -> None:
         heapq.heappush(self._events, (time, next(self._sequence), kind, payload))
 
-    # ----- requests (as Switcher._acquire / _release) -----
+    # ----- the core, and its commands on the virtual clock -----
 
-    def _on_arrival(self, request: Request) -> None:
-        model = self.models[request.model]
-        if model.state is ModelState.ACTIVE and not model.queue and self._has_room(model):
-            self._forward(model, request)
-            return
-        model.queue.append(request)
-        self._consult(RequestArrived(model.name))
+    def _feed(self, event: ev.Event) -> None:
+        """Apply an event and carry out its commands; a sleep hook (instant) answers at once,
+        after the rest of its batch, as the live driver's would, only sooner."""
+        pending: deque[ev.Event] = deque([event])
+        while pending:
+            for command in self.core.handle(pending.popleft()):
+                done = self._execute(command)
+                if done is not None:
+                    pending.append(done)
 
-    def _has_room(self, model: _Model) -> bool:
-        return True  # llmux forwards everything; the backend queues beyond its batch
+    def _execute(self, command: Command) -> ev.Event | None:
+        if isinstance(command, Grant):
+            self._forward(self.requests[command.rid])
+        elif isinstance(command, RunHook):
+            return self._run_hook(command)
+        elif isinstance(command, SetTimer):
+            token = next(self._sequence)
+            self._timer_tokens[command.name] = token
+            self._at(command.at, "timer", (command.name, token))
+        elif isinstance(command, ClearTimer):
+            self._timer_tokens.pop(command.name, None)
+        elif isinstance(command, Observe):
+            self._observe(command)
+        elif isinstance(command, Refuse):
+            raise RuntimeError(f"the simulated core refused request {command.rid}: {command.error}")
+        return None
 
-    def _forward(self, model: _Model, request: Request) -> None:
-        model.in_flight += 1
-        model.last_used = self.now
+    def _run_hook(self, command: RunHook) -> ev.Event | None:
+        if command.hook is not HookName.WAKE:
+            return ev.HookDone(self.now, command.job, ev.HookOutcome(ok=True))
+        self.peak_held = max(self.peak_held, self.core.held())
+        source = command.env.get("LLMUX_FROM") or None
+        cost = self.switch_cost(source, command.model)
+        self._at(self.now + cost, "woken", (command.job, cost))
+        return None
+
+    def _on_woken(self, job_and_cost: tuple[int, float]) -> None:
+        job, cost = job_and_cost
+        self._feed(ev.HookDone(self.now, job, ev.HookOutcome(ok=True, duration=cost)))
+
+    def _on_timer(self, name_and_token: tuple[str, int]) -> None:
+        name, token = name_and_token
+        if self._timer_tokens.get(name) == token:  # a later timer of that name replaces it
+            del self._timer_tokens[name]
+            self._feed(ev.TimerDue(self.now, name))
+
+    def _observe(self, observed: Observe) -> None:
+        fields = observed.fields
+        if observed.name == "model_activated" and "switch_seconds" in fields:
+            source = None if fields["from"] == IDLE else str(fields["from"])
+            self.switches.append((source, str(fields["to"]), self.now))
+
+    # ----- requests -----
+
+    def _on_arrival(self, rid: int) -> None:
+        self._feed(ev.Arrived(self.now, rid, self.requests[rid].model))
+
+    def _forward(self, request: Request) -> None:
         request.started = self.now
         self.gpu.backlog.append(request)
         self._serve()
 
     def _complete(self, request: Request) -> None:
-        model = self.models[request.model]
         request.finished = self.now
-        model.last_used = self.now
-        model.in_flight -= 1
-        self._consult(RequestCompleted(model.name))
-        if self._draining_done():
-            self._continue_switch()
+        self._feed(ev.Finished(self.now, self._rid_of[id(request)]))
 
     # ----- the GPU -----
 
@@ -295,128 +338,3 @@ class Simulator:
         for request, _ in finished:
             self._complete(request)
         self._serve()
-
-    # ----- policy (as Switcher._consult / _apply) -----
-
-    def snapshot(self) -> Snapshot:
-        return snapshot_of(
-            self.now,
-            self.models.values(),
-            self._switching,
-            self.costs.switches,
-            self.costs.cold_starts,
-            self.room,
-            self.costs.wakes,
-        )
-
-    def _consult(self, event: Event) -> None:
-        if self.capacity is not None and not self._switching:
-            # As the live switcher: waking into free room needs no policy decision.
-            waiting = [m for m in self.models.values() if m.queue and m.state is ModelState.ASLEEP]
-            for model in sorted(waiting, key=lambda m: m.queue[0].arrival):
-                if self._fits(model):
-                    self._start_switch(model)
-                    return
-        decision = self.policy.decide(event, self.snapshot())
-        if isinstance(decision, SwitchTo):
-            target = self.models[decision.model]
-            if not self._switching and target.state is not ModelState.ACTIVE:
-                self._start_switch(target)
-        elif isinstance(decision, CallAt):
-            self._timer_token += 1
-            # As the live switcher: a time not in the future fires a little later, never now.
-            self._at(max(decision.when, self.now + MIN_TIMER_SECS), "timer", self._timer_token)
-
-    def _on_timer(self, token: int) -> None:
-        if token == self._timer_token:  # a later CallAt replaces an earlier one
-            self._consult(TimerFired())
-
-    # ----- switching (as Switcher._carry_out_switch) -----
-
-    def _start_switch(self, target: _Model) -> None:
-        self._switching = True
-        self._switch_target = target
-        started = [v.active_since for v in self._victims_for(target) if v.active_since is not None]
-        if started:
-            serve_until = max(started) + self.min_active
-            if serve_until > self.now:
-                self._at(serve_until, "min_active_over")
-                return
-        self._begin_drain()
-
-    def _on_min_active_over(self, _: object) -> None:
-        self._begin_drain()
-
-    def _begin_drain(self) -> None:
-        target = self._switch_target
-        assert target is not None
-        if not target.queue:
-            self._finish_switch(ok=False)
-            return
-        self._victims = self._victims_for(target)
-        for victim in self._victims:
-            victim.state = ModelState.DRAINING
-        if not self._victims or self._draining_done():
-            self._sleep_and_wake()
-
-    def _draining_done(self) -> bool:
-        """The victims of the switch in progress have nothing left in flight."""
-        return (
-            self._switching
-            and bool(self._victims)
-            and all(v.state is ModelState.DRAINING and v.in_flight == 0 for v in self._victims)
-        )
-
-    def _continue_switch(self) -> None:
-        self._sleep_and_wake()
-
-    def _sleep_and_wake(self) -> None:
-        target = self._switch_target
-        assert target is not None
-        source = self._victims[0] if self._victims else None
-        for victim in self._victims:
-            # Its sleep is folded into the switch cost: its memory is free before the wake.
-            victim.state = ModelState.ASLEEP
-            victim.active_since = None
-        target.state = ModelState.WAKING
-        held = sum(m.size for m in self.models.values() if m.state is not ModelState.ASLEEP)
-        self.peak_held = max(self.peak_held, held)
-        cost = self.switch_cost(source.name if source else None, target.name)
-        self.costs.observe(source.name if source else None, target.name, cost)
-        self.costs.observe_wake(target.name, cost)
-        self._at(self.now + cost, "woken")
-
-    def _on_woken(self, _: object) -> None:
-        target = self._switch_target
-        assert target is not None
-        source = self._victims[0] if self._victims else None
-        target.state = ModelState.ACTIVE
-        target.active_since = self.now
-        self.switches.append((source.name if source else None, target.name, self.now))
-        while target.queue:
-            self._forward(target, target.queue.popleft())
-        self._finish_switch(ok=True)
-
-    def _finish_switch(self, ok: bool) -> None:
-        target = self._switch_target
-        assert target is not None
-        self._switching = False
-        self._switch_target = None
-        self._victims = []
-        self._consult(SwitchCompleted(target.name, ok))
-
-    # ----- capacity (as Switcher._fits / _victims_for) -----
-
-    def _fits(self, target: _Model) -> bool:
-        held = sum(
-            m.size
-            for m in self.models.values()
-            if m.state is not ModelState.ASLEEP and m is not target
-        )
-        return held + target.size <= self.room + 1e-9
-
-    def _victims_for(self, target: _Model) -> list[_Model]:
-        if self._fits(target):
-            return []
-        names = choose_evictions(self.policy, target.name, self.snapshot())
-        return [self.models[name] for name in names]
