@@ -133,10 +133,10 @@ class ModelRecord:
     last_alive: bool | None = None  # the latest alive answer (None: none yet, or no hook)
     check_requested: bool = False  # the proxy could not connect: check it soon
     retiring: bool = False
+    name: str = field(init=False)  # a plain attribute: policies' snapshots read it often
 
-    @property
-    def name(self) -> str:
-        return self.config.name
+    def __post_init__(self) -> None:
+        self.name = self.config.name
 
 
 @dataclass(frozen=True)
