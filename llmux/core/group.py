@@ -186,9 +186,10 @@ class _Retreat:
     """Drain a model, put it to sleep: for an idle sleep, an admin sleep, a retirement, or a
     model found dead. `reply` (admin) is answered when the whole request is done."""
 
-    purpose: str  # idle, admin, retire, dead
+    purpose: str  # idle, admin, retire, dead, extra
     models: deque[ModelRecord]
     reply: int | None = None
+    unknown: set[ModelRecord] = field(default_factory=set)  # never known to serve
     phase: str = "next"  # next, drain, sleep, check
     job: int | None = None
     errors: list[LlmuxError] = field(default_factory=list)
@@ -207,8 +208,10 @@ class _AliveCheck:
 
 @dataclass(eq=False)
 class _Reconcile:
+    asked: list[ModelRecord] = field(default_factory=list)  # in config order
     jobs: dict[int, ModelRecord] = field(default_factory=dict)
-    answers: dict[str, bool | None] = field(default_factory=dict)
+    serving: set[ModelRecord] = field(default_factory=set)
+    unknown: set[ModelRecord] = field(default_factory=set)  # its alive hook timed out
 
 
 @dataclass(eq=False)
@@ -537,6 +540,7 @@ class GroupCore:
 
     def _end_op(self) -> None:
         self.op = None
+        self._forget_retired()
 
     # ----- switching -----
 
@@ -609,6 +613,15 @@ class GroupCore:
             return False
         if op.phase == "wake":
             target = op.target
+            if self.models.get(target.name) is not target:
+                # A reload removed or replaced it meanwhile: wake nothing; the policy decides
+                # again (the replacement has its waiters).
+                self._observe(
+                    "switch_cancelled", f"switch to {target.name} called off: a reload "
+                    "changed it", **self._labels(op),
+                )  # fmt: skip
+                self._end_switch(op, ok=False)
+                return True
             self._move(target, Cause.WAKE_STARTED)
             target.last_alive = None  # an answer from before the wake says nothing about now
             op.job = self._run(target, HookName.WAKE, self._switch_env(op.source, target))
@@ -681,13 +694,16 @@ class GroupCore:
             self._cleaned_up(op, outcome)
         elif op.phase == "cleanup_check":
             op.target.last_alive = outcome.ok
-            if _says_not_serving(outcome):
-                self._move(op.target, Cause.GONE)
-                self._wake_lost(op)
-            else:
+            if outcome.ok:  # its wake failed, yet it serves
                 self._move(op.target, Cause.STILL_SERVING)
                 self._activate(op.target)
                 self._end_switch(op, ok=True)
+            elif outcome.timed_out:
+                self._hold_unknown(op.target)
+                self._wake_lost(op)
+            else:
+                self._move(op.target, Cause.GONE)
+                self._wake_lost(op)
 
     def _abandon(self, op: _Switch, failure: str, reason: str) -> None:
         """A victim could not be put to sleep and may still serve: it and the victims not yet
@@ -746,18 +762,36 @@ class GroupCore:
             op.phase = "cleanup_check"
             op.job = self._run(op.target, HookName.ALIVE)
         else:
-            # Neither woken nor surely asleep: count it awake (rule 3); a switch will retry.
-            self._move(op.target, Cause.STILL_SERVING)
-            self._activate(op.target)
-            self._end_switch(op, ok=True)
+            self._hold_unknown(op.target)
+            self._wake_lost(op)
+
+    def _hold_unknown(self, record: ModelRecord) -> None:
+        """Neither woken nor surely asleep (its wake and its sleep failed, and it has no alive
+        hook to ask): it may hold memory, so it keeps its room but gets no request; a new
+        record takes its place and its waiters, and it is put to sleep again later."""
+        self._move(record, Cause.STILL_SERVING)
+        if self.models.get(record.name) is not record:
+            return  # a reload retired it already: it is put to sleep as a retirement
+        replacement = self._record(record.config)
+        replacement.queue, record.queue = record.queue, deque()
+        self.models[record.name] = replacement
+        self._retire(record)
 
     def _wake_lost(self, op: _Switch) -> None:
         op.target.active_since = None
         self._observe_quietly("switch_result", result="failed", **self._labels(op))
         self.retry_at = self.now + FAILED_SWITCH_BACKOFF_SECS
-        what = f"{op.target.name} could not be woken"
-        self._fail_queue(op.target, self._hook_error(op.target, what, op.wake_failure))
+        self._fail_waiters_of(op.target, op.wake_failure)
         self._end_switch(op, ok=False)
+
+    def _fail_waiters_of(self, woken: ModelRecord, failure: str) -> None:
+        """The wake of `woken` failed: its model's waiters get 503, unless a reload gave the
+        model a new backend meanwhile (its waiters then wait for that one to be tried)."""
+        current = self.models.get(woken.name)
+        if current is None or (current is not woken and current.config != woken.config):
+            return
+        what = f"{woken.name} could not be woken"
+        self._fail_queue(current, self._hook_error(woken, what, failure))
 
     def _labels(self, op: _Switch) -> dict[str, str]:
         return {"from": op.source.name if op.source else IDLE, "to": op.target.name}
@@ -793,13 +827,14 @@ class GroupCore:
         if op.job is not None:
             return False
         if op.phase == "next":
-            while op.models and op.model.state is not ModelState.ACTIVE:
+            while op.models and op.model.state not in (ModelState.ACTIVE, ModelState.DRAINING):
                 self._retreat_done_with(op)  # asleep already: nothing to do
             if not op.models:
                 self._end_retreat(op)
                 return True
-            cause = Cause.FOUND_DEAD if op.purpose == "dead" else Cause.DRAIN
-            self._move(op.model, cause)
+            if op.model.state is ModelState.ACTIVE:
+                cause = Cause.FOUND_DEAD if op.purpose == "dead" else Cause.DRAIN
+                self._move(op.model, cause)
             op.phase = "drain"
             return True
         if op.phase == "drain":
@@ -839,6 +874,17 @@ class GroupCore:
 
     def _sleep_refused(self, op: _Retreat, failure: str) -> None:
         model = op.model
+        if model in op.unknown:
+            # Never known to serve, and now not surely asleep: held, not trusted (rule 2).
+            self._observe(
+                "sleep_failed", f"{model.name} may still hold memory (its sleep failed); it "
+                "serves nothing until it is put to sleep", level="error", model=model.name,
+            )  # fmt: skip
+            self.retry_at = self.now + FAILED_SWITCH_BACKOFF_SECS
+            self._hold_unknown(model)
+            op.models.popleft()
+            op.phase = "next"
+            return
         self._move(model, Cause.STILL_SERVING)
         self._activate(model)
         if op.purpose == "retire":
@@ -863,11 +909,8 @@ class GroupCore:
         op.phase = "next"
 
     def _retreat_done_with(self, op: _Retreat) -> None:
-        model = op.models.popleft()
+        op.models.popleft()
         op.phase = "next"
-        if model.retiring and model.state is ModelState.ASLEEP and model in self.retiring:
-            self.retiring.remove(model)
-            self._observe_quietly("record_forgotten", model=model.name)
 
     def _end_retreat(self, op: _Retreat) -> None:
         self._end_op()
@@ -945,48 +988,62 @@ class GroupCore:
     def _on_started(self, event: ev.Started) -> None:
         op = _Reconcile()
         for model in self.models.values():
-            if model.config.alive is None:
-                op.answers[model.name] = None
-            else:
+            if model.config.alive is not None:
+                op.asked.append(model)
                 op.jobs[self._run(model, HookName.ALIVE)] = model
         self.op = op
 
     def _reconcile_step(self, op: _Reconcile) -> bool:
         if op.jobs:
             return False
-        awake = [m for m in self.models.values() if op.answers.get(m.name)]
-        if not awake:
+        # An alive hook that timed out leaves it unknown: it may serve, so it is put to sleep
+        # before anything else wakes (rule 2). So is a record a reload replaced meanwhile: the
+        # answer was about its backend, which is not the one configured now.
+        held = [m for m in op.asked if m in op.serving or m in op.unknown]
+        if not held:
             self._observe(
                 "nothing_serving", f"no model of group {self.group.name} is serving at start-up"
             )
         extra: deque[ModelRecord] = deque()
-        for model in awake:
-            fits = self._fits(model, [])
+        for model in held:
+            current = self.models.get(model.name) is model
+            adopted = current and model in op.serving and self._fits(model, [])
             self._move(model, Cause.ADOPTED)
-            if fits:
+            if adopted:
                 self._activate(model)
                 self._observe(
                     "model_activated", f"{model.name} already serves: adopted as an active "
                     "model", model=model.name, adopted=True,
                 )  # fmt: skip
-            else:
-                model.active_since = self.now  # held, not granted to: it is put to sleep now
-                self._observe(
-                    "extra_serving", f"{model.name} is also serving at start-up; putting it to "
-                    "sleep", level="warning", model=model.name,
-                )  # fmt: skip
-                extra.append(model)
+                continue
+            model.active_since = self.now
+            if not current:
+                continue  # retired: put to sleep as a retirement
+            self._move(model, Cause.DRAIN)  # held, never granted to: it is put to sleep next
+            why = (
+                "may be serving (its alive hook timed out)"
+                if model in op.unknown
+                else ("is also serving at start-up")
+            )
+            self._observe(
+                "extra_serving", f"{model.name} {why}; putting it to sleep", level="warning",
+                model=model.name,
+            )  # fmt: skip
+            extra.append(model)
         self._end_op()
         if extra:
-            self.pending.appendleft(_Retreat("extra", extra))
+            self.pending.appendleft(_Retreat("extra", extra, unknown=op.unknown & set(extra)))
         preload = deque(n for n in self.config.preload if n in self.models)
-        self.pending.append(_Preload(preload))  # type: ignore[arg-type]
+        self.pending.append(_Preload(preload))
         return True
 
     def _reconcile_hook_done(self, op: _Reconcile, job: int, outcome: ev.HookOutcome) -> None:
         model = op.jobs.pop(job)
         model.last_alive = outcome.ok
-        op.answers[model.name] = outcome.ok
+        if outcome.ok:
+            op.serving.add(model)
+        elif outcome.timed_out:
+            op.unknown.add(model)
 
     def _preload_step(self, op: _Preload) -> bool:
         if op.job is not None:
@@ -1045,24 +1102,25 @@ class GroupCore:
                 op.phase = "cleanup_check"
                 op.job = self._run(model, HookName.ALIVE)
             else:
+                self._hold_unknown(model)
+                self._preload_failed(op)
+        elif op.phase == "cleanup_check":
+            if outcome.ok:  # its wake failed, yet it serves
                 self._move(model, Cause.STILL_SERVING)
                 self._activate(model)
                 op.phase = "next"
-        elif op.phase == "cleanup_check":
-            if _says_not_serving(outcome):
-                self._move(model, Cause.GONE)
+            elif outcome.timed_out:
+                self._hold_unknown(model)
                 self._preload_failed(op)
             else:
-                self._move(model, Cause.STILL_SERVING)
-                self._activate(model)
-                op.phase = "next"
+                self._move(model, Cause.GONE)
+                self._preload_failed(op)
 
     def _preload_failed(self, op: _Preload) -> None:
         model = op.model
         assert model is not None
         self.retry_at = self.now + FAILED_SWITCH_BACKOFF_SECS
-        what = f"{model.name} could not be woken"
-        self._fail_queue(model, self._hook_error(model, what, op.failure))
+        self._fail_waiters_of(model, op.failure)
         op.phase = "next"
 
     # ----- hooks -----
@@ -1148,7 +1206,8 @@ class GroupCore:
                 record = self._record(cfg)
             elif record.config != cfg:
                 changed.append(name)
-                if record.state is not ModelState.ASLEEP and _needs_restart(record.config, cfg):
+                awake = record.state is not ModelState.ASLEEP or record in self._in_use()
+                if awake and _needs_restart(record.config, cfg):
                     replacement = self._record(cfg)
                     replacement.queue, record.queue = record.queue, deque()
                     self._retire(record)
@@ -1175,8 +1234,31 @@ class GroupCore:
 
     def _retire(self, record: ModelRecord) -> None:
         record.retiring = True
-        if record.state is not ModelState.ASLEEP:
+        if record.state is not ModelState.ASLEEP or record in self._in_use():
             self.retiring.append(record)  # drained and put to sleep before any switch
+
+    def _in_use(self) -> set[ModelRecord]:
+        """The records the running operation acts on: a hook may be running for them."""
+        op = self.op
+        if isinstance(op, _Switch):
+            return {op.target, *op.victims}
+        if isinstance(op, _Retreat):
+            return set(op.models)
+        if isinstance(op, _AliveCheck):
+            return {op.model}
+        if isinstance(op, _Reconcile):
+            return set(op.asked)
+        if isinstance(op, _Preload) and op.model is not None:
+            return {op.model}
+        return set()
+
+    def _forget_retired(self) -> None:
+        """Retired records that are asleep and that no operation acts on are done with."""
+        in_use = self._in_use()
+        for record in list(self.retiring):
+            if record.state is ModelState.ASLEEP and record not in in_use and not record.in_flight:
+                self.retiring.remove(record)
+                self._observe_quietly("record_forgotten", model=record.name)
 
     def _due_retirement(self) -> ModelRecord | None:
         """A retired record to drain and put to sleep now (an operation may hold the others)."""

@@ -1,0 +1,422 @@
+"""The switching core, proven by a stateful test: random interleavings of every event (requests
+that come, leave and finish; hooks that succeed, fail and time out; timers; reloads that move and
+remove models; admin sleeps; backends that die; a policy that answers nonsense) against the
+promises, with the commands the core issues as ground truth, not its own labels.
+
+Each bug a review found in the old switcher is kept below as a named mutation of the core; each
+one makes this test fail.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+from llmux.config import Config, ModelConfig, parse_config
+from llmux.core import events as ev
+from llmux.core.commands import ClearTimer, Grant, Refuse, Reply, RunHook, SetTimer
+from llmux.core.group import GroupCore
+from llmux.core.states import TRANSITIONS, HookName, ModelState
+from llmux.costs import SwitchCostTracker
+from llmux.policy import CallAt, CostAwarePolicy, FifoPolicy, SwitchTo
+
+MODELS = ("a", "b", "c")
+SIZES = {"a": 1.0, "b": 1.0, "c": 2.0}  # with capacity 2: a and b fit together, c alone
+Backend = tuple[str, int, str, str]  # one server: model, port, wake and sleep commands
+
+
+def backend_of(config: ModelConfig) -> Backend:
+    return (config.name, config.port, config.wake, config.sleep)
+
+
+class ChaosPolicy:
+    """A real policy whose next answer can be replaced by nonsense (or an exception)."""
+
+    def __init__(self, inner: FifoPolicy | CostAwarePolicy) -> None:
+        self.inner = inner
+        self.next_bad: str | None = None
+
+    def decide(self, event, snapshot):
+        bad, self.next_bad = self.next_bad, None
+        if bad == "raise":
+            raise RuntimeError("policy bug")
+        if bad == "nan":
+            return CallAt(math.nan)
+        if bad == "inf":
+            return CallAt(math.inf)
+        if bad == "past":
+            return CallAt(snapshot.now - 5.0)
+        if bad == "unknown":
+            return SwitchTo("zzz")
+        if bad == "not a decision":
+            return "switch!"
+        return self.inner.decide(event, snapshot)
+
+
+BAD_ANSWERS = st.sampled_from(
+    [None] * 6 + ["raise", "nan", "inf", "past", "unknown", "not a decision"]
+)
+
+
+@dataclass
+class World:
+    """What really happens, read from the commands the core issues and the answers it gets."""
+
+    serving: set[Backend] = field(default_factory=set)  # servers that are up and loaded
+    woken: set[Backend] = field(default_factory=set)  # woken (or found serving), not slept since
+    sleeping: Counter[Backend] = field(default_factory=Counter)  # sleep hooks running
+    waiting: dict[int, str] = field(default_factory=dict)  # rid -> model
+    granted: dict[int, Backend] = field(default_factory=dict)  # rid -> the server it went to
+    ended: set[int] = field(default_factory=set)
+    hooks: dict[int, RunHook] = field(default_factory=dict)
+    timers: dict[str, float] = field(default_factory=dict)
+    replies: set[int] = field(default_factory=set)
+
+
+class CoreMachine(RuleBasedStateMachine):
+    core: GroupCore
+
+    @initialize(
+        capacity=st.sampled_from([None, 2.0]),
+        alive=st.frozensets(st.sampled_from(MODELS)),
+        ttl=st.frozensets(st.sampled_from(MODELS)),
+        preload=st.lists(st.sampled_from(MODELS), unique=True, max_size=2),
+        min_active=st.sampled_from([0.0, 1.0]),
+        in_flight_limit=st.sampled_from([None, 1, 2]),
+        cost_aware=st.booleans(),
+        up=st.sampled_from([(), ("a",), ("b",), ("a", "b"), ("c",)]),
+    )
+    def start(self, capacity, alive, ttl, preload, min_active, in_flight_limit, cost_aware, up):
+        self.now = 0.0
+        self.capacity = capacity
+        self.shapes = {
+            m: {"port": 9000 + i, "wake": f"wake-{m}", "sleep": f"sleep-{m}"}
+            for i, m in enumerate(MODELS)
+        }
+        self.alive, self.ttl = set(alive), set(ttl)
+        self.present = list(MODELS)
+        self.preload = list(preload)
+        self.server = (
+            {} if in_flight_limit is None else {"max_in_flight_per_model": in_flight_limit}
+        )
+        self.policy_options = {"min_active_secs": min_active}
+        inner = CostAwarePolicy(default_cost_secs=1.0) if cost_aware else FifoPolicy()
+        self.policy = ChaosPolicy(inner)
+        self.world = World()
+        config = self._config()
+        if capacity is None:
+            up = up[:1]  # one server fits at a time
+        # A server that is up at start-up without an alive hook is one llmux cannot know of.
+        self.world.serving = {backend_of(config.models[m]) for m in up if m in alive}
+        self.core = GroupCore(config, self.policy, SwitchCostTracker())
+        self.next_rid = 1
+        self.next_reply = 1
+        self._feed(ev.Started(self.now))
+
+    # ----- the config and its reloads -----
+
+    def _config(self) -> Config:
+        models = {}
+        for name in self.present:
+            table = dict(self.shapes[name])
+            if name in self.alive:
+                table["alive"] = f"alive-{name}"
+            if name in self.ttl:
+                table["ttl_secs"] = 3
+            if self.capacity is not None:
+                table["size"] = SIZES[name]
+            models[name] = table
+        raw = {
+            "models": models,
+            "policy": self.policy_options,
+            "preload": [m for m in self.preload if m in self.present],
+            "server": self.server,
+            "defaults": {"alive_interval_secs": 2},
+        }
+        if self.capacity is not None:
+            raw["groups"] = {"g": {"capacity": self.capacity, "models": list(self.present)}}
+        config = parse_config(raw, Path("stateful.toml"))
+        return config.group_config(next(iter(config.groups)))
+
+    # ----- feeding the core, checking every command against the world -----
+
+    def _feed(self, event) -> None:
+        self.now = event.now
+        commands = self.core.handle(event)  # the core never raises
+        for command in commands:
+            self._check(command)
+
+    def _check(self, command) -> None:
+        world = self.world
+        if isinstance(command, Grant):
+            assert command.rid in world.waiting, f"grant of {command.rid}, which does not wait"
+            backend = backend_of(command.backend)
+            assert command.backend.name == world.waiting[command.rid]
+            assert backend in world.woken, f"grant to {backend}, not woken (or slept since)"
+            assert not world.sleeping[backend], f"grant to {backend} while its sleep hook runs"
+            del world.waiting[command.rid]
+            world.granted[command.rid] = backend
+        elif isinstance(command, Refuse):
+            assert command.rid in world.waiting, f"refusal of {command.rid}, which does not wait"
+            del world.waiting[command.rid]
+            world.ended.add(command.rid)
+        elif isinstance(command, RunHook):
+            backend = backend_of(command.backend)
+            if command.hook is HookName.WAKE:
+                others = self._held() - {backend}
+                room = 1.0 if self.capacity is None else self.capacity
+                size = SIZES[command.model] if self.capacity is not None else 1.0
+                held = sum(self._size(b) for b in others)
+                assert held + size <= room + 1e-9, (
+                    f"wake of {command.model} beside {sorted(others)} exceeds the capacity"
+                )
+            if command.hook is HookName.SLEEP:
+                world.sleeping[backend] += 1
+            world.hooks[command.job] = command
+        elif isinstance(command, SetTimer):
+            # Strictly in the future: so a timer that fires (at or after its time) can never
+            # be armed again for that same moment, and nothing spins.
+            assert math.isfinite(command.at) and command.at > self.now, (
+                f"timer {command.name} set for {command.at}, not after {self.now}"
+            )
+            world.timers[command.name] = command.at
+        elif isinstance(command, ClearTimer):
+            world.timers.pop(command.name, None)
+        elif isinstance(command, Reply):
+            assert command.reply in world.replies, f"reply {command.reply} never asked for"
+            world.replies.discard(command.reply)
+
+    def _size(self, backend: Backend) -> float:
+        return 1.0 if self.capacity is None else SIZES[backend[0]]
+
+    def _held(self) -> set[Backend]:
+        """Servers that hold the GPU: up and loaded, or with requests still in flight."""
+        return set(self.world.serving) | set(self.world.granted.values())
+
+    # ----- rules: time and timers -----
+
+    @rule(seconds=st.sampled_from([0.0, 0.001, 0.5, 1.0, 2.5, 10.0]))
+    def time_passes(self, seconds):
+        self.now += seconds
+
+    @precondition(lambda self: self.world.timers)
+    @rule(data=st.data())
+    def timer_due(self, data):
+        name = data.draw(st.sampled_from(sorted(self.world.timers)))
+        at = self.world.timers.pop(name)
+        self._feed(ev.TimerDue(max(self.now, at), name))
+
+    # ----- rules: requests -----
+
+    @rule(model=st.sampled_from(MODELS), bad=BAD_ANSWERS)
+    def request_arrives(self, model, bad):
+        rid, self.next_rid = self.next_rid, self.next_rid + 1
+        self.world.waiting[rid] = model
+        self.policy.next_bad = bad
+        self._feed(ev.Arrived(self.now, rid, model))
+
+    @precondition(lambda self: self.world.waiting)
+    @rule(data=st.data())
+    def waiting_client_leaves(self, data):
+        rid = data.draw(st.sampled_from(sorted(self.world.waiting)))
+        del self.world.waiting[rid]
+        self.world.ended.add(rid)
+        self._feed(ev.Left(self.now, rid))
+
+    @precondition(lambda self: self.world.granted)
+    @rule(data=st.data(), left=st.booleans(), bad=BAD_ANSWERS)
+    def request_ends(self, data, left, bad):
+        rid = data.draw(st.sampled_from(sorted(self.world.granted)))
+        del self.world.granted[rid]
+        self.world.ended.add(rid)
+        self.policy.next_bad = bad
+        self._feed((ev.Left if left else ev.Finished)(self.now, rid))
+
+    # ----- rules: hooks and servers -----
+
+    @precondition(lambda self: self.world.hooks)
+    @rule(data=st.data(), how=st.sampled_from(["ok", "ok", "ok", "fail", "timeout"]))
+    def hook_ends(self, data, how):
+        job = data.draw(st.sampled_from(sorted(self.world.hooks)))
+        command = self.world.hooks.pop(job)
+        backend = backend_of(command.backend)
+        world = self.world
+        if command.hook is HookName.ALIVE:
+            # An alive hook answers what is true, unless it times out.
+            serving = backend in world.serving
+            outcome = ev.HookOutcome(ok=serving and how != "timeout", timed_out=how == "timeout")
+            if outcome.ok:
+                world.woken.add(backend)
+            elif not outcome.timed_out:
+                world.woken.discard(backend)
+        else:
+            outcome = ev.HookOutcome(ok=how == "ok", timed_out=how == "timeout", duration=0.5)
+            if command.hook is HookName.WAKE and outcome.ok:
+                world.serving.add(backend)
+                world.woken.add(backend)
+            if command.hook is HookName.SLEEP:
+                world.sleeping[backend] -= 1
+                if outcome.ok:
+                    world.serving.discard(backend)
+                    world.woken.discard(backend)
+        self.now += outcome.duration
+        self._feed(ev.HookDone(self.now, job, outcome))
+
+    @precondition(lambda self: self.world.serving)
+    @rule(data=st.data(), noticed=st.booleans())
+    def server_dies(self, data, noticed):
+        backend = data.draw(st.sampled_from(sorted(self.world.serving)))
+        self.world.serving.discard(backend)
+        if noticed:  # the proxy could not connect to it
+            self._feed(ev.Unreachable(self.now, backend[0]))
+
+    # ----- rules: admin, reload, shutdown -----
+
+    @rule(model=st.sampled_from([None, *MODELS]))
+    def admin_sleep(self, model):
+        reply, self.next_reply = self.next_reply, self.next_reply + 1
+        self.world.replies.add(reply)
+        self._feed(ev.SleepAsked(self.now, model, reply))
+
+    @rule(
+        change=st.sampled_from(["port", "hooks", "remove", "restore", "interval"]),
+        model=st.sampled_from(MODELS),
+    )
+    def reload(self, change, model):
+        if change == "remove":
+            if model not in self.present or len(self.present) == 1:
+                return
+            self.present.remove(model)
+        elif change == "restore":
+            if model in self.present:
+                return
+            self.present.append(model)
+        elif change == "port":
+            self.shapes[model]["port"] += 100
+        elif change == "hooks":
+            self.shapes[model]["wake"] += "!"
+        else:
+            self.alive ^= {model}
+        self._feed(ev.Reloaded(self.now, self._config()))
+        assert all(m in self.present for m in self.world.waiting.values()), (
+            "a removed model's waiters are refused at once"
+        )
+
+    @precondition(lambda self: not self.core.closing)
+    @rule()
+    def shutdown(self):
+        if self.next_rid % 7:  # rarely: most runs should go on serving
+            return
+        self._feed(ev.ShutdownBegun(self.now))
+
+    # ----- what must hold after every step -----
+
+    @invariant()
+    def within_capacity(self):
+        room = 1.0 if self.capacity is None else self.capacity
+        held = sum(self._size(b) for b in self._held())
+        assert held <= room + 1e-9, f"{sorted(self._held())} are up at once"
+
+    @invariant()
+    def in_flight_matches_the_requests_granted(self):
+        records = [*self.core.models.values(), *self.core.retiring]
+        assert all(r.in_flight >= 0 for r in records)
+        granted = Counter(backend[0] for backend in self.world.granted.values())
+        for name in MODELS:
+            assert self.core.in_flight_of(name) == granted[name], name
+
+    @invariant()
+    def queues_hold_exactly_the_waiting_requests(self):
+        queued = {r.rid for m in self.core.models.values() for r in m.queue}
+        assert queued == set(self.world.waiting), (queued, set(self.world.waiting))
+
+    @invariant()
+    def nothing_moves_without_a_hook_in_flight(self):
+        for model in (*self.core.models.values(), *self.core.retiring):
+            if model.state in (ModelState.WAKING, ModelState.SLEEPING):
+                assert any(
+                    backend_of(h.backend) == backend_of(model.config)
+                    for h in self.world.hooks.values()
+                ), f"{model.name} is {model.state} with no hook running"
+
+    def teardown(self):
+        """Afterwards, with every hook answered and every timer run, nobody is left waiting:
+        nothing is stuck after a failure."""
+        if not hasattr(self, "core"):
+            return
+        self.policy.next_bad = None
+        poked: set[str] = set()
+        for _ in range(400):
+            world = self.world
+            if not world.waiting and not world.replies and not world.granted:
+                break
+            if world.granted:
+                rid = min(world.granted)
+                del world.granted[rid]
+                self._feed(ev.Finished(self.now, rid))
+            elif world.hooks:
+                job = min(world.hooks)
+                command = world.hooks.pop(job)
+                backend = backend_of(command.backend)
+                ok = backend in world.serving if command.hook is HookName.ALIVE else True
+                if command.hook is HookName.WAKE:
+                    world.serving.add(backend)
+                    world.woken.add(backend)
+                elif command.hook is HookName.SLEEP:
+                    world.sleeping[backend] -= 1
+                    world.serving.discard(backend)
+                    world.woken.discard(backend)
+                elif ok:
+                    world.woken.add(backend)
+                self.now += 0.5
+                self._feed(ev.HookDone(self.now, job, ev.HookOutcome(ok=ok, duration=0.5)))
+            elif world.timers:
+                name, at = min(world.timers.items(), key=lambda item: item[1])
+                del world.timers[name]
+                self._feed(ev.TimerDue(max(self.now, at), name))
+            elif set(world.waiting.values()) - poked and not self.core.closing:
+                # The next request of a waiting model asks the policy again (an answer of
+                # nonsense was ignored before): once per model.
+                model = sorted(set(world.waiting.values()) - poked)[0]
+                poked.add(model)
+                rid, self.next_rid = self.next_rid, self.next_rid + 1
+                world.waiting[rid] = model
+                self._feed(ev.Arrived(self.now, rid, model))
+            else:
+                break
+            self.within_capacity()
+        assert not self.world.waiting, f"requests stuck: {self.world.waiting}"
+        assert not self.world.replies, f"admin requests never answered: {self.world.replies}"
+
+
+# CI runs 300 examples of 50 steps (seconds); LLMUX_STATEFUL_EXAMPLES=5000 runs a longer soak.
+CI_SETTINGS = settings(
+    max_examples=int(os.environ.get("LLMUX_STATEFUL_EXAMPLES", 300)),
+    stateful_step_count=50,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+)
+
+
+def test_the_core_keeps_its_promises():
+    run_state_machine_as_test(CoreMachine, settings=CI_SETTINGS)
+
+
+def test_every_transition_in_the_table_is_reachable_and_no_other():
+    states = set(ModelState)
+    assert {new for new in TRANSITIONS.values()} == states
+    assert {old for old, _ in TRANSITIONS} == states
