@@ -15,7 +15,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hypothesis import HealthCheck, settings
+import pytest
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -403,9 +404,9 @@ class CoreMachine(RuleBasedStateMachine):
         assert not self.world.replies, f"admin requests never answered: {self.world.replies}"
 
 
-# CI runs 300 examples of 50 steps (seconds); LLMUX_STATEFUL_EXAMPLES=5000 runs a longer soak.
+# CI runs 2,000 examples of up to 50 steps (about 30 s); LLMUX_STATEFUL_EXAMPLES=20000 soaks.
 CI_SETTINGS = settings(
-    max_examples=int(os.environ.get("LLMUX_STATEFUL_EXAMPLES", 300)),
+    max_examples=int(os.environ.get("LLMUX_STATEFUL_EXAMPLES", 2000)),
     stateful_step_count=50,
     deadline=None,
     suppress_health_check=list(HealthCheck),
@@ -420,3 +421,109 @@ def test_every_transition_in_the_table_is_reachable_and_no_other():
     states = set(ModelState)
     assert {new for new in TRANSITIONS.values()} == states
     assert {old for old, _ in TRANSITIONS} == states
+
+
+# ----- the six bugs of the old switcher, as mutations of the core: each must be caught -----
+
+
+def _bug1_grant_keeps_the_arrival_record(monkeypatch):
+    """A waiting request keeps the record it arrived on: after a reload replaced it, the
+    request is sent to the old backend (put to sleep since) and counted on it forever."""
+    arrived = GroupCore._on_arrived
+    grant = GroupCore._grant
+
+    def on_arrived(self, event):
+        arrived(self, event)
+        request = self.requests.get(event.rid)
+        if request is not None:
+            request.arrived_on = self.models[event.model]
+
+    def stale_grant(self, model, request):
+        grant(self, getattr(request, "arrived_on", model), request)
+
+    monkeypatch.setattr(GroupCore, "_on_arrived", on_arrived)
+    monkeypatch.setattr(GroupCore, "_grant", stale_grant)
+
+
+def _bug2_stuck_victim_then_wake_beside(monkeypatch):
+    """As an exception or a cancellation did in the old switcher: a switch abandoned after a
+    failed sleep leaves its victim SLEEPING with nothing to move it on; the next switch finds
+    no victim to evict ("fits") and wakes its target beside it."""
+
+    def abandon(self, op, failure, reason):
+        self.retry_at = self.now + 2.0
+        self._fail_queue(op.target, self._hook_error(op.target, "sleep failed", failure))
+        self._end_switch(op, ok=False)
+
+    monkeypatch.setattr(GroupCore, "_abandon", abandon)
+    monkeypatch.setattr(GroupCore, "_room_can_be_made", lambda self, target, victims: True)
+
+
+def _bug3_alive_failure_marks_asleep_at_once(monkeypatch):
+    """An alive check that fails or times out marks the model asleep at once, its requests
+    still in flight, without its sleep hook."""
+    done = GroupCore._alive_done
+
+    def alive_done(self, op, outcome):
+        if outcome.ok:
+            done(self, op, outcome)
+            return
+        op.model.last_alive_check = self.now
+        self._end_op()
+        op.model.state = ModelState.ASLEEP
+        op.model.active_since = None
+
+    monkeypatch.setattr(GroupCore, "_alive_done", alive_done)
+
+
+def _bug4_idle_timer_keeps_its_past_deadline(monkeypatch):
+    """An expired idle sleep held up by a switch keeps its deadline: a timer in the past."""
+    arm = GroupCore._arm_timers
+
+    def arm_timers(self):
+        arm(self)
+        expiry = self._next_idle_sleep()
+        if expiry is not None and expiry <= self.now and self.op is None and self.ready:
+            self._armed["ttl"] = expiry
+            self._out.append(SetTimer("ttl", expiry))
+
+    monkeypatch.setattr(GroupCore, "_arm_timers", arm_timers)
+
+
+def _bug5_policy_answers_trusted(monkeypatch):
+    """Whatever the policy answers is carried out: CallAt(nan), SwitchTo an unknown name."""
+    monkeypatch.setattr(GroupCore, "_checked", lambda self, decision: decision)
+
+
+def _bug6_removed_models_looked_up(monkeypatch):
+    """A model a reload removed is looked up by name, as if it were still there."""
+
+    def on_unreachable(self, event):
+        model = self.models[event.model]
+        if model.state is ModelState.ACTIVE:
+            model.check_requested = True
+
+    monkeypatch.setattr(GroupCore, "_on_unreachable", on_unreachable)
+
+
+MUTATIONS = {
+    "1: a reload strands a waiting request": _bug1_grant_keeps_the_arrival_record,
+    "2: a stuck model, then a wake beside it": _bug2_stuck_victim_then_wake_beside,
+    "3: a failed alive check marks a busy model asleep": _bug3_alive_failure_marks_asleep_at_once,
+    "4: the idle-sleep timer spins on a past deadline": _bug4_idle_timer_keeps_its_past_deadline,
+    "5: a nonsense policy answer is carried out": _bug5_policy_answers_trusted,
+    "6: a removed model is looked up by name": _bug6_removed_models_looked_up,
+}
+# Derandomized: the same examples every run, so whether each bug is caught never flakes.
+MUTATION_SETTINGS = settings(
+    CI_SETTINGS, phases=[Phase.generate], database=None, derandomize=True,
+    report_multiple_bugs=False,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("mutation", sorted(MUTATIONS))
+def test_each_bug_of_the_old_switcher_is_caught(mutation, monkeypatch):
+    MUTATIONS[mutation](monkeypatch)
+    with pytest.raises(Exception) as caught:  # an invariant, or the core raising
+        run_state_machine_as_test(CoreMachine, settings=MUTATION_SETTINGS)
+    assert not isinstance(caught.value, pytest.fail.Exception)

@@ -259,8 +259,7 @@ class GroupCore:
         """Apply one event; return what to do about it."""
         self.now = event.now
         self._out = []
-        handler = _HANDLERS[type(event)]
-        handler(self, event)
+        getattr(self, _HANDLERS[type(event)])(event)
         self._advance()
         self._arm_timers()
         return self._out
@@ -576,8 +575,8 @@ class GroupCore:
             return False
         target = self.models[self.switch_wanted or ""]
         victims = self._victims_for(target)
-        if not self._fits(target, victims):
-            return False  # rule 2: wait until room can be made
+        if not self._room_can_be_made(target, victims):
+            return False  # rule 2: wait until it can
         self.switch_wanted = None
         op = _Switch(target, victims, self.now, drain_started=self.now)
         self.op = op
@@ -813,6 +812,11 @@ class GroupCore:
             if m.state is not ModelState.ASLEEP and m is not target and m not in victims
         )
         return kept + target.size <= self.group.room + ROOM_EPSILON
+
+    def _room_can_be_made(self, target: ModelRecord, victims: list[ModelRecord]) -> bool:
+        """Whether putting `victims` to sleep makes room for `target` (retired records, and
+        what is not awake to be evicted, may hold room no victim frees)."""
+        return self._fits(target, victims)
 
     def _victims_for(self, target: ModelRecord) -> list[ModelRecord]:
         """The awake models to put to sleep so that `target` fits (none if it fits now)."""
@@ -1301,15 +1305,15 @@ def _needs_restart(old: ModelConfig, new: ModelConfig) -> bool:
     return (old.port, old.wake, old.sleep) != (new.port, new.wake, new.sleep)
 
 
-_HANDLERS = {
-    ev.Started: GroupCore._on_started,
-    ev.Arrived: GroupCore._on_arrived,
-    ev.Left: GroupCore._on_left,
-    ev.Finished: GroupCore._on_finished,
-    ev.HookDone: GroupCore._on_hook_done,
-    ev.TimerDue: GroupCore._on_timer,
-    ev.Reloaded: GroupCore._on_reloaded,
-    ev.SleepAsked: GroupCore._on_sleep_asked,
-    ev.Unreachable: GroupCore._on_unreachable,
-    ev.ShutdownBegun: GroupCore._on_shutdown,
+_HANDLERS = {  # event type -> the method that applies it
+    ev.Started: "_on_started",
+    ev.Arrived: "_on_arrived",
+    ev.Left: "_on_left",
+    ev.Finished: "_on_finished",
+    ev.HookDone: "_on_hook_done",
+    ev.TimerDue: "_on_timer",
+    ev.Reloaded: "_on_reloaded",
+    ev.SleepAsked: "_on_sleep_asked",
+    ev.Unreachable: "_on_unreachable",
+    ev.ShutdownBegun: "_on_shutdown",
 }
