@@ -20,10 +20,10 @@ import statistics
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from llmux import simulate, traces
 from llmux.config import DEFAULT_POLICY
 from llmux.policy import CostAwarePolicy, ModelState, Snapshot, held, load_policy
-from llmux.simulator import ServiceModel
+from llmux.sim import simulate, traces
+from llmux.sim.simulator import ServiceModel
 
 CAPACITY = 80.0
 SIZES = "uniform:25-40"

@@ -22,10 +22,10 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmux import simulate, traces
 from llmux.config import DEFAULT_POLICY
 from llmux.policy import CostAwarePolicy, load_policy
-from llmux.simulator import Result, ServiceModel, Simulator
+from llmux.sim import simulate, traces
+from llmux.sim.simulator import Result, ServiceModel, Simulator
 
 LOADS = (0.3, 0.6, 0.9)
 COSTS = (2.0, 10.0, 30.0)

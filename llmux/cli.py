@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from llmux import __version__
+from llmux.core.states import HookName
 
 EXIT_CONFIG_ERROR = 2
 TOKEN_ENV = "LLMUX_TOKEN"  # the bearer token `llmux top` sends, when --token is not given
@@ -117,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     fake.set_defaults(handler=_fake_backend)
 
     ctl = commands.add_parser("fake-ctl", help="hook helper: wake, sleep or probe a fake backend")
-    ctl.add_argument("action", choices=["wake", "sleep", "alive"])
+    ctl.add_argument("action", choices=[str(hook) for hook in HookName])
     ctl.add_argument("--port", type=int, required=True)
     ctl.add_argument("--host", default="127.0.0.1")
     ctl.add_argument("--timeout", type=float, default=30.0)
@@ -135,7 +136,7 @@ def _add_log_level(parser: argparse.ArgumentParser) -> None:
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
-    from llmux.logs import setup_logging
+    from llmux.observe.logs import setup_logging
 
     setup_logging(args.log_level, args.log_format)
 
@@ -154,7 +155,7 @@ def _ignore_late_signals() -> None:
 def _load(path: str):  # type: ignore[no-untyped-def]
     """Load config and policy; print the problem and return None when either is invalid."""
     from llmux.config import ConfigError, load_config
-    from llmux.policy import PolicyLoadError, load_policy
+    from llmux.policies.loader import PolicyLoadError, load_policy
 
     try:
         config = load_config(path)
@@ -191,9 +192,9 @@ def _serve(args: argparse.Namespace) -> int:
     import trio
 
     from llmux.config import ConfigError
-    from llmux.instance import InstanceError
+    from llmux.runtime.instance import InstanceError
+    from llmux.runtime.state_dir import StateDirError
     from llmux.server import serve_forever, start_instance
-    from llmux.state_dir import StateDirError
 
     _setup_logging(args)
     loaded = _load(args.config)
@@ -221,9 +222,9 @@ def _serve(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     import trio
 
-    from llmux.demo import run_demo
-    from llmux.instance import InstanceError
-    from llmux.state_dir import StateDirError
+    from llmux.runtime.instance import InstanceError
+    from llmux.runtime.state_dir import StateDirError
+    from llmux.testing.demo import run_demo
 
     _setup_logging(args)
     _ignore_late_signals()
@@ -244,7 +245,7 @@ def _top(args: argparse.Namespace) -> int:
     import trio
     from rich.console import Console
 
-    from llmux.top import print_once, run_live
+    from llmux.observe.top import print_once, run_live
 
     token = args.token or os.environ.get(TOKEN_ENV)
     if args.once:
@@ -258,9 +259,9 @@ def _top(args: argparse.Namespace) -> int:
 def _simulate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from llmux import simulate, traces
-    from llmux.policy import PolicyLoadError
-    from llmux.simulator import ServiceModel, StrandedRequests
+    from llmux.policies.loader import PolicyLoadError
+    from llmux.sim import simulate, traces
+    from llmux.sim.simulator import ServiceModel, StrandedRequests
 
     service = ServiceModel(
         args.service, args.batch, args.prefill_rate, args.step_base, args.step_per_sequence
@@ -305,7 +306,7 @@ def _fake_backend(args: argparse.Namespace) -> int:
 
     import trio
 
-    from llmux.fake_backend import FakeBackend, FakeOllama, serve_fake_backend
+    from llmux.testing.fake_backend import FakeBackend, FakeOllama, serve_fake_backend
 
     options = {
         "wake_delay": args.wake_delay,
@@ -336,10 +337,10 @@ def _fake_ctl(args: argparse.Namespace) -> int:
     from urllib.request import Request, urlopen
 
     method, path = {
-        "wake": ("POST", "/fake/wake"),
-        "sleep": ("POST", "/fake/sleep"),
-        "alive": ("GET", "/fake/alive"),
-    }[args.action]
+        HookName.WAKE: ("POST", "/fake/wake"),
+        HookName.SLEEP: ("POST", "/fake/sleep"),
+        HookName.ALIVE: ("GET", "/fake/alive"),
+    }[HookName(args.action)]
     url = f"http://{args.host}:{args.port}{path}"
     request = Request(url, method=method, data=b"" if method == "POST" else None)
     try:

@@ -10,12 +10,13 @@ import math
 import re
 import shlex
 import tomllib
-from dataclasses import dataclass, field, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from llmux.core.states import HookName
 from llmux.errors import InvalidPath
-from llmux.routes import check_path
+from llmux.http.routes import check_path
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 3000
@@ -78,29 +79,43 @@ class PolicyConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+_NUMBER = (int, float)
+
+
+def _key(toml: Any, default: Any = MISSING, *, inherited: str | None = None) -> Any:
+    """A per-model key, declared once: its TOML type(s) and default; `inherited` ("positive"
+    or "non_negative") also lets [defaults] set it, checked so."""
+    return field(default=default, metadata={"toml": toml, "inherited": inherited})
+
+
 @dataclass(frozen=True)
 class ModelConfig:
+    """One [models.NAME] table. Each field declared with `_key` is a key of that table; the
+    parser, its known-keys check and [defaults] are derived from these declarations."""
+
     name: str
-    port: int
-    wake: str
-    sleep: str
-    alive: str | None
-    wake_timeout_secs: float
-    sleep_timeout_secs: float
-    alive_timeout_secs: float
-    alive_interval_secs: float
+    port: int = _key(int)
+    wake: str = _key(str)
+    sleep: str = _key(str)
+    alive: str | None = _key(str, None)
+    wake_timeout_secs: float = _key(_NUMBER, 600.0, inherited="positive")
+    sleep_timeout_secs: float = _key(_NUMBER, 120.0, inherited="positive")
+    alive_timeout_secs: float = _key(_NUMBER, 10.0, inherited="positive")
+    alive_interval_secs: float = _key(_NUMBER, 10.0, inherited="positive")
     # The backend's answer: its first byte within this (vLLM sends a non-streamed answer's
     # first byte only when generation ends), then no gap longer than idle_timeout_secs.
-    first_byte_timeout_secs: float = 600.0
-    idle_timeout_secs: float = 300.0
-    ttl_secs: float = 0.0  # idle this long while awake: put to sleep (0: never)
-    size: float | None = None  # memory_gb or size: what it takes of its group's capacity
-    aliases: tuple[str, ...] = ()  # other names clients may use for it
-    upstream_model: str | None = None  # the `model` the backend is sent, if not `name`
-    group: str = DEFAULT_GROUP
+    first_byte_timeout_secs: float = _key(_NUMBER, 600.0, inherited="positive")
+    idle_timeout_secs: float = _key(_NUMBER, 300.0, inherited="positive")
+    # Idle this long while awake: put to sleep (0: never).
+    ttl_secs: float = _key(_NUMBER, 0.0, inherited="non_negative")
+    # What it takes of its group's capacity, given as memory_gb or size (see SIZE_KEYS).
+    size: float | None = _key(_NUMBER, None)
+    aliases: tuple[str, ...] = _key(list, ())  # other names clients may use for it
+    upstream_model: str | None = _key(str, None)  # the `model` the backend is sent, if not `name`
     # Backend paths outside the route table that clients may reach as /upstream/NAME/PATH.
-    passthrough_paths: tuple[str, ...] = ()
-    backend_api_key: str | None = None  # sent to the backend as its bearer token
+    passthrough_paths: tuple[str, ...] = _key(list, ())
+    backend_api_key: str | None = _key(str, None)  # sent to the backend as its bearer token
+    group: str = DEFAULT_GROUP  # set from [groups], not a key of the model's table
 
     @property
     def base_url(self) -> str:
@@ -180,7 +195,6 @@ class Config:
 
 # Allowed keys per table, with the types a value may have. bool is checked before int because
 # TOML booleans are Python ints.
-_NUMBER = (int, float)
 _TOP_KEYS = {
     "host": str,
     "port": int,
@@ -221,37 +235,15 @@ _POLICY_KEYS = {
     "min_active_secs": _NUMBER,
     "options": dict,
 }
-_TIMING_KEYS = {
-    "wake_timeout_secs": _NUMBER,
-    "sleep_timeout_secs": _NUMBER,
-    "alive_timeout_secs": _NUMBER,
-    "alive_interval_secs": _NUMBER,
-    "first_byte_timeout_secs": _NUMBER,
-    "idle_timeout_secs": _NUMBER,
-}
-_TIMING_DEFAULTS = {
-    "wake_timeout_secs": 600.0,
-    "sleep_timeout_secs": 120.0,
-    "alive_timeout_secs": 10.0,
-    "alive_interval_secs": 10.0,
-    "first_byte_timeout_secs": 600.0,
-    "idle_timeout_secs": 300.0,
-}
+_MODEL_FIELDS = [f for f in fields(ModelConfig) if "toml" in f.metadata]
+SIZE_KEYS = ("memory_gb", "size")  # two spellings of the `size` field
+_REQUIRED_MODEL_KEYS = tuple(f.name for f in _MODEL_FIELDS if f.default is MISSING)
 _MODEL_KEYS = {
-    "port": int,
-    "wake": str,
-    "sleep": str,
-    "alive": str,
-    "ttl_secs": _NUMBER,
-    "memory_gb": _NUMBER,
-    "size": _NUMBER,
-    "aliases": list,
-    "upstream_model": str,
-    "passthrough_paths": list,
-    "backend_api_key": str,
-    **_TIMING_KEYS,
+    **{f.name: f.metadata["toml"] for f in _MODEL_FIELDS if f.name != "size"},
+    **dict.fromkeys(SIZE_KEYS, _NUMBER),
 }
-_DEFAULTS_KEYS = {**_TIMING_KEYS, "ttl_secs": _NUMBER}
+_INHERITED = {f.name: f for f in _MODEL_FIELDS if f.metadata["inherited"]}
+_DEFAULTS_KEYS = {name: f.metadata["toml"] for name, f in _INHERITED.items()}
 _GROUP_KEYS = {"capacity": _NUMBER, "models": list}
 
 
@@ -299,10 +291,9 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
 
     defaults_raw = raw.get("defaults", {})
     checker.table(defaults_raw, "defaults", _DEFAULTS_KEYS)
-    defaults = {**_TIMING_DEFAULTS, "ttl_secs": 0.0, **defaults_raw}
-    for key in _TIMING_KEYS:
-        checker.positive(defaults[key], f"defaults.{key}")
-    checker.non_negative(defaults["ttl_secs"], "defaults.ttl_secs")
+    defaults = {name: f.default for name, f in _INHERITED.items()} | defaults_raw
+    for name, f in _INHERITED.items():
+        checker.check(f.metadata["inherited"], defaults[name], f"defaults.{name}")
 
     models_raw = raw.get("models", {})
     if not models_raw:
@@ -458,7 +449,7 @@ def _parse_model(
     if not isinstance(raw, dict):
         raise ConfigError(checker.path, key, "must be a table ([models.NAME])")
     checker.table(raw, key, _MODEL_KEYS)
-    for required in ("port", "wake", "sleep"):
+    for required in _REQUIRED_MODEL_KEYS:
         if required not in raw:
             raise ConfigError(
                 checker.path, f"{key}.{required}", "missing (required for every model)"
@@ -466,16 +457,20 @@ def _parse_model(
     port = checker.port(raw["port"], f"{key}.port")
     if port == own_port:
         raise ConfigError(checker.path, f"{key}.port", f"{port} is llmux's own port")
-    hooks = {hook: raw.get(hook) for hook in ("wake", "sleep", "alive")}
+    hooks = {hook: raw.get(hook) for hook in HookName}
     for hook, command in hooks.items():
         if command is not None:
             checker.hook(command, f"{key}.{hook}")
-    timings = {k: checker.positive(raw.get(k, defaults[k]), f"{key}.{k}") for k in _TIMING_KEYS}
-    if "memory_gb" in raw and "size" in raw:
+    inherited = {
+        name: checker.check(f.metadata["inherited"], raw.get(name, defaults[name]), f"{key}.{name}")
+        for name, f in _INHERITED.items()
+    }
+    given = [k for k in SIZE_KEYS if k in raw]
+    if len(given) > 1:
         raise ConfigError(checker.path, key, "give memory_gb or size, not both")
-    size = raw.get("memory_gb", raw.get("size"))
+    size = raw[given[0]] if given else None
     if size is not None:
-        checker.positive(size, f"{key}.{'memory_gb' if 'memory_gb' in raw else 'size'}")
+        checker.positive(size, f"{key}.{given[0]}")
     aliases = raw.get("aliases", [])
     for index, alias in enumerate(aliases):
         if not isinstance(alias, str) or not alias.strip():
@@ -492,13 +487,12 @@ def _parse_model(
         wake=raw["wake"],
         sleep=raw["sleep"],
         alive=raw.get("alive"),
-        ttl_secs=checker.non_negative(raw.get("ttl_secs", defaults["ttl_secs"]), f"{key}.ttl_secs"),
         size=size,
         aliases=tuple(dict.fromkeys(aliases)),
         upstream_model=upstream,
         passthrough_paths=_passthrough_paths(checker, raw.get("passthrough_paths", []), key),
         backend_api_key=backend_key,
-        **timings,
+        **inherited,
     )
 
 
@@ -568,6 +562,10 @@ class _Checker:
         if not _is_type(value, _NUMBER) or not math.isfinite(value) or value < 0:
             raise ConfigError(self.path, key, f"must be zero or a positive number, got {value!r}")
         return value
+
+    def check(self, rule: str, value: Any, key: str) -> Any:
+        """Check `value` by a rule named in a key's declaration ("positive", "non_negative")."""
+        return self.positive(value, key) if rule == "positive" else self.non_negative(value, key)
 
     def hook(self, command: str, key: str) -> None:
         """Reject empty hooks and scripts named by path that do not exist next to the config."""

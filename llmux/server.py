@@ -20,13 +20,13 @@ from dataclasses import dataclass
 import trio
 from hypercorn.config import Config as HypercornConfig
 
-from llmux.app import LlmuxApp
 from llmux.config import Config, ServerConfig
-from llmux.instance import InstanceGuard, claim_instance
-from llmux.listener import ConnectionBounds, Listener
-from llmux.policy import Policy
-from llmux.state_dir import StateDir, open_state_dir, state_dir_path
-from llmux.systemd import Notifier, raise_open_files_limit
+from llmux.http.app import LlmuxApp
+from llmux.http.listener import ConnectionBounds, Listener
+from llmux.policies.interface import Policy
+from llmux.runtime.instance import InstanceGuard, claim_instance
+from llmux.runtime.state_dir import StateDir, open_state_dir, state_dir_path
+from llmux.runtime.systemd import Notifier, raise_open_files_limit
 
 log = logging.getLogger("llmux.server")
 

@@ -241,15 +241,17 @@ async def run_chaos(
                             await trio.sleep(0.01)
                         victim = busy[0].name
                         backend = backends[victim]
-                        lost_stats.append(await trio.to_thread.run_sync(backend.state))
-                        killed.add(victim)
-                        backend.stop(signal.SIGKILL)
-                        report.faults["backend_killed_mid_stream"] += 1
-                        await trio.sleep(1.0)
-                        backends[victim] = await trio.to_thread.run_sync(
-                            lambda: Backend(victim, backend.port, awake=True)
-                        )
-                        report.faults["backend_restarted"] += 1
+                        # Once killed, it is restarted even if the clients are done meanwhile.
+                        with trio.CancelScope(shield=True):
+                            lost_stats.append(await trio.to_thread.run_sync(backend.state))
+                            killed.add(victim)
+                            backend.stop(signal.SIGKILL)
+                            report.faults["backend_killed_mid_stream"] += 1
+                            await trio.sleep(1.0)
+                            backends[victim] = await trio.to_thread.run_sync(
+                                lambda: Backend(victim, backend.port, awake=True)
+                            )
+                            report.faults["backend_restarted"] += 1
 
                 async def watch_capacity() -> None:
                     """llmux's own books: never more awake in a group than it holds."""

@@ -35,10 +35,11 @@ async def test_several_serving_at_start_keeps_first_in_config_order(fakes, tmp_p
     path = write_config(tmp_path, fake_model_block(c) + fake_model_block(a) + fake_model_block(b))
     async with llmux_running(path) as (_, client):
         await _wait_for_state(client, "c", "active")
-        with trio.fail_after(5):
-            while a.state()["state"] != "asleep" or b.state()["state"] != "asleep":
-                await trio.sleep(0.05)
+        # llmux says asleep once each sleep hook has exited, after the backend itself went to sleep.
+        await _wait_for_state(client, "a", "asleep")
+        await _wait_for_state(client, "b", "asleep")
         assert (await _states(client)) == {"c": "active", "a": "asleep", "b": "asleep"}
+        assert (a.state()["state"], b.state()["state"]) == ("asleep", "asleep")
     assert c.state()["state"] == "awake"
 
 

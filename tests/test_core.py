@@ -30,9 +30,9 @@ from hypothesis.stateful import (
 from llmux.config import Config, ModelConfig, parse_config
 from llmux.core import events as ev
 from llmux.core.commands import ClearTimer, Grant, Refuse, Reply, RunHook, SetTimer
+from llmux.core.costs import SwitchCostTracker
 from llmux.core.group import GroupCore
 from llmux.core.states import TRANSITIONS, HookName, ModelState
-from llmux.costs import SwitchCostTracker
 from llmux.policy import CallAt, CostAwarePolicy, FifoPolicy, SwitchTo
 
 MODELS = ("a", "b", "c")
@@ -295,33 +295,35 @@ class CoreMachine(RuleBasedStateMachine):
 
     @rule(
         change=st.sampled_from(["port", "hooks", "remove", "restore", "interval"]),
-        model=st.sampled_from(MODELS),
+        data=st.data(),
     )
-    def reload(self, change, model):
+    def reload(self, change, data):
+        absent = [m for m in MODELS if m not in self.present]
+        if change == "remove" and len(self.present) == 1:
+            change = "restore"
+        if change == "restore" and not absent:
+            change = "port"
         if change == "remove":
-            if model not in self.present or len(self.present) == 1:
-                return
-            self.present.remove(model)
+            self.present.remove(data.draw(st.sampled_from(self.present)))
         elif change == "restore":
-            if model in self.present:
-                return
-            self.present.append(model)
-        elif change == "port":
-            self.shapes[model]["port"] += 100
-        elif change == "hooks":
-            self.shapes[model]["wake"] += "!"
+            self.present.append(data.draw(st.sampled_from(absent)))
         else:
-            self.alive ^= {model}
+            model = data.draw(st.sampled_from(self.present))
+            if change == "port":
+                self.shapes[model]["port"] += 100
+            elif change == "hooks":
+                self.shapes[model]["wake"] += "!"
+            else:
+                self.alive ^= {model}
         self._feed(ev.Reloaded(self.now, self._config()))
         assert all(m in self.present for m in self.world.waiting.values()), (
             "a removed model's waiters are refused at once"
         )
 
-    @precondition(lambda self: not self.core.closing)
+    # Rarely (most runs should go on serving), and never as a step that does nothing.
+    @precondition(lambda self: not self.core.closing and self.next_rid % 7 == 0)
     @rule()
     def shutdown(self):
-        if self.next_rid % 7:  # rarely: most runs should go on serving
-            return
         self._feed(ev.ShutdownBegun(self.now))
 
     # ----- what must hold after every step -----
@@ -360,7 +362,6 @@ class CoreMachine(RuleBasedStateMachine):
         if not hasattr(self, "core"):
             return
         self.policy.next_bad = None
-        poked: set[str] = set()
         for _ in range(400):
             world = self.world
             if not world.waiting and not world.replies and not world.granted:
@@ -389,14 +390,6 @@ class CoreMachine(RuleBasedStateMachine):
                 name, at = min(world.timers.items(), key=lambda item: item[1])
                 del world.timers[name]
                 self._feed(ev.TimerDue(max(self.now, at), name))
-            elif set(world.waiting.values()) - poked and not self.core.closing:
-                # The next request of a waiting model asks the policy again (an answer of
-                # nonsense was ignored before): once per model.
-                model = sorted(set(world.waiting.values()) - poked)[0]
-                poked.add(model)
-                rid, self.next_rid = self.next_rid, self.next_rid + 1
-                world.waiting[rid] = model
-                self._feed(ev.Arrived(self.now, rid, model))
             else:
                 break
             self.within_capacity()

@@ -9,8 +9,8 @@ import subprocess
 import httpx
 import trio
 
-from llmux.hook_registry import HookRegistry
-from llmux.state_dir import open_state_dir
+from llmux.runtime.hook_registry import HookRegistry
+from llmux.runtime.state_dir import open_state_dir
 from tests.conftest import LlmuxProcess, chat, fake_model_block, process_running, write_config
 
 

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llmux.routes import ROUTES, Endpoint
+from llmux.http.routes import ROUTES, Endpoint
 from tests.conftest import FakeFleet, LlmuxProcess, fake_model_block, write_config
 
 

@@ -86,109 +86,44 @@ async def test_a_model_that_does_not_fit_evicts_the_least_recently_used(fakes, t
     assert a.state()["sleeps"] == 1 and b.state()["sleeps"] == 0
 
 
-async def test_a_model_slow_to_wake_again_is_kept_longer(fakes, tmp_path):
-    a, b, c = fakes.start("a", "b", "c", wake_delay=0.05)
-    slow = f"sleep 1.5; {a.ctl('wake')}"  # waking a again would cost 1.5 s, b 0.1 s
-    blocks = (
-        fake_model_block(a, memory_gb=30, wake=slow)
-        + fake_model_block(b, memory_gb=30)
-        + fake_model_block(c, memory_gb=40)
-    )
-    path = write_config(tmp_path, groups_table(gpu0=(80, ["a", "b", "c"])) + blocks)
-    async with llmux_running(path) as (_, client):
-        for model in "ab":
-            await client.post("/v1/chat/completions", json=chat(model, max_tokens=1))
-        await trio.sleep(0.3)  # a used ~0.4 s before c arrives, b ~0.3 s: close in recency
-        response = await client.post("/v1/chat/completions", json=chat("c", max_tokens=1))
-        after = await states(client)
-    assert response.status_code == 200
-    # Least recently used alone would evict a; its wake costs 15 times b's.
-    assert after == {"a": "active", "b": "asleep", "c": "active"}
-
-
-async def test_eviction_prefers_an_idle_model_and_drains_a_busy_one(fakes, tmp_path):
-    a, b, c = fakes.start("a", "b", "c", wake_delay=0.05, token_interval=0.05)
-    blocks = "".join(fake_model_block(f, memory_gb=40) for f in (a, b, c))
-    path = write_config(tmp_path, groups_table(gpu0=(80, ["a", "b", "c"])) + blocks)
-    async with llmux_running(path) as (_, client):
-        for model in "aaabbb":
-            await client.post("/v1/chat/completions", json=chat(model, max_tokens=1))
-        results = {}
-
-        async def long_a() -> None:
-            results["a"] = await stream_all(client, "a", 20)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(long_a)
-            await trio.sleep(0.2)
-            # a is busy, b is idle (though used more recently): b goes, a keeps streaming.
-            first = await client.post("/v1/chat/completions", json=chat("c", max_tokens=1))
-            assert first.status_code == 200
-            assert (await states(client))["a"] == "active"
-        assert b.state()["sleeps"] == 1 and a.state()["sleeps"] == 0
-        # Now b is wanted again and both awake models are idle: c, used before a's stream
-        # ended, is the least recently used and goes.
-        await client.post("/v1/chat/completions", json=chat("b", max_tokens=1))
-        assert (await states(client)) == {"a": "active", "b": "active", "c": "asleep"}
-        # Only busy models left to evict: the one chosen is drained first, its stream whole.
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(partial(stream_all, client, "a", 20))
-            nursery.start_soon(partial(stream_all, client, "b", 20))
-            await trio.sleep(0.2)
-            late = await stream_all(client, "c", 1)
-            assert late[0] == 200
-    assert results["a"][0] == 200 and results["a"][1].count('"content"') == 20
-    for fake in (a, b, c):
-        assert fake.state()["slept_while_busy"] == 0
-        assert fake.state()["rejected_while_asleep"] == 0
-
-
 async def test_two_groups_switch_in_parallel(fakes, tmp_path):
     a, b, c, d = fakes.start("a", "b", "c", "d", wake_delay=1.0, sleep_delay=0.0)
     blocks = "".join(fake_model_block(f) for f in (a, b, c, d))
     path = write_config(
         tmp_path, groups_table(gpu0=(None, ["a", "b"]), gpu1=(None, ["c", "d"])) + blocks
     )
+    fake = {"a": a, "b": b, "c": c, "d": d}
     async with llmux_running(path) as (_, client):
 
-        async def both(first: str, second: str) -> float:
-            started = trio.current_time()
-            async with trio.open_nursery() as nursery:
-                for model in (first, second):
-                    nursery.start_soon(
-                        partial(client.post, "/v1/chat/completions", json=chat(model))
+        async def both(first: str, second: str) -> bool:
+            """Whether the two wakes were seen running at one moment."""
+            together = False
+
+            async def watch() -> None:
+                nonlocal together
+                while True:
+                    seen = await trio.to_thread.run_sync(
+                        lambda: {fake[m].state()["state"] for m in (first, second)}
                     )
-            return trio.current_time() - started
+                    together = together or seen == {"waking"}
+                    await trio.sleep(0.05)
+
+            async with trio.open_nursery() as watcher:
+                watcher.start_soon(watch)
+                async with trio.open_nursery() as nursery:
+                    for model in (first, second):
+                        nursery.start_soon(
+                            partial(client.post, "/v1/chat/completions", json=chat(model))
+                        )
+                watcher.cancel_scope.cancel()
+            return together
 
         cold = await both("a", "c")
         switched = await both("b", "d")
         after = await states(client)
-    # Each wake takes 1 s: one after the other would take 2 s or more.
-    assert cold < 1.8 and switched < 1.8, (cold, switched)
+    # Each wake takes 1 s: the two groups' wakes run at the same time, not one after the other.
+    assert cold and switched
     assert after == {"a": "asleep", "b": "active", "c": "asleep", "d": "active"}
-
-
-async def test_an_idle_model_goes_to_sleep_after_its_ttl(fakes, tmp_path):
-    a, b = fakes.start("a", "b", wake_delay=0.05, token_interval=0.05)
-    blocks = fake_model_block(a, ttl_secs=0.6) + fake_model_block(b)
-    path = write_config(tmp_path, blocks, defaults={"ttl_secs": 0})
-    async with llmux_running(path) as (_, client):
-        # A stream longer than the ttl: busy is not idle.
-        status, _ = await stream_all(client, "a", 20)
-        assert status == 200 and (await states(client))["a"] == "active"
-        await trio.sleep(0.3)
-        assert (await states(client))["a"] == "active"
-        with trio.fail_after(2):
-            while (await states(client))["a"] != "asleep":
-                await trio.sleep(0.05)
-        assert a.state()["sleeps"] == 1 and a.state()["slept_while_busy"] == 0
-        # Without a ttl (the [defaults] 0), b stays awake.
-        await client.post("/v1/chat/completions", json=chat("b", max_tokens=1))
-        await trio.sleep(1.0)
-        assert (await states(client))["b"] == "active"
-        # The next request for a simply wakes it again.
-        again = await client.post("/v1/chat/completions", json=chat("a", max_tokens=1))
-        assert again.status_code == 200
 
 
 async def test_preload_wakes_models_in_order_within_capacity(fakes, tmp_path, caplog):
@@ -217,23 +152,3 @@ async def test_preload_in_a_one_at_a_time_group(fakes, tmp_path):
         await settle(client, {"a": "asleep", "b": "active"})
         response = await client.post("/v1/chat/completions", json=chat("b", max_tokens=1))
     assert response.status_code == 200 and b.state()["wakes"] == 1
-
-
-async def test_a_failed_eviction_leaves_the_other_victims_serving(fakes, tmp_path):
-    a, b, c = fakes.start("a", "b", "c", wake_delay=0.05)
-    blocks = (
-        fake_model_block(a, memory_gb=40, sleep="exit 1")  # fails, and a's alive still passes
-        + fake_model_block(b, memory_gb=40)
-        + fake_model_block(c, memory_gb=80)
-    )
-    path = write_config(tmp_path, groups_table(gpu0=(80, ["a", "b", "c"])) + blocks)
-    async with llmux_running(path) as (_, client):
-        for model in "ab":  # a, the least recently used, is the first to go
-            await client.post("/v1/chat/completions", json=chat(model, max_tokens=1))
-        refused = await client.post("/v1/chat/completions", json=chat("c", max_tokens=1))
-        assert refused.status_code == 503
-        assert await states(client) == {"a": "active", "b": "active", "c": "asleep"}
-        with trio.fail_after(1):
-            served = await client.post("/v1/chat/completions", json=chat("b", max_tokens=1))
-        assert served.status_code == 200
-    assert b.state()["sleeps"] == 0 and c.state()["wakes"] == 0

@@ -7,7 +7,7 @@ import time
 
 import trio
 
-from llmux.hooks import OUTPUT_TAIL_BYTES, run_hook
+from llmux.runtime.hooks import OUTPUT_TAIL_BYTES, run_hook
 from tests.conftest import process_running
 
 

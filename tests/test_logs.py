@@ -10,7 +10,7 @@ import time
 import httpx
 import trio
 
-from llmux.logs import JsonFormatter, TextFormatter, log_event
+from llmux.observe.logs import JsonFormatter, TextFormatter, log_event
 from tests.conftest import (
     LlmuxProcess,
     chat,

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from llmux.costs import SwitchCostTracker
-from llmux.metrics import Metrics
+from llmux.core.costs import SwitchCostTracker
+from llmux.observe.metrics import Metrics
 from tests.conftest import chat, fake_model_block, llmux_running, metric_value, write_config
 
 ORIGINAL_METRICS = Path(__file__).parent / "data" / "original-metric-names.txt"

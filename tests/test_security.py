@@ -177,7 +177,7 @@ async def test_admin_api_is_absent_without_a_token(fakes, tmp_path):
 
 
 def test_token_compare_checks_every_key():
-    from llmux.auth import bearer_token, token_matches
+    from llmux.http.auth import bearer_token, token_matches
 
     assert token_matches("b", ["a", "b", "c"]) and not token_matches("d", ["a", "b"])
     assert not token_matches(None, ["a"]) and not token_matches("", ["a"])

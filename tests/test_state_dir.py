@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llmux.instance import config_digest
-from llmux.state_dir import StateDirError, open_state_dir, state_dir_path
+from llmux.runtime.instance import config_digest
+from llmux.runtime.state_dir import StateDirError, open_state_dir, state_dir_path
 from tests.conftest import PYTHON, LlmuxProcess, fake_model_block, process_running, write_config
 
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make another user's process")

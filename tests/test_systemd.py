@@ -14,7 +14,7 @@ import httpx
 import pytest
 import trio
 
-from llmux.systemd import Notifier, raise_open_files_limit
+from llmux.runtime.systemd import Notifier, raise_open_files_limit
 from tests.conftest import PYTHON, chat, fake_model_block, write_config
 
 ROOT = Path(__file__).parents[1]

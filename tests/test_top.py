@@ -12,7 +12,7 @@ import pytest
 import trio
 from rich.console import Console
 
-from llmux.top import Dashboard, Poll, _quantile
+from llmux.observe.top import Dashboard, Poll, _quantile
 from tests.conftest import PYTHON, chat, fake_model_block, llmux_running, write_config
 
 
@@ -192,8 +192,8 @@ async def test_token_is_sent_from_flag_or_environment(nursery, tmp_path):
     import hypercorn.trio
     from hypercorn.config import Config as HypercornConfig
 
-    from llmux.asgi import answer_lifespan, send_bytes
-    from llmux.metrics import Metrics
+    from llmux.http.asgi import answer_lifespan, send_bytes
+    from llmux.observe.metrics import Metrics
 
     exposition = Metrics(["m"]).exposition()
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from llmux.config import Config
 
 if TYPE_CHECKING:
-    from llmux.policy import Policy
+    from llmux.policies.interface import Policy
 
 
 @dataclass(frozen=True)

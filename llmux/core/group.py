@@ -45,7 +45,8 @@ Rules
 5. Every request ends exactly once: granted then finished (or left), or refused.
 6. Timers are set strictly in the future, and only for something that will then happen.
 7. A policy's answer is checked: an unknown model, a time that is not a finite number, or an
-   exception is logged and treated as Stay (an exception: as FIFO's answer).
+   exception is logged and treated as Stay (an exception: as FIFO's answer); while requests
+   wait, the policy is asked again a second later, so one bad answer strands nobody.
 8. Model state changes only through `TRANSITIONS` (core/states.py).
 """
 
@@ -55,10 +56,12 @@ import itertools
 import math
 from collections import deque
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import TypeAlias
 
 from llmux.config import Config, GroupConfig, ModelConfig
 from llmux.core import events as ev
+from llmux.core.capacity import choose_evictions
 from llmux.core.commands import (
     ClearTimer,
     Command,
@@ -69,8 +72,9 @@ from llmux.core.commands import (
     RunHook,
     SetTimer,
 )
+from llmux.core.costs import IDLE, SwitchCostTracker
+from llmux.core.snapshot import Snapshot, snapshot_of
 from llmux.core.states import TRANSITIONS, Cause, HookName, IllegalTransition, ModelState
-from llmux.costs import IDLE, SwitchCostTracker
 from llmux.errors import (
     LlmuxError,
     ModelNotFound,
@@ -78,26 +82,24 @@ from llmux.errors import (
     QueueFull,
     ShuttingDown,
 )
-from llmux.policy import (
+from llmux.policies.fifo import FifoPolicy
+from llmux.policies.interface import (
     CallAt,
     Decision,
-    FifoPolicy,
     Policy,
     RequestArrived,
     RequestCompleted,
-    Snapshot,
     Stay,
     SwitchCompleted,
     SwitchTo,
     TimerFired,
-    choose_evictions,
-    snapshot_of,
 )
-from llmux.policy import Event as PolicyEvent
+from llmux.policies.interface import Event as PolicyEvent
 
 FAILED_SWITCH_BACKOFF_SECS = 2.0
 DEFAULT_RETRY_AFTER_SECS = 5.0  # Retry-After when no switch to the model was measured yet
 MIN_TIMER_SECS = 0.001  # the soonest a policy's CallAt fires
+BAD_ANSWER_RETRY_SECS = 1.0  # a policy that answered nonsense is asked again after this
 ROOM_EPSILON = 1e-9
 
 # Timer names.
@@ -163,12 +165,24 @@ class SwitchView:
 # ----- operations: one runs at a time; each phase waits for one thing -----
 
 
+class Phase(StrEnum):
+    """Where an operation stands: what it waits for next."""
+
+    NEXT = "next"  # about to take its next model
+    DRAIN = "drain"  # the last in-flight request of its victims
+    SLEEP = "sleep"  # a sleep hook
+    SLEEP_CHECK = "sleep_check"  # the alive hook, after a sleep hook failed
+    WAKE = "wake"  # a wake hook
+    CLEANUP = "cleanup"  # the sleep hook, after a wake failed
+    CLEANUP_CHECK = "cleanup_check"  # the alive hook, after that cleanup failed
+
+
 @dataclass(eq=False)
 class _Switch:
     target: ModelRecord
     victims: list[ModelRecord]
     started: float
-    phase: str = "drain"  # drain, sleep, sleep_check, wake, cleanup, cleanup_check
+    phase: Phase = Phase.DRAIN  # then SLEEP (SLEEP_CHECK), WAKE (CLEANUP, CLEANUP_CHECK)
     index: int = 0  # the victim being put to sleep
     job: int | None = None
     drain_started: float = 0.0
@@ -190,7 +204,7 @@ class _Retreat:
     models: deque[ModelRecord]
     reply: int | None = None
     unknown: set[ModelRecord] = field(default_factory=set)  # never known to serve
-    phase: str = "next"  # next, drain, sleep, check
+    phase: Phase = Phase.NEXT  # then DRAIN, SLEEP (SLEEP_CHECK) per model
     job: int | None = None
     errors: list[LlmuxError] = field(default_factory=list)
     failure: str = ""
@@ -218,7 +232,7 @@ class _Reconcile:
 class _Preload:
     names: deque[str]
     model: ModelRecord | None = None
-    phase: str = "next"  # next, wake, cleanup, cleanup_check
+    phase: Phase = Phase.NEXT  # then WAKE (CLEANUP, CLEANUP_CHECK) per model
     job: int | None = None
     failure: str = ""
 
@@ -428,6 +442,12 @@ class GroupCore:
             return decision
         else:
             problem = f"answered {decision!r}, not Stay, SwitchTo or CallAt"
+        if self._waiting():
+            # Nobody is stranded by one bad answer: the policy is asked again shortly.
+            again = self.now + BAD_ANSWER_RETRY_SECS
+            if self._policy_timer is None or self._policy_timer > again:
+                self._policy_timer = again
+            problem += f"; asked again in {BAD_ANSWER_RETRY_SECS:g}s"
         self._observe("policy_failed", f"policy {problem}: ignored", level="error")
         return Stay()
 
@@ -595,11 +615,11 @@ class GroupCore:
     def _switch_step(self, op: _Switch) -> bool:
         if op.job is not None:
             return False  # a hook runs
-        if op.phase == "drain":
+        if op.phase == Phase.DRAIN:
             return self._switch_drain(op)
-        if op.phase == "sleep":
+        if op.phase == Phase.SLEEP:
             if op.index == len(op.victims):
-                op.phase = "wake"
+                op.phase = Phase.WAKE
                 return True
             victim = op.victims[op.index]
             self._move(victim, Cause.SLEEP_STARTED)
@@ -610,7 +630,7 @@ class GroupCore:
                 )  # fmt: skip
             op.job = self._run(victim, HookName.SLEEP, self._switch_env(victim, op.target))
             return False
-        if op.phase == "wake":
+        if op.phase == Phase.WAKE:
             target = op.target
             if self.models.get(target.name) is not target:
                 # A reload removed or replaced it meanwhile: wake nothing; the policy decides
@@ -637,7 +657,7 @@ class GroupCore:
         if not op.target.queue:
             self._call_off(op)
             return True
-        op.phase = "sleep"
+        op.phase = Phase.SLEEP
         return True
 
     def _call_off(self, op: _Switch) -> None:
@@ -658,19 +678,19 @@ class GroupCore:
 
     def _switch_hook_done(self, op: _Switch, outcome: ev.HookOutcome) -> None:
         op.job = None
-        if op.phase == "sleep":
+        if op.phase == Phase.SLEEP:
             victim = op.victims[op.index]
             if outcome.ok:
                 self._slept(victim)
                 op.sleep_seconds += outcome.duration
                 op.index += 1
             elif victim.config.alive is not None:
-                op.phase = "sleep_check"
+                op.phase = Phase.SLEEP_CHECK
                 op.wake_failure = outcome.failure
                 op.job = self._run(victim, HookName.ALIVE)
             else:
                 self._abandon(op, outcome.failure, "it has no alive hook to confirm")
-        elif op.phase == "sleep_check":
+        elif op.phase == Phase.SLEEP_CHECK:
             victim = op.victims[op.index]
             victim.last_alive = outcome.ok
             if _says_not_serving(outcome):
@@ -681,17 +701,17 @@ class GroupCore:
                 self._move(victim, Cause.GONE)
                 victim.active_since = None
                 op.index += 1
-                op.phase = "sleep"
+                op.phase = Phase.SLEEP
             else:
                 self._abandon(op, op.wake_failure, "its alive hook still passes")
-        elif op.phase == "wake":
+        elif op.phase == Phase.WAKE:
             if outcome.ok:
                 self._activated(op, outcome)
             else:
                 self._wake_failed(op, outcome)
-        elif op.phase == "cleanup":
+        elif op.phase == Phase.CLEANUP:
             self._cleaned_up(op, outcome)
-        elif op.phase == "cleanup_check":
+        elif op.phase == Phase.CLEANUP_CHECK:
             op.target.last_alive = outcome.ok
             if outcome.ok:  # its wake failed, yet it serves
                 self._move(op.target, Cause.STILL_SERVING)
@@ -750,7 +770,7 @@ class GroupCore:
         )  # fmt: skip
         op.wake_failure = outcome.failure
         self._move(op.target, Cause.WAKE_FAILED)
-        op.phase = "cleanup"
+        op.phase = Phase.CLEANUP
         op.job = self._run(op.target, HookName.SLEEP, self._switch_env(op.source, op.target))
 
     def _cleaned_up(self, op: _Switch, outcome: ev.HookOutcome) -> None:
@@ -758,7 +778,7 @@ class GroupCore:
             self._move(op.target, Cause.SLEEP_OK)
             self._wake_lost(op)
         elif op.target.config.alive is not None:
-            op.phase = "cleanup_check"
+            op.phase = Phase.CLEANUP_CHECK
             op.job = self._run(op.target, HookName.ALIVE)
         else:
             self._hold_unknown(op.target)
@@ -830,7 +850,7 @@ class GroupCore:
     def _retreat_step(self, op: _Retreat) -> bool:
         if op.job is not None:
             return False
-        if op.phase == "next":
+        if op.phase == Phase.NEXT:
             while op.models and op.model.state not in (ModelState.ACTIVE, ModelState.DRAINING):
                 self._retreat_done_with(op)  # asleep already: nothing to do
             if not op.models:
@@ -839,20 +859,20 @@ class GroupCore:
             if op.model.state is ModelState.ACTIVE:
                 cause = Cause.FOUND_DEAD if op.purpose == "dead" else Cause.DRAIN
                 self._move(op.model, cause)
-            op.phase = "drain"
+            op.phase = Phase.DRAIN
             return True
-        if op.phase == "drain":
+        if op.phase == Phase.DRAIN:
             if op.model.in_flight:
                 return False
             self._move(op.model, Cause.SLEEP_STARTED)
-            op.phase = "sleep"
+            op.phase = Phase.SLEEP
             op.job = self._run(op.model, HookName.SLEEP)
         return False
 
     def _retreat_hook_done(self, op: _Retreat, outcome: ev.HookOutcome) -> None:
         op.job = None
         model = op.model
-        if op.phase == "sleep":
+        if op.phase == Phase.SLEEP:
             if outcome.ok:
                 self._slept(model)
                 self._retreat_done_with(op)
@@ -863,11 +883,11 @@ class GroupCore:
                 self._retreat_done_with(op)
             elif model.config.alive is not None:
                 op.failure = outcome.failure
-                op.phase = "check"
+                op.phase = Phase.SLEEP_CHECK
                 op.job = self._run(model, HookName.ALIVE)
             else:
                 self._sleep_refused(op, outcome.failure)
-        elif op.phase == "check":
+        elif op.phase == Phase.SLEEP_CHECK:
             model.last_alive = outcome.ok
             if _says_not_serving(outcome):
                 self._move(model, Cause.GONE)
@@ -887,7 +907,7 @@ class GroupCore:
             self.retry_at = self.now + FAILED_SWITCH_BACKOFF_SECS
             self._hold_unknown(model)
             op.models.popleft()
-            op.phase = "next"
+            op.phase = Phase.NEXT
             return
         self._move(model, Cause.STILL_SERVING)
         self._activate(model)
@@ -900,7 +920,7 @@ class GroupCore:
             )  # fmt: skip
             self.retry_at = self.now + FAILED_SWITCH_BACKOFF_SECS
             op.models.popleft()
-            op.phase = "next"
+            op.phase = Phase.NEXT
             return
         self._observe(
             "sleep_failed", f"{op.purpose} sleep of {model.name} failed; it stays active",
@@ -910,11 +930,11 @@ class GroupCore:
             self._hook_error(model, f"{model.name} could not be put to sleep", failure)
         )
         op.models.popleft()
-        op.phase = "next"
+        op.phase = Phase.NEXT
 
     def _retreat_done_with(self, op: _Retreat) -> None:
         op.models.popleft()
-        op.phase = "next"
+        op.phase = Phase.NEXT
 
     def _end_retreat(self, op: _Retreat) -> None:
         self._end_op()
@@ -1052,7 +1072,7 @@ class GroupCore:
     def _preload_step(self, op: _Preload) -> bool:
         if op.job is not None:
             return False
-        while op.phase == "next":
+        while op.phase == Phase.NEXT:
             if not op.names:
                 self._end_op()
                 self.ready = True
@@ -1072,7 +1092,7 @@ class GroupCore:
                     f"group {self.group.name}; left asleep", level="warning", model=model.name,
                 )  # fmt: skip
                 continue
-            op.model, op.phase = model, "wake"
+            op.model, op.phase = model, Phase.WAKE
             self._move(model, Cause.WAKE_STARTED)
             op.job = self._run(model, HookName.WAKE, {"LLMUX_FROM": "", "LLMUX_TO": model.name})
         return False
@@ -1081,7 +1101,7 @@ class GroupCore:
         op.job = None
         model = op.model
         assert model is not None
-        if op.phase == "wake":
+        if op.phase == Phase.WAKE:
             if outcome.ok:
                 self._move(model, Cause.WAKE_OK)
                 self._activate(model)
@@ -1092,27 +1112,27 @@ class GroupCore:
                     model=model.name, preload=True, cost_seconds=outcome.duration,
                     estimate=estimate,
                 )  # fmt: skip
-                op.phase = "next"
+                op.phase = Phase.NEXT
                 return
             op.failure = outcome.failure
             self._move(model, Cause.WAKE_FAILED)
-            op.phase = "cleanup"
+            op.phase = Phase.CLEANUP
             op.job = self._run(model, HookName.SLEEP, {"LLMUX_FROM": "", "LLMUX_TO": model.name})
-        elif op.phase == "cleanup":
+        elif op.phase == Phase.CLEANUP:
             if outcome.ok:
                 self._move(model, Cause.SLEEP_OK)
                 self._preload_failed(op)
             elif model.config.alive is not None:
-                op.phase = "cleanup_check"
+                op.phase = Phase.CLEANUP_CHECK
                 op.job = self._run(model, HookName.ALIVE)
             else:
                 self._hold_unknown(model)
                 self._preload_failed(op)
-        elif op.phase == "cleanup_check":
+        elif op.phase == Phase.CLEANUP_CHECK:
             if outcome.ok:  # its wake failed, yet it serves
                 self._move(model, Cause.STILL_SERVING)
                 self._activate(model)
-                op.phase = "next"
+                op.phase = Phase.NEXT
             elif outcome.timed_out:
                 self._hold_unknown(model)
                 self._preload_failed(op)
@@ -1125,7 +1145,7 @@ class GroupCore:
         assert model is not None
         self.retry_at = self.now + FAILED_SWITCH_BACKOFF_SECS
         self._fail_waiters_of(model, op.failure)
-        op.phase = "next"
+        op.phase = Phase.NEXT
 
     # ----- hooks -----
 

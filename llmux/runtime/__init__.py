@@ -1,1 +1,2 @@
-"""Carrying out the core's commands with trio: hooks as subprocesses, timers, waiting requests."""
+"""Carrying out the core's commands with trio: backend drivers (shell hooks), the hook registry,
+timers, the fleet of groups, the state folder, one instance per config and port, systemd."""

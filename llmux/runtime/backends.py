@@ -15,8 +15,8 @@ from typing import Protocol
 
 from llmux.config import ModelConfig
 from llmux.core.states import HookName
-from llmux.hook_registry import HookRegistry
-from llmux.hooks import HookResult, run_hook
+from llmux.runtime.hook_registry import HookRegistry
+from llmux.runtime.hooks import HookResult, run_hook
 
 
 class BackendDriver(Protocol):

@@ -31,15 +31,16 @@ from llmux.core.commands import (
     RunHook,
     SetTimer,
 )
+from llmux.core.costs import IDLE, SwitchCostTracker
 from llmux.core.group import GroupCore, ModelRecord, ReloadSummary, SwitchView
+from llmux.core.snapshot import Snapshot
 from llmux.core.states import HookName, ModelState
-from llmux.costs import IDLE, SwitchCostTracker
 from llmux.errors import LlmuxError, QueueTimeout
-from llmux.hooks import EXIT_CANNOT_START, HookResult
-from llmux.logs import log_event
-from llmux.metrics import Metrics
-from llmux.policy import Policy, Snapshot
+from llmux.observe.logs import log_event
+from llmux.observe.metrics import Metrics
+from llmux.policies.interface import Policy
 from llmux.runtime.backends import BackendDriver, run_on
+from llmux.runtime.hooks import EXIT_CANNOT_START, HookResult
 
 log = logging.getLogger("llmux.switcher")
 
@@ -156,7 +157,7 @@ class GroupDriver:
         except Exception as exc:  # a hook that cannot be run is a failed hook, not a crash
             log.exception("%s hook for %s could not run", command.hook, command.model)
             result = HookResult(
-                hook=command.hook.value, model=command.model, exit_code=EXIT_CANNOT_START,
+                hook=command.hook, model=command.model, exit_code=EXIT_CANNOT_START,
                 timed_out=False, duration=trio.current_time() - started, stdout_tail="",
                 stderr_tail=repr(exc),
             )  # fmt: skip

@@ -34,10 +34,10 @@ from pathlib import Path
 from llmux.config import Config, GroupConfig, ModelConfig, PolicyConfig, ServerConfig
 from llmux.core import events as ev
 from llmux.core.commands import ClearTimer, Command, Grant, Observe, Refuse, RunHook, SetTimer
+from llmux.core.costs import IDLE, SwitchCostTracker
 from llmux.core.group import GroupCore
 from llmux.core.states import HookName
-from llmux.costs import IDLE, SwitchCostTracker
-from llmux.policy import Policy
+from llmux.policies.interface import Policy
 
 PREFILL_TOKENS_PER_SEC = 5000.0
 STEP_BASE_SECS = 0.020

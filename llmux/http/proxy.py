@@ -15,8 +15,8 @@ from contextlib import asynccontextmanager
 import httpx
 import trio
 
-from llmux.auth import CREDENTIAL_HEADERS
 from llmux.errors import BackendTimeout, BackendUnavailable
+from llmux.http.auth import CREDENTIAL_HEADERS
 
 # Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus those the proxy
 # recomputes itself.

@@ -14,9 +14,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmux import traces
-from llmux.policy import Policy, load_policy
-from llmux.simulator import Request, Result, ServiceModel, Simulator
+from llmux.policies.interface import Policy
+from llmux.policies.loader import load_policy
+from llmux.sim import traces
+from llmux.sim.simulator import Request, Result, ServiceModel, Simulator
 
 
 @dataclass(frozen=True)

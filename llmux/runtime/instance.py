@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmux.state_dir import StateDir
+from llmux.runtime.state_dir import StateDir
 
 LISTEN_BACKLOG = 1024  # hypercorn's default of 100 overflows under a burst of new streams
 

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import trio
 
-from llmux.instance import config_digest
-from llmux.logs import log_event
-from llmux.state_dir import StateDir
+from llmux.observe.logs import log_event
+from llmux.runtime.instance import config_digest
+from llmux.runtime.state_dir import StateDir
 
 log = logging.getLogger("llmux.hooks")
 

@@ -17,8 +17,8 @@ import json
 import re
 from enum import Enum
 
-from llmux.asgi import Receive, Scope
 from llmux.errors import BodyTooLarge, InvalidRequest
+from llmux.http.asgi import Receive, Scope
 
 DISCARD_LIMIT_BYTES = 64 * 1024 * 1024
 

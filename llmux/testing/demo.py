@@ -15,8 +15,8 @@ from pathlib import Path
 import trio
 
 from llmux.config import load_config
-from llmux.fake_backend import FakeBackend, serve_fake_backend
 from llmux.server import RunningServer, serve_forever
+from llmux.testing.fake_backend import FakeBackend, serve_fake_backend
 
 DEMO_MODELS = ("llama", "qwen", "mistral")
 WAKE_DELAY_SECS = 1.5

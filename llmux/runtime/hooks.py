@@ -25,8 +25,9 @@ from typing import BinaryIO
 
 import trio
 
-from llmux.hook_registry import HookRegistry, stop_group
-from llmux.logs import log_event
+from llmux.core.states import HookName
+from llmux.observe.logs import log_event
+from llmux.runtime.hook_registry import HookRegistry, stop_group
 
 log = logging.getLogger("llmux.hooks")
 
@@ -37,7 +38,7 @@ EXIT_CANNOT_START = 127  # what a shell reports for a command it cannot run
 
 @dataclass(frozen=True)
 class HookResult:
-    hook: str
+    hook: HookName
     model: str
     exit_code: int | None  # None when it was killed for running past its timeout
     timed_out: bool
@@ -60,7 +61,7 @@ class HookResult:
 
 
 def hook_environment(
-    hook: str, model: str, port: int, extra: Mapping[str, str] | None = None
+    hook: HookName, model: str, port: int, extra: Mapping[str, str] | None = None
 ) -> dict[str, str]:
     """The environment a hook sees: llmux's own, without NOTIFY_SOCKET, with LLMUX_* added."""
     env = dict(os.environ)
@@ -74,14 +75,14 @@ def hook_environment(
             env.pop("LD_LIBRARY_PATH", None)
         else:
             env["LD_LIBRARY_PATH"] = original
-    env.update({"LLMUX_MODEL": model, "LLMUX_PORT": str(port), "LLMUX_HOOK": hook})
+    env.update({"LLMUX_MODEL": model, "LLMUX_PORT": str(port), "LLMUX_HOOK": str(hook)})
     if extra:
         env.update(extra)
     return env
 
 
 async def run_hook(
-    hook: str,
+    hook: HookName | str,
     command: str,
     *,
     model: str,
@@ -94,6 +95,7 @@ async def run_hook(
 ) -> HookResult:
     """Run `command` with `sh -c` and return how it ended; never leaves the process group behind
     on timeout or cancellation."""
+    hook = HookName(hook)
     env = hook_environment(hook, model, port, extra_env)
     started = time.monotonic()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
@@ -164,9 +166,9 @@ def _tail(stream: BinaryIO) -> str:
 
 def _log_result(result: HookResult) -> None:
     fields = {"model": result.model, "hook": result.hook, "duration": result.duration}
-    if result.ok or (result.hook == "alive" and not result.timed_out):
+    if result.ok or (result.hook is HookName.ALIVE and not result.timed_out):
         # An alive hook's non-zero exit is an answer ("not serving"), not a failure.
-        level = logging.DEBUG if result.hook == "alive" else logging.INFO
+        level = logging.DEBUG if result.hook is HookName.ALIVE else logging.INFO
         message = f"{result.hook} hook for {result.model} exited {result.exit_code}"
         log_event(log, "hook_completed", message, level, exit_code=result.exit_code, **fields)
     elif result.timed_out:

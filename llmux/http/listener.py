@@ -36,8 +36,8 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ASGIFramework, ConnectionState
 
 from llmux.errors import error_body
-from llmux.logs import log_event
-from llmux.metrics import Metrics
+from llmux.observe.logs import log_event
+from llmux.observe.metrics import Metrics
 
 log = logging.getLogger("llmux.listener")
 

@@ -9,10 +9,10 @@ import trio
 
 from llmux import __version__
 from llmux.config import Config
+from llmux.core.costs import IDLE
 from llmux.core.group import SwitchView
-from llmux.costs import IDLE
-from llmux.fleet import Fleet
-from llmux.policy import ModelState
+from llmux.core.states import ModelState
+from llmux.runtime.fleet import Fleet
 
 
 def status_report(config: Config, fleet: Fleet, started_wall: float) -> dict[str, Any]:

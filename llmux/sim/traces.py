@@ -17,7 +17,7 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
-from llmux.simulator import Request, ServiceModel
+from llmux.sim.simulator import Request, ServiceModel
 
 AZURE_FILES = {"code": "AzureLLMInferenceTrace_code.csv", "conv": "AzureLLMInferenceTrace_conv.csv"}
 ALIBABA_REQUESTS = "lora_request_trace.csv"

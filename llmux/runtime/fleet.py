@@ -14,15 +14,15 @@ from contextlib import asynccontextmanager
 import trio
 
 from llmux.config import Config
+from llmux.core.costs import SwitchCostTracker
 from llmux.core.group import ModelRecord, ReloadSummary, SwitchView
-from llmux.costs import SwitchCostTracker
 from llmux.errors import LlmuxError
-from llmux.hook_registry import HookRegistry
-from llmux.metrics import Metrics
-from llmux.policy import Policy
+from llmux.observe.metrics import Metrics
+from llmux.policies.interface import Policy
 from llmux.runtime.backends import ShellHooks
 from llmux.runtime.driver import GroupDriver, Slot
-from llmux.state_dir import StateDir
+from llmux.runtime.hook_registry import HookRegistry
+from llmux.runtime.state_dir import StateDir
 
 
 class GroupsChanged(Exception):

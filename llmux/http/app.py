@@ -18,11 +18,8 @@ from typing import Any
 import httpx
 import trio
 
-from llmux.asgi import Receive, Scope, Send, answer_lifespan, send_bytes, send_json
-from llmux.auth import bearer_token, presented_key, token_matches
-from llmux.body import BodyReader, ClientDisconnected, model_named_in
 from llmux.config import Config, ConfigError, ModelConfig, load_config
-from llmux.costs import SwitchCostTracker
+from llmux.core.costs import SwitchCostTracker
 from llmux.errors import (
     AmbiguousFraming,
     BackendTimeout,
@@ -35,20 +32,32 @@ from llmux.errors import (
     ShuttingDown,
     Unauthorized,
 )
-from llmux.fleet import Fleet, GroupsChanged
-from llmux.listener import current_connection
-from llmux.logs import log_event
-from llmux.metrics import UNKNOWN_MODEL, Metrics
-from llmux.policy import Policy, PolicyLoadError, load_policy
-from llmux.proxy import (
+from llmux.http.asgi import Receive, Scope, Send, answer_lifespan, send_bytes, send_json
+from llmux.http.auth import bearer_token, presented_key, token_matches
+from llmux.http.body import BodyReader, ClientDisconnected, model_named_in
+from llmux.http.listener import current_connection
+from llmux.http.proxy import (
     BackendConnectFailed,
     UpstreamClient,
     forwarded_request_headers,
     forwarded_response_headers,
 )
-from llmux.routes import ROUTES, Access, Endpoint, ModelFrom, RouteMatch, RouteTable, prefix_allows
-from llmux.state_dir import StateDir
-from llmux.status import status_report
+from llmux.http.routes import (
+    ROUTES,
+    Access,
+    Endpoint,
+    ModelFrom,
+    RouteMatch,
+    RouteTable,
+    prefix_allows,
+)
+from llmux.http.status import status_report
+from llmux.observe.logs import log_event
+from llmux.observe.metrics import UNKNOWN_MODEL, Metrics
+from llmux.policies.interface import Policy
+from llmux.policies.loader import PolicyLoadError, load_policy
+from llmux.runtime.fleet import Fleet, GroupsChanged
+from llmux.runtime.state_dir import StateDir
 
 log = logging.getLogger("llmux.app")
 access_log = logging.getLogger("llmux.access")

@@ -26,8 +26,8 @@ import hypercorn.trio
 import trio
 from hypercorn.config import Config as HypercornConfig
 
-from llmux.asgi import Receive, Scope, Send, answer_lifespan, send_bytes, send_json
 from llmux.errors import error_body
+from llmux.http.asgi import Receive, Scope, Send, answer_lifespan, send_bytes, send_json
 
 DEFAULT_TOKENS = 8
 RECENT_REQUESTS = 100

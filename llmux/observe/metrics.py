@@ -16,7 +16,7 @@ import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from llmux import __version__
-from llmux.policy import ModelState
+from llmux.core.states import ModelState
 
 if TYPE_CHECKING:
     from llmux.config import Config

@@ -1,0 +1,122 @@
+"""What a policy sees: one frozen snapshot of a group, built the same way live and simulated."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+from llmux.core.capacity import default_evictions
+from llmux.core.states import ModelState
+
+
+@dataclass(frozen=True)
+class ModelView:
+    name: str
+    state: ModelState
+    queue_depth: int
+    oldest_arrival: float | None  # clock time the oldest waiting request arrived
+    in_flight: int
+    size: float = 1.0  # what it takes of its group's capacity while awake
+    last_used: float | None = None  # clock time a request of it last started or ended
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    now: float
+    models: Mapping[str, ModelView]  # in config order
+    active: str | None
+    active_since: float | None
+    switching: bool  # a switch is in progress: its decision is already made
+    switch_costs: Mapping[tuple[str, str], float]  # EMA seconds of no model serving, per (from, to)
+    cold_start_costs: Mapping[str, float]  # EMA seconds to wake a model when none was active
+    capacity: float = 1.0  # the group's room; models awake at once must fit (one at a time: 1)
+    wake_costs: Mapping[str, float] = field(default_factory=dict)  # EMA seconds of wake hooks
+
+    def active_for(self) -> float:
+        return 0.0 if self.active_since is None else self.now - self.active_since
+
+    def estimated_cost(self, target: str) -> float | None:
+        """The measured cost of moving from the active model (or from idle) to `target`."""
+        if self.active is None:
+            return self.cold_start_costs.get(target)
+        return self.switch_costs.get((self.active, target))
+
+
+class _QueuedItem(Protocol):
+    arrival: float
+
+
+class ModelRuntimeLike(Protocol):
+    """What the live switcher and the simulator both keep per model."""
+
+    @property
+    def name(self) -> str: ...
+
+    state: ModelState
+    queue: Sequence[_QueuedItem]
+    in_flight: int
+    active_since: float | None
+    size: float
+    last_used: float | None
+
+
+def snapshot_of(
+    now: float,
+    models: Iterable[ModelRuntimeLike],
+    switching: bool,
+    switch_costs: Mapping[tuple[str, str], float],
+    cold_start_costs: Mapping[str, float],
+    capacity: float = 1.0,
+    wake_costs: Mapping[str, float] | None = None,
+) -> Snapshot:
+    """The one way a snapshot is built, so that live and simulated policies see the same thing.
+
+    `active` is the awake model a switch would put to sleep: the awake one when one model is
+    awake at a time. With a capacity, it is the first eviction the oldest waiting model needs
+    (None when that model fits beside the awake ones); with nobody waiting, the first awake."""
+    views = {}
+    for model in models:
+        views[model.name] = ModelView(
+            name=model.name,
+            state=model.state,
+            queue_depth=len(model.queue),
+            oldest_arrival=model.queue[0].arrival if model.queue else None,
+            in_flight=model.in_flight,
+            size=model.size,
+            last_used=model.last_used,
+        )
+    snapshot = Snapshot(
+        now=now,
+        models=views,
+        active=None,
+        active_since=None,
+        switching=switching,
+        switch_costs=dict(switch_costs),
+        cold_start_costs=dict(cold_start_costs),
+        capacity=capacity,
+        wake_costs=dict(wake_costs or {}),
+    )
+    awake = [view.name for view in views.values() if view.state is ModelState.ACTIVE]
+    waiting = oldest_waiting_model(snapshot)
+    if waiting is None:
+        displaced = awake[0] if awake else None
+    else:
+        victims = default_evictions(waiting, snapshot)
+        displaced = victims[0] if victims else None
+    if displaced is None:
+        return snapshot
+    active = next(model for model in models if model.name == displaced)
+    return replace(snapshot, active=displaced, active_since=active.active_since)
+
+
+def oldest_waiting_model(snapshot: Snapshot) -> str | None:
+    """The non-active model whose oldest queued request has waited longest, if any."""
+    waiting = [
+        view
+        for view in snapshot.models.values()
+        if view.queue_depth > 0 and view.state is not ModelState.ACTIVE
+    ]
+    if not waiting:
+        return None
+    return min(waiting, key=lambda view: view.oldest_arrival or 0.0).name

@@ -1,0 +1,1 @@
+"""The simulator: the live switching core on a virtual clock, replaying traces against policies."""
