@@ -85,6 +85,23 @@ def test_binary_serves_switches_and_exits_0_on_sigterm(tmp_path):
             _stop(proc)
 
 
+def test_a_custom_policy_file_imports_llmux_policy_inside_the_binary(tmp_path):
+    """The binary has no site-packages: a policy file gets `llmux.policy` from the binary."""
+    (tmp_path / "mine.py").write_text(
+        "from llmux.policy import FifoPolicy, Snapshot, Stay, SwitchTo, CallAt, ModelState\n"
+        "class Mine(FifoPolicy):\n    pass\n"
+    )
+    config = tmp_path / "config.toml"
+    config.write_text(
+        '[policy]\nname = "mine.py:Mine"\n[models.a]\nport = 9\nwake = "true"\nsleep = "true"\n'
+    )
+    result = subprocess.run(
+        [str(BINARY), "check", "-c", str(config)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert "policy mine.py:Mine" in result.stdout
+
+
 def test_demo_runs_without_python_on_path(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

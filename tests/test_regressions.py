@@ -19,7 +19,7 @@ async def _model(client: httpx.AsyncClient, name: str) -> dict:
 
 async def test_1_a_reload_mid_wake_sends_the_waiting_request_to_the_new_backend(fakes, tmp_path):
     old, new, b = fakes.start("a", "a", "b", wake_delay=0.05)
-    slow = {"wake": f"sleep 1; {old.ctl('wake')}"}
+    slow = {"wake": f"sleep 0.6; {old.ctl('wake')}"}
     path = write_config(tmp_path, fake_model_block(old, **slow) + fake_model_block(b))
     async with llmux_running(path) as (server, client):
         answers: list[int] = []
@@ -29,7 +29,7 @@ async def test_1_a_reload_mid_wake_sends_the_waiting_request_to_the_new_backend(
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(ask)
-            await trio.sleep(0.4)  # it waits while the old backend's wake hook runs
+            await trio.sleep(0.3)  # it waits while the old backend's wake hook runs
             write_config(tmp_path, fake_model_block(new) + fake_model_block(b))
             assert server.app.reload()
         assert answers == [200]
@@ -43,9 +43,9 @@ async def test_1_a_reload_mid_wake_sends_the_waiting_request_to_the_new_backend(
 
 async def test_1_a_client_that_gives_up_across_a_reload_leaves_the_queue(fakes, tmp_path):
     old, new = fakes.start("a", "a", wake_delay=0.05)
-    slow = {"wake": f"sleep 1.5; {old.ctl('wake')}"}
+    slow = {"wake": f"sleep 1; {old.ctl('wake')}"}
     path = write_config(
-        tmp_path, fake_model_block(old, **slow), policy={"request_timeout_secs": 0.8}
+        tmp_path, fake_model_block(old, **slow), policy={"request_timeout_secs": 0.5}
     )
     async with llmux_running(path) as (server, client):
         async with trio.open_nursery() as nursery:
@@ -53,11 +53,11 @@ async def test_1_a_client_that_gives_up_across_a_reload_leaves_the_queue(fakes, 
             await trio.sleep(0.3)
             write_config(
                 tmp_path,
-                fake_model_block(new, wake=f"sleep 1; {new.ctl('wake')}"),
-                policy={"request_timeout_secs": 0.8},
+                fake_model_block(new),
+                policy={"request_timeout_secs": 0.5},
             )
             assert server.app.reload()
-        await trio.sleep(2.5)
+        await trio.sleep(1.8)  # the old wake ends at 1 s; a wake for nobody would follow
         assert (await _model(client, "a"))["queue_depth"] == 0
     assert new.state()["wakes"] == 0, "the new backend must not be woken for nobody"
 
@@ -86,7 +86,7 @@ async def test_2_an_admin_sleep_whose_hook_fails_in_one_group_stops_nothing_else
 
 async def test_3_an_alive_check_that_times_out_on_a_busy_model_keeps_it_awake(fakes, tmp_path):
     a, b = fakes.start("a", "b", wake_delay=0.05, token_interval=0.1)
-    slow_alive = {"alive": "sleep 3", "alive_timeout_secs": 0.5, "alive_interval_secs": 0.3}
+    slow_alive = {"alive": "sleep 2", "alive_timeout_secs": 0.5, "alive_interval_secs": 0.3}
     path = write_config(tmp_path, fake_model_block(a, **slow_alive) + fake_model_block(b))
     async with llmux_running(path) as (_, client):
         assert (await client.post("/v1/chat/completions", json=chat("a"))).status_code == 200
@@ -114,18 +114,18 @@ async def test_4_an_expired_idle_model_does_not_spin_while_a_switch_runs(fakes, 
     blocks = (
         '[groups.gpu]\ncapacity = 2\nmodels = ["a", "c"]\n'
         + fake_model_block(a, memory_gb=1, ttl_secs=0.2)
-        + fake_model_block(c, memory_gb=1, wake=f"sleep 2; {c.ctl('wake')}")
+        + fake_model_block(c, memory_gb=1, wake=f"sleep 1.2; {c.ctl('wake')}")
     )
     path = write_config(tmp_path, blocks)
     async with llmux_running(path) as (_, client):
         assert (await client.post("/v1/chat/completions", json=chat("a"))).status_code == 200
         began_cpu, began = time.process_time(), time.monotonic()
-        # `c` fits beside `a`: its 2 s wake runs while `a`'s idle time expires.
+        # `c` fits beside `a`: its 1.2 s wake runs while `a`'s idle time expires.
         assert (await client.post("/v1/chat/completions", json=chat("c"))).status_code == 200
         cpu, wall = time.process_time() - began_cpu, time.monotonic() - began
         await trio.sleep(0.5)
         assert (await _model(client, "a"))["state"] == "asleep"  # slept once the switch ended
-    assert wall >= 2.0 and cpu / wall < 0.5, f"{cpu:.2f}s of CPU in {wall:.2f}s: a spin"
+    assert wall >= 1.2 and cpu / wall < 0.5, f"{cpu:.2f}s of CPU in {wall:.2f}s: a spin"
 
 
 NAN_ONCE = """
@@ -149,17 +149,11 @@ async def test_5_a_policy_answer_of_nan_is_ignored_not_fatal(fakes, tmp_path):
     (tmp_path / "nan.py").write_text(NAN_ONCE)
     path = write_config(tmp_path, fake_model_block(a), policy={"name": "./nan.py:NanOnce"})
     async with llmux_running(path) as (_, client):
-        async with trio.open_nursery() as nursery:
-            answers: list[int] = []
-
-            async def ask() -> None:
-                response = await client.post("/v1/chat/completions", json=chat("a"))
-                answers.append(response.status_code)
-
-            nursery.start_soon(ask)  # its decision is CallAt(nan): ignored, Stay
-            await trio.sleep(0.3)
-            nursery.start_soon(ask)  # the next decision is FIFO's: both are served
-        assert answers == [200, 200]
+        # Its one decision is CallAt(nan): logged and ignored; asked again a second later, the
+        # policy answers as FIFO does, and the lone request is served.
+        with trio.fail_after(5):
+            response = await client.post("/v1/chat/completions", json=chat("a"))
+        assert response.status_code == 200
         assert (await client.get("/health")).status_code == 200
 
 
@@ -186,3 +180,17 @@ async def test_6_a_reload_that_removes_a_model_still_to_be_preloaded_is_survived
         gone = await client.post("/v1/chat/completions", json=chat("b"))
         assert gone.status_code == 404
     assert b.state()["wakes"] == 0, "a model removed before its preload is not woken"
+
+
+async def test_6_a_refused_connection_to_a_model_a_reload_removed_is_survived(fakes, tmp_path):
+    a, b = fakes.start("a", "b", wake_delay=0.05)
+    path = write_config(tmp_path, fake_model_block(a) + fake_model_block(b))
+    async with llmux_running(path) as (server, client):
+        assert (await client.post("/v1/chat/completions", json=chat("a"))).status_code == 200
+        write_config(tmp_path, fake_model_block(b))
+        assert server.app.reload()
+        # What the proxy reports when a request granted to `a` before the reload then finds
+        # its backend refusing the connection.
+        server.app.fleet.report_unreachable("a")
+        assert (await client.post("/v1/chat/completions", json=chat("b"))).status_code == 200
+    assert a.state()["state"] == "asleep"

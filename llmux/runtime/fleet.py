@@ -114,7 +114,11 @@ class Fleet:
         return self.switchers[self._group_holding(model)].refusal(model)
 
     def report_unreachable(self, model: str) -> None:
-        self.switcher_of(model).report_unreachable(model)
+        """The proxy could not connect to `model`'s backend: its group checks it."""
+        config = self.config.models.get(model)
+        if config is None:
+            return  # a reload removed it since its request was granted: it is being retired
+        self.switchers[config.group].report_unreachable(model)
 
     async def put_to_sleep(self, model: str) -> None:
         await self.switcher_of(model).put_to_sleep(model)
