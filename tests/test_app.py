@@ -105,7 +105,7 @@ async def test_wait_past_request_timeout_is_504(fakes, tmp_path):
         started = trio.current_time()
         response = await client.post("/v1/chat/completions", json=chat("a"))
         _assert_openai_error(response, 504, "queue_timeout")
-        assert 0.4 < trio.current_time() - started < 1.5
+        assert 0.4 < trio.current_time() - started < 1.9  # before the 2 s wake ends
         metrics = (await client.get("/metrics")).text
         assert metric_value(metrics, "llmux_request_queue_depth", model="a") == 0
 
