@@ -99,6 +99,7 @@ def _parsed(raw: str) -> Config:
 
 class CoreMachine(RuleBasedStateMachine):
     core: GroupCore
+    started = 0  # examples begun, for tests/mutation_power.py
 
     @initialize(
         capacity=st.sampled_from([None, 2.0]),
@@ -111,6 +112,7 @@ class CoreMachine(RuleBasedStateMachine):
         up=st.sampled_from([(), ("a",), ("b",), ("a", "b"), ("c",)]),
     )
     def start(self, capacity, alive, ttl, preload, min_active, in_flight_limit, cost_aware, up):
+        CoreMachine.started += 1
         self.now = 0.0
         self.capacity = capacity
         self.shapes = {
