@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -89,15 +90,9 @@ async def test_vllm_sleep_mode_levels_1_and_2(fakes, tmp_path):
 async def test_sglang_memory_saver(fakes, tmp_path):
     folder = copy_example("sglang", tmp_path)
     a, b = fakes.start("a", "b", api="sglang", awake=True, wake_delay=0.1)
-    env = f"LLMUX_STATE_DIR={tmp_path / 'state'}"
+    # Their markers go to the state folder llmux gives the hooks (LLMUX_STATE_DIR).
     blocks = "".join(
-        model_block(
-            f.name,
-            f.port,
-            wake=f"{env} ./wake.sh",
-            sleep=f"{env} ./sleep.sh",
-            alive=f"{env} ./alive.sh",
-        )
+        model_block(f.name, f.port, wake="./wake.sh", sleep="./sleep.sh", alive="./alive.sh")
         for f in (a, b)
     )
     path = write_config(folder, blocks)
@@ -112,19 +107,15 @@ async def test_sglang_memory_saver(fakes, tmp_path):
 
 async def test_llama_cpp_process_start_and_stop_leave_no_orphans(tmp_path):
     folder = copy_example("llama.cpp", tmp_path)
-    state = tmp_path / "state"
+    state = Path(os.environ["RUNTIME_DIRECTORY"])  # llmux's state folder: LLMUX_STATE_DIR
     ports = {"a": free_port(), "b": free_port()}
     blocks = ""
     for name, port in ports.items():
         server = f"{LLMUX} fake-backend --awake --name {name} --port {port}"
-        env = f"LLMUX_STATE_DIR={state} SERVER_CMD='{server}'"
         blocks += model_block(
-            name,
-            port,
-            wake=f"{env} ./start.sh",
-            sleep=f"LLMUX_STATE_DIR={state} ./stop.sh",
-            alive=f"LLMUX_STATE_DIR={state} ./alive.sh",
-        )
+            name, port, wake=f"SERVER_CMD='{server}' ./start.sh", sleep="./stop.sh",
+            alive="./alive.sh",
+        )  # fmt: skip
     path = write_config(folder, blocks)
     seen_pids: set[int] = set()
 
@@ -143,8 +134,10 @@ async def test_llama_cpp_process_start_and_stop_leave_no_orphans(tmp_path):
         stopped = [pid for pid in seen_pids if not process_running(pid)]
         assert len(stopped) == 3, "every server but the active one was stopped"
     finally:
-        for pidfile in state.glob("*.pid"):
-            os.kill(int(pidfile.read_text()), signal.SIGTERM)
+        for port in ports.values():
+            pidfile = state / f"llama-{port}.pid"
+            if pidfile.exists():
+                os.kill(int(pidfile.read_text()), signal.SIGTERM)
 
 
 async def test_ollama_one_port_many_models(fakes, tmp_path):
@@ -158,7 +151,7 @@ async def test_ollama_one_port_many_models(fakes, tmp_path):
 
     def awake_now() -> set[str]:
         models = httpx.get(ollama.url + "/api/ps").json()["models"]
-        return {m["name"] for m in models}
+        return {m["name"].removesuffix(":latest") for m in models}
 
     await interleave(path, awake_now)
     state = ollama.state()
@@ -260,3 +253,24 @@ async def test_groups_example_on_vllm_stand_ins(fakes, tmp_path):
         assert await trio.to_thread.run_sync(awake_now) == expected
     for fake in backends.values():
         assert clean(fake.state()), fake.state()
+
+
+async def test_vllm_wake_waits_for_a_server_still_loading_and_keeps_its_deadline(fakes, tmp_path):
+    folder = copy_example("vllm", tmp_path)
+    port = free_port()
+    env = {**os.environ, "LLMUX_PORT": str(port), "LLMUX_TIMEOUT_SECS": "20"}
+    hook = subprocess.Popen(["sh", "./wake.sh"], cwd=folder, env=env, stderr=subprocess.PIPE)
+    try:
+        await trio.sleep(1.0)  # nothing listens yet, as while vLLM loads after a boot
+        (a,) = fakes.start("a", api="vllm", port=port, wake_delay=0.1)
+        assert await trio.to_thread.run_sync(partial(hook.wait, timeout=30)) == 0
+        assert a.state()["state"] == "awake"
+    finally:
+        hook.kill()
+        hook.wait()
+    # With nothing ever listening, it gives up at its own deadline, saying why.
+    quick = {**env, "LLMUX_PORT": str(free_port()), "LLMUX_TIMEOUT_SECS": "1.5"}
+    ended = subprocess.run(
+        ["sh", "./wake.sh"], cwd=folder, env=quick, capture_output=True, text=True, timeout=30
+    )
+    assert ended.returncode == 1 and "does not answer after 1.5s" in ended.stderr

@@ -101,3 +101,19 @@ async def test_hook_that_cannot_start_is_a_failure_not_a_crash(tmp_path):
     result = await _run("true", tmp_path / "vanished")
     assert not result.ok and result.exit_code == 127
     assert "cannot start hook" in result.describe_failure()
+
+
+async def test_hooks_are_told_their_timeout_and_the_state_folder(fakes, tmp_path):
+    """Scripts follow the config's timeout and keep pid files in llmux's private folder."""
+    from tests.conftest import chat, fake_model_block, llmux_running, write_config
+
+    (a,) = fakes.start("a", wake_delay=0.05)
+    seen = tmp_path / "seen.env"
+    wake = f"env > {seen}; {a.ctl('wake')}"
+    path = write_config(tmp_path, fake_model_block(a, wake=wake, wake_timeout_secs=42.5))
+    async with llmux_running(path) as (_, client):
+        assert (await client.post("/v1/chat/completions", json=chat("a"))).status_code == 200
+    env = dict(line.split("=", 1) for line in seen.read_text().splitlines() if "=" in line)
+    assert env["LLMUX_TIMEOUT_SECS"] == "42.5"
+    assert env["LLMUX_STATE_DIR"] == os.environ["RUNTIME_DIRECTORY"]
+    assert (os.stat(env["LLMUX_STATE_DIR"]).st_mode & 0o777) == 0o700

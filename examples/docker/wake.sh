@@ -6,7 +6,9 @@ set -eu
 docker="${DOCKER:-docker}"
 container="${CONTAINER:?set CONTAINER to the container name}"
 health="http://127.0.0.1:${LLMUX_PORT:?set by llmux}${HEALTH_PATH:-/health}"
-deadline=$(( $(date +%s) + ${WAKE_DEADLINE_SECS:-300} ))
+# The deadline is llmux's own timeout for this hook (LLMUX_TIMEOUT_SECS, whole seconds).
+timeout_secs="${LLMUX_TIMEOUT_SECS:-300}"
+deadline=$(( $(date +%s) + ${timeout_secs%.*} ))
 
 "$docker" start "$container" >/dev/null
 until curl -sf --max-time 5 "$health" >/dev/null; do
@@ -16,7 +18,7 @@ until curl -sf --max-time 5 "$health" >/dev/null; do
         exit 1
     fi
     if [ "$(date +%s)" -ge "$deadline" ]; then
-        echo "container $container not healthy after ${WAKE_DEADLINE_SECS:-300}s" >&2
+        echo "container $container not healthy after ${timeout_secs}s" >&2
         exit 1
     fi
     sleep 0.5

@@ -1,18 +1,20 @@
 #!/bin/sh
 # llmux wake hook that starts a llama.cpp server process (a cold start) and returns once it
-# serves. The pid goes to $LLMUX_STATE_DIR (default /run/llmux), its output to a log file there
+# serves. The pid goes to $LLMUX_STATE_DIR (llmux's state folder), its output to a log file there
 # (never to llmux's hook capture). Idempotent: a running, healthy server is left alone. If it
-# does not become healthy before WAKE_DEADLINE_SECS (120), it is stopped and the hook fails.
+# does not become healthy within the hook's timeout, it is stopped and the hook fails.
 #
 # Env: MODEL (the .gguf file), LLAMA_ARGS (extra flags), or SERVER_CMD for a whole command line;
 # HEALTH_PATH (default /health; llama-cpp-python has none: use /v1/models).
 set -eu
 port="${LLMUX_PORT:?set by llmux}"
-state_dir="${LLMUX_STATE_DIR:-/run/llmux}"
+state_dir="${LLMUX_STATE_DIR:?set by llmux}"
 pidfile="$state_dir/llama-$port.pid"
 log="$state_dir/llama-$port.log"
 health="http://127.0.0.1:$port${HEALTH_PATH:-/health}"
-deadline=$(( $(date +%s) + ${WAKE_DEADLINE_SECS:-120} ))
+# The deadline is llmux's own timeout for this hook (LLMUX_TIMEOUT_SECS, whole seconds).
+timeout_secs="${LLMUX_TIMEOUT_SECS:-120}"
+deadline=$(( $(date +%s) + ${timeout_secs%.*} ))
 
 running() { [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; }
 
@@ -34,7 +36,7 @@ until curl -sf --max-time 5 "$health" >/dev/null; do
         exit 1
     fi
     if [ "$(date +%s)" -ge "$deadline" ]; then
-        echo "server on port $port not healthy after ${WAKE_DEADLINE_SECS:-120}s; stopping it" >&2
+        echo "server on port $port not healthy after ${timeout_secs}s; stopping it" >&2
         kill -TERM -"$(cat "$pidfile")" 2>/dev/null || true
         rm -f "$pidfile"
         exit 1

@@ -5,16 +5,18 @@
 set -eu
 base="http://127.0.0.1:${LLMUX_PORT:?set by llmux}"
 model="${OLLAMA_MODEL:-$LLMUX_MODEL}"
-deadline=$(( $(date +%s) + ${WAKE_DEADLINE_SECS:-300} ))
+# The deadline is llmux's own timeout for this hook (LLMUX_TIMEOUT_SECS, whole seconds).
+timeout_secs="${LLMUX_TIMEOUT_SECS:-300}"
+deadline=$(( $(date +%s) + ${timeout_secs%.*} ))
 
-loaded() { curl -sf --max-time 5 "$base/api/ps" | tr -d ' ' | grep -qF "\"name\":\"$model\""; }
+loaded() { curl -sf --max-time 5 "$base/api/ps" | tr -d ' ' | grep -qF -e "\"name\":\"$model\"" -e "\"name\":\"$model:"; }
 
 loaded && exit 0
-curl -sSf --max-time "${WAKE_DEADLINE_SECS:-300}" "$base/api/generate" \
+curl -sSf --max-time "${timeout_secs}" "$base/api/generate" \
     -d "{\"model\": \"$model\", \"keep_alive\": -1}" >/dev/null
 until loaded; do
     if [ "$(date +%s)" -ge "$deadline" ]; then
-        echo "Ollama did not load $model within ${WAKE_DEADLINE_SECS:-300}s" >&2
+        echo "Ollama did not load $model within ${timeout_secs}s" >&2
         exit 1
     fi
     sleep 0.2

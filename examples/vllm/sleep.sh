@@ -6,7 +6,9 @@
 set -eu
 level="${1:-1}"
 base="http://127.0.0.1:${LLMUX_PORT:?set by llmux}"
-deadline=$(( $(date +%s) + ${SLEEP_DEADLINE_SECS:-120} ))
+# The deadline is llmux's own timeout for this hook (LLMUX_TIMEOUT_SECS, whole seconds).
+timeout_secs="${LLMUX_TIMEOUT_SECS:-120}"
+deadline=$(( $(date +%s) + ${timeout_secs%.*} ))
 
 asleep() { curl -sf --max-time 5 "$base/is_sleeping" | tr -d ' ' | grep -q '"is_sleeping":true'; }
 
@@ -14,7 +16,7 @@ asleep && exit 0
 curl -sSf -X POST "$base/sleep?level=$level" >/dev/null
 until asleep; do
     if [ "$(date +%s)" -ge "$deadline" ]; then
-        echo "vLLM on port $LLMUX_PORT still awake after ${SLEEP_DEADLINE_SECS:-120}s" >&2
+        echo "vLLM on port $LLMUX_PORT still awake after ${timeout_secs}s" >&2
         exit 1
     fi
     sleep 0.2

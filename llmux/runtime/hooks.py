@@ -97,6 +97,10 @@ async def run_hook(
     on timeout or cancellation."""
     hook = HookName(hook)
     env = hook_environment(hook, model, port, extra_env)
+    # A script's own deadlines follow the config's timeout (a shorter one would cut it short).
+    env["LLMUX_TIMEOUT_SECS"] = f"{timeout:g}"
+    if registry is not None:
+        env["LLMUX_STATE_DIR"] = str(registry.state.path)  # for pid files and markers
     started = time.monotonic()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         try:

@@ -295,8 +295,11 @@ class FakeOllama:
             return
         method, path = scope["method"], scope["path"]
         if (method, path) == ("GET", "/api/ps"):
+            # As Ollama does: names carry their tag (`llama3.1` is listed as `llama3.1:latest`).
             loaded = [
-                {"name": n, "model": n} for n, b in self.backends.items() if b.state == "awake"
+                {"name": _tagged(n), "model": _tagged(n)}
+                for n, b in self.backends.items()
+                if b.state == "awake"
             ]
             await send_json(send, 200, {"models": loaded})
         elif (method, path) == ("GET", "/fake/state"):
@@ -325,6 +328,10 @@ class FakeOllama:
         await backend._wake()
         if sum(b.state == "awake" for b in self.backends.values()) > 1:
             self.co_loaded += 1
+
+
+def _tagged(name: str) -> str:
+    return name if ":" in name else f"{name}:latest"
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
