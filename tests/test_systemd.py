@@ -120,3 +120,17 @@ def test_unit_passes_systemd_analyze_verify(tmp_path):
         ["systemd-analyze", "verify", "--man=no", str(copy)], capture_output=True, text=True
     )
     assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_the_groups_example_vllm_unit_passes_systemd_analyze_verify(tmp_path):
+    unit = (ROOT / "examples" / "groups" / "vllm@.service").read_text()
+    env = tmp_path / "a.env"
+    env.write_text("MODEL=m\nPORT=8001\nARGS=\n")
+    copy = tmp_path / "vllm@.service"
+    copy.write_text(unit.replace("/etc/llmux/vllm/%i.env", str(tmp_path / "%i.env")))
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", f"{copy}:vllm@a.service"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0 and result.stderr == "", result.stderr
