@@ -173,10 +173,17 @@ def _load(path: str):  # type: ignore[no-untyped-def]
 
 
 def _check(args: argparse.Namespace) -> int:
+    from llmux.hook_check import hook_problems
+
     loaded = _load(args.config)
     if loaded is None:
         return EXIT_CONFIG_ERROR
     config, _ = loaded
+    problems = hook_problems(config)
+    for problem in problems:
+        print(f"llmux: config error: {problem}", file=sys.stderr)
+    if problems:
+        return EXIT_CONFIG_ERROR
     names = ", ".join(config.models)
     print(f"{config.path}: ok ({len(config.models)} models: {names}; policy {config.policy.name})")
     if len(config.groups) > 1 or any(g.capacity is not None for g in config.groups.values()):

@@ -49,6 +49,7 @@ sleep = "true"
 
 def write(tmp_path, text: str):
     (tmp_path / "wake.sh").write_text("#!/bin/sh\n")
+    (tmp_path / "wake.sh").chmod(0o755)
     path = tmp_path / "config.toml"
     path.write_text(text)
     return path
@@ -207,8 +208,8 @@ def test_hook_scripts_are_found_after_env_assignments(tmp_path):
 
 
 TWO_MODELS = (
-    '[models.a]\nport = 1\nwake = "t"\nsleep = "t"\nmemory_gb = 30\n'
-    '[models.b]\nport = 2\nwake = "t"\nsleep = "t"\nmemory_gb = 50\n'
+    '[models.a]\nport = 1\nwake = "true"\nsleep = "true"\nmemory_gb = 30\n'
+    '[models.b]\nport = 2\nwake = "true"\nsleep = "true"\nmemory_gb = 50\n'
 )
 
 
@@ -387,3 +388,25 @@ def test_any_document_is_a_config_or_a_config_error(tmp_path_factory, raw):
     path = tmp_path_factory.getbasetemp() / "fuzzed.toml"
     with contextlib.suppress(ConfigError):  # anything else escaping is the failure
         parse_config(raw, path)
+
+
+def test_check_finds_hooks_that_cannot_run(tmp_path):
+    """Each of these parses, and each would fail at its first run: check says so, one line each."""
+    (tmp_path / "plain.sh").write_text("#!/bin/sh\n")  # not executable
+    ok = tmp_path / "ok.sh"
+    ok.write_text("#!/bin/sh\n")
+    ok.chmod(0o755)
+    config = tmp_path / "hooks.toml"
+    config.write_text(
+        '[models.a]\nport = 9001\nwake = "./plain.sh"\nsleep = "bash ./missing.sh 2"\n'
+        'alive = "no-such-program-here --flag"\n'
+        '[models.b]\nport = 9002\nwake = "MODEL=x ./ok.sh"\nsleep = "sh -c \'exit 0\'"\n'
+        'alive = "curl -sf http://127.0.0.1:9002/health; exit 1"\n'
+    )
+    result = _llmux("check", "-c", str(config))
+    assert result.returncode == 2, result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 3, lines
+    assert "models.a.wake: ./plain.sh is not executable" in lines[0]
+    assert "models.a.sleep: bash is given ./missing.sh, which is not found" in lines[1]
+    assert "models.a.alive: 'no-such-program-here' is not a shell builtin" in lines[2]
