@@ -252,14 +252,19 @@ def _top(args: argparse.Namespace) -> int:
     import trio
     from rich.console import Console
 
-    from llmux.observe.top import print_once, run_live
+    from llmux.observe.top import base_url, print_once, run_live
 
+    try:
+        url = base_url(args.url)
+    except ValueError as exc:
+        print(f"llmux top: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     token = args.token or os.environ.get(TOKEN_ENV)
     if args.once:
         console = Console(color_system=None, width=80, soft_wrap=False)
-        reachable = trio.run(print_once, args.url, args.interval, token, console)
+        reachable = trio.run(print_once, url, args.interval, token, console)
         return 0 if reachable else 1
-    trio.run(run_live, args.url, args.interval, token)
+    trio.run(run_live, url, args.interval, token)
     return 0
 
 

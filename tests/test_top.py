@@ -82,7 +82,24 @@ def test_once_against_nothing_says_unreachable():
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert result.returncode == 1
-    assert "unreachable, retrying" in result.stdout
+    assert result.stdout.strip() == (
+        f"llmux top: http://127.0.0.1:{port} is unreachable (connection refused)"
+    )
+
+
+def test_url_may_be_host_port_or_the_api_url():
+    from llmux.observe.top import base_url
+
+    assert base_url("127.0.0.1:3000") == "http://127.0.0.1:3000"
+    assert base_url("http://gpu-box:3000/v1") == "http://gpu-box:3000"
+    assert base_url("https://gpu-box/llmux/v1/") == "https://gpu-box/llmux"
+    assert base_url("http://127.0.0.1:3000/") == "http://127.0.0.1:3000"
+    result = subprocess.run(
+        [PYTHON, "-m", "llmux", "top", "--once", "--url", "ftp://x"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.startswith("llmux top: 'ftp://x' is not an http URL")
 
 
 def _poll(start: float, at: float, requests: float, switch_state: str = "") -> Poll:

@@ -336,6 +336,22 @@ def _truncate(text: str, width: int) -> str:
 # ----- running -----
 
 
+def base_url(given: str) -> str:
+    """llmux's base URL from what a user types: `host:port`, a URL, or the API URL ending in
+    `/v1` (what OpenAI clients are given). ValueError, worded for the user, if it is none."""
+    text = given.strip().rstrip("/")
+    if "://" not in text:
+        text = "http://" + text
+    try:
+        url = httpx.URL(text)
+    except (httpx.InvalidURL, ValueError) as exc:
+        raise ValueError(f"{given!r} is not a URL ({exc})") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"{given!r} is not an http URL of llmux (e.g. http://127.0.0.1:3000)")
+    path = url.path.rstrip("/").removesuffix("/v1")
+    return str(url.copy_with(path=path or "/", query=None, fragment=None)).rstrip("/")
+
+
 async def poll_once(client: httpx.AsyncClient, url: str, dashboard: Dashboard) -> None:
     try:
         response = await client.get(url.rstrip("/") + "/metrics")
@@ -363,9 +379,11 @@ async def print_once(url: str, interval: float, token: str | None, console: Cons
     dashboard = Dashboard(url)
     async with _client(token) as client:
         await poll_once(client, url, dashboard)
-        if dashboard.current is not None:
-            await trio.sleep(interval)
-            await poll_once(client, url, dashboard)
+        if dashboard.current is None:  # one line: there is no frame to show
+            console.print(f"llmux top: {url} is unreachable ({dashboard.error})")
+            return False
+        await trio.sleep(interval)
+        await poll_once(client, url, dashboard)
     console.print(dashboard.render())
     return dashboard.error is None
 
