@@ -83,15 +83,13 @@ async def test_only_the_route_table_is_forwarded_and_exactly_as_routed(fakes, tm
             response = await client.post(target, json={"model": "a", "lora_name": "x"})
             assert response.status_code == 404, target
             assert response.json()["error"]["code"] == "not_found"
-        for target in ("/v1/completions?foo=bar&x=%2e%2e/y", "/v1/embeddings"):
+        routed = ("/v1/completions?foo=bar&x=%2e%2e/y", "/v1/embeddings", "/rerank", "/infill")
+        for target in routed:
             answer = await raw_exchange(server.url, raw_post(target, BODY))
             assert _status(answer) == 200, answer
         wrong = await client.put("/v1/chat/completions", json=chat("a"))
         assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
-    assert _llmux_targets(a.received()) == {
-        "POST /v1/completions?foo=bar&x=%2e%2e/y",
-        "POST /v1/embeddings",
-    }
+    assert _llmux_targets(a.received()) == {f"POST {target}" for target in routed}
 
 
 async def test_passthrough_reaches_only_allow_listed_paths(fakes, tmp_path):

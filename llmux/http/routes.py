@@ -99,7 +99,9 @@ ROUTES: tuple[Route, ...] = (
     _api("/v1/images/generations"),
     _api("/v1/audio/speech"),
     _api("/v1/rerank"),
+    _api("/rerank"),  # vLLM and llama.cpp serve both spellings
     _api("/v1/score"),
+    _api("/infill"),  # llama.cpp's fill-in-the-middle
     # A backend's other paths, per model, only when its `passthrough_paths` lists them.
     Route(
         ("GET", "POST", "PUT", "PATCH", "DELETE"),

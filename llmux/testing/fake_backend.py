@@ -112,7 +112,7 @@ class FakeBackend:
         elif method == "GET" and path == "/v1/models":
             model = {"id": self.name, "object": "model", "created": 0, "owned_by": "fake"}
             await send_json(send, 200, {"object": "list", "data": [model]})
-        elif method == "POST" and path.startswith("/v1/"):
+        elif method == "POST" and (path.startswith("/v1/") or path in ("/rerank", "/infill")):
             await self._generate(path, receive, send)
         else:
             await _send_raw(
