@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sim = commands.add_parser("simulate", help="replay a trace through switch policies")
     sim.add_argument(
-        "--trace", default="azure", help="azure, alibaba, or a CSV (arrival,model,...)"
+        "--trace",
+        default="sample",
+        help="sample (shipped, synthetic), azure, alibaba, or a CSV (arrival,model,...)",
     )
     sim.add_argument(
         "--traces-dir",
@@ -281,6 +283,9 @@ def _simulate(args: argparse.Namespace) -> int:
     folder = Path(args.traces_dir)
     try:
         requests = simulate.load_trace(args.trace, args.top, folder, args.window_hours, service)
+    except simulate.TraceMissing as exc:
+        print(f"llmux: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     except FileNotFoundError as exc:
         print(f"llmux: cannot read the trace: {exc} (see --traces-dir)", file=sys.stderr)
         return EXIT_CONFIG_ERROR

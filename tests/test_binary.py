@@ -102,6 +102,15 @@ def test_a_custom_policy_file_imports_llmux_policy_inside_the_binary(tmp_path):
     assert "policy mine.py:Mine" in result.stdout
 
 
+def test_simulate_finds_its_sample_trace_inside_the_binary(tmp_path):
+    result = subprocess.run(
+        [str(BINARY), "simulate", "--policy", "fifo"], cwd=tmp_path, capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("475 requests, 3 models")
+
+
 def test_demo_runs_without_python_on_path(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

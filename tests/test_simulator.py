@@ -216,3 +216,35 @@ def test_simulate_cli_with_groups_and_capacity(tmp_path):
     assert one_at_a_time > 30 and all_fit == 3 and three_gpus == 3
     refused = subprocess.run([*base, "--sizes", "a=1"], capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "--sizes needs --capacity" in refused.stderr
+
+
+def test_simulate_runs_out_of_the_box_on_its_shipped_sample(tmp_path):
+    import subprocess
+    import sys
+
+    from llmux.sim.sample_trace import main as write_sample
+    from llmux.sim.sample_trace import sample_path
+
+    # The shipped file is what its generator makes (seeded), so it can be rebuilt and trusted.
+    out = tmp_path / "again.csv"
+    with open(out, "w") as handle:
+        saved, sys.stdout = sys.stdout, handle
+        try:
+            write_sample()
+        finally:
+            sys.stdout = saved
+    assert out.read_text() == sample_path().read_text()
+    run = subprocess.run(
+        [sys.executable, "-m", "llmux", "simulate", "--policy", "fifo"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("475 requests, 3 models, offered load 0.62")
+    missing = subprocess.run(
+        [sys.executable, "-m", "llmux", "simulate", "--trace", "azure", "--traces-dir", "."],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert missing.returncode == 2
+    assert "the azure trace is not shipped with llmux: get it from https://github.com/Azure" in (
+        missing.stderr
+    )

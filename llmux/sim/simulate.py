@@ -17,6 +17,7 @@ from pathlib import Path
 from llmux.policies.interface import Policy
 from llmux.policies.loader import load_policy
 from llmux.sim import traces
+from llmux.sim.sample_trace import sample_path
 from llmux.sim.simulator import Request, Result, ServiceModel, Simulator
 
 
@@ -185,12 +186,37 @@ def render(summaries: Sequence[Summary]) -> str:
 def load_trace(
     trace: str, top: int, traces_dir: Path, window_hours: int, service: ServiceModel
 ) -> list[Request]:
+    if trace == "sample":
+        return traces.load_csv(sample_path())
+    if trace in REAL_TRACES:
+        folder = traces_dir / REAL_TRACES[trace][0]
+        if not folder.is_dir():
+            raise TraceMissing(
+                f"the {trace} trace is not shipped with llmux: get it from {REAL_TRACES[trace][1]} "
+                f"into {folder} (or pass --traces-dir), or use --trace sample or a CSV of yours"
+            )
     if trace == "azure":
         return traces.load_azure(traces_dir / "azure_llm_2023")
     if trace == "alibaba":
         requests = traces.load_alibaba(traces_dir / "alibaba_genai_2026", top)
         return traces.busiest_window(requests, window_hours, service) if window_hours else requests
     return traces.load_csv(Path(trace))
+
+
+REAL_TRACES = {  # name: (folder under --traces-dir, where the files come from)
+    "azure": (
+        "azure_llm_2023",
+        "https://github.com/Azure/AzurePublicDataset (AzureLLMInferenceTrace_code.csv, _conv.csv)",
+    ),
+    "alibaba": (
+        "alibaba_genai_2026",
+        "https://github.com/alibaba/clusterdata (cluster-trace-v2026-GenAI)",
+    ),
+}
+
+
+class TraceMissing(FileNotFoundError):
+    """A real trace that is not on this machine; the message says where to get it."""
 
 
 def cost_factory(
