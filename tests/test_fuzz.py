@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llmux.http.routes import ROUTES, Endpoint
+from llmux.http.routes import ROUTES, Endpoint, ModelFrom
 from tests.conftest import FakeFleet, LlmuxProcess, fake_model_block, write_config
 
 
@@ -154,6 +154,12 @@ def test_well_formed_traffic_from_the_openai_sdk(
 KEY = "sk-fuzz-0123456789"
 ALLOWED_PREFIX = "/tokenize"
 API_PATHS = sorted(r.pattern for r in ROUTES if r.endpoint is Endpoint.PROXY)
+# The fuzz sends JSON bodies: it aims them at the routes that take JSON.
+JSON_API_PATHS = sorted(
+    r.pattern
+    for r in ROUTES
+    if r.endpoint is Endpoint.PROXY and r.model_from is ModelFrom.JSON_BODY
+)
 # What an attacker aims at: the backends' control APIs, llmux's own, and near misses.
 TARGETS = [
     *API_PATHS,
@@ -186,7 +192,7 @@ CONNECTION_NAMES = ["x-hop-1", "x-hop-2", "authorization", "x-api-key", "content
 
 
 def _hostile_path(rng: random.Random) -> str:
-    base = rng.choice(API_PATHS) if rng.random() < 0.6 else rng.choice(TARGETS)
+    base = rng.choice(JSON_API_PATHS) if rng.random() < 0.6 else rng.choice(TARGETS)
     segments = base.split("/")[1:]
     for _ in range(rng.choice([0, 0, 0, 0, 1, 1, 2, 3])):
         where = rng.randrange(len(segments) + 1)

@@ -35,6 +35,7 @@ from llmux.errors import (
 from llmux.http.asgi import Receive, Scope, Send, answer_lifespan, send_bytes, send_json
 from llmux.http.auth import bearer_token, presented_key, token_matches
 from llmux.http.body import BodyReader, ClientDisconnected, model_named_in
+from llmux.http.form import FormModelScanner, form_boundary
 from llmux.http.listener import current_connection
 from llmux.http.proxy import (
     BackendConnectFailed,
@@ -273,7 +274,9 @@ class LlmuxApp:
         try:
             if self.fleet.closing:
                 raise ShuttingDown("llmux is shutting down")
-            reader = BodyReader(scope, receive, self.config.server.max_body_bytes)
+            form = match.route.model_from is ModelFrom.FORM_FIELD
+            scanner = FormModelScanner(form_boundary(scope)) if form else None
+            reader = BodyReader(scope, receive, self.config.server.max_body_bytes, scanner)
             reader.check_declared_length()
             with trio.move_on_after(self.config.server.request_body_timeout_secs) as body_wait:
                 request = await self._read_request(match, scope, reader)
@@ -323,6 +326,11 @@ class LlmuxApp:
         if seen is not None:
             self._refuse_early(seen)
         body = await reader.read_all()
+        if isinstance(reader.scanner, FormModelScanner):
+            reader.scanner.feed(body)
+            asked_for = reader.scanner.finish()
+            span = reader.scanner.span
+            return _UpstreamRequest(self._resolve(asked_for), asked_for, target, body, span=span)
         asked_for = model_named_in(body)
         if seen is not None and asked_for != seen:
             raise InvalidRequest("the request body names 'model' more than once")
@@ -419,7 +427,10 @@ class LlmuxApp:
             # gets the request's `model` rewritten; otherwise the body goes on byte for byte.
             body = request.body
             upstream_name = slot.backend.upstream_model or slot.backend.name
-            if request.rewrite_model and request.asked_for != upstream_name:
+            if request.span is not None and request.asked_for != upstream_name:
+                start, end = request.span  # a form's model field
+                body = body[:start] + upstream_name.encode() + body[end:]
+            elif request.rewrite_model and request.asked_for != upstream_name:
                 body = _with_model(body, upstream_name)
             headers = forwarded_request_headers(
                 scope["headers"],
@@ -497,6 +508,7 @@ class _UpstreamRequest:
     target: bytes  # path and query, exactly as routed
     body: bytes
     rewrite_model: bool = True  # a JSON body whose `model` becomes the backend's name
+    span: tuple[int, int] | None = None  # a form's model value, replaced by the backend's name
 
 
 def _not_served(asked_for: str, config: Config) -> ModelNotFound:

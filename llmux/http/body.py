@@ -16,9 +16,13 @@ from __future__ import annotations
 import json
 import re
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from llmux.errors import BodyTooLarge, InvalidRequest
 from llmux.http.asgi import Receive, Scope
+
+if TYPE_CHECKING:
+    from llmux.http.form import FormModelScanner
 
 DISCARD_LIMIT_BYTES = 64 * 1024 * 1024
 
@@ -152,12 +156,18 @@ class ModelScanner:
 class BodyReader:
     """Reads one request body through ASGI `receive`, within `limit` bytes."""
 
-    def __init__(self, scope: Scope, receive: Receive, limit: int) -> None:
+    def __init__(
+        self,
+        scope: Scope,
+        receive: Receive,
+        limit: int,
+        scanner: ModelScanner | FormModelScanner | None = None,
+    ) -> None:
         self._receive = receive
         self._limit = limit
         self._body = bytearray()
         self._more = True
-        self.scanner = ModelScanner()
+        self.scanner = scanner or ModelScanner()  # or a form's (form.FormModelScanner)
         self._declared = _declared_length(scope)
 
     @property

@@ -30,6 +30,7 @@ class ModelFrom(Enum):
     """Where a route finds the model a request is for."""
 
     JSON_BODY = "the body's top-level `model` string"
+    FORM_FIELD = "the `model` field of a multipart/form-data body"
     PATH = "a {model} parameter of the path"
     NONE = "nowhere: the route names no model"
 
@@ -82,6 +83,10 @@ def _api(path: str) -> Route:
     return Route(("POST",), path, Endpoint.PROXY, ModelFrom.JSON_BODY, Access.CLIENT)
 
 
+def _form(path: str) -> Route:
+    return Route(("POST",), path, Endpoint.PROXY, ModelFrom.FORM_FIELD, Access.CLIENT)
+
+
 def _admin(path: str, endpoint: Endpoint, model_from: ModelFrom) -> Route:
     return Route(("POST",), path, endpoint, model_from, Access.ADMIN)
 
@@ -102,6 +107,10 @@ ROUTES: tuple[Route, ...] = (
     _api("/rerank"),  # vLLM and llama.cpp serve both spellings
     _api("/v1/score"),
     _api("/infill"),  # llama.cpp's fill-in-the-middle
+    # Uploads: the model is a field of a multipart/form-data body.
+    _form("/v1/audio/transcriptions"),
+    _form("/v1/audio/translations"),
+    _form("/v1/images/edits"),
     # A backend's other paths, per model, only when its `passthrough_paths` lists them.
     Route(
         ("GET", "POST", "PUT", "PATCH", "DELETE"),

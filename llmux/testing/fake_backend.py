@@ -26,10 +26,12 @@ import hypercorn.trio
 import trio
 from hypercorn.config import Config as HypercornConfig
 
-from llmux.errors import error_body
+from llmux.errors import LlmuxError, error_body
 from llmux.http.asgi import Receive, Scope, Send, answer_lifespan, send_bytes, send_json
+from llmux.http.form import FormModelScanner, form_boundary
 
 DEFAULT_TOKENS = 8
+FORM_PATHS = ("/v1/audio/transcriptions", "/v1/audio/translations", "/v1/images/edits")
 RECENT_REQUESTS = 100
 
 
@@ -112,6 +114,8 @@ class FakeBackend:
         elif method == "GET" and path == "/v1/models":
             model = {"id": self.name, "object": "model", "created": 0, "owned_by": "fake"}
             await send_json(send, 200, {"object": "list", "data": [model]})
+        elif method == "POST" and path in FORM_PATHS:
+            await self._upload(scope, receive, send)
         elif method == "POST" and (path.startswith("/v1/") or path in ("/rerank", "/infill")):
             await self._generate(path, receive, send)
         else:
@@ -183,6 +187,28 @@ class FakeBackend:
     async def _sglang_resume(self, scope: Scope, receive: Receive) -> tuple[int, dict[str, Any]]:
         await self._wake()
         return 200, {"success": True}
+
+    async def _upload(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A transcription, translation or image edit: says what model and file it got."""
+        body = await _read_all(receive)
+        if self.state != "awake":
+            self.stats.rejected_while_asleep += 1
+            message = f"fake backend {self.name} is {self.state}: request refused"
+            await _send_raw(send, 503, error_body(message, "server_error", "model_asleep"))
+            return
+        try:
+            scanner = FormModelScanner(form_boundary(scope))
+            scanner.feed(body)
+            model = scanner.finish()
+        except LlmuxError as exc:
+            await _send_raw(send, 400, error_body(exc.message, "invalid_request_error", "form"))
+            return
+        self.stats.served += 1
+        text = f"{self.name} heard {len(body)} bytes for model {model}"
+        if scope["path"] == "/v1/images/edits":
+            await send_json(send, 200, {"created": int(time.time()), "data": [{"b64_json": ""}]})
+        else:
+            await send_json(send, 200, {"text": text})
 
     async def _generate(self, path: str, receive: Receive, send: Send) -> None:
         body = await _read_all(receive)
