@@ -96,3 +96,38 @@ def test_the_model_is_known_once_its_field_has_arrived_not_the_file():
     assert body[start:stop] == b"whisper"
     scanner.feed(body)
     assert scanner.finish() == "whisper"
+
+
+async def test_every_sdk_call_of_the_route_table_reaches_the_model_it_names(fakes, tmp_path):
+    """Each JSON route the OpenAI SDK has, called through llmux: 200, and the backend got that
+    path (the SDK's answer parsing is lenient; the route is what is checked)."""
+    import openai
+
+    (a,) = fakes.start("a", wake_delay=0.05)
+    path = write_config(tmp_path, fake_model_block(a))
+    async with llmux_running(path) as (server, client):
+
+        def use_sdk() -> None:
+            sdk = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+            sdk.chat.completions.create(model="a", messages=[{"role": "user", "content": "x"}])
+            sdk.completions.create(model="a", prompt="x", max_tokens=2)
+            sdk.embeddings.create(model="a", input="x")
+            sdk.moderations.create(model="a", input="x")
+            sdk.images.generate(model="a", prompt="x")
+            sdk.audio.speech.create(model="a", voice="alloy", input="x").read()
+            sdk.responses.create(model="a", input="x")
+            sdk.models.retrieve("a")
+
+        await trio.to_thread.run_sync(use_sdk)
+        for route in ("/v1/rerank", "/rerank", "/v1/score", "/infill"):  # not in the SDK
+            answer = await client.post(route, json={"model": "a", "query": "q", "text_1": "t"})
+            assert answer.status_code == 200, route
+    reached = {t for t in a.received()["targets"] if not t.startswith(("GET /", "POST /fake"))}
+    assert reached == {
+        f"POST {p}"
+        for p in (
+            "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/moderations",
+            "/v1/images/generations", "/v1/audio/speech", "/v1/responses", "/v1/rerank",
+            "/rerank", "/v1/score", "/infill",
+        )
+    }  # fmt: skip
