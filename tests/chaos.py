@@ -113,11 +113,14 @@ def write_setup(
                 "fail" if roll < 0.10 else "hang" if roll < 0.12 else f"{rng.uniform(0, 0.15):.3f}"
             )
             plan.append(step)
-        # Every model's second wake fails and the first model's third hangs, so that a short run
-        # injects both faults however few switches the policy makes.
+        # Every model's second wake fails, the last model's first wake too, and the first
+        # model's third hangs: a short run injects both faults however few switches the policy
+        # makes (with a capacity, a model may be woken only once).
         plan[1] = "fail"
         if not blocks:
             plan[2] = "hang"
+        if len(blocks) == len(backends) - 1:
+            plan[0] = "fail"
         (folder / f"{name}.plan").write_text("\n".join(plan) + "\n")
         ctl = f"{LLMUX} fake-ctl {{}} --port {backend.port}"
         blocks.append(

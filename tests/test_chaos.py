@@ -11,7 +11,7 @@ async def test_chaos_short_seed_loses_nothing(tmp_path):
     report = await run_chaos(tmp_path, requests=100, seed=1)
     print(report.summary())
     assert report.violations == []
-    assert report.outcomes["ok"] > 30
+    assert report.outcomes["ok"] > 20
     assert report.faults["wake_failed"] + report.faults["wake_hung_and_killed"] > 0
     assert report.faults["backend_killed_mid_stream"] == 1
 
@@ -20,5 +20,5 @@ async def test_chaos_with_groups_and_capacity_loses_nothing(tmp_path):
     report = await run_chaos(tmp_path, requests=70, seed=2, grouped=True)
     print(report.summary())
     assert report.violations == []
-    assert report.outcomes["ok"] > 25
+    assert report.outcomes["ok"] > 15
     assert report.faults["wake_failed"] + report.faults["wake_hung_and_killed"] > 0
