@@ -572,12 +572,9 @@ class _Checker:
         if not command.strip():
             raise ConfigError(self.path, key, "empty hook command")
         try:
-            words = shlex.split(command)
+            words = hook_words(command)
         except ValueError as exc:
             raise ConfigError(self.path, key, f"cannot parse shell command: {exc}") from None
-        # Skip leading `NAME=value` assignments: `MODEL=/m.gguf ./start.sh` runs ./start.sh.
-        while words and _ASSIGNMENT.match(words[0]):
-            words.pop(0)
         program = words[0] if words else ""
         if "\0" in command:
             raise ConfigError(self.path, key, "a hook command cannot hold a NUL character")
@@ -591,6 +588,15 @@ class _Checker:
                 raise ConfigError(
                     self.path, key, f"hook script {program} not found (looked at {script})"
                 )
+
+
+def hook_words(command: str) -> list[str]:
+    """A hook's words from its program on: leading `NAME=value` assignments are skipped
+    (`MODEL=/m.gguf ./start.sh` runs ./start.sh). ValueError if the shell could not parse it."""
+    words = shlex.split(command, comments=True)
+    while words and _ASSIGNMENT.match(words[0]):
+        words.pop(0)
+    return words
 
 
 def _is_type(value: Any, expected: Any) -> bool:

@@ -9,15 +9,12 @@ command on PATH; for `sh`/`bash`/`python` the script they are given must exist t
 from __future__ import annotations
 
 import os
-import re
-import shlex
 import shutil
 from pathlib import Path
 
-from llmux.config import Config, ConfigError
+from llmux.config import Config, ConfigError, hook_words
 from llmux.core.states import HookName
 
-_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 # POSIX sh builtins and keywords a hook may start with; they are never looked up on PATH.
 _SHELL_WORDS = {
     ":",
@@ -94,11 +91,9 @@ def hook_problems(config: Config) -> list[ConfigError]:
 
 def _problem(command: str, hook_dir: Path) -> str | None:
     try:
-        words = shlex.split(command, comments=True)
+        words = hook_words(command)
     except ValueError:
         return None  # parsing refused these already
-    while words and _ASSIGNMENT.match(words[0]):
-        words.pop(0)
     if not words:
         return None
     program = words[0].rstrip(";&|")

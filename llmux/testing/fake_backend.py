@@ -188,13 +188,19 @@ class FakeBackend:
         await self._wake()
         return 200, {"success": True}
 
+    async def _refused_while_asleep(self, send: Send) -> bool:
+        """A request that reached it while not awake: counted (it must never happen) and 503."""
+        if self.state == "awake":
+            return False
+        self.stats.rejected_while_asleep += 1
+        message = f"fake backend {self.name} is {self.state}: request refused"
+        await _send_raw(send, 503, error_body(message, "server_error", "model_asleep"))
+        return True
+
     async def _upload(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A transcription, translation or image edit: says what model and file it got."""
         body = await _read_all(receive)
-        if self.state != "awake":
-            self.stats.rejected_while_asleep += 1
-            message = f"fake backend {self.name} is {self.state}: request refused"
-            await _send_raw(send, 503, error_body(message, "server_error", "model_asleep"))
+        if await self._refused_while_asleep(send):
             return
         try:
             scanner = FormModelScanner(form_boundary(scope))
@@ -219,10 +225,7 @@ class FakeBackend:
                 await trio.sleep(0.01)
         if self.api == "vllm" and not self.weights_loaded:
             self.stats.garbage_answers += 1  # woken from level 2 without reload_weights
-        if self.state != "awake":
-            self.stats.rejected_while_asleep += 1
-            message = f"fake backend {self.name} is {self.state}: request refused"
-            await _send_raw(send, 503, error_body(message, "server_error", "model_asleep"))
+        if await self._refused_while_asleep(send):
             return
         try:
             request = json.loads(body)
