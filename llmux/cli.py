@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     fake.add_argument("--token-interval", type=float, default=0.02, help="seconds per token")
     fake.add_argument("--awake", action="store_true", help="start awake instead of asleep")
     fake.add_argument(
+        "--boot-secs", type=float, default=0.0, help="seconds of loading before it listens"
+    )
+    fake.add_argument(
         "--api",
         default="fake",
         choices=["fake", "vllm", "sglang", "ollama"],
@@ -339,6 +342,9 @@ def _fake_backend(args: argparse.Namespace) -> int:
     async def run() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
+                with trio.move_on_after(args.boot_secs):  # loading its weights
+                    async for _ in signals:
+                        return
                 urls = await nursery.start(serve_fake_backend, backend, args.host, args.port)
                 print(f"fake-backend {args.name} listening on {urls[0]}", flush=True)
                 async for _ in signals:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import re
 import shlex
+import socket
 import tomllib
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
@@ -81,6 +82,10 @@ class PolicyConfig:
 
 _NUMBER = (int, float)
 
+KINDS = ("vllm", "sglang", "ollama")  # engines whose sleep/wake API llmux drives itself
+READY_PATHS = {"ollama": "/api/version"}  # where a server's readiness is asked, if not /health
+SLEEP_LEVELS = (1, 2)
+
 
 def _key(toml: Any, default: Any = MISSING, *, inherited: str | None = None) -> Any:
     """A per-model key, declared once: its TOML type(s) and default; `inherited` ("positive"
@@ -94,10 +99,15 @@ class ModelConfig:
     parser, its known-keys check and [defaults] are derived from these declarations."""
 
     name: str
-    port: int = _key(int)
-    wake: str = _key(str)
-    sleep: str = _key(str)
+    port: int = _key(int, 0)  # required unless `cmd` is set (then a free one is chosen)
+    # Shell hooks, or a built-in driver (`kind`, `cmd`): a model uses one or the other.
+    wake: str | None = _key(str, None)
+    sleep: str | None = _key(str, None)
     alive: str | None = _key(str, None)
+    kind: str | None = _key(str, None)  # "vllm", "sglang", "ollama": llmux calls its API
+    cmd: str | None = _key(str, None)  # a server llmux starts itself (${PORT}, ${MODEL})
+    sleep_level: int = _key(int, 1)  # vLLM: 1 offloads weights to CPU RAM, 2 discards them
+    health_path: str | None = _key(str, None)  # ready when 200 (default per kind: READY_PATHS)
     wake_timeout_secs: float = _key(_NUMBER, 600.0, inherited="positive")
     sleep_timeout_secs: float = _key(_NUMBER, 120.0, inherited="positive")
     alive_timeout_secs: float = _key(_NUMBER, 10.0, inherited="positive")
@@ -116,10 +126,26 @@ class ModelConfig:
     passthrough_paths: tuple[str, ...] = _key(list, ())
     backend_api_key: str | None = _key(str, None)  # sent to the backend as its bearer token
     group: str = DEFAULT_GROUP  # set from [groups], not a key of the model's table
+    port_chosen: bool = False  # no port was given: llmux chose a free one for `cmd`
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def built_in(self) -> bool:
+        """Driven by llmux itself (an engine's API, a server process) rather than by hooks."""
+        return self.kind is not None or self.cmd is not None
+
+    @property
+    def has_alive(self) -> bool:
+        """Whether llmux can ask if the model serves now (an alive hook, or a built-in driver)."""
+        return self.alive is not None or self.built_in
+
+    @property
+    def ready_path(self) -> str:
+        """The path that answers 200 once the server is up (awake or not)."""
+        return self.health_path or READY_PATHS.get(self.kind or "", "/health")
 
 
 @dataclass(frozen=True)
@@ -184,6 +210,18 @@ class Config:
             preload=tuple(name for name in self.preload if name in members),
         )
 
+    def keeping_chosen_ports(self, old: Config) -> Config:
+        """After a reload: a `cmd` server whose port llmux chose keeps it while its command is
+        unchanged (a new port would mean restarting the server)."""
+        models = dict(self.models)
+        for name, model in models.items():
+            before = old.models.get(name)
+            same = before is not None and before.port_chosen and before.cmd == model.cmd
+            if model.port_chosen and same:
+                assert before is not None
+                models[name] = replace(model, port=before.port)
+        return replace(self, models=models)
+
     def with_listen(self, host: str | None, port: int | None) -> Config:
         """Apply `--host`/`--port` from the command line over the file's values."""
         return replace(
@@ -237,7 +275,6 @@ _POLICY_KEYS = {
 }
 _MODEL_FIELDS = [f for f in fields(ModelConfig) if "toml" in f.metadata]
 SIZE_KEYS = ("memory_gb", "size")  # two spellings of the `size` field
-_REQUIRED_MODEL_KEYS = tuple(f.name for f in _MODEL_FIELDS if f.default is MISSING)
 _MODEL_KEYS = {
     **{f.name: f.metadata["toml"] for f in _MODEL_FIELDS if f.name != "size"},
     **dict.fromkeys(SIZE_KEYS, _NUMBER),
@@ -304,6 +341,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
     for name, model_raw in models_raw.items():
         models[name] = _parse_model(checker, name, model_raw, defaults, own_port=port)
     _check_aliases(checker, models)
+    choose_ports(models, {port} | {m.port for m in models.values()})
     groups = _parse_groups(checker, raw.get("groups", {}), models)
     for group in groups.values():
         for name in group.models:
@@ -449,18 +487,15 @@ def _parse_model(
     if not isinstance(raw, dict):
         raise ConfigError(checker.path, key, "must be a table ([models.NAME])")
     checker.table(raw, key, _MODEL_KEYS)
-    for required in _REQUIRED_MODEL_KEYS:
-        if required not in raw:
-            raise ConfigError(
-                checker.path, f"{key}.{required}", "missing (required for every model)"
-            )
-    port = checker.port(raw["port"], f"{key}.port")
-    if port == own_port:
-        raise ConfigError(checker.path, f"{key}.port", f"{port} is llmux's own port")
-    hooks = {hook: raw.get(hook) for hook in HookName}
-    for hook, command in hooks.items():
-        if command is not None:
-            checker.hook(command, f"{key}.{hook}")
+    driver = _parse_driver(checker, raw, key)
+    if "port" in raw:
+        port = checker.port(raw["port"], f"{key}.port")
+        if port == own_port:
+            raise ConfigError(checker.path, f"{key}.port", f"{port} is llmux's own port")
+    elif driver["cmd"] is not None:
+        port = 0  # chosen by parse_config, once every model's port is known
+    else:
+        raise ConfigError(checker.path, f"{key}.port", "missing (required unless cmd is set)")
     inherited = {
         name: checker.check(f.metadata["inherited"], raw.get(name, defaults[name]), f"{key}.{name}")
         for name, f in _INHERITED.items()
@@ -484,9 +519,8 @@ def _parse_model(
     return ModelConfig(
         name=name,
         port=port,
-        wake=raw["wake"],
-        sleep=raw["sleep"],
-        alive=raw.get("alive"),
+        port_chosen=port == 0,
+        **driver,
         size=size,
         aliases=tuple(dict.fromkeys(aliases)),
         upstream_model=upstream,
@@ -494,6 +528,71 @@ def _parse_model(
         backend_api_key=backend_key,
         **inherited,
     )
+
+
+def _parse_driver(checker: _Checker, raw: dict[str, Any], key: str) -> dict[str, Any]:
+    """How the model is woken and put to sleep: its shell hooks, or `kind` and/or `cmd`."""
+    hooks = {hook.value: raw.get(hook.value) for hook in HookName}
+    for hook, command in hooks.items():
+        if command is not None:
+            checker.hook(command, f"{key}.{hook}")
+    kind, cmd = raw.get("kind"), raw.get("cmd")
+    if kind is not None and kind not in KINDS:
+        problem = f"unknown kind {kind!r} (known: {', '.join(KINDS)}; or give hooks)"
+        raise ConfigError(checker.path, f"{key}.kind", problem)
+    if cmd is not None:
+        checker.hook(cmd, f"{key}.cmd")
+        if kind == "ollama":
+            problem = "an Ollama server holds several models: run `ollama serve` as its own service"
+            raise ConfigError(checker.path, f"{key}.cmd", problem)
+    given = [hook for hook, command in hooks.items() if command is not None]
+    if (kind is not None or cmd is not None) and given:
+        problem = f"{', '.join(given)} given with kind or cmd: a model uses hooks or neither"
+        raise ConfigError(checker.path, f"{key}.{given[0]}", problem)
+    if kind is None and cmd is None:
+        for required in (HookName.WAKE.value, HookName.SLEEP.value):
+            if hooks[required] is None:
+                problem = "missing (required unless kind or cmd is set)"
+                raise ConfigError(checker.path, f"{key}.{required}", problem)
+    level = raw.get("sleep_level", 1)
+    if "sleep_level" in raw and kind != "vllm":
+        raise ConfigError(checker.path, f"{key}.sleep_level", 'only for kind = "vllm"')
+    if level not in SLEEP_LEVELS:
+        raise ConfigError(checker.path, f"{key}.sleep_level", f"must be 1 or 2, got {level!r}")
+    health = raw.get("health_path")
+    if health is not None and not _is_plain_path(health):
+        problem = f"{health!r} must be a plain path such as /health"
+        raise ConfigError(checker.path, f"{key}.health_path", problem)
+    return {
+        **{hook: command for hook, command in hooks.items()},
+        "kind": kind,
+        "cmd": cmd,
+        "sleep_level": level,
+        "health_path": health,
+    }
+
+
+def choose_ports(models: dict[str, ModelConfig], taken: set[int]) -> dict[str, ModelConfig]:
+    """A free loopback port for each `cmd` model that names none (held open until all are
+    chosen, so that no two get the same one)."""
+    held = []
+    try:
+        for name, model in models.items():
+            if not model.port_chosen:
+                continue
+            while True:
+                sock = socket.socket()
+                sock.bind(("127.0.0.1", 0))
+                held.append(sock)
+                port = sock.getsockname()[1]
+                if port not in taken:
+                    break
+            taken.add(port)
+            models[name] = replace(model, port=port)
+    finally:
+        for sock in held:
+            sock.close()
+    return models
 
 
 def _passthrough_paths(checker: _Checker, raw: list[Any], key: str) -> tuple[str, ...]:

@@ -75,17 +75,21 @@ _SHELL_WORDS = {
 _INTERPRETERS = {"sh", "bash", "dash", "zsh", "python", "python3"}
 
 
+# The keys of a model that hold a command line run by `sh -c` in the hook folder.
+_COMMAND_KEYS = (*(hook.value for hook in HookName), "cmd")
+
+
 def hook_problems(config: Config) -> list[ConfigError]:
-    """One error per hook whose program (or script) will not be found or cannot be run."""
+    """One error per hook (or `cmd`) whose program or script will not be found or cannot run."""
     problems = []
     for name, model in config.models.items():
-        for hook in HookName:
-            command = getattr(model, hook.value)
+        for key in _COMMAND_KEYS:
+            command = getattr(model, key)
             if command is None:
                 continue
             problem = _problem(command, config.hook_dir)
             if problem:
-                problems.append(ConfigError(config.path, f"models.{name}.{hook}", problem))
+                problems.append(ConfigError(config.path, f"models.{name}.{key}", problem))
     return problems
 
 

@@ -11,7 +11,7 @@ import shlex
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+import trio
 
 from llmux.config import Config, load_config
 from llmux.server import RunningServer, running_server
@@ -277,3 +278,39 @@ def process_running(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+ORDER = ["a", "b", "a", "a", "b"]  # requests that force switches, streamed and not
+
+
+async def interleave(path: Path, awake_now: Callable[[], set[str]]) -> None:
+    """Send requests that force switches; after each, the backends' own truth must match."""
+    async with llmux_running(path) as (_, client):
+        for index, model in enumerate(ORDER):
+            if index % 2:
+                async with client.stream(
+                    "POST", "/v1/chat/completions", json=chat(model, stream=True, max_tokens=5)
+                ) as response:
+                    body = b"".join([chunk async for chunk in response.aiter_bytes()])
+                assert response.status_code == 200 and body.endswith(b"[DONE]\n\n")
+            else:
+                response = await client.post("/v1/chat/completions", json=chat(model))
+                assert response.status_code == 200, response.text
+            assert await trio.to_thread.run_sync(awake_now) == {model}
+            status = (await client.get("/llmux/status")).json()
+            assert status["active_model"] == model
+
+
+def clean(fake_state: dict) -> bool:
+    return all(
+        fake_state.get(k, 0) == 0
+        for k in ("rejected_while_asleep", "slept_while_busy", "garbage_answers")
+    )

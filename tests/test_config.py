@@ -121,8 +121,21 @@ def test_minimal_config_uses_documented_defaults(tmp_path):
             "positive",
         ),
         ("[models.a\n", "", "invalid TOML"),
+        # Built-in drivers: hooks or kind/cmd, each checked.
+        ('[models.a]\nport = 9\nkind = "vllm"\nsleep = "t"\n', "models.a.sleep", "hooks or"),
+        ('[models.a]\nport = 9\nkind = "tgi"\n', "models.a.kind", "unknown kind 'tgi'"),
+        ('[models.a]\nport = 9\nkind = "ollama"\ncmd = "ollama serve"\n', "models.a.cmd",
+         "several models"),
+        ('[models.a]\nkind = "vllm"\n', "models.a.port", "required unless cmd"),
+        ('[models.a]\ncmd = "./nope.sh"\n', "models.a.cmd", "not found"),
+        ('[models.a]\ncmd = "vllm serve"\nsleep_level = 2\n', "models.a.sleep_level", "vllm"),
+        ('[models.a]\ncmd = "x"\nkind = "vllm"\nsleep_level = 3\n', "models.a.sleep_level",
+         "1 or 2"),
+        ('[models.a]\ncmd = "x"\nhealth_path = "../admin"\n', "models.a.health_path",
+         "plain path"),
+        ('[models.a]\nport = 9\nwake = "t"\n', "models.a.sleep", "unless kind or cmd"),
     ],
-)
+)  # fmt: skip
 def test_errors_name_file_key_and_problem(tmp_path, text, key, problem):
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as info:
@@ -410,3 +423,24 @@ def test_check_finds_hooks_that_cannot_run(tmp_path):
     assert "models.a.wake: ./plain.sh is not executable" in lines[0]
     assert "models.a.sleep: bash is given ./missing.sh, which is not found" in lines[1]
     assert "models.a.alive: 'no-such-program-here' is not a shell builtin" in lines[2]
+
+
+def test_cmd_without_a_port_gets_a_free_one_kept_across_reloads(tmp_path):
+    path = write(tmp_path, '[models.a]\ncmd = "x --port ${PORT}"\n[models.b]\ncmd = "y"\n')
+    first = load_config(path)
+    ports = {name: model.port for name, model in first.models.items()}
+    assert 0 not in ports.values() and len(set(ports.values())) == 2
+    again = load_config(path).keeping_chosen_ports(first)
+    assert {name: model.port for name, model in again.models.items()} == ports
+    path.write_text('[models.a]\ncmd = "x --port ${PORT} --new-flag"\n[models.b]\ncmd = "y"\n')
+    changed = load_config(path).keeping_chosen_ports(first)
+    assert changed.models["b"].port == ports["b"]  # unchanged command: same server, same port
+    assert changed.models["a"].cmd.endswith("--new-flag")
+
+
+def test_check_looks_at_the_program_of_a_cmd(tmp_path):
+    config = tmp_path / "cmd.toml"
+    config.write_text('[models.a]\ncmd = "no-such-server-here --port ${PORT}"\n')
+    result = _llmux("check", "-c", str(config))
+    assert result.returncode == 2
+    assert "models.a.cmd: 'no-such-server-here' is not a shell builtin" in result.stderr

@@ -6,9 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -20,6 +18,9 @@ from tests.conftest import (
     LLMUX,
     PYTHON,
     chat,
+    clean,
+    free_port,
+    interleave,
     llmux_running,
     model_block,
     process_running,
@@ -27,7 +28,6 @@ from tests.conftest import (
 )
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
-ORDER = ["a", "b", "a", "a", "b"]
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="the example hooks use curl")
 
@@ -37,37 +37,6 @@ def copy_example(name: str, tmp_path: Path) -> Path:
     shutil.copytree(EXAMPLES / name, folder)
     (folder / "config.toml").unlink()  # the test writes its own, with the stand-ins' ports
     return folder
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-async def interleave(path: Path, awake_now: Callable[[], set[str]]) -> None:
-    """Send requests that force switches; after each, the backends' own truth must match."""
-    async with llmux_running(path) as (_, client):
-        for index, model in enumerate(ORDER):
-            if index % 2:
-                async with client.stream(
-                    "POST", "/v1/chat/completions", json=chat(model, stream=True, max_tokens=5)
-                ) as response:
-                    body = b"".join([chunk async for chunk in response.aiter_bytes()])
-                assert response.status_code == 200 and body.endswith(b"[DONE]\n\n")
-            else:
-                response = await client.post("/v1/chat/completions", json=chat(model))
-                assert response.status_code == 200, response.text
-            assert await trio.to_thread.run_sync(awake_now) == {model}
-            status = (await client.get("/llmux/status")).json()
-            assert status["active_model"] == model
-
-
-def clean(fake_state: dict) -> bool:
-    return all(
-        fake_state.get(k, 0) == 0
-        for k in ("rejected_while_asleep", "slept_while_busy", "garbage_answers")
-    )
 
 
 async def test_vllm_sleep_mode_levels_1_and_2(fakes, tmp_path):

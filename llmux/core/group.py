@@ -684,7 +684,7 @@ class GroupCore:
                 self._slept(victim)
                 op.sleep_seconds += outcome.duration
                 op.index += 1
-            elif victim.config.alive is not None:
+            elif victim.config.has_alive:
                 op.phase = Phase.SLEEP_CHECK
                 op.wake_failure = outcome.failure
                 op.job = self._run(victim, HookName.ALIVE)
@@ -777,7 +777,7 @@ class GroupCore:
         if outcome.ok:
             self._move(op.target, Cause.SLEEP_OK)
             self._wake_lost(op)
-        elif op.target.config.alive is not None:
+        elif op.target.config.has_alive:
             op.phase = Phase.CLEANUP_CHECK
             op.job = self._run(op.target, HookName.ALIVE)
         else:
@@ -881,7 +881,7 @@ class GroupCore:
                 self._move(model, Cause.GONE)
                 model.active_since = None
                 self._retreat_done_with(op)
-            elif model.config.alive is not None:
+            elif model.config.has_alive:
                 op.failure = outcome.failure
                 op.phase = Phase.SLEEP_CHECK
                 op.job = self._run(model, HookName.ALIVE)
@@ -946,7 +946,7 @@ class GroupCore:
 
     def _due_alive_check(self) -> ModelRecord | None:
         for model in self.models.values():
-            if model.state is not ModelState.ACTIVE or model.config.alive is None:
+            if model.state is not ModelState.ACTIVE or not model.config.has_alive:
                 continue
             due = model.last_alive_check + model.config.alive_interval_secs
             if model.check_requested or (model.in_flight == 0 and self.now >= due):
@@ -957,7 +957,7 @@ class GroupCore:
         times = [
             m.last_alive_check + m.config.alive_interval_secs
             for m in self.models.values()
-            if m.state is ModelState.ACTIVE and m.config.alive is not None and m.in_flight == 0
+            if m.state is ModelState.ACTIVE and m.config.has_alive and m.in_flight == 0
         ]
         return min(times) if times else None
 
@@ -1012,7 +1012,7 @@ class GroupCore:
     def _on_started(self, event: ev.Started) -> None:
         op = _Reconcile()
         for model in self.models.values():
-            if model.config.alive is not None:
+            if model.config.has_alive:
                 op.asked.append(model)
                 op.jobs[self._run(model, HookName.ALIVE)] = model
         self.op = op
@@ -1122,7 +1122,7 @@ class GroupCore:
             if outcome.ok:
                 self._move(model, Cause.SLEEP_OK)
                 self._preload_failed(op)
-            elif model.config.alive is not None:
+            elif model.config.has_alive:
                 op.phase = Phase.CLEANUP_CHECK
                 op.job = self._run(model, HookName.ALIVE)
             else:
@@ -1322,7 +1322,12 @@ def _says_not_serving(outcome: ev.HookOutcome) -> bool:
 def _needs_restart(old: ModelConfig, new: ModelConfig) -> bool:
     """Whether an awake model must be put to sleep with its old hooks before the new config
     applies: its backend moved, or the hooks that know how to wake and sleep it changed."""
-    return (old.port, old.wake, old.sleep) != (new.port, new.wake, new.sleep)
+    return _backend_identity(old) != _backend_identity(new)
+
+
+def _backend_identity(config: ModelConfig) -> tuple[object, ...]:
+    """What decides where a model's server is and how it is woken and put to sleep."""
+    return (config.port, config.wake, config.sleep, config.kind, config.cmd, config.sleep_level)
 
 
 _HANDLERS = {  # event type -> the method that applies it

@@ -106,7 +106,7 @@ class LlmuxApp:
         """Re-read the config file; apply it if valid, else keep the one in force (logged)."""
         path = self.config.path
         try:
-            new = load_config(path)
+            new = load_config(path).keeping_chosen_ports(self.config)
             make_policy = None
             if (new.policy.name, new.policy.options) != (
                 self.config.policy.name,

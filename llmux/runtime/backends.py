@@ -1,8 +1,10 @@
-"""How llmux acts on a model's server: the backend-driver protocol, and shell hooks.
+"""How llmux acts on a model's server: the backend-driver protocol, shell hooks, and the
+choice between them per model.
 
 The core asks for `wake`, `sleep` and `alive` by name; a backend driver carries them out. Shell
-hooks (the operator's commands, run as supervised subprocesses) are the first driver. A driver
-that supervises a server process of its own reports the process's exit through `on_exit`, so that
+hooks (the operator's commands, run as supervised subprocesses) are the general driver; the
+built-in one (builtin_driver.py) serves models with a `kind` or a `cmd`. A driver that
+supervises a server process of its own reports the process's exit through `on_exit`, so that
 the core learns of it at once instead of at the next alive check; shell hooks start no such
 process, so they never report one.
 """
@@ -71,14 +73,43 @@ class ShellHooks:
         )
 
 
+class PerModelDriver:
+    """Each model's steps go to the driver its config names: built-in (`kind`, `cmd`) or hooks."""
+
+    def __init__(self, hooks: BackendDriver, built_in: BackendDriver) -> None:
+        self.hooks = hooks
+        self.built_in = built_in
+
+    def _of(self, backend: ModelConfig) -> BackendDriver:
+        return self.built_in if backend.built_in else self.hooks
+
+    async def wake(self, backend: ModelConfig, env: Mapping[str, str]) -> HookResult:
+        return await self._of(backend).wake(backend, env)
+
+    async def sleep(self, backend: ModelConfig, env: Mapping[str, str]) -> HookResult:
+        return await self._of(backend).sleep(backend, env)
+
+    async def alive(self, backend: ModelConfig) -> HookResult:
+        return await self._of(backend).alive(backend)
+
+    async def stop(self, backend: ModelConfig) -> None:
+        await self._of(backend).stop(backend)
+
+    def on_exit(self, callback: Callable[[str], None]) -> None:
+        self.hooks.on_exit(callback)
+        self.built_in.on_exit(callback)
+
+
 def hook_command(backend: ModelConfig, hook: HookName) -> tuple[str, float]:
     """A model's command and timeout for `hook`."""
-    if hook is HookName.WAKE:
-        return backend.wake, backend.wake_timeout_secs
-    if hook is HookName.SLEEP:
-        return backend.sleep, backend.sleep_timeout_secs
-    assert backend.alive is not None, "the core runs no alive hook for a model without one"
-    return backend.alive, backend.alive_timeout_secs
+    command = getattr(backend, hook.value)
+    assert command is not None, f"the core runs no {hook} hook for a model without one"
+    timeouts = {
+        HookName.WAKE: backend.wake_timeout_secs,
+        HookName.SLEEP: backend.sleep_timeout_secs,
+        HookName.ALIVE: backend.alive_timeout_secs,
+    }
+    return command, timeouts[hook]
 
 
 async def run_on(

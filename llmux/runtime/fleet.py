@@ -19,9 +19,11 @@ from llmux.core.group import ModelRecord, ReloadSummary, SwitchView
 from llmux.errors import LlmuxError
 from llmux.observe.metrics import Metrics
 from llmux.policies.interface import Policy
-from llmux.runtime.backends import ShellHooks
+from llmux.runtime.backends import PerModelDriver, ShellHooks
+from llmux.runtime.builtin_driver import BuiltinDriver
 from llmux.runtime.driver import GroupDriver, Slot
 from llmux.runtime.hook_registry import HookRegistry
+from llmux.runtime.server_processes import ServerProcesses
 from llmux.runtime.state_dir import StateDir
 
 
@@ -42,7 +44,11 @@ class Fleet:
         self.costs = costs
         self.metrics = metrics
         self.hook_registry = HookRegistry(state, config.path)
-        backends = ShellHooks(config.hook_dir, self.hook_registry)
+        self.servers = ServerProcesses(state, self.hook_registry, config.hook_dir)
+        backends = PerModelDriver(
+            ShellHooks(config.hook_dir, self.hook_registry), BuiltinDriver(state, self.servers)
+        )
+        backends.on_exit(self.report_unreachable)  # a `cmd` server died: check it at once
         self.switchers = {
             name: GroupDriver(config.group_config(name), make_policy(), metrics, costs, backends)
             for name in config.groups
@@ -56,6 +62,7 @@ class Fleet:
         async with trio.open_nursery() as nursery:
             # Before any group asks its backends what is awake.
             await self.hook_registry.stop_survivors()
+            await nursery.start(self.servers.run)
             for switcher in self.switchers.values():
                 await nursery.start(switcher.run)
             task_status.started()

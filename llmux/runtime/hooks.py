@@ -123,7 +123,7 @@ async def run_hook(
                 stdout_tail="",
                 stderr_tail=f"cannot start hook in {cwd}: {exc}",
             )
-            _log_result(result)
+            log_result(result)
             return result
         timed_out = False
         if registry is not None:
@@ -151,7 +151,7 @@ async def run_hook(
             stdout_tail=_tail(out),
             stderr_tail=_tail(err),
         )
-    _log_result(result)
+    log_result(result)
     return result
 
 
@@ -168,7 +168,8 @@ def _tail(stream: BinaryIO) -> str:
     return stream.read().decode("utf-8", errors="replace")
 
 
-def _log_result(result: HookResult) -> None:
+def log_result(result: HookResult) -> None:
+    """One log line for how a hook (or a built-in driver's step) ended."""
     fields = {"model": result.model, "hook": result.hook, "duration": result.duration}
     if result.ok or (result.hook is HookName.ALIVE and not result.timed_out):
         # An alive hook's non-zero exit is an answer ("not serving"), not a failure.

@@ -331,6 +331,8 @@ class FakeOllama:
                 if b.state == "awake"
             ]
             await send_json(send, 200, {"models": loaded})
+        elif (method, path) == ("GET", "/api/version"):
+            await send_json(send, 200, {"version": "0.0.0-fake"})
         elif (method, path) == ("GET", "/fake/state"):
             states = {n: {"state": b.state, **asdict(b.stats)} for n, b in self.backends.items()}
             await send_json(send, 200, {"co_loaded": self.co_loaded, "models": states})

@@ -1,5 +1,6 @@
-"""llmux against real vLLM servers (CPU build, dev mode) driven by the examples/ hooks and the
-official OpenAI SDK. Opt-in: `bash tests/real/prepare.sh`, then `python -m pytest -m real -s`.
+"""llmux against real vLLM servers (CPU build, dev mode), driven by the examples/ hooks and by
+the built-in `kind = "vllm"` driver (with and without `cmd`), through the official OpenAI SDK.
+Opt-in: `bash tests/real/prepare.sh`, then `python -m pytest -m real -s`.
 
 Checks, after every switch, that exactly the model llmux calls active is awake according to
 vLLM's own /is_sleeping; that no request hung (every one answered within a bound); that the
@@ -195,57 +196,98 @@ def two_vllm_servers():
             log.close()
 
 
-def test_sleep_mode_levels_1_and_2_through_llmux(two_vllm_servers, tmp_path):
+def exercise_sleep_mode(llmux: Llmux) -> None:
+    """Switch back and forth (streamed and not), then drain a long stream before a sleep; after
+    every step exactly the model llmux calls active is awake by vLLM's own /is_sleeping."""
     import openai
 
+    models = llmux.status()["models"]
+    a, b = models["tiny-a"]["port"], models["tiny-b"]["port"]
+    client = openai.OpenAI(
+        base_url=llmux.url + "/v1", api_key="unused", timeout=ANSWER_BOUND_SECS, max_retries=0
+    )
+    plan = [("tiny-a", False), ("tiny-b", False), ("tiny-a", True), ("tiny-b", True)]
+    plan += [("tiny-b", False), ("tiny-a", False)]
+    for model, stream in plan:
+        assert chat(client, model, stream) == "length", f"{model} did not answer in full"
+        assert llmux.status()["active_model"] == model
+        assert (sleeping(a), sleeping(b)) == (model != "tiny-a", model != "tiny-b")
+
+    # Drain: a long stream on tiny-a, then a request for tiny-b. vLLM's sleep aborts what is
+    # in flight, so the stream ends whole only if llmux drained before sleeping tiny-a.
+    results: dict[str, str] = {}
+    streaming = threading.Event()
+    long_stream = threading.Thread(
+        target=lambda: results.__setitem__(
+            "a", chat(client, "tiny-a", True, tokens=480, streaming=streaming)
+        )
+    )
+    long_stream.start()
+    assert streaming.wait(ANSWER_BOUND_SECS)
+    results["b"] = chat(client, "tiny-b", False)
+    long_stream.join(ANSWER_BOUND_SECS)
+    assert results == {"a": "length", "b": "length"}
+    assert (sleeping(a), sleeping(b)) == (True, False)
+    last = [e for e in llmux.events if e.get("event") == "model_activated"][-1]
+    assert last["to"] == "tiny-b" and last["drain_seconds"] > 0, "the stream was not drained"
+
+
+def test_kind_vllm_with_cmd_starts_each_server_once_then_sleeps_it(tmp_path):
+    """No scripts: llmux starts each vLLM itself on a port it chooses, one at a time (the first
+    start is the wake), and from then on sleeps and wakes it through its API."""
+    blocks = ""
+    for index, name in enumerate(("tiny-a", "tiny-b")):
+        env = f"HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_OMP_THREADS_BIND={index}"
+        command = " ".join(vllm_command(name, 0)).replace("--port 0", "--port ${PORT}")
+        level = "sleep_level = 2\n" if name == "tiny-b" else ""
+        blocks += f'[models.{name}]\nkind = "vllm"\n{level}cmd = "{env} exec {command}"\n'
+    path = tmp_path / "config.toml"
+    path.write_text(
+        "[policy]\nrequest_timeout_secs = 600\n[defaults]\nwake_timeout_secs = 500\n" + blocks
+    )
+    llmux = Llmux(path)
+    try:
+        exercise_sleep_mode(llmux)
+        started = [e for e in llmux.events if e.get("event") == "server_started"]
+        assert sorted(e["model"] for e in started) == ["tiny-a", "tiny-b"], "each started once"
+        print("\nkind = vllm with cmd (vLLM CPU build, tiny model):")
+        print("\n".join(switch_figures(llmux)))
+    finally:
+        assert llmux.stop() == 0
+    for event in started:
+        assert not session_members(event["pid"]), "llmux stopped the servers it started"
+
+
+@pytest.mark.parametrize("driver", ["hooks", "kind"])
+def test_sleep_mode_levels_1_and_2_through_llmux(two_vllm_servers, tmp_path, driver):
+    """The same servers, put to sleep and woken by the example hooks or by `kind = "vllm"`."""
     folder = tmp_path / "vllm"
     shutil.copytree(EXAMPLES / "vllm", folder)
     a, b = two_vllm_servers["tiny-a"], two_vllm_servers["tiny-b"]
+    for port in (a, b):  # both awake at the start, as after a boot
+        httpx.post(f"http://127.0.0.1:{port}/wake_up", timeout=60).raise_for_status()
+    if driver == "hooks":
+        models = (
+            f'[models.tiny-a]\nport = {a}\nwake = "./wake.sh"\nsleep = "./sleep.sh"\n'
+            'alive = "./alive.sh"\n'
+            f'[models.tiny-b]\nport = {b}\nwake = "./wake.sh 2"\nsleep = "./sleep.sh 2"\n'
+            'alive = "./alive.sh"\n'
+        )
+    else:
+        models = (
+            f'[models.tiny-a]\nport = {a}\nkind = "vllm"\n'
+            f'[models.tiny-b]\nport = {b}\nkind = "vllm"\nsleep_level = 2\n'
+        )
     (folder / "config.toml").write_text(
-        "[policy]\nrequest_timeout_secs = 120\n[defaults]\nwake_timeout_secs = 120\n"
-        f'[models.tiny-a]\nport = {a}\nwake = "./wake.sh"\nsleep = "./sleep.sh"\n'
-        'alive = "./alive.sh"\n'
-        f'[models.tiny-b]\nport = {b}\nwake = "./wake.sh 2"\nsleep = "./sleep.sh 2"\n'
-        'alive = "./alive.sh"\n'
+        "[policy]\nrequest_timeout_secs = 120\n[defaults]\nwake_timeout_secs = 120\n" + models
     )
     llmux = Llmux(folder / "config.toml")
     try:
-        client = openai.OpenAI(
-            base_url=llmux.url + "/v1", api_key="unused", timeout=ANSWER_BOUND_SECS, max_retries=0
-        )
-        # Both servers started awake: llmux kept the first and put the other to sleep.
+        # Both servers were awake: llmux kept the first and put the other to sleep.
         assert llmux.status()["active_model"] == "tiny-a"
         assert (sleeping(a), sleeping(b)) == (False, True)
-        plan = [
-            ("tiny-b", False),
-            ("tiny-a", True),
-            ("tiny-b", True),
-            ("tiny-b", False),
-            ("tiny-a", False),
-        ]
-        for model, stream in plan:
-            assert chat(client, model, stream) == "length", f"{model} did not answer in full"
-            assert llmux.status()["active_model"] == model
-            assert (sleeping(a), sleeping(b)) == (model != "tiny-a", model != "tiny-b")
-
-        # Drain: a long stream on tiny-a, then a request for tiny-b. vLLM's sleep aborts what is
-        # in flight, so the stream ends whole only if llmux drained before sleeping tiny-a.
-        results: dict[str, str] = {}
-        streaming = threading.Event()
-        long_stream = threading.Thread(
-            target=lambda: results.__setitem__(
-                "a", chat(client, "tiny-a", True, tokens=480, streaming=streaming)
-            )
-        )
-        long_stream.start()
-        assert streaming.wait(ANSWER_BOUND_SECS)
-        results["b"] = chat(client, "tiny-b", False)
-        long_stream.join(ANSWER_BOUND_SECS)
-        assert results == {"a": "length", "b": "length"}
-        assert (sleeping(a), sleeping(b)) == (True, False)
-        last = [e for e in llmux.events if e.get("event") == "model_activated"][-1]
-        assert last["to"] == "tiny-b" and last["drain_seconds"] > 0, "the stream was not drained"
-        print("\nsleep-mode switches (vLLM CPU build, tiny model):")
+        exercise_sleep_mode(llmux)
+        print(f"\nsleep-mode switches with {driver} (vLLM CPU build, tiny model):")
         print("\n".join(switch_figures(llmux)))
     finally:
         assert llmux.stop() == 0

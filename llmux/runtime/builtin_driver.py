@@ -1,0 +1,162 @@
+"""The built-in backend driver: wake, sleep and alive for models with a `kind` and/or a `cmd`,
+carried out by llmux itself instead of by shell hooks.
+
+Each step is bounded by the model's own timeout for that hook and ends as a HookResult, so the
+core, the metrics and the logs treat it exactly as they treat a hook:
+- wake: with `cmd`, a server that is not running is started (a first start is a wake: the core
+  starts one at a time, within capacity) and waited for until its ready path answers 200, and
+  stopped again if it exits or is not ready in time. A server that is up but asleep is woken
+  through its engine's API; then the step waits until the engine says it serves.
+- sleep: through the engine's API; a plain `cmd` server (no kind) is stopped. A `cmd` server
+  that is not running is asleep already.
+- alive: serving now, by the engine's answer; a `cmd` server that is not running is not.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+
+import httpx
+import trio
+
+from llmux.config import ModelConfig
+from llmux.core.states import HookName
+from llmux.observe.logs import log_event
+from llmux.runtime.engines import POLL_SECS, Engine, EngineError, engines
+from llmux.runtime.hooks import HookResult
+from llmux.runtime.server_processes import STOP_GRACE_SECS, ServerProcesses
+from llmux.runtime.state_dir import StateDir
+
+log = logging.getLogger("llmux.hooks")
+
+Step = Callable[[httpx.AsyncClient, ModelConfig], Awaitable[bool]]
+
+
+class BuiltinDriver:
+    def __init__(self, state: StateDir, processes: ServerProcesses) -> None:
+        self.processes = processes
+        self.engines = engines(state)
+
+    async def wake(self, backend: ModelConfig, env: Mapping[str, str]) -> HookResult:
+        return await self._step(HookName.WAKE, backend, backend.wake_timeout_secs, self._wake)
+
+    async def sleep(self, backend: ModelConfig, env: Mapping[str, str]) -> HookResult:
+        return await self._step(HookName.SLEEP, backend, backend.sleep_timeout_secs, self._sleep)
+
+    async def alive(self, backend: ModelConfig) -> HookResult:
+        return await self._step(HookName.ALIVE, backend, backend.alive_timeout_secs, self._alive)
+
+    async def stop(self, backend: ModelConfig) -> None:
+        await self.processes.stop(backend.name)
+
+    def on_exit(self, callback: Callable[[str], None]) -> None:
+        self.processes.on_exit(callback)
+
+    def _engine(self, backend: ModelConfig) -> Engine:
+        return self.engines[backend.kind]
+
+    # ----- the steps: True when done, False for "not serving" (alive) -----
+
+    async def _wake(self, client: httpx.AsyncClient, backend: ModelConfig) -> bool:
+        engine = self._engine(backend)
+        if backend.cmd is not None and not self.processes.running(backend.name):
+            engine.started(backend)
+            await self.processes.start(backend)
+            try:
+                await self._until_ready(client, backend)
+            except BaseException:  # not ready in time, or it exited: leave nothing running
+                with trio.CancelScope(shield=True):
+                    await self.processes.stop(backend.name, grace=STOP_GRACE_SECS)
+                raise
+        else:
+            await self._until_ready(client, backend)  # a server still loading after a boot
+        if not await engine.serving(client, backend):
+            await engine.wake(client, backend)
+            while not await engine.serving(client, backend):
+                await trio.sleep(POLL_SECS)
+        return True
+
+    async def _sleep(self, client: httpx.AsyncClient, backend: ModelConfig) -> bool:
+        if backend.cmd is not None and not self.processes.running(backend.name):
+            return True  # nothing runs, nothing holds memory
+        if backend.kind is None:
+            await self.processes.stop(backend.name, grace=STOP_GRACE_SECS)
+            return True
+        engine = self._engine(backend)
+        if not await engine.asleep(client, backend):
+            await engine.sleep(client, backend)
+            while not await engine.asleep(client, backend):
+                await trio.sleep(POLL_SECS)
+        return True
+
+    async def _alive(self, client: httpx.AsyncClient, backend: ModelConfig) -> bool:
+        if backend.cmd is not None and not self.processes.running(backend.name):
+            return False
+        return await self._engine(backend).serving(client, backend)
+
+    async def _until_ready(self, client: httpx.AsyncClient, backend: ModelConfig) -> None:
+        """Until the server's ready path answers 200; an exit of a `cmd` server ends it."""
+        url = backend.base_url + backend.ready_path
+        while True:
+            if backend.cmd is not None and not self.processes.running(backend.name):
+                code = self.processes.exit_code(backend.name)
+                tail = self.processes.log_tail(backend.name).strip().splitlines()[-5:]
+                raise EngineError(
+                    f"the server exited with code {code} before it was ready "
+                    f"(log: {self.processes.log_path(backend.name)})"
+                    + ("\n" + "\n".join(tail) if tail else "")
+                )
+            try:
+                if (await client.get(url, timeout=POLL_SECS * 25)).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            await trio.sleep(POLL_SECS)
+
+    # ----- one step, as a hook result -----
+
+    async def _step(
+        self, hook: HookName, backend: ModelConfig, timeout: float, step: Step
+    ) -> HookResult:
+        started = time.monotonic()
+        exit_code: int | None = 1
+        problem = ""
+        timed_out = False
+        try:
+            async with httpx.AsyncClient(trust_env=False) as client:
+                with trio.fail_after(timeout):
+                    exit_code = 0 if await step(client, backend) else 1
+        except trio.TooSlowError:
+            timed_out, exit_code = True, None
+            problem = f"{self._describe(backend)}: no answer within {timeout:g}s"
+        except (EngineError, OSError) as exc:
+            problem = f"{self._describe(backend)}: {exc}"
+        result = HookResult(
+            hook=hook, model=backend.name, exit_code=exit_code, timed_out=timed_out,
+            duration=time.monotonic() - started, stdout_tail="", stderr_tail=problem,
+        )  # fmt: skip
+        _log(result, self._describe(backend))
+        return result
+
+    @staticmethod
+    def _describe(backend: ModelConfig) -> str:
+        what = backend.kind or "server"
+        return f"{what} on port {backend.port}"
+
+
+def _log(result: HookResult, where: str) -> None:
+    """A line per step, with the event names hooks use (hook_completed, hook_failed, ...)."""
+    what = f"{result.hook} of {result.model} ({where})"
+    fields = {"model": result.model, "hook": result.hook, "duration": result.duration}
+    if result.hook is HookName.ALIVE and not result.timed_out:
+        answer = "serving" if result.ok else "not serving"
+        log_event(log, "hook_completed", f"{what}: {answer}", logging.DEBUG, **fields)
+    elif result.ok:
+        message = f"{what}: done in {result.duration:.2f}s"
+        log_event(log, "hook_completed", message, exit_code=0, **fields)
+    else:
+        event = "hook_timeout" if result.timed_out else "hook_failed"
+        log_event(log, event, f"{result.hook} of {result.model} failed: {result.stderr_tail}",
+                  logging.WARNING, **fields)  # fmt: skip

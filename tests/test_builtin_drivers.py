@@ -1,0 +1,247 @@
+"""Models without hooks: `kind` (llmux drives vLLM's, SGLang's or Ollama's own API) and `cmd`
+(llmux starts the server itself), end to end against fake servers that speak those APIs and
+count every request that reached them asleep or a sleep that came while they were busy."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+
+import httpx
+import trio
+
+from tests.conftest import (
+    LLMUX,
+    LlmuxProcess,
+    chat,
+    clean,
+    free_port,
+    interleave,
+    llmux_running,
+    metric_value,
+    model_block,
+    process_running,
+    stream_all,
+    write_config,
+)
+
+FAKE_SERVER = f"exec {LLMUX} fake-backend --awake --name ${{MODEL}} --port ${{PORT}}"
+
+
+def fake_vllm_cmd(*extra: str) -> str:
+    return " ".join([FAKE_SERVER, "--api", "vllm", "--wake-delay", "0.1", *extra])
+
+
+def cmd_block(name: str, cmd: str, **keys: object) -> str:
+    """A model with no port: llmux chooses one for its `cmd`."""
+    block = model_block(name, 1, cmd=cmd, **keys)
+    return block.replace("port = 1\n", "")
+
+
+def started_pids(log: str, model: str) -> list[int]:
+    return [int(pid) for pid in re.findall(rf"started the server of {model} \(pid (\d+)", log)]
+
+
+async def test_kind_vllm_drives_the_sleep_mode_api_levels_1_and_2(fakes, tmp_path):
+    a, b = fakes.start("a", "b", api="vllm", awake=True, wake_delay=0.1)
+    config = model_block("a", a.port, kind="vllm")
+    config += model_block("b", b.port, kind="vllm", sleep_level=2)
+    path = write_config(tmp_path, config)
+
+    def awake_now() -> set[str]:
+        return {f.name for f in (a, b) if f.state()["state"] == "awake"}
+
+    # Both start awake: llmux keeps a (first in config order) and puts b to sleep (level 2).
+    await interleave(path, awake_now)
+    for fake in (a, b):
+        assert clean(fake.state()), fake.state()
+    targets = b.received()["targets"]
+    assert targets["POST /sleep?level=2"] == 2
+    assert targets["POST /wake_up?tags=weights"] == 2  # the level-2 sequence, weights reloaded
+    assert targets["POST /collective_rpc"] == 2
+    assert targets["POST /wake_up?tags=kv_cache"] == 2
+    assert a.received()["targets"]["POST /sleep?level=1"] == 2
+
+
+async def test_kind_vllm_waits_for_a_server_still_loading(fakes, tmp_path):
+    """A request for a server that does not listen yet (loading after a boot) is answered once
+    it is up, within the wake timeout, instead of failing at once."""
+    port = free_port()
+    path = write_config(tmp_path, model_block("a", port, kind="vllm"))
+    async with llmux_running(path) as (_, client):
+        started = time.monotonic()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                trio.to_thread.run_sync,
+                lambda: fakes.start("a", port=port, api="vllm", awake=False, boot_secs=1.5),
+            )
+            response = await client.post("/v1/chat/completions", json=chat("a"))
+        assert response.status_code == 200, response.text
+        assert time.monotonic() - started >= 1.5
+
+
+async def test_kind_vllm_drains_a_stream_before_the_sleep(fakes, tmp_path):
+    a, b = fakes.start("a", "b", api="vllm", wake_delay=0.1, token_interval=0.05)
+    path = write_config(
+        tmp_path, model_block("a", a.port, kind="vllm") + model_block("b", b.port, kind="vllm")
+    )
+    async with llmux_running(path) as (_, client):
+        async with trio.open_nursery() as nursery:
+            results: dict[str, object] = {}
+
+            async def long_stream() -> None:
+                results["a"] = await stream_all(client, "a", 30)
+
+            nursery.start_soon(long_stream)
+            while a.state()["in_flight"] == 0:
+                await trio.sleep(0.02)
+            response = await client.post("/v1/chat/completions", json=chat("b"))
+            results["b"] = response.status_code
+        status, body = results["a"]
+        assert status == 200 and body.endswith("data: [DONE]\n\n") and body.count("data:") == 32
+        assert results["b"] == 200
+    for fake in (a, b):
+        assert clean(fake.state()), fake.state()
+
+
+async def test_kind_sglang_releases_and_resumes_memory(fakes, tmp_path):
+    a, b = fakes.start("a", "b", api="sglang", awake=True, wake_delay=0.1)
+    path = write_config(
+        tmp_path, model_block("a", a.port, kind="sglang") + model_block("b", b.port, kind="sglang")
+    )
+
+    def awake_now() -> set[str]:
+        return {f.name for f in (a, b) if f.state()["state"] == "awake"}
+
+    await interleave(path, awake_now)
+    for fake in (a, b):
+        assert clean(fake.state()), fake.state()
+
+
+async def test_kind_ollama_loads_and_unloads_models_of_one_server(fakes, tmp_path):
+    (ollama,) = fakes.start("a,b", api="ollama", wake_delay=0.1)
+    path = write_config(
+        tmp_path,
+        model_block("a", ollama.port, kind="ollama") + model_block("b", ollama.port, kind="ollama"),
+    )
+
+    def awake_now() -> set[str]:
+        models = httpx.get(ollama.url + "/api/ps").json()["models"]
+        return {m["name"].removesuffix(":latest") for m in models}
+
+    await interleave(path, awake_now)
+    state = ollama.state()
+    assert state["co_loaded"] == 0
+    for model_state in state["models"].values():
+        assert clean(model_state), model_state
+
+
+async def test_cmd_servers_start_on_wake_stop_on_sleep_and_at_exit(tmp_path):
+    path = write_config(tmp_path, cmd_block("a", FAKE_SERVER) + cmd_block("b", FAKE_SERVER))
+    pids: dict[str, list[int]] = {"a": [], "b": []}
+    async with llmux_running(path) as (server, client):
+        ports = {m.name: m.port for m in server.app.config.models.values()}
+        assert len(set(ports.values())) == 2 and 0 not in ports.values()  # chosen, distinct
+        for model in ("a", "b", "a"):
+            response = await client.post("/v1/chat/completions", json=chat(model))
+            assert response.status_code == 200, response.text
+            assert response.json()["model"] == model
+            running = {n for n in ports if server.app.fleet.servers.running(n)}
+            assert running == {model}, "the other server was stopped"
+            pid = server.app.fleet.servers._servers[model].process.pid
+            pids[model].append(pid)
+            assert os.getpgid(pid) == pid, "a server runs in a process group of its own"
+        assert pids["a"][0] != pids["a"][1], "a sleep stopped it; the wake started a new one"
+        assert not process_running(pids["a"][0]) and not process_running(pids["b"][0])
+        log_text = server.app.fleet.servers.log_path("a").read_text()
+        assert log_text.count("llmux starts: exec") >= 2
+    assert not process_running(pids["a"][1]), "llmux stopped the server it started as it exited"
+
+
+async def test_kind_vllm_with_cmd_starts_once_then_sleeps_and_wakes_through_the_api(tmp_path):
+    path = write_config(
+        tmp_path,
+        cmd_block("a", fake_vllm_cmd(), kind="vllm") + cmd_block("b", fake_vllm_cmd(), kind="vllm"),
+    )
+    async with llmux_running(path) as (server, client):
+        first: dict[str, int] = {}
+        for model in ("a", "b", "a", "b"):
+            response = await client.post("/v1/chat/completions", json=chat(model))
+            assert response.status_code == 200, response.text
+            process = server.app.fleet.servers._servers[model].process
+            first.setdefault(model, process.pid)
+            assert process.pid == first[model], "started once, then woken through its API"
+        backends = {m.name: m.base_url for m in server.app.config.models.values()}
+        async with httpx.AsyncClient() as plain:
+            sleeping = {
+                name: (await plain.get(url + "/is_sleeping")).json()["is_sleeping"]
+                for name, url in backends.items()
+            }
+            states = {
+                name: (await plain.get(url + "/fake/state")).json()
+                for name, url in backends.items()
+            }
+        assert sleeping == {"a": True, "b": False}
+        for state in states.values():
+            assert clean(state), state
+        assert states["a"]["sleeps"] == 2 and states["a"]["wakes"] == 1
+
+
+async def test_a_cmd_server_that_dies_is_known_at_once_and_restarted_on_demand(tmp_path):
+    path = write_config(
+        tmp_path, cmd_block("a", FAKE_SERVER), defaults={"alive_interval_secs": 300}
+    )
+    async with llmux_running(path) as (server, client):
+        assert (await client.post("/v1/chat/completions", json=chat("a"))).status_code == 200
+        pid = server.app.fleet.servers._servers["a"].process.pid
+        os.kill(pid, signal.SIGKILL)
+        with trio.fail_after(5):  # far less than the 300 s between alive checks
+            while server.app.fleet.models["a"].state != "asleep":
+                await trio.sleep(0.05)
+        metrics = (await client.get("/metrics")).text
+        assert metric_value(metrics, "llmux_model_dead_total", model="a") == 1
+        response = await client.post("/v1/chat/completions", json=chat("a"))
+        assert response.status_code == 200, response.text
+        assert server.app.fleet.servers._servers["a"].process.pid != pid
+
+
+async def test_a_cmd_that_fails_to_start_answers_503_with_its_output(tmp_path):
+    crash = "echo 'CUDA out of memory' >&2; exit 3"
+    hang = f"exec {LLMUX} fake-backend --awake --boot-secs 60 --port ${{PORT}}"
+    blocks = cmd_block("crash", crash) + cmd_block("hang", hang, wake_timeout_secs=2)
+    path = write_config(tmp_path, blocks)
+    async with llmux_running(path) as (server, client):
+        response = await client.post("/v1/chat/completions", json=chat("crash"))
+        assert response.status_code == 503
+        message = response.json()["error"]["message"]
+        assert "exited with code 3" in message and "CUDA out of memory" in message
+        response = await client.post("/v1/chat/completions", json=chat("hang"))
+        assert response.status_code == 503
+        assert "no answer within 2s" in response.json()["error"]["message"]
+        assert not server.app.fleet.servers.running("hang"), "a server not ready in time is stopped"
+
+
+def test_a_restarted_llmux_stops_the_server_a_killed_one_left(tmp_path):
+    path = write_config(tmp_path, cmd_block("a", FAKE_SERVER))
+    first = LlmuxProcess(path)
+    try:
+        assert (
+            httpx.post(first.url + "/v1/chat/completions", json=chat("a"), timeout=30).status_code
+            == 200
+        )
+        (pid,) = started_pids(first.log, "a")
+        assert process_running(pid)
+        first.stop(signal.SIGKILL)
+        assert process_running(pid), "SIGKILL gave llmux no chance to stop its server"
+    finally:
+        first.stop(signal.SIGKILL)
+    second = LlmuxProcess(path)
+    try:
+        deadline = time.monotonic() + 15
+        while process_running(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not process_running(pid), "the survivor was stopped at start-up"
+    finally:
+        assert second.stop() == 0
