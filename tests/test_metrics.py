@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from functools import partial
 from pathlib import Path
 
@@ -32,9 +33,17 @@ async def test_every_original_metric_is_exposed_after_a_switch(fakes, tmp_path):
     a, b = fakes.start("a", "b", wake_delay=0.05)
     path = write_config(tmp_path, fake_model_block(a) + fake_model_block(b))
     async with llmux_running(path) as (_, client):
+        began = time.time()
         for model in ("a", "b"):
             assert (await client.post("/v1/chat/completions", json=chat(model))).status_code == 200
+            if model == "a":
+                between = time.time()
         text = (await client.get("/metrics")).text
+    # When each switch ended, for `llmux top` to stamp it with.
+    ended = {"from": "idle", "to": "a", "result": "ok"}
+    assert began <= metric_value(text, "llmux_switch_last_time_seconds", **ended) <= between
+    ended = {"from": "a", "to": "b", "result": "ok"}
+    assert between <= metric_value(text, "llmux_switch_last_time_seconds", **ended) <= time.time()
     exposed = set(re.findall(r"^# HELP (llmux_[a-z_]+) ", text, re.M))
     for name in original_names():
         assert name in exposed, name

@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import subprocess
+import time
 from functools import partial
 
 import pytest
@@ -16,9 +17,9 @@ from llmux.observe.top import Dashboard, Poll, _quantile
 from tests.conftest import PYTHON, chat, fake_model_block, llmux_running, write_config
 
 
-def render(dashboard: Dashboard) -> str:
-    console = Console(record=True, width=80, height=24, color_system=None)
-    console.print(dashboard.render())
+def render(dashboard: Dashboard, width: int = 80) -> str:
+    console = Console(record=True, width=width, height=24, color_system=None)
+    console.print(dashboard.render(console.width))
     return console.export_text()
 
 
@@ -49,7 +50,10 @@ async def test_frame_from_a_real_llmux_shows_state_rates_costs_and_switches(fake
     }
     assert table["b"][1] == "active" and table["a"][1] == "asleep"
     assert table["b"][4] == "2.0", "4 requests over 2 s between polls"
-    assert "switch a→b ok" in frame and "switch idle→a ok (since start)" in frame
+    assert "switch a→b ok" in frame and "switch idle→a ok" in frame
+    # Stamped with the time llmux recorded for the switch, not the time of the poll (1000 s).
+    ended = Poll.parse(second, 0).value("llmux_switch_last_time_seconds", to="b")
+    assert ended and f"{time.strftime('%H:%M:%S', time.localtime(ended))} switch a→b" in frame
     cost_rows = [line for line in lines if line.startswith("a ") and "·" in line]
     assert cost_rows, frame
 
@@ -270,3 +274,83 @@ def test_groups_get_a_line_each_and_a_column():
     assert "gpu1 1/1  switching idle → d (5s)" in frame
     row = next(line for line in frame.splitlines() if line.lstrip().startswith("c "))
     assert "gpu1" in row and "asleep" in row
+
+
+def _busy_poll(at: float, requests: float, waits_fast: float, waits_slow: float) -> Poll:
+    """A poll of one model: `requests` done, queue waits split between two buckets."""
+    bucket = "llmux_request_queue_wait_seconds_bucket"
+    text = (
+        "llmux_start_time_seconds 1\n"
+        'llmux_model_state{model="m",state="active"} 1\n'
+        f'llmux_requests_total{{model="m",status="200"}} {requests}\n'
+        f'{bucket}{{model="m",le="0.025"}} {waits_fast}\n'
+        f'{bucket}{{model="m",le="5.0"}} {waits_fast + waits_slow}\n'
+        f'{bucket}{{model="m",le="+Inf"}} {waits_fast + waits_slow}\n'
+    )
+    return Poll.parse(text, at)
+
+
+def _row(frame: str, model: str) -> dict[str, str]:
+    lines = frame.splitlines()
+    header = next(line for line in lines if line.startswith("model "))
+    row = next(line for line in lines if line.startswith(model + " "))
+    return dict(zip(header.split(), row.split(), strict=True))
+
+
+def test_rates_and_waits_cover_a_sliding_window_not_the_last_poll():
+    dashboard = Dashboard("u")
+    dashboard.update(_busy_poll(at=0, requests=0, waits_fast=0, waits_slow=0))
+    dashboard.update(_busy_poll(at=10, requests=300, waits_fast=100, waits_slow=200))
+    # A quiet half second: with a two-poll figure, req/s would drop to 0 and the waits vanish.
+    dashboard.update(_busy_poll(at=10.5, requests=300, waits_fast=100, waits_slow=200))
+    row = _row(render(dashboard), "m")
+    assert row["req/s"] == "28.6"  # 300 requests over the 10.5 s seen so far
+    assert row["wait95"].endswith("s") and row["wait95"] != "-"
+    assert "over the last 10s" in render(dashboard)
+    # 40 s later the burst is out of the 30 s window.
+    dashboard.update(_busy_poll(at=50, requests=300, waits_fast=100, waits_slow=200))
+    dashboard.update(_busy_poll(at=51, requests=330, waits_fast=130, waits_slow=200))
+    row = _row(render(dashboard), "m")
+    assert row["req/s"] == "0.7"  # 30 requests over the 41 s since the poll at 10 s
+    assert row["wait95"] == "24ms"  # only the fast waits of the window
+
+
+def test_a_narrow_terminal_drops_whole_columns_never_cuts_values():
+    text = "llmux_start_time_seconds 100\n"
+    for group, model in (("gpu0", "llama-3.1-8b-instruct"), ("gpu1", "qwen")):
+        text += f'llmux_group_model_info{{group="{group}",model="{model}"}} 1\n'
+        text += f'llmux_model_state{{model="{model}",state="active"}} 1\n'
+        text += f'llmux_model_last_switch_duration_seconds{{model="{model}"}} 0.016\n'
+    dashboard = Dashboard("u")
+    dashboard.update(Poll.parse(text, 200))
+    dashboard.update(Poll.parse(text, 201))
+    wide, narrow = render(dashboard, width=120), render(dashboard, width=50)
+    assert _row(wide, "qwen")["switch"] == "16ms" and _row(wide, "qwen")["group"] == "gpu1"
+    header = next(line for line in narrow.splitlines() if line.startswith("model "))
+    assert max(len(line) for line in narrow.splitlines()) <= 50
+    assert "…" not in header, "headings are whole or absent"
+    kept = header.split()
+    assert kept[:4] == ["model", "state", "queue", "infl"], "the most useful columns stay"
+    assert "active" not in kept and "group" not in kept, "the least useful go first"
+    for value in _row(narrow, "qwen").values():
+        assert "…" not in value
+    assert "llama-3.1-8b-inst…" in narrow  # a long model name is the one value shortened
+
+
+def test_switches_before_top_started_carry_their_own_times():
+    text = (
+        "llmux_start_time_seconds 100\n"
+        'llmux_model_state{model="a",state="active"} 1\n'
+        'llmux_switch_total{from="idle",to="a",result="ok"} 1\n'
+        'llmux_switch_total{from="b",to="a",result="ok"} 3\n'
+        'llmux_switch_last_time_seconds{from="idle",to="a",result="ok"} 1000\n'
+        'llmux_switch_last_time_seconds{from="b",to="a",result="ok"} 5000\n'
+    )
+    dashboard = Dashboard("u")
+    dashboard.update(Poll.parse(text, 9000))
+    lines = [line for line in render(dashboard).splitlines() if line[9:16] == "switch "]
+    stamp = lambda at: time.strftime("%H:%M:%S", time.localtime(at))  # noqa: E731
+    assert lines == [
+        f"{stamp(1000)} switch idle→a ok",
+        f"{stamp(5000)} switch b→a ok x3 since start",
+    ]

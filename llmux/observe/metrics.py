@@ -103,6 +103,11 @@ class Metrics:
             "Unix time the switch now running started; present only while a switch runs",
             ["from", "to"], registry=r,
         )  # fmt: skip
+        self.switch_last_time = Gauge(
+            "llmux_switch_last_time_seconds",
+            "Unix time the latest switch from->to with this result ended",
+            ["from", "to", "result"], registry=r,
+        )  # fmt: skip
         self.last_switch_duration = Gauge(
             "llmux_model_last_switch_duration_seconds",
             "Duration of the latest successful switch to this model (drain + sleep + wake)",

@@ -1,8 +1,11 @@
 """`llmux top`: a live terminal dashboard built from llmux's own `/metrics`.
 
 It polls the Prometheus text, parses it with prometheus-client's parser, and derives rates and
-interval quantiles from the difference between two polls, the way Prometheus itself would. The
-frame is a pure function of (previous poll, current poll), so tests render it on a recorded console.
+quantiles over a sliding window (the last WINDOW_SECS of polls) from the difference between the
+window's first and last poll, the way Prometheus's `rate()` and `histogram_quantile()` would: a
+figure does not flash and vanish between two polls. Switches are stamped with the time llmux
+recorded for them (`llmux_switch_last_time_seconds`), not with the time top saw them. The frame
+is a pure function of the polls kept and the width, so tests render it on a recorded console.
 """
 
 from __future__ import annotations
@@ -33,6 +36,16 @@ STATE_STYLES = {
     "asleep": "dim",
 }
 MAX_EVENTS = 5
+WINDOW_SECS = 30.0  # rates, error share and wait percentiles cover this much of the recent past
+
+# The model table's columns in display order, each with its priority: when the terminal is
+# narrow, whole columns go, the highest number first, so that no value is ever cut.
+COLUMNS = {
+    "model": 0, "group": 9, "state": 1, "queue": 2, "infl": 3, "req/s": 4, "err%": 6,
+    "wait50": 5, "wait95": 7, "active": 10, "switch": 8,
+}  # fmt: skip
+COLUMN_GAP = 2  # the padding and the separator between two columns of the table
+MODEL_WIDTH = 18  # longer model names end in "…" (the only value shortened)
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -98,21 +111,33 @@ class Event:
 
 @dataclass
 class Dashboard:
-    """What `llmux top` remembers between polls: the previous poll and the recent events."""
+    """What `llmux top` remembers between polls: the polls of the window and recent events."""
 
     url: str
     previous: Poll | None = None
     current: Poll | None = None
     events: deque[Event] = field(default_factory=lambda: deque(maxlen=MAX_EVENTS))
     error: str | None = None
+    window: float = WINDOW_SECS
+    history: deque[Poll] = field(default_factory=deque)
 
     def update(self, poll: Poll) -> None:
         self.error = None
         if self.current is not None and _restarted(self.current, poll):
             self.events.append(Event(poll.at, "llmux restarted", "yellow"))
             self.current = None
+            self.history.clear()
         self.previous, self.current = self.current, poll
+        self.history.append(poll)
+        # Keep the newest poll at least `window` old, so the window spans all of it.
+        while len(self.history) > 2 and self.history[1].at <= poll.at - self.window:
+            self.history.popleft()
         self._record_events()
+
+    @property
+    def base(self) -> Poll | None:
+        """The poll the window's figures are measured from (None until there are two)."""
+        return self.history[0] if len(self.history) > 1 else None
 
     def unreachable(self, reason: str) -> None:
         self.error = reason
@@ -121,6 +146,7 @@ class Dashboard:
         assert self.current is not None
         now = self.current
         before = self.previous
+        switches = []
         for labels, value in now.series("llmux_switch_total"):
             old = before.value("llmux_switch_total", **labels) if before else None
             count = value - (old or 0)
@@ -129,9 +155,12 @@ class Dashboard:
             result = labels["result"]
             style = "green" if result == "ok" else "red"
             times = f" x{count:g}" if count > 1 else ""
-            suffix = " (since start)" if before is None else ""
+            suffix = " since start" if before is None and count > 1 else ""
             text = f"switch {labels['from']}→{labels['to']} {result}{times}{suffix}"
-            self.events.append(Event(now.at, text, style))
+            # Stamped with the time llmux recorded (an older llmux has none: when top saw it).
+            at = now.value("llmux_switch_last_time_seconds", **labels) or now.at
+            switches.append(Event(at, text, style))
+        self.events.extend(sorted(switches, key=lambda event: event.at))
         for labels, value in now.series("llmux_hook_failures_total"):
             old = before.value("llmux_hook_failures_total", **labels) if before else None
             count = value - (old or 0)
@@ -140,10 +169,11 @@ class Dashboard:
                 text = f"{labels['hook']} hook failed for {labels['model']}{times}"
                 self.events.append(Event(now.at, text, "red"))
 
-    def render(self) -> RenderableType:
+    def render(self, width: int = 80) -> RenderableType:
+        """The frame for a terminal `width` columns wide."""
         parts: list[RenderableType] = [self._header()]
         if self.current is not None:
-            parts += [self._model_table(), self._cost_table(), self._event_lines()]
+            parts += [self._model_table(width), self._cost_table(), self._event_lines()]
         return Group(*parts)
 
     def _header(self) -> Text:
@@ -186,49 +216,59 @@ class Dashboard:
                 text.append("idle", style="dim")
         return text
 
-    def _model_table(self) -> Table:
-        poll, before = self.current, self.previous
+    def _model_table(self, width: int) -> RenderableType:
+        poll, base = self.current, self.base
         assert poll is not None
-        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
         group_of = {model: group for group, ms in poll.groups().items() for model in ms}
         several = len(set(group_of.values())) > 1
-        table.add_column("model", overflow="ellipsis", max_width=18, no_wrap=True)
-        if several:
-            table.add_column("group", overflow="ellipsis", max_width=10, no_wrap=True)
-        table.add_column("state", min_width=8, no_wrap=True)
-        for heading in ("queue", "infl", "req/s", "err%", "wait50", "wait95", "active", "switch"):
-            table.add_column(heading, justify="right", no_wrap=True)
-        elapsed = (poll.at - before.at) if before else 0.0
-        for model in poll.models():
-            state = poll.state_of(model)
-            since = poll.value("llmux_model_active_since_seconds", model=model) or 0
-            last_switch = poll.value("llmux_model_last_switch_duration_seconds", model=model)
-            rate = errors = "-"
-            p50 = p95 = "-"
-            if before is not None and elapsed > 0:
-                done = poll.total("llmux_requests_total", model=model) - before.total(
-                    "llmux_requests_total", model=model
-                )
-                failed = _errors(poll, model) - _errors(before, model)
-                rate = f"{done / elapsed:.1f}"
-                errors = f"{100 * failed / done:.0f}" if done > 0 else "0"
-                buckets = _bucket_deltas(poll, before, "llmux_request_queue_wait_seconds", model)
-                p50 = _seconds(_quantile(0.50, buckets))
-                p95 = _seconds(_quantile(0.95, buckets))
-            table.add_row(
-                model,
-                *([group_of.get(model, "?")] if several else []),
-                Text(state, style=STATE_STYLES.get(state, "")),
-                f"{poll.value('llmux_request_queue_depth', model=model) or 0:g}",
-                f"{poll.value('llmux_model_in_flight', model=model) or 0:g}",
-                rate,
-                errors,
-                p50,
-                p95,
-                _duration(poll.at - since) if since else "-",
-                _seconds(last_switch) if last_switch else "-",
+        rows = [self._model_row(poll, base, model, group_of) for model in poll.models()]
+        headings = [h for h in COLUMNS if h != "group" or several]
+        widths = {h: max([len(h), *(len(row[h]) for row in rows)]) for h in headings}
+        # Whole columns go, lowest priority first, until the rest fits (with the gaps between).
+        while len(headings) > 1 and sum(widths[h] + COLUMN_GAP for h in headings) > width:
+            headings.remove(max(headings, key=lambda h: COLUMNS[h]))
+        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))
+        for heading in headings:
+            justify = "left" if heading in ("model", "group", "state") else "right"
+            table.add_column(heading, justify=justify, no_wrap=True, min_width=widths[heading])
+        for row in rows:
+            cells = [
+                Text(row[h], style=STATE_STYLES.get(row[h], "")) if h == "state" else row[h]
+                for h in headings
+            ]
+            table.add_row(*cells)
+        span = f"over the last {_duration(poll.at - base.at)}" if base else "after the next poll"
+        caption = Text(f"req/s, err% and waits {span}", style="dim")
+        return Group(table, caption)
+
+    def _model_row(
+        self, poll: Poll, base: Poll | None, model: str, group_of: dict[str, str]
+    ) -> dict[str, str]:
+        """One model's cells, as text, by column heading."""
+        since = poll.value("llmux_model_active_since_seconds", model=model) or 0
+        last_switch = poll.value("llmux_model_last_switch_duration_seconds", model=model)
+        row = {
+            "model": _truncate(model, MODEL_WIDTH),
+            "group": group_of.get(model, "?"),
+            "state": poll.state_of(model),
+            "queue": f"{poll.value('llmux_request_queue_depth', model=model) or 0:g}",
+            "infl": f"{poll.value('llmux_model_in_flight', model=model) or 0:g}",
+            "req/s": "-", "err%": "-", "wait50": "-", "wait95": "-",
+            "active": _duration(poll.at - since) if since else "-",
+            "switch": _seconds(last_switch) if last_switch else "-",
+        }  # fmt: skip
+        elapsed = (poll.at - base.at) if base else 0.0
+        if base is not None and elapsed > 0:
+            done = poll.total("llmux_requests_total", model=model) - base.total(
+                "llmux_requests_total", model=model
             )
-        return table
+            failed = _errors(poll, model) - _errors(base, model)
+            row["req/s"] = f"{done / elapsed:.1f}"
+            row["err%"] = f"{100 * failed / done:.0f}" if done > 0 else "0"
+            buckets = _bucket_deltas(poll, base, "llmux_request_queue_wait_seconds", model)
+            row["wait50"] = _seconds(_quantile(0.50, buckets))
+            row["wait95"] = _seconds(_quantile(0.95, buckets))
+        return row
 
     def _cost_table(self) -> RenderableType:
         poll = self.current
@@ -384,7 +424,7 @@ async def print_once(url: str, interval: float, token: str | None, console: Cons
             return False
         await trio.sleep(interval)
         await poll_once(client, url, dashboard)
-    console.print(dashboard.render())
+    console.print(dashboard.render(console.width))
     return dashboard.error is None
 
 
@@ -406,7 +446,7 @@ async def _refresh_forever(
     with Live(dashboard.render(), screen=True, auto_refresh=False) as live:
         while True:
             await poll_once(client, url, dashboard)
-            live.update(dashboard.render(), refresh=True)
+            live.update(dashboard.render(live.console.width), refresh=True)
             await trio.sleep(interval)
 
 

@@ -328,7 +328,9 @@ class GroupDriver:
             self.metrics.switch_in_progress.remove(*self._switch_labels)
             self._switch_labels = None
         elif name == "switch_result":
-            self.metrics.switch_total.labels(fields["from"], fields["to"], fields["result"]).inc()
+            labels = (str(fields["from"]), str(fields["to"]), str(fields["result"]))
+            self.metrics.switch_total.labels(*labels).inc()
+            self.metrics.switch_last_time.labels(*labels).set(time.time())
         elif name == "drain_measured":
             self.metrics.switch_drain_duration.labels(fields["model"]).observe(fields["seconds"])
         elif name == "model_active_duration":
@@ -348,5 +350,6 @@ class GroupDriver:
         source, took = str(fields["from"]), float(fields["switch_seconds"])  # type: ignore[arg-type]
         self.metrics.switch_cost_ema.labels(source, model).set(estimate)
         self.metrics.switch_total.labels(source, model, "ok").inc()
+        self.metrics.switch_last_time.labels(source, model, "ok").set(time.time())
         self.metrics.switch_duration.labels(source, model).observe(took)
         self.metrics.last_switch_duration.labels(model).set(took)

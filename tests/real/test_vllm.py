@@ -91,7 +91,12 @@ def session_members(session: int) -> list[int]:
 
 
 def sleeping(port: int) -> bool:
-    return httpx.get(f"http://127.0.0.1:{port}/is_sleeping", timeout=10).json()["is_sleeping"]
+    """Whether the server holds no model awake: asleep, or (a `cmd` server) not started yet."""
+    try:
+        answer = httpx.get(f"http://127.0.0.1:{port}/is_sleeping", timeout=10)
+    except httpx.ConnectError:
+        return True
+    return answer.json()["is_sleeping"]
 
 
 class Llmux:
