@@ -105,6 +105,10 @@ def test_unit_keeps_what_llmux_relies_on():
     stop = int(re.search(r"^TimeoutStopSec=(\d+)$", unit, re.M).group(1))
     assert stop > 30 + 5, "the stop timeout must outlast the drain bound (shutdown_timeout_secs)"
     assert int(re.search(r"^LimitNOFILE=(\d+)$", unit, re.M).group(1)) >= 65536
+    # Documentation= names this project's README where the install steps put it.
+    documentation = re.search(r"^Documentation=file://(\S+)$", unit, re.M).group(1)
+    readme = (ROOT / "README.md").read_text()
+    assert f"install -Dm 644 README.md {documentation}" in readme
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
