@@ -533,10 +533,13 @@ def _parse_model(
 def _parse_driver(checker: _Checker, raw: dict[str, Any], key: str) -> dict[str, Any]:
     """How the model is woken and put to sleep: its shell hooks, or `kind` and/or `cmd`."""
     hooks = {hook.value: raw.get(hook.value) for hook in HookName}
-    for hook, command in hooks.items():
-        if command is not None:
-            checker.hook(command, f"{key}.{hook}")
     kind, cmd = raw.get("kind"), raw.get("cmd")
+    given = [hook for hook, command in hooks.items() if command is not None]
+    if (kind is not None or cmd is not None) and given:
+        problem = f"{', '.join(given)} given with kind or cmd: give hooks or kind/cmd, not both"
+        raise ConfigError(checker.path, f"{key}.{given[0]}", problem)
+    for hook in given:
+        checker.hook(hooks[hook], f"{key}.{hook}")
     if kind is not None and kind not in KINDS:
         problem = f"unknown kind {kind!r} (known: {', '.join(KINDS)}; or give hooks)"
         raise ConfigError(checker.path, f"{key}.kind", problem)
@@ -545,10 +548,6 @@ def _parse_driver(checker: _Checker, raw: dict[str, Any], key: str) -> dict[str,
         if kind == "ollama":
             problem = "an Ollama server holds several models: run `ollama serve` as its own service"
             raise ConfigError(checker.path, f"{key}.cmd", problem)
-    given = [hook for hook, command in hooks.items() if command is not None]
-    if (kind is not None or cmd is not None) and given:
-        problem = f"{', '.join(given)} given with kind or cmd: a model uses hooks or neither"
-        raise ConfigError(checker.path, f"{key}.{given[0]}", problem)
     if kind is None and cmd is None:
         for required in (HookName.WAKE.value, HookName.SLEEP.value):
             if hooks[required] is None:

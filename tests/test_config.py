@@ -122,7 +122,7 @@ def test_minimal_config_uses_documented_defaults(tmp_path):
         ),
         ("[models.a\n", "", "invalid TOML"),
         # Built-in drivers: hooks or kind/cmd, each checked.
-        ('[models.a]\nport = 9\nkind = "vllm"\nsleep = "t"\n', "models.a.sleep", "hooks or"),
+        ('[models.a]\nport = 9\nkind = "vllm"\nsleep = "t"\n', "models.a.sleep", "not both"),
         ('[models.a]\nport = 9\nkind = "tgi"\n', "models.a.kind", "unknown kind 'tgi'"),
         ('[models.a]\nport = 9\nkind = "ollama"\ncmd = "ollama serve"\n', "models.a.cmd",
          "several models"),
