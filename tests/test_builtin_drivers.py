@@ -245,3 +245,32 @@ def test_a_restarted_llmux_stops_the_server_a_killed_one_left(tmp_path):
         assert not process_running(pid), "the survivor was stopped at start-up"
     finally:
         assert second.stop() == 0
+
+
+async def test_a_server_deaf_to_sigterm_is_killed_within_the_sleep_timeout(tmp_path):
+    """Stopping a `cmd` server ends within sleep_timeout_secs: SIGKILL follows SIGTERM early
+    enough, and takes every process of its group."""
+    deaf = "sh -c 'trap \"\" TERM; while :; do sleep 0.1; done' & " + FAKE_SERVER
+    blocks = cmd_block("a", deaf, sleep_timeout_secs=2) + cmd_block("b", FAKE_SERVER)
+    path = write_config(tmp_path, blocks)
+    async with llmux_running(path) as (server, client):
+        assert (await client.post("/v1/chat/completions", json=chat("a"))).status_code == 200
+        group = server.app.fleet.servers._servers["a"].process.pid
+        response = await client.post("/v1/chat/completions", json=chat("b"))
+        assert response.status_code == 200, response.text
+        metrics = (await client.get("/metrics")).text
+        assert metric_value(metrics, "llmux_hook_failures_total", model="a", hook="sleep") is None
+        assert not [pid for pid in _pids() if _pgid(pid) == group], "nothing of a's group is left"
+
+
+def _pids() -> list[int]:
+    return [
+        int(name) for name in os.listdir("/proc") if name.isdigit() and process_running(int(name))
+    ]
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None

@@ -82,7 +82,9 @@ class BuiltinDriver:
         if backend.cmd is not None and not self.processes.running(backend.name):
             return True  # nothing runs, nothing holds memory
         if backend.kind is None:
-            await self.processes.stop(backend.name, grace=STOP_GRACE_SECS)
+            # SIGKILL comes early enough for the stop to end within the sleep's own timeout.
+            grace = min(STOP_GRACE_SECS, backend.sleep_timeout_secs / 2)
+            await self.processes.stop(backend.name, grace=grace)
             return True
         engine = self._engine(backend)
         if not await engine.asleep(client, backend):

@@ -247,8 +247,12 @@ def test_kind_vllm_with_cmd_starts_each_server_once_then_sleeps_it(tmp_path):
         level = "sleep_level = 2\n" if name == "tiny-b" else ""
         blocks += f'[models.{name}]\nkind = "vllm"\n{level}cmd = "{env} exec {command}"\n'
     path = tmp_path / "config.toml"
+    # fifo: switch while the long stream runs, so that the drain is exercised. (cost_aware would
+    # rightly let the stream finish first: the first switches include cold starts of tens of
+    # seconds, which its switch-cost estimate remembers.)
     path.write_text(
-        "[policy]\nrequest_timeout_secs = 600\n[defaults]\nwake_timeout_secs = 500\n" + blocks
+        '[policy]\nname = "fifo"\nrequest_timeout_secs = 600\n'
+        "[defaults]\nwake_timeout_secs = 500\n" + blocks
     )
     llmux = Llmux(path)
     try:
