@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import trio
 
 from tests.conftest import (
     chat,
@@ -176,6 +177,37 @@ async def test_anthropic_sdk_key_header_is_accepted(fakes, tmp_path):
         good = await client.post("/v1/messages", json=body, headers={"x-api-key": KEY})
         bad = await client.post("/v1/messages", json=body, headers={"x-api-key": "sk-wrong"})
     assert (good.status_code, bad.status_code) == (200, 401)
+
+
+async def test_the_anthropic_sdk_through_llmux_with_its_key_header(fakes, tmp_path):
+    """Anthropic's own SDK (it sends `x-api-key`): a message and a streamed message reach the
+    model they name, and the key is checked and not forwarded."""
+    anthropic = pytest.importorskip("anthropic")
+    a, b = fakes.start("a", "b", wake_delay=0.05)
+    top = f'[auth]\napi_keys = ["{KEY}"]\n'
+    path = write_config(tmp_path, fake_model_block(a) + fake_model_block(b), top=top)
+    async with llmux_running(path) as (server, _):
+
+        def use_sdk() -> tuple[str, str, str]:
+            sdk = anthropic.Anthropic(base_url=server.url, api_key=KEY, max_retries=0)
+            said = [{"role": "user", "content": "hi"}]
+            message = sdk.messages.create(model="a", max_tokens=3, messages=said)
+            with sdk.messages.stream(model="b", max_tokens=4, messages=said) as stream:
+                streamed = "".join(stream.text_stream)
+            wrong = anthropic.Anthropic(base_url=server.url, api_key="sk-wrong", max_retries=0)
+            try:
+                wrong.messages.create(model="a", max_tokens=3, messages=said)
+            except anthropic.AuthenticationError as exc:
+                refused = str(exc)
+            return message.content[0].text, streamed, refused
+
+        text, streamed, refused = await trio.to_thread.run_sync(use_sdk)
+    assert text == "a-0 a-1 a-2 "
+    assert streamed == "b-0 b-1 b-2 b-3 "
+    assert "401" in refused
+    for fake in (a, b):
+        assert fake.state()["rejected_while_asleep"] == 0
+        assert "x-api-key" not in fake.received()["header_names"]
 
 
 async def test_model_names_with_slashes_in_llmux_routes(fakes, tmp_path):

@@ -243,6 +243,8 @@ class FakeBackend:
         try:
             if path.endswith("/embeddings"):
                 await send_json(send, 200, _embedding(model))
+            elif path == "/v1/messages":
+                await self._anthropic(send, model, tokens, stream=bool(request.get("stream")))
             elif request.get("stream"):
                 await self._stream(
                     send, receive, model, tokens, chat=path.endswith("/chat/completions")
@@ -271,6 +273,44 @@ class FakeBackend:
 
     def _token(self, index: int) -> str:
         return f"{self.name}-{index} "
+
+    async def _anthropic(self, send: Send, model: str, tokens: int, stream: bool) -> None:
+        """Anthropic's Messages API: one message, or its event stream token by token."""
+        message: dict[str, Any] = {
+            "id": f"msg_fake_{time.monotonic_ns()}", "type": "message", "role": "assistant",
+            "model": model, "content": [], "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": 1, "output_tokens": 0},
+        }  # fmt: skip
+        text = [self._token(i) for i in range(tokens)]
+        if not stream:
+            await trio.sleep(self.token_interval * tokens)
+            message["content"] = [{"type": "text", "text": "".join(text)}]
+            message["stop_reason"] = "max_tokens"
+            message["usage"]["output_tokens"] = tokens
+            await send_json(send, 200, message)
+            return
+        headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        events: list[dict[str, Any]] = [
+            {"type": "message_start", "message": message},
+            {"type": "content_block_start", "index": 0,
+             "content_block": {"type": "text", "text": ""}},
+        ]  # fmt: skip
+        for piece in text:
+            delta = {"type": "text_delta", "text": piece}
+            events.append({"type": "content_block_delta", "index": 0, "delta": delta})
+        events += [
+            {"type": "content_block_stop", "index": 0},
+            {"type": "message_delta", "delta": {"stop_reason": "max_tokens", "stop_sequence": None},
+             "usage": {"output_tokens": tokens}},
+            {"type": "message_stop"},
+        ]  # fmt: skip
+        for event in events:
+            if event["type"] == "content_block_delta":
+                await trio.sleep(self.token_interval)
+            data = f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _stream(
         self, send: Send, receive: Receive, model: str, tokens: int, chat: bool
