@@ -288,11 +288,19 @@ def test_sleep_mode_levels_1_and_2_through_llmux(two_vllm_servers, tmp_path, dri
             f'[models.tiny-b]\nport = {b}\nkind = "vllm"\nsleep_level = 2\n'
         )
     (folder / "config.toml").write_text(
-        "[policy]\nrequest_timeout_secs = 120\n[defaults]\nwake_timeout_secs = 120\n" + models
+        '[policy]\nname = "fifo"\nrequest_timeout_secs = 120\n'  # fifo: see the cmd test
+        "[defaults]\nwake_timeout_secs = 120\n" + models
     )
     llmux = Llmux(folder / "config.toml")
     try:
-        # Both servers were awake: llmux kept the first and put the other to sleep.
+        # Both servers were awake: llmux kept the first and put the other to sleep (its alive
+        # checks at start-up run while it already listens).
+        deadline = time.monotonic() + 60
+        settled = {"tiny-a": "active", "tiny-b": "asleep"}
+        while time.monotonic() < deadline:
+            if {n: m["state"] for n, m in llmux.status()["models"].items()} == settled:
+                break
+            time.sleep(0.2)
         assert llmux.status()["active_model"] == "tiny-a"
         assert (sleeping(a), sleeping(b)) == (False, True)
         exercise_sleep_mode(llmux)
