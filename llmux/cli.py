@@ -253,6 +253,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _top(args: argparse.Namespace) -> int:
     import os
+    import shutil
 
     import trio
     from rich.console import Console
@@ -266,7 +267,9 @@ def _top(args: argparse.Namespace) -> int:
         return EXIT_CONFIG_ERROR
     token = args.token or os.environ.get(TOKEN_ENV)
     if args.once:
-        console = Console(color_system=None, width=80, soft_wrap=False)
+        # The terminal's width; 80 into a pipe or a file, so that scripts see one shape.
+        width = shutil.get_terminal_size((80, 24)).columns if sys.stdout.isatty() else 80
+        console = Console(color_system=None, width=width, soft_wrap=False)
         reachable = trio.run(print_once, url, args.interval, token, console)
         return 0 if reachable else 1
     trio.run(run_live, url, args.interval, token)

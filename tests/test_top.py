@@ -77,6 +77,41 @@ async def test_once_prints_the_active_model_and_latest_switch(fakes, tmp_path):
     assert all(len(line) <= 80 for line in result.stdout.splitlines())
 
 
+async def test_once_on_a_narrow_terminal_fits_it(fakes, tmp_path):
+    """In a terminal, `--once` draws for the terminal's width (in a pipe, for 80 columns)."""
+    import fcntl
+    import struct
+    import termios
+
+    path = await _switched_llmux(fakes, tmp_path)
+    async with llmux_running(path) as (server, client):
+        await client.post("/v1/chat/completions", json=chat("a", max_tokens=1))
+        leader, follower = os.openpty()
+        fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 50, 0, 0))
+        try:
+            args = [PYTHON, "-m", "llmux", "top", "--once", "--url", server.url]
+            env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+            code = await trio.to_thread.run_sync(
+                lambda: subprocess.run(args, stdout=follower, env=env, timeout=30).returncode
+            )
+            os.close(follower)
+            output = b""
+            while chunk := _read_available(leader):
+                output += chunk
+        finally:
+            os.close(leader)
+    lines = output.decode().replace("\r", "").splitlines()
+    assert code == 0 and any(line.startswith("model ") for line in lines), lines
+    assert max(len(line) for line in lines) <= 50, lines
+
+
+def _read_available(fd: int) -> bytes:
+    try:
+        return os.read(fd, 65536)
+    except OSError:  # the terminal's other end is closed and everything was read
+        return b""
+
+
 def test_once_against_nothing_says_unreachable():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

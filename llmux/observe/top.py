@@ -237,7 +237,15 @@ class Dashboard:
                 for h in headings
             ]
             table.add_row(*cells)
-        span = f"over the last {_duration(poll.at - base.at)}" if base else "after the next poll"
+        if base is None:
+            span = "after the next poll"
+        else:
+            seconds = poll.at - base.at
+            span = (
+                f"over the last {seconds:.1f}s"
+                if seconds < 10
+                else f"over the last {_duration(seconds)}"
+            )
         caption = Text(f"req/s, err% and waits {span}", style="dim")
         return Group(table, caption)
 
