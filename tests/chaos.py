@@ -2,6 +2,7 @@
 was lost. Used by tests/test_chaos.py (a short seed) and as a soak script:
 
     python -m tests.chaos --requests 2000 --seed 7
+    python -m tests.chaos --requests 2000 --seed 7 --servers   # kind = "vllm" + cmd
 
 Faults injected: wake hooks that fail (10%), hang until killed by their timeout (2%) or take a
 random time; clients that leave while queued or mid-stream; the active backend killed with
@@ -12,6 +13,11 @@ with requests in flight; every request got its full answer or a defined error (5
 OpenAI shape, or a truncated stream from the killed backend); in-flight counts and queues are 0;
 no hook process is left; llmux still serves every model; with groups, no group ever has more
 awake than its capacity.
+
+With --servers, no hooks: each model is `kind = "vllm"` with a `cmd` that llmux starts itself
+(fake servers speaking vLLM's sleep-mode API), and instead of one backend killed and restarted by
+hand, the server of a busy model is killed with SIGKILL up to three times; llmux must notice
+each death and start the server again on demand. No server process may outlive llmux.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import random
 import shlex
 import signal
@@ -92,6 +99,27 @@ class Backend:
         if self.process.poll() is None:
             self.process.send_signal(sig)
         self.process.wait(timeout=10)
+
+
+SERVER_CMD = (
+    "exec LLMUX fake-backend --awake --api vllm --name ${MODEL} --port ${PORT} "
+    "--wake-delay 0.02 --sleep-delay 0.01 --token-interval 0.005"
+)
+SERVER_KILLS = 3
+
+
+def write_server_setup(folder: Path) -> Path:
+    """Models whose servers llmux starts itself and drives through vLLM's API."""
+    command = SERVER_CMD.replace("LLMUX", LLMUX)
+    blocks = [f'[models.{name}]\nkind = "vllm"\ncmd = "{command}"\n' for name in MODELS]
+    path = folder / "config.toml"
+    path.write_text(
+        "[server]\nshutdown_timeout_secs = 5\n"
+        f'state_dir = "{folder / "state"}"\n'
+        "[policy]\nrequest_timeout_secs = 30\n"
+        "[defaults]\nalive_interval_secs = 0.5\nwake_timeout_secs = 20\n\n" + "\n".join(blocks)
+    )
+    return path
 
 
 def write_setup(
@@ -193,15 +221,24 @@ def _json_ok(content: bytes) -> bool:
 
 
 async def run_chaos(
-    folder: Path, requests: int, seed: int, concurrency: int = 16, grouped: bool = False
+    folder: Path,
+    requests: int,
+    seed: int,
+    concurrency: int = 16,
+    grouped: bool = False,
+    servers: bool = False,
 ) -> ChaosReport:
     rng = random.Random(seed)
     report = ChaosReport(requests=requests)
     models = GROUPED_MODELS if grouped else MODELS
-    backends = {name: Backend(name) for name in models}
-    path = write_setup(folder, backends, rng, report, grouped)
+    backends = {} if servers else {name: Backend(name) for name in models}
+    if servers:
+        path = write_server_setup(folder)
+    else:
+        path = write_setup(folder, backends, rng, report, grouped)
     killed: set[str] = set()
     lost_stats: list[dict] = []
+    server_pids: set[int] = set()
     try:
         config = load_config(path).with_listen("127.0.0.1", 0)
         async with running_server(config) as server:
@@ -256,6 +293,33 @@ async def run_chaos(
                             )
                             report.faults["backend_restarted"] += 1
 
+                async def kill_busy_servers() -> None:
+                    """SIGKILL the server of a busy model, a few times; llmux restarts it."""
+                    for _ in range(SERVER_KILLS):
+                        await trio.sleep(rng.uniform(1.0, 2.5))
+                        with trio.move_on_after(20):
+                            while True:
+                                busy = [
+                                    m.name
+                                    for m in switcher.models.values()
+                                    if m.state == "active" and m.in_flight
+                                ]
+                                pid = switcher.servers.pid(busy[0]) if busy else None
+                                if pid is not None:
+                                    break
+                                await trio.sleep(0.01)
+                            with trio.CancelScope(shield=True):
+                                port = switcher.config.models[busy[0]].port
+                                try:
+                                    stats = await trio.to_thread.run_sync(_state, port)
+                                except httpx.HTTPError:
+                                    continue  # it went to sleep or died meanwhile: next time
+                                lost_stats.append(stats)
+                                killed.add(busy[0])
+                                server_pids.add(pid)
+                                os.killpg(pid, signal.SIGKILL)
+                                report.faults["server_killed_mid_stream"] += 1
+
                 async def watch_capacity() -> None:
                     """llmux's own books: never more awake in a group than it holds."""
                     while True:
@@ -269,14 +333,14 @@ async def run_chaos(
                         await trio.sleep(0.005)
 
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(kill_a_streaming_backend)
+                    nursery.start_soon(kill_busy_servers if servers else kill_a_streaming_backend)
                     nursery.start_soon(watch_capacity)
                     async with trio.open_nursery() as clients:
                         for _ in range(concurrency):
                             clients.start_soon(client_task)
                     nursery.cancel_scope.cancel()
 
-                for name in models:
+                for name in models if not servers else ():
                     plan_file = folder / f"{name}.plan"
                     count = (
                         int((folder / f"{name}.count").read_text() or 0)
@@ -297,6 +361,13 @@ async def run_chaos(
                             f"{name}: queue {len(model.queue)}, "
                             f"in flight {model.in_flight} at the end"
                         )
+                if servers:  # the servers' own counters, before llmux stops them
+                    for name in models:
+                        pid = switcher.servers.pid(name)
+                        if pid is not None:
+                            server_pids.add(pid)
+                            port = switcher.config.models[name].port
+                            lost_stats.append(await trio.to_thread.run_sync(_state, port))
                 metrics = (await client.get("/metrics")).text
                 for line in metrics.splitlines():
                     if line.startswith(
@@ -304,7 +375,7 @@ async def run_chaos(
                     ) and not line.endswith(" 0.0"):
                         report.violations.append(f"gauge not back to 0: {line}")
                 for name in models:
-                    await trio.sleep(2.1)  # past the backoff of a failed switch
+                    await trio.sleep(0.1 if servers else 2.1)  # past a failed switch's backoff
                     response = await client.post(
                         "/v1/chat/completions", json={"model": name, "messages": []}
                     )
@@ -319,6 +390,9 @@ async def run_chaos(
             for counter in ("rejected_while_asleep", "slept_while_busy"):
                 if stats[counter]:
                     report.violations.append(f"{stats['name']}: {counter} = {stats[counter]}")
+        left = [pid for pid in server_pids if _group_alive(pid)]
+        if left:
+            report.violations.append(f"server process groups left after llmux stopped: {left}")
         leftovers = _hook_processes(folder)
         if leftovers:
             report.violations.append(f"hook processes left: {leftovers}")
@@ -329,6 +403,22 @@ async def run_chaos(
         for backend in backends.values():
             backend.stop()
     return report
+
+
+def _state(port: int) -> dict:
+    return httpx.get(f"http://127.0.0.1:{port}/fake/state", timeout=10).json()
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any process of the group still runs (zombies aside)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return True
+    return False
 
 
 def _hook_processes(folder: Path) -> list[str]:
@@ -349,11 +439,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--groups", action="store_true", help="two groups, one with capacity 2")
+    parser.add_argument(
+        "--servers", action="store_true", help='kind = "vllm" + cmd servers that llmux starts'
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="llmux-chaos-") as folder:
         report = trio.run(
-            run_chaos, Path(folder), args.requests, args.seed, args.concurrency, args.groups
-        )
+            run_chaos, Path(folder), args.requests, args.seed, args.concurrency, args.groups,
+            args.servers,
+        )  # fmt: skip
     print(report.summary())
     raise SystemExit(1 if report.violations else 0)
 

@@ -150,7 +150,7 @@ async def test_cmd_servers_start_on_wake_stop_on_sleep_and_at_exit(tmp_path):
             assert response.json()["model"] == model
             running = {n for n in ports if server.app.fleet.servers.running(n)}
             assert running == {model}, "the other server was stopped"
-            pid = server.app.fleet.servers._servers[model].process.pid
+            pid = server.app.fleet.servers.pid(model)
             pids[model].append(pid)
             assert os.getpgid(pid) == pid, "a server runs in a process group of its own"
         assert pids["a"][0] != pids["a"][1], "a sleep stopped it; the wake started a new one"
@@ -170,9 +170,9 @@ async def test_kind_vllm_with_cmd_starts_once_then_sleeps_and_wakes_through_the_
         for model in ("a", "b", "a", "b"):
             response = await client.post("/v1/chat/completions", json=chat(model))
             assert response.status_code == 200, response.text
-            process = server.app.fleet.servers._servers[model].process
-            first.setdefault(model, process.pid)
-            assert process.pid == first[model], "started once, then woken through its API"
+            pid = server.app.fleet.servers.pid(model)
+            first.setdefault(model, pid)
+            assert pid == first[model], "started once, then woken through its API"
         backends = {m.name: m.base_url for m in server.app.config.models.values()}
         async with httpx.AsyncClient() as plain:
             sleeping = {
@@ -195,7 +195,7 @@ async def test_a_cmd_server_that_dies_is_known_at_once_and_restarted_on_demand(t
     )
     async with llmux_running(path) as (server, client):
         assert (await client.post("/v1/chat/completions", json=chat("a"))).status_code == 200
-        pid = server.app.fleet.servers._servers["a"].process.pid
+        pid = server.app.fleet.servers.pid("a")
         os.kill(pid, signal.SIGKILL)
         with trio.fail_after(5):  # far less than the 300 s between alive checks
             while server.app.fleet.models["a"].state != "asleep":
@@ -204,7 +204,7 @@ async def test_a_cmd_server_that_dies_is_known_at_once_and_restarted_on_demand(t
         assert metric_value(metrics, "llmux_model_dead_total", model="a") == 1
         response = await client.post("/v1/chat/completions", json=chat("a"))
         assert response.status_code == 200, response.text
-        assert server.app.fleet.servers._servers["a"].process.pid != pid
+        assert server.app.fleet.servers.pid("a") != pid
 
 
 async def test_a_cmd_that_fails_to_start_answers_503_with_its_output(tmp_path):
@@ -255,7 +255,7 @@ async def test_a_server_deaf_to_sigterm_is_killed_within_the_sleep_timeout(tmp_p
     path = write_config(tmp_path, blocks)
     async with llmux_running(path) as (server, client):
         assert (await client.post("/v1/chat/completions", json=chat("a"))).status_code == 200
-        group = server.app.fleet.servers._servers["a"].process.pid
+        group = server.app.fleet.servers.pid("a")
         response = await client.post("/v1/chat/completions", json=chat("b"))
         assert response.status_code == 200, response.text
         metrics = (await client.get("/metrics")).text

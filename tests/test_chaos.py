@@ -22,3 +22,13 @@ async def test_chaos_with_groups_and_capacity_loses_nothing(tmp_path):
     assert report.violations == []
     assert report.outcomes["ok"] > 15
     assert report.faults["wake_failed"] + report.faults["wake_hung_and_killed"] > 0
+
+
+async def test_chaos_with_servers_llmux_starts_loses_nothing(tmp_path):
+    """kind = "vllm" + cmd: busy servers killed with SIGKILL are noticed and started again on
+    demand, and none outlives llmux."""
+    report = await run_chaos(tmp_path, requests=100, seed=3, servers=True)
+    print(report.summary())
+    assert report.violations == []
+    assert report.outcomes["ok"] > 20
+    assert report.faults["server_killed_mid_stream"] >= 1

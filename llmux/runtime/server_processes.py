@@ -97,6 +97,11 @@ class ServerProcesses:
     def running(self, model: str) -> bool:
         return model in self._servers
 
+    def pid(self, model: str) -> int | None:
+        """The pid (and process group) of the model's running server, if one runs."""
+        server = self._servers.get(model)
+        return server.process.pid if server is not None else None
+
     def exit_code(self, model: str) -> int | None:
         """How the model's last server ended (None: killed by a signal, or never ran)."""
         return self._exit_codes.get(model)
