@@ -142,6 +142,14 @@ class ModelConfig:
         """Whether llmux can ask if the model serves now (an alive hook, or a built-in driver)."""
         return self.alive is not None or self.built_in
 
+    def timeout_of(self, hook: HookName) -> float:
+        """How long the model's `hook` (or the built-in step in its place) may take."""
+        return {
+            HookName.WAKE: self.wake_timeout_secs,
+            HookName.SLEEP: self.sleep_timeout_secs,
+            HookName.ALIVE: self.alive_timeout_secs,
+        }[hook]
+
     @property
     def ready_path(self) -> str:
         """The path that answers 200 once the server is up (awake or not)."""
@@ -215,10 +223,8 @@ class Config:
         unchanged (a new port would mean restarting the server)."""
         models = dict(self.models)
         for name, model in models.items():
-            before = old.models.get(name)
-            same = before is not None and before.port_chosen and before.cmd == model.cmd
-            if model.port_chosen and same:
-                assert before is not None
+            before = old.models.get(name, model)
+            if model.port_chosen and before.port_chosen and before.cmd == model.cmd:
                 models[name] = replace(model, port=before.port)
         return replace(self, models=models)
 
@@ -563,7 +569,7 @@ def _parse_driver(checker: _Checker, raw: dict[str, Any], key: str) -> dict[str,
         problem = f"{health!r} must be a plain path such as /health"
         raise ConfigError(checker.path, f"{key}.health_path", problem)
     return {
-        **{hook: command for hook, command in hooks.items()},
+        **hooks,
         "kind": kind,
         "cmd": cmd,
         "sleep_level": level,
@@ -571,9 +577,9 @@ def _parse_driver(checker: _Checker, raw: dict[str, Any], key: str) -> dict[str,
     }
 
 
-def choose_ports(models: dict[str, ModelConfig], taken: set[int]) -> dict[str, ModelConfig]:
-    """A free loopback port for each `cmd` model that names none (held open until all are
-    chosen, so that no two get the same one)."""
+def choose_ports(models: dict[str, ModelConfig], taken: set[int]) -> None:
+    """Give each `cmd` model that names no port a free loopback one, in place (each is held
+    open until all are chosen, so that no two get the same one)."""
     held = []
     try:
         for name, model in models.items():
@@ -591,7 +597,6 @@ def choose_ports(models: dict[str, ModelConfig], taken: set[int]) -> dict[str, M
     finally:
         for sock in held:
             sock.close()
-    return models
 
 
 def _passthrough_paths(checker: _Checker, raw: list[Any], key: str) -> tuple[str, ...]:

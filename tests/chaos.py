@@ -39,6 +39,7 @@ import httpx
 import trio
 
 from llmux.config import load_config
+from llmux.runtime.hook_registry import group_runs
 from llmux.server import running_server
 
 LLMUX = shlex.join([sys.executable, "-m", "llmux"])
@@ -390,7 +391,7 @@ async def run_chaos(
             for counter in ("rejected_while_asleep", "slept_while_busy"):
                 if stats[counter]:
                     report.violations.append(f"{stats['name']}: {counter} = {stats[counter]}")
-        left = [pid for pid in server_pids if _group_alive(pid)]
+        left = [pid for pid in server_pids if group_runs(pid)]
         if left:
             report.violations.append(f"server process groups left after llmux stopped: {left}")
         leftovers = _hook_processes(folder)
@@ -407,18 +408,6 @@ async def run_chaos(
 
 def _state(port: int) -> dict:
     return httpx.get(f"http://127.0.0.1:{port}/fake/state", timeout=10).json()
-
-
-def _group_alive(pgid: int) -> bool:
-    """Whether any process of the group still runs (zombies aside)."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-            return True
-    return False
 
 
 def _hook_processes(folder: Path) -> list[str]:

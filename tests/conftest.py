@@ -314,3 +314,9 @@ def clean(fake_state: dict) -> bool:
         fake_state.get(k, 0) == 0
         for k in ("rejected_while_asleep", "slept_while_busy", "garbage_answers")
     )
+
+
+def ollama_loaded(url: str) -> set[str]:
+    """The models an Ollama (or the fake one) at `url` has loaded now, without their tag."""
+    models = httpx.get(url + "/api/ps").json()["models"]
+    return {m["name"].removesuffix(":latest") for m in models}

@@ -8,12 +8,15 @@ import os
 import re
 import signal
 import time
+from functools import partial
 
 import httpx
 import trio
 
+from llmux.runtime.hook_registry import group_runs
 from tests.conftest import (
     LLMUX,
+    PYTHON,
     LlmuxProcess,
     chat,
     clean,
@@ -22,6 +25,7 @@ from tests.conftest import (
     llmux_running,
     metric_value,
     model_block,
+    ollama_loaded,
     process_running,
     stream_all,
     write_config,
@@ -127,11 +131,7 @@ async def test_kind_ollama_loads_and_unloads_models_of_one_server(fakes, tmp_pat
         model_block("a", ollama.port, kind="ollama") + model_block("b", ollama.port, kind="ollama"),
     )
 
-    def awake_now() -> set[str]:
-        models = httpx.get(ollama.url + "/api/ps").json()["models"]
-        return {m["name"].removesuffix(":latest") for m in models}
-
-    await interleave(path, awake_now)
+    await interleave(path, partial(ollama_loaded, ollama.url))
     state = ollama.state()
     assert state["co_loaded"] == 0
     for model_state in state["models"].values():
@@ -260,17 +260,15 @@ async def test_a_server_deaf_to_sigterm_is_killed_within_the_sleep_timeout(tmp_p
         assert response.status_code == 200, response.text
         metrics = (await client.get("/metrics")).text
         assert metric_value(metrics, "llmux_hook_failures_total", model="a", hook="sleep") is None
-        assert not [pid for pid in _pids() if _pgid(pid) == group], "nothing of a's group is left"
+        assert not group_runs(group), "nothing of a's group is left"
 
 
-def _pids() -> list[int]:
-    return [
-        int(name) for name in os.listdir("/proc") if name.isdigit() and process_running(int(name))
-    ]
-
-
-def _pgid(pid: int) -> int | None:
-    try:
-        return os.getpgid(pid)
-    except ProcessLookupError:
-        return None
+async def test_a_health_path_that_answers_plain_text_counts_as_ready(tmp_path):
+    """Ready means 200, whatever the body: here an HTML directory listing."""
+    server = f"exec {PYTHON} -m http.server --bind 127.0.0.1 ${{PORT}}"
+    path = write_config(tmp_path, cmd_block("web", server, health_path="/", wake_timeout_secs=10))
+    async with llmux_running(path) as (app, client):
+        response = await client.post("/v1/chat/completions", json=chat("web"))
+        # http.server refuses POST itself (501): the wake succeeded and the request reached it.
+        assert response.status_code == 501, response.text
+        assert app.app.fleet.models["web"].state == "active"

@@ -10,7 +10,6 @@ import subprocess
 from functools import partial
 from pathlib import Path
 
-import httpx
 import pytest
 import trio
 
@@ -23,6 +22,7 @@ from tests.conftest import (
     interleave,
     llmux_running,
     model_block,
+    ollama_loaded,
     process_running,
     write_config,
 )
@@ -118,11 +118,7 @@ async def test_ollama_one_port_many_models(fakes, tmp_path):
     )
     path = write_config(folder, blocks)
 
-    def awake_now() -> set[str]:
-        models = httpx.get(ollama.url + "/api/ps").json()["models"]
-        return {m["name"].removesuffix(":latest") for m in models}
-
-    await interleave(path, awake_now)
+    await interleave(path, partial(ollama_loaded, ollama.url))
     state = ollama.state()
     assert state["co_loaded"] == 0
     for model_state in state["models"].values():

@@ -28,9 +28,6 @@ class BackendDriver(Protocol):
 
     async def alive(self, backend: ModelConfig) -> HookResult: ...
 
-    async def stop(self, backend: ModelConfig) -> None:
-        """Stop whatever the driver started for `backend` (at shutdown)."""
-
     def on_exit(self, callback: Callable[[str], None]) -> None:
         """Call `callback(model)` when a server process the driver supervises exits."""
 
@@ -50,9 +47,6 @@ class ShellHooks:
 
     async def alive(self, backend: ModelConfig) -> HookResult:
         return await self._run(HookName.ALIVE, backend, {})
-
-    async def stop(self, backend: ModelConfig) -> None:
-        """Shell hooks leave nothing running of their own: a hook's group is stopped with it."""
 
     def on_exit(self, callback: Callable[[str], None]) -> None:
         """Shell hooks supervise no server process: nothing ever exits under them."""
@@ -92,9 +86,6 @@ class PerModelDriver:
     async def alive(self, backend: ModelConfig) -> HookResult:
         return await self._of(backend).alive(backend)
 
-    async def stop(self, backend: ModelConfig) -> None:
-        await self._of(backend).stop(backend)
-
     def on_exit(self, callback: Callable[[str], None]) -> None:
         self.hooks.on_exit(callback)
         self.built_in.on_exit(callback)
@@ -104,12 +95,7 @@ def hook_command(backend: ModelConfig, hook: HookName) -> tuple[str, float]:
     """A model's command and timeout for `hook`."""
     command = getattr(backend, hook.value)
     assert command is not None, f"the core runs no {hook} hook for a model without one"
-    timeouts = {
-        HookName.WAKE: backend.wake_timeout_secs,
-        HookName.SLEEP: backend.sleep_timeout_secs,
-        HookName.ALIVE: backend.alive_timeout_secs,
-    }
-    return command, timeouts[hook]
+    return command, backend.timeout_of(hook)
 
 
 async def run_on(

@@ -24,7 +24,7 @@ import trio
 from llmux.config import ModelConfig
 from llmux.core.states import HookName
 from llmux.observe.logs import log_event
-from llmux.runtime.engines import POLL_SECS, Engine, EngineError, engines
+from llmux.runtime.engines import POLL_SECS, Engine, EngineError, engines, up
 from llmux.runtime.hooks import HookResult
 from llmux.runtime.server_processes import STOP_GRACE_SECS, ServerProcesses
 from llmux.runtime.state_dir import StateDir
@@ -40,16 +40,13 @@ class BuiltinDriver:
         self.engines = engines(state)
 
     async def wake(self, backend: ModelConfig, env: Mapping[str, str]) -> HookResult:
-        return await self._step(HookName.WAKE, backend, backend.wake_timeout_secs, self._wake)
+        return await self._step(HookName.WAKE, backend, self._wake)
 
     async def sleep(self, backend: ModelConfig, env: Mapping[str, str]) -> HookResult:
-        return await self._step(HookName.SLEEP, backend, backend.sleep_timeout_secs, self._sleep)
+        return await self._step(HookName.SLEEP, backend, self._sleep)
 
     async def alive(self, backend: ModelConfig) -> HookResult:
-        return await self._step(HookName.ALIVE, backend, backend.alive_timeout_secs, self._alive)
-
-    async def stop(self, backend: ModelConfig) -> None:
-        await self.processes.stop(backend.name)
+        return await self._step(HookName.ALIVE, backend, self._alive)
 
     def on_exit(self, callback: Callable[[str], None]) -> None:
         self.processes.on_exit(callback)
@@ -57,11 +54,15 @@ class BuiltinDriver:
     def _engine(self, backend: ModelConfig) -> Engine:
         return self.engines[backend.kind]
 
+    def _not_started(self, backend: ModelConfig) -> bool:
+        """A `cmd` model whose server does not run (not yet, or no longer)."""
+        return backend.cmd is not None and not self.processes.running(backend.name)
+
     # ----- the steps: True when done, False for "not serving" (alive) -----
 
     async def _wake(self, client: httpx.AsyncClient, backend: ModelConfig) -> bool:
         engine = self._engine(backend)
-        if backend.cmd is not None and not self.processes.running(backend.name):
+        if self._not_started(backend):
             engine.started(backend)
             await self.processes.start(backend)
             try:
@@ -74,12 +75,11 @@ class BuiltinDriver:
             await self._until_ready(client, backend)  # a server still loading after a boot
         if not await engine.serving(client, backend):
             await engine.wake(client, backend)
-            while not await engine.serving(client, backend):
-                await trio.sleep(POLL_SECS)
+            await _until(lambda: engine.serving(client, backend))
         return True
 
     async def _sleep(self, client: httpx.AsyncClient, backend: ModelConfig) -> bool:
-        if backend.cmd is not None and not self.processes.running(backend.name):
+        if self._not_started(backend):
             return True  # nothing runs, nothing holds memory
         if backend.kind is None:
             # SIGKILL comes early enough for the stop to end within the sleep's own timeout.
@@ -89,20 +89,18 @@ class BuiltinDriver:
         engine = self._engine(backend)
         if not await engine.asleep(client, backend):
             await engine.sleep(client, backend)
-            while not await engine.asleep(client, backend):
-                await trio.sleep(POLL_SECS)
+            await _until(lambda: engine.asleep(client, backend))
         return True
 
     async def _alive(self, client: httpx.AsyncClient, backend: ModelConfig) -> bool:
-        if backend.cmd is not None and not self.processes.running(backend.name):
+        if self._not_started(backend):
             return False
         return await self._engine(backend).serving(client, backend)
 
     async def _until_ready(self, client: httpx.AsyncClient, backend: ModelConfig) -> None:
         """Until the server's ready path answers 200; an exit of a `cmd` server ends it."""
-        url = backend.base_url + backend.ready_path
         while True:
-            if backend.cmd is not None and not self.processes.running(backend.name):
+            if self._not_started(backend):
                 code = self.processes.exit_code(backend.name)
                 tail = self.processes.log_tail(backend.name).strip().splitlines()[-5:]
                 raise EngineError(
@@ -110,18 +108,14 @@ class BuiltinDriver:
                     f"(log: {self.processes.log_path(backend.name)})"
                     + ("\n" + "\n".join(tail) if tail else "")
                 )
-            try:
-                if (await client.get(url, timeout=POLL_SECS * 25)).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
+            if await up(client, backend, backend.ready_path):
+                return
             await trio.sleep(POLL_SECS)
 
     # ----- one step, as a hook result -----
 
-    async def _step(
-        self, hook: HookName, backend: ModelConfig, timeout: float, step: Step
-    ) -> HookResult:
+    async def _step(self, hook: HookName, backend: ModelConfig, step: Step) -> HookResult:
+        timeout = backend.timeout_of(hook)
         started = time.monotonic()
         exit_code: int | None = 1
         problem = ""
@@ -146,6 +140,12 @@ class BuiltinDriver:
     def _describe(backend: ModelConfig) -> str:
         what = backend.kind or "server"
         return f"{what} on port {backend.port}"
+
+
+async def _until(check: Callable[[], Awaitable[bool]]) -> None:
+    """Poll `check` until it is true; the step's deadline bounds the wait."""
+    while not await check():
+        await trio.sleep(POLL_SECS)
 
 
 def _log(result: HookResult, where: str) -> None:

@@ -69,6 +69,15 @@ async def call(
     return response
 
 
+async def up(client: httpx.AsyncClient, backend: ModelConfig, path: str) -> bool:
+    """Whether `path` answers 200, whatever its body (a health path may answer plain text)."""
+    try:
+        response = await client.get(backend.base_url + path, timeout=ASK_TIMEOUT_SECS)
+    except httpx.HTTPError:
+        return False
+    return response.status_code == 200
+
+
 async def answers(client: httpx.AsyncClient, backend: ModelConfig, path: str) -> Any:
     """The JSON a status path answers, or None when the server is down or says no."""
     try:
@@ -90,7 +99,7 @@ class PlainServer:
         raise AssertionError("a plain server sleeps by being stopped")
 
     async def serving(self, client: httpx.AsyncClient, backend: ModelConfig) -> bool:
-        return await answers(client, backend, backend.ready_path) is not None
+        return await up(client, backend, backend.ready_path)
 
     async def asleep(self, client: httpx.AsyncClient, backend: ModelConfig) -> bool:
         return False  # up means awake
@@ -159,7 +168,7 @@ class Sglang:
     async def serving(self, client: httpx.AsyncClient, backend: ModelConfig) -> bool:
         if self._released(backend):
             return False
-        return await answers(client, backend, backend.ready_path) is not None
+        return await up(client, backend, backend.ready_path)
 
     async def asleep(self, client: httpx.AsyncClient, backend: ModelConfig) -> bool:
         return self._released(backend)

@@ -136,7 +136,7 @@ async def stop_group(pgid: int, grace: float) -> None:
     """SIGTERM a process group, then SIGKILL whatever of it still runs after `grace`."""
     _signal_group(pgid, signal.SIGTERM)
     with trio.move_on_after(grace):
-        while _group_runs(pgid):
+        while group_runs(pgid):
             await trio.sleep(0.05)
     _signal_group(pgid, signal.SIGKILL)
 
@@ -146,7 +146,7 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
         os.killpg(pgid, sig)
 
 
-def _group_runs(pgid: int) -> bool:
+def group_runs(pgid: int) -> bool:
     """Whether any process of the group runs. Zombies do not count: a killed hook's children
     are reparented to init, which may take a while to reap them."""
     proc = Path("/proc")
