@@ -456,6 +456,47 @@ def test_the_core_keeps_its_promises():
     run_state_machine_as_test(CoreMachine, settings=CI_SETTINGS)
 
 
+class _Pick:
+    """Stands in for hypothesis's `data` in a replay: answers the draws given, in order."""
+
+    def __init__(self, *answers: object) -> None:
+        self.answers = list(answers)
+
+    def draw(self, strategy: object) -> object:
+        return self.answers.pop(0)
+
+
+def _end_hook(machine: CoreMachine, hook: HookName, model: str, how: str) -> None:
+    job = next(j for j, c in machine.world.hooks.items() if c.hook is hook and c.model == model)
+    machine.hook_ends(_Pick(job), how)
+
+
+def test_a_server_whose_sleep_failed_is_not_woken_under_its_retirement():
+    """Found by a 5,000-example soak: b may serve at start-up (its alive hook timed out), its
+    sleep fails and it is held as a retired record; preload then woke a new record of the same
+    server, and the retirement's sleep later reached it while requests were granted to it."""
+    machine = CoreMachine()
+    machine.start(
+        capacity=2.0, alive=frozenset(MODELS), ttl=frozenset(), preload=["b"],
+        min_active=0.0, in_flight_limit=None, cost_aware=False, up=("b",),
+    )  # fmt: skip
+    machine.request_arrives("a", None)
+    _end_hook(machine, HookName.ALIVE, "b", "timeout")
+    _end_hook(machine, HookName.ALIVE, "a", "ok")
+    _end_hook(machine, HookName.ALIVE, "c", "ok")
+    _end_hook(machine, HookName.SLEEP, "b", "fail")
+    machine.admin_sleep(None)
+    _end_hook(machine, HookName.ALIVE, "b", "ok")  # it serves: held, not trusted
+    while machine.world.hooks:  # whatever comes next succeeds
+        job = min(machine.world.hooks)
+        machine.hook_ends(_Pick(job), "ok")
+    for _ in range(5):  # and its timers come due, soonest first
+        if machine.world.timers:
+            machine.timer_due(_Pick(min(machine.world.timers, key=machine.world.timers.get)))
+    machine.request_arrives("b", None)
+    machine.teardown()
+
+
 def test_every_transition_in_the_table_is_reachable_and_no_other():
     states = set(ModelState)
     assert {new for new in TRANSITIONS.values()} == states

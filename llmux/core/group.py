@@ -48,6 +48,9 @@ Rules
    exception is logged and treated as Stay (an exception: as FIFO's answer); while requests
    wait, the policy is asked again a second later, so one bad answer strands nobody.
 8. Model state changes only through `TRANSITIONS` (core/states.py).
+9. A record is not woken while a retired record of the same server is not asleep (a sleep
+   that failed on a model never known to serve, a model removed and added back): the
+   retirement's sleep would otherwise reach the server the new record serves from.
 """
 
 from __future__ import annotations
@@ -594,6 +597,8 @@ class GroupCore:
         if at is None or at > self.now:
             return False
         target = self.models[self.switch_wanted or ""]
+        if self._server_held_by_a_retired_record(target):
+            return False  # its retirement's sleep comes first (rule 9)
         victims = self._victims_for(target)
         if not self._room_can_be_made(target, victims):
             return False  # rule 2: wait until it can
@@ -1083,6 +1088,12 @@ class GroupCore:
             model = self.models.get(op.names.popleft())
             if model is None or model.state is ModelState.ACTIVE:
                 continue
+            if self._server_held_by_a_retired_record(model):
+                self._observe(
+                    "preload_skipped", f"preload: {model.name}'s server is to be put to sleep "
+                    "first (its sleep failed); left asleep", level="warning", model=model.name,
+                )  # fmt: skip
+                continue
             if not self._fits(model, []):
                 awake = ", ".join(
                     m.name for m in self.models.values() if m.state is ModelState.ACTIVE
@@ -1254,6 +1265,17 @@ class GroupCore:
             added=[n for n in config.models if n not in old],
             removed=[r.name for r in removed],
             changed=changed,
+        )
+
+    def _server_held_by_a_retired_record(self, model: ModelRecord) -> bool:
+        """Whether a retired record of the very server `model` would wake is not asleep yet: its
+        retirement would put that server to sleep under the woken model (rule 9)."""
+        server = _backend_identity(model.config)
+        return any(
+            r is not model
+            and r.state is not ModelState.ASLEEP
+            and _backend_identity(r.config) == server
+            for r in self.retiring
         )
 
     def _retire(self, record: ModelRecord) -> None:
