@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks.loadgen import latencies, open_streams, streams
+from benchmarks.paced import paced_streams, summary
 
 HERE = Path(__file__).parent
 FLOORS = HERE / "floors.toml"
@@ -61,15 +62,41 @@ class Process:
             raise RuntimeError(f"{args} did not print {marker!r}: {''.join(self.lines)[-2000:]}")
         self.port = int(self.url.rsplit(":", 1)[1].rstrip("/"))
 
+    def _group(self) -> list[Path]:
+        """/proc entries of every process in its group (llmux's workers included)."""
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == self.proc.pid:
+                found.append(entry)
+        return found
+
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / TICKS
+        """CPU time of the processes now in its group."""
+        total = 0
+        for entry in self._group():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += int(fields[11]) + int(fields[12])
+        return total / TICKS
 
     def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return 0.0
+        """Resident memory of its whole group."""
+        total = 0
+        for entry in self._group():
+            try:
+                lines = (entry / "status").read_text().splitlines()
+            except OSError:
+                continue
+            total += sum(int(line.split()[1]) for line in lines if line.startswith("VmRSS:"))
+        return total / 1024
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -84,6 +111,20 @@ class Process:
 def lean_backend(interval: float = 0.0) -> Process:
     args = [sys.executable, "-m", "benchmarks.lean_backend", "--event-interval", str(interval)]
     return Process(args, "listening on")
+
+
+def floor_app(interval: float) -> Process:
+    args = [sys.executable, "-m", "benchmarks.floor_app", "--event-interval", str(interval)]
+    return Process(args, "listening on")
+
+
+def listen_overflows() -> int:
+    """The kernel's count of connections dropped because a listen queue was full."""
+    lines = Path("/proc/net/netstat").read_text().splitlines()
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            return int(dict(zip(names.split(), values.split(), strict=False))["ListenOverflows"])
+    return 0
 
 
 def llmux(
@@ -279,6 +320,9 @@ def run(quick: bool) -> dict[str, float]:
             figures["sse64_paced_ratio"] = rates["llmux"] / rates["direct"]
             figures["sse64_paced_direct_events_per_s"] = rates["direct"]
 
+            # --- streams at a model's pace, as users feel them ---
+            figures.update(paced_cases(folder, started, quick))
+
             # --- memory with 1,000 open streams, none stalled ---
             slow = lean_backend(interval=0.5)
             started.append(slow)
@@ -298,6 +342,116 @@ def run(quick: bool) -> dict[str, float]:
                 process.stop()
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     return figures
+
+
+# (streams, seconds between events, events per stream); 50 tokens/s is 0.02 s.
+PACED_CASES = [
+    (1, 0.02, 100),
+    (16, 0.02, 100),
+    (64, 0.02, 100),
+    (256, 0.02, 100),
+    (1024, 0.05, 100),
+]
+QUICK_PACED_CASES = [(256, 0.02, 100)]
+RAMP_SECS = 1.0
+
+
+def paced_cases(folder: Path, started: list[Process], quick: bool) -> dict[str, float]:
+    """Each case through every target in turn, all at once and over a 1 s ramp. Ratios are
+    to the backend direct; the floor is hypercorn on trio streaming the events itself."""
+    figures: dict[str, float] = {}
+    for interval in sorted({case[1] for case in (QUICK_PACED_CASES if quick else PACED_CASES)}):
+        backend = lean_backend(interval)
+        started.append(backend)
+        floor = floor_app(interval)
+        started.append(floor)
+        proxy = llmux(folder, {"bench": backend.port})
+        started.append(proxy)
+        targets = {"direct": backend, "floor": floor, "llmux": proxy}
+        front = nginx(folder, backend.port)
+        if front is not None:
+            started.append(front)
+            targets["nginx"] = front
+        for count, case_interval, events in QUICK_PACED_CASES if quick else PACED_CASES:
+            if case_interval != interval:
+                continue
+            for mode, ramp in (("burst", 0.0), ("ramp", RAMP_SECS)):
+                if quick and mode == "ramp":
+                    continue
+                key = f"paced{count}_{mode}"
+                results = {}
+                for name, target in targets.items():
+                    cpu, overflows = target.cpu_seconds(), listen_overflows()
+                    run = asyncio.run(paced_streams(target.port, count, events, ramp))
+                    results[name] = summary(run)
+                    results[name]["cpu_us_per_event"] = (
+                        (target.cpu_seconds() - cpu) / max(1, sum(s.events for s in run.streams))
+                    ) * 1e6
+                    results[name]["overflows"] = float(listen_overflows() - overflows)
+                    if name == "llmux":
+                        figures[f"{key}_llmux_rss_mb"] = target.rss_mb()
+                    time.sleep(0.3)  # let connections close before the next target
+                direct = results["direct"]
+                for name, result in results.items():
+                    figures[f"{key}_{name}_lost"] = result["lost"]
+                    figures[f"{key}_{name}_overflows"] = result["overflows"]
+                    if name == "direct":
+                        continue
+                    figures[f"{key}_{name}_rate_ratio"] = result["rate"] / direct["rate"]
+                    for tail in ("p50", "p99"):
+                        figures[f"{key}_{name}_added_ttft_{tail}_ms"] = (
+                            result[f"ttft_{tail}"] - direct[f"ttft_{tail}"]
+                        ) * 1000
+                    figures[f"{key}_{name}_cpu_us_per_event"] = result["cpu_us_per_event"]
+        for process in (proxy, floor, backend, *([front] if front else [])):
+            process.stop()
+            started.remove(process)
+    return figures
+
+
+def paced_report(figures: dict[str, float]) -> str:
+    """One row per case: llmux beside the floor and nginx, as ratios and added milliseconds."""
+    lines = [
+        "| streams x tokens/s, start | rate vs direct: llmux / floor / nginx "
+        "| added TTFT p50 / p99: llmux | p99: floor / nginx | CPU per event: llmux / floor "
+        "| lost, listen overflows (llmux) |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def get(key: str, fmt: str = ".2f") -> str:
+        return format(figures[key], fmt) if key in figures else "-"
+
+    for count, interval, _ in PACED_CASES:
+        for mode in ("burst", "ramp"):
+            key = f"paced{count}_{mode}"
+            if f"{key}_llmux_rate_ratio" not in figures:
+                continue
+            start = "all at once" if mode == "burst" else "over 1 s"
+            lines.append(
+                f"| {count} x {1 / interval:g}, {start} "
+                f"| {get(f'{key}_llmux_rate_ratio')} / {get(f'{key}_floor_rate_ratio')} / "
+                f"{get(f'{key}_nginx_rate_ratio')} "
+                f"| +{get(f'{key}_llmux_added_ttft_p50_ms', '.1f')} / "
+                f"+{get(f'{key}_llmux_added_ttft_p99_ms', '.1f')} ms "
+                f"| +{get(f'{key}_floor_added_ttft_p99_ms', '.1f')} / "
+                f"+{get(f'{key}_nginx_added_ttft_p99_ms', '.1f')} ms "
+                f"| {get(f'{key}_llmux_cpu_us_per_event', '.0f')} / "
+                f"{get(f'{key}_floor_cpu_us_per_event', '.0f')} us "
+                f"| {get(f'{key}_llmux_lost', '.0f')}, {get(f'{key}_llmux_overflows', '.0f')} |"
+            )
+    return "\n".join(lines)
+
+
+def run_paced_only(quick: bool) -> dict[str, float]:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    with tempfile.TemporaryDirectory(prefix="llmux-bench-") as tmp:
+        started: list[Process] = []
+        try:
+            return paced_cases(Path(tmp), started, quick)
+        finally:
+            for process in reversed(started):
+                process.stop()
 
 
 async def hold_streams(holder: Process, backend_port: int, count: int) -> dict[str, float]:
@@ -457,9 +611,14 @@ def main() -> None:
         "--check", action="store_true", help=f"fail when a figure passes its floor in {FLOORS.name}"
     )
     parser.add_argument("--json", help="also write every figure to this file")
+    parser.add_argument(
+        "--paced-only", action="store_true", help="only the streams at a model's pace"
+    )
     args = parser.parse_args()
-    figures = run(args.quick)
+    figures = run_paced_only(args.quick) if args.paced_only else run(args.quick)
     print(report(figures))
+    print()
+    print(paced_report(figures))
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
     if args.check:

@@ -1,8 +1,9 @@
 """A lean OpenAI-style backend for benchmarks: raw asyncio, so that it is never the bottleneck.
 
 POST with `"stream": true` answers `max_tokens` SSE events (chunked), `--event-interval` apart
-(0: as fast as the socket takes them); any other POST answers a small chat completion. Every
-GET answers 200 (alive checks). Usage: python -m benchmarks.lean_backend --port 0
+(0: as fast as the socket takes them; otherwise numbered, one per chunk); any other POST
+answers a small chat completion. Every GET answers 200 (alive checks).
+Usage: python -m benchmarks.lean_backend --port 0
 """
 
 from __future__ import annotations
@@ -28,6 +29,14 @@ EVENT = (
     b'"choices":[{"index":0,"delta":{"content":"tok "}}]}\n\n'
 )
 CHUNKED_EVENT = b"%x\r\n%s\r\n" % (len(EVENT), EVENT)
+
+
+def numbered_event(index: int) -> bytes:
+    """One SSE event that says its place in the stream, chunked, as vLLM sends one per token."""
+    event = EVENT.replace(b"tok ", b"tok %d" % index)
+    return b"%x\r\n%s\r\n" % (len(event), event)
+
+
 DONE = b"data: [DONE]\n\n"
 CHUNKED_DONE = b"%x\r\n%s\r\n0\r\n\r\n" % (len(DONE), DONE)
 LENGTH = re.compile(rb"content-length:\s*(\d+)", re.I)
@@ -75,11 +84,16 @@ class Backend(asyncio.Protocol):
             b"transfer-encoding: chunked\r\n\r\n"
         )
         if self.interval:
-            for _ in range(events):
-                await asyncio.sleep(self.interval)
+            # Paced like a model: one event per token, each on its own, numbered so that the
+            # client can check that every one arrived, in order. Each is due at its own time
+            # from the start, so that the pace does not drift with the loop's load.
+            began = asyncio.get_running_loop().time()
+            for index in range(events):
+                due = began + (index + 1) * self.interval
+                await asyncio.sleep(max(0.0, due - asyncio.get_running_loop().time()))
                 if self.transport.is_closing():
                     return
-                write(CHUNKED_EVENT)
+                write(numbered_event(index))
         else:
             for start in range(0, events, 64):
                 write(CHUNKED_EVENT * min(64, events - start))

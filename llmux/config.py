@@ -52,6 +52,7 @@ class ServerConfig:
     state_dir: str | None = None  # llmux's locks and hook record; see state_dir
     client_send_timeout_secs: float = 60.0  # a client that takes nothing this long is cut
     max_connections: int = 4096  # beyond it, new connections get 503 and are closed
+    listen_backlog: int = 2048  # connections the kernel queues before llmux accepts them
     list_aliases: bool = False  # /v1/models lists aliases beside the models they name
 
 
@@ -264,6 +265,7 @@ _SERVER_KEYS = {
     "list_aliases": bool,
     "client_send_timeout_secs": _NUMBER,
     "max_connections": int,
+    "listen_backlog": int,
 }
 _AUTH_KEYS = {
     "api_keys": list,

@@ -24,7 +24,7 @@ from llmux.config import Config, ServerConfig
 from llmux.http.app import LlmuxApp
 from llmux.http.listener import ConnectionBounds, Listener
 from llmux.policies.interface import Policy
-from llmux.runtime.instance import InstanceGuard, claim_instance
+from llmux.runtime.instance import BacklogCap, InstanceGuard, claim_instance, raise_backlog_cap
 from llmux.runtime.state_dir import StateDir, open_state_dir, state_dir_path
 from llmux.runtime.systemd import Notifier, raise_open_files_limit
 
@@ -61,11 +61,29 @@ def start_instance(config: Config) -> Instance:
     InstanceError (one line each) if another llmux runs or anything is amiss."""
     state = open_state_dir(state_dir_path(config.server.state_dir, config.hook_dir))
     try:
-        guard = claim_instance(state, config.path, config.host, config.port)
+        cap = raise_backlog_cap(config.server.listen_backlog)
+        guard = claim_instance(
+            state, config.path, config.host, config.port, config.server.listen_backlog
+        )
     except BaseException:
         state.close()
         raise
+    _say_backlog_cap(cap, config.server.listen_backlog)
     return Instance(state, guard)
+
+
+def _say_backlog_cap(cap: BacklogCap, backlog: int) -> None:
+    if cap.before is not None and cap.after != cap.before:
+        log.info(
+            "raised net.core.somaxconn from %d to %d for server.listen_backlog",
+            cap.before, cap.after,
+        )  # fmt: skip
+    elif cap.limits(backlog):
+        log.warning(
+            "net.core.somaxconn is %d, below server.listen_backlog (%d): a burst of new "
+            "connections may be dropped; raise it (sysctl -w net.core.somaxconn=%d, or "
+            "deploy/sysctl-llmux.conf)", cap.after, backlog, backlog,
+        )  # fmt: skip
 
 
 def hypercorn_config(server: ServerConfig) -> HypercornConfig:

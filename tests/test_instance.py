@@ -3,14 +3,18 @@ harms nothing (no survivor stopped, no hook run); so does any failure to bind.""
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
+from llmux.runtime.instance import BacklogCap, raise_backlog_cap
 from tests.conftest import PYTHON, LlmuxProcess, chat, fake_model_block, write_config
 
 
@@ -109,3 +113,43 @@ def test_any_bind_failure_is_one_line_and_exit_2(fakes, tmp_path, host):
     else:
         assert line.startswith(f"llmux: cannot listen on {host}:{port}: "), line
     assert a.state()["wakes"] == 0
+
+
+def _listen_queue_size(port: int) -> int:
+    """The backlog the kernel gives a listening socket: `ss` shows it as Send-Q."""
+    out = subprocess.run(
+        ["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=True
+    ).stdout
+    return int(out.split()[2])
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2)")
+@pytest.mark.parametrize("backlog", [None, 300])
+def test_the_listen_queue_fits_a_burst_of_new_streams(fakes, tmp_path, backlog):
+    """hypercorn's default of 100 dropped the SYNs of a burst of new streams (clients then
+    waited 1-3 s to retry): llmux listens with server.listen_backlog, 2048 unless set."""
+    (a,) = fakes.start("a")
+    server = {"listen_backlog": backlog} if backlog else None
+    llmux = LlmuxProcess(write_config(tmp_path, fake_model_block(a), server=server))
+    try:
+        port = int(llmux.url.rsplit(":", 1)[1])
+        cap = int(Path("/proc/sys/net/core/somaxconn").read_text())
+        assert _listen_queue_size(port) == min(backlog or 2048, cap)
+    finally:
+        assert llmux.stop() == 0
+
+
+def test_the_kernel_cap_on_listen_queues_is_raised_never_lowered(tmp_path):
+    cap = tmp_path / "somaxconn"  # stands in for /proc/sys/net/core/somaxconn
+    cap.write_text("128\n")
+    assert raise_backlog_cap(2048, cap) == BacklogCap(128, 2048)
+    assert cap.read_text() == "2048\n"
+    cap.write_text("4096\n")
+    assert raise_backlog_cap(2048, cap) == BacklogCap(4096, 4096)
+    assert cap.read_text() == "4096\n"
+    cap.write_text("128\n")
+    cap.chmod(0o444)
+    if os.geteuid() != 0:  # root writes through a read-only mode
+        outcome = raise_backlog_cap(2048, cap)
+        assert outcome == BacklogCap(128, 128) and outcome.limits(2048)
+    assert raise_backlog_cap(2048, tmp_path / "absent") == BacklogCap(None, None)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from llmux.runtime.state_dir import StateDir
 
-LISTEN_BACKLOG = 1024  # hypercorn's default of 100 overflows under a burst of new streams
+SOMAXCONN = Path("/proc/sys/net/core/somaxconn")  # the kernel caps every listen backlog at it
 
 
 class InstanceError(Exception):
@@ -56,7 +56,9 @@ class InstanceGuard:
             self.listener = None
 
 
-def claim_instance(state: StateDir, config_path: Path, host: str, port: int) -> InstanceGuard:
+def claim_instance(
+    state: StateDir, config_path: Path, host: str, port: int, backlog: int
+) -> InstanceGuard:
     """Take both locks and bind the listener, or raise InstanceError having kept nothing."""
     guard = InstanceGuard()
     try:
@@ -69,7 +71,7 @@ def claim_instance(state: StateDir, config_path: Path, host: str, port: int) -> 
                 _lock(state, f"port-{port}.lock",
                       lambda pid: f"port {port} is in use by another llmux (pid {pid})")
             )  # fmt: skip
-        guard.listener = bind_listener(host, port)
+        guard.listener = bind_listener(host, port, backlog)
     except BaseException:
         guard.release()
         raise
@@ -101,8 +103,10 @@ def _read_pid(fd: int) -> int:
     return 0
 
 
-def bind_listener(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on host:port (port 0: an ephemeral one)."""
+def bind_listener(host: str, port: int, backlog: int) -> socket.socket:
+    """A listening TCP socket on host:port (port 0: an ephemeral one) that queues `backlog`
+    connections before they are accepted (hypercorn's 100 overflows under a burst of new
+    streams: the kernel drops the SYNs, and clients wait 1-3 s to retry)."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
@@ -112,7 +116,7 @@ def bind_listener(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
-        sock.listen(LISTEN_BACKLOG)
+        sock.listen(backlog)
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
@@ -124,3 +128,30 @@ def bind_listener(host: str, port: int) -> socket.socket:
         raise InstanceError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     sock.setblocking(False)
     return sock
+
+
+@dataclass(frozen=True)
+class BacklogCap:
+    """What the kernel lets a listen backlog be, and whether llmux raised it."""
+
+    before: int | None  # None: unknown (not Linux, or unreadable)
+    after: int | None
+
+    def limits(self, backlog: int) -> bool:
+        return self.after is not None and self.after < backlog
+
+
+def raise_backlog_cap(backlog: int, path: Path = SOMAXCONN) -> BacklogCap:
+    """Raise the kernel's cap on listen backlogs to `backlog` when it is lower and llmux may
+    (as root); it is only ever raised. Called before the socket listens, which reads it."""
+    try:
+        before = int(path.read_text().strip())
+    except (OSError, ValueError):
+        return BacklogCap(None, None)
+    if before >= backlog:
+        return BacklogCap(before, before)
+    try:
+        path.write_text(f"{backlog}\n")
+    except OSError:
+        return BacklogCap(before, before)
+    return BacklogCap(before, backlog)
