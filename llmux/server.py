@@ -162,7 +162,8 @@ async def serve_forever(
             async with running_server(config, policy, instance) as server:
                 log.info("llmux listening on %s", server.url)
                 notifier.send("READY=1", f"STATUS={describe_state(server.app)}")
-                helpers.start_soon(_report_status, server.app, notifier)
+                if notifier.enabled:
+                    helpers.start_soon(_report_status, server.app, notifier)
                 if watch_config:
                     helpers.start_soon(_reload_on_change, server.app, WATCH_INTERVAL_SECS)
                 if on_ready is not None:
@@ -191,7 +192,7 @@ def describe_state(app: LlmuxApp) -> str:
 async def _report_status(app: LlmuxApp, notifier: Notifier) -> None:
     last = describe_state(app)
     while True:
-        await app.fleet.wait_for_change()
+        await app.fleet.wait_for_lifecycle_change()
         now = describe_state(app)
         if now != last:
             notifier.send(f"STATUS={now}")

@@ -3,7 +3,6 @@ nothing but a table path (or an upstream remainder) is ever forwarded."""
 
 from __future__ import annotations
 
-import httpx
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -106,7 +105,5 @@ def test_connection_named_and_credential_headers_are_dropped_both_ways():
     assert [name for name, _ in kept] == [b"x-kept", b"accept-encoding"]
     keyed = forwarded_request_headers(sent, strip_credentials=False, backend_api_key="b")
     assert (b"authorization", b"Bearer b") in keyed and (b"x-api-key", b"k") not in keyed
-    response = httpx.Response(
-        200, headers=[("connection", "x-secret"), ("x-secret", "1"), ("x-fine", "1")]
-    )
-    assert [name for name, _ in forwarded_response_headers(response)] == [b"x-fine"]
+    answered = [(b"connection", b"x-secret"), (b"x-secret", b"1"), (b"x-fine", b"1")]
+    assert [name for name, _ in forwarded_response_headers(answered)] == [b"x-fine"]

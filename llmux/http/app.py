@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import httpcore
 import trio
 
 from llmux.config import Config, ConfigError, ModelConfig, load_config
@@ -439,18 +439,18 @@ class LlmuxApp:
             )
             try:
                 async with self.upstream.open(
-                    slot.backend.base_url, scope["method"], request.target, headers, body,
+                    slot.backend.port, scope["method"], request.target, headers, body,
                     slot.backend.first_byte_timeout_secs,
                 ) as response:  # fmt: skip
                     await send(
                         {
                             "type": "http.response.start",
-                            "status": response.status_code,
-                            "headers": forwarded_response_headers(response),
+                            "status": response.status,
+                            "headers": forwarded_response_headers(response.headers),
                         }
                     )
                     outcome.headers_sent = True
-                    outcome.status = response.status_code
+                    outcome.status = response.status
                     self.metrics.request_duration.labels(model).observe(
                         trio.current_time() - started
                     )
@@ -471,7 +471,7 @@ class LlmuxApp:
         )  # fmt: skip
 
     async def _relay_body(
-        self, response: httpx.Response, backend: ModelConfig, send: Send, outcome: _Outcome
+        self, response: httpcore.Response, backend: ModelConfig, send: Send, outcome: _Outcome
     ) -> None:
         """Pass the body on as it comes; a backend that breaks or goes silent mid-answer leaves
         the answer incomplete (`outcome.complete` stays false).
@@ -483,14 +483,14 @@ class LlmuxApp:
         connection = current_connection.get()
         try:
             with trio.CancelScope(deadline=trio.current_time() + idle) as silence:
-                async for chunk in response.aiter_raw():
+                async for chunk in response.aiter_stream():
                     silence.deadline = math.inf
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     if connection is not None and connection.send_timed_out:
                         outcome.status = CLIENT_CLOSED  # cut by client_send_timeout_secs
                         return
                     silence.deadline = trio.current_time() + idle
-        except Exception as exc:  # httpx transport errors, h11 protocol errors
+        except Exception as exc:  # httpcore transport errors, h11 protocol errors
             log.warning("backend for %s broke mid-response: %r", model, exc)
             outcome.status = 502
             return

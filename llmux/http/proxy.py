@@ -5,6 +5,11 @@ hop-by-hop headers both ways, and maps transport failures to `BackendUnavailable
 
 The target goes upstream byte for byte as the route table matched it: the URL is built from its
 parts, never parsed from a string, so nothing resolves `..` or re-splits the path on the way.
+
+Requests go through httpcore's connection pool (httpx's own transport) directly: httpx's
+request and response models, URL parsing, auth and redirect layers cost about 130 us of CPU per
+request here (370 against 236, measured side by side on one machine), and a proxy that passes
+bytes on needs none of them. httpx stays the client of the control plane (engines, tools).
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 
-import httpx
+import httpcore
 import trio
 
 from llmux.errors import BackendTimeout, BackendUnavailable
@@ -41,6 +46,14 @@ DROPPED_RESPONSE_HEADERS = (HOP_BY_HOP - {b"content-length"}) | {b"date", b"serv
 BACKEND_CONNECT_TIMEOUT_SECS = 5.0
 # Backends such as uvicorn close idle connections after 5 s; expire ours first to avoid the race.
 KEEPALIVE_EXPIRY_SECS = 4.0
+BACKEND_HOST = b"127.0.0.1"  # every backend is a server on this box (ModelConfig.base_url)
+# What httpcore raises for a connection or an exchange that failed (it has no common base).
+TRANSPORT_ERRORS = (
+    httpcore.NetworkError,
+    httpcore.TimeoutException,
+    httpcore.ProtocolError,
+    httpcore.UnsupportedProtocol,
+)
 
 
 class BackendConnectFailed(BackendUnavailable):
@@ -49,50 +62,58 @@ class BackendConnectFailed(BackendUnavailable):
 
 class UpstreamClient:
     def __init__(self) -> None:
-        # No read timeout: a long generation may legitimately take minutes between bytes. No pool
-        # limit: every stream llmux carries needs its own connection.
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(None, connect=BACKEND_CONNECT_TIMEOUT_SECS),
-            limits=httpx.Limits(
-                max_connections=None,
-                max_keepalive_connections=512,
-                keepalive_expiry=KEEPALIVE_EXPIRY_SECS,
-            ),
-            follow_redirects=False,
+        # No pool limit: every stream llmux carries needs its own connection.
+        self._pool = httpcore.AsyncConnectionPool(
+            max_connections=None,
+            max_keepalive_connections=512,
+            keepalive_expiry=KEEPALIVE_EXPIRY_SECS,
         )
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self._pool.aclose()
 
     @asynccontextmanager
     async def open(
         self,
-        base_url: str,
+        port: int,
         method: str,
         target: bytes,
         headers: list[tuple[bytes, bytes]],
         body: bytes,
         first_byte_timeout: float,
-    ) -> AsyncIterator[httpx.Response]:
-        """Send the request (headers already filtered by `forwarded_request_headers`) and yield
-        the response with its body unread; always closes it. BackendTimeout when the response
-        head takes longer than `first_byte_timeout`."""
-        url = httpx.URL(base_url).copy_with(raw_path=target)
-        request = self._client.build_request(method, url, headers=headers, content=body)
+    ) -> AsyncIterator[httpcore.Response]:
+        """Send the request (headers already filtered by `forwarded_request_headers`) to the
+        backend on `port` and yield the response with its body unread; always closes it.
+        BackendTimeout when the response head takes longer than `first_byte_timeout`."""
+        where = f"http://127.0.0.1:{port}"
+        head = [
+            (b"host", b"127.0.0.1:%d" % port),
+            *headers,
+            (b"content-length", b"%d" % len(body)),
+            (b"connection", b"keep-alive"),  # llmux's own hop (the client's is dropped)
+        ]
+        request = httpcore.Request(
+            method.encode(),
+            httpcore.URL(scheme=b"http", host=BACKEND_HOST, port=port, target=target),
+            headers=head,
+            content=body,
+            # No read timeout: a long generation may take minutes between bytes.
+            extensions={"timeout": {"connect": BACKEND_CONNECT_TIMEOUT_SECS}},
+        )
         try:
             with trio.fail_after(first_byte_timeout):
-                response = await self._client.send(request, stream=True)
+                response = await self._pool.handle_async_request(request)
         except trio.TooSlowError:
             raise BackendTimeout(
-                f"backend at {base_url} sent nothing within {first_byte_timeout:g}s "
+                f"backend at {where} sent nothing within {first_byte_timeout:g}s "
                 "(first_byte_timeout_secs)"
             ) from None
-        except httpx.ConnectError as exc:
+        except httpcore.ConnectError as exc:
             raise BackendConnectFailed(
-                f"backend at {base_url} refused the connection: {exc}"
+                f"backend at {where} refused the connection: {exc}"
             ) from None
-        except httpx.TransportError as exc:
-            raise BackendUnavailable(f"backend at {base_url} failed: {exc!r}") from None
+        except TRANSPORT_ERRORS as exc:
+            raise BackendUnavailable(f"backend at {where} failed: {exc!r}") from None
         try:
             yield response
         finally:
@@ -114,14 +135,13 @@ def forwarded_request_headers(
     if backend_api_key is not None:
         out.append((b"authorization", b"Bearer " + backend_api_key.encode()))
     if not any(name.lower() == b"accept-encoding" for name, _ in out):
-        # httpx would otherwise ask for gzip on the client's behalf, and the raw bytes we pass on
-        # would be compressed for a client that never said it could decode them.
+        # Said outright: the bytes are passed on as they come, so they must be ones a client
+        # that asked for no encoding can read.
         out.append((b"accept-encoding", b"identity"))
     return out
 
 
-def forwarded_response_headers(response: httpx.Response) -> list[tuple[bytes, bytes]]:
-    raw = response.headers.raw
+def forwarded_response_headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     dropped = DROPPED_RESPONSE_HEADERS | connection_named(raw)
     return [(name, value) for name, value in raw if name.lower() not in dropped]
 

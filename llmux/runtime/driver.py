@@ -94,7 +94,11 @@ class GroupDriver:
         self._ids = itertools.count(1)
         self._timers: dict[str, float] = {}
         self._timers_changed = trio.Event()
-        self._changed = trio.Event()
+        self._changed = trio.Event()  # after every event (a drain watches in-flight counts)
+        # After a change of what is awake or switching only: what systemd's STATUS= shows.
+        # Not set per request, so that its watcher costs nothing on the hot path.
+        self._lifecycle_changed = trio.Event()
+        self._lifecycle_shown: tuple[object, ...] = ()
         self._shown: dict[str, tuple[ModelState, int, int]] = {}
         self._switch_labels: tuple[str, str] | None = None
 
@@ -121,6 +125,11 @@ class GroupDriver:
         self._show_state()
         self._changed.set()
         self._changed = trio.Event()
+        lifecycle = (self.core.current_switch, *(m.state for m in self.core.models.values()))
+        if lifecycle != self._lifecycle_shown:
+            self._lifecycle_shown = lifecycle
+            self._lifecycle_changed.set()
+            self._lifecycle_changed = trio.Event()
 
     def _execute(self, command: Command) -> None:
         if isinstance(command, Grant):
@@ -295,6 +304,10 @@ class GroupDriver:
     async def wait_for_change(self) -> None:
         """Return after the next event the core handled."""
         await self._changed.wait()
+
+    async def wait_for_lifecycle_change(self) -> None:
+        """Return after a model's state or the running switch changes."""
+        await self._lifecycle_changed.wait()
 
     # ----- metrics and logs, in one place -----
 

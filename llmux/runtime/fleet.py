@@ -169,12 +169,12 @@ class Fleet:
             if switcher.current_switch is not None
         }
 
-    async def wait_for_change(self) -> None:
-        """Return after the next change in any group."""
+    async def wait_for_lifecycle_change(self) -> None:
+        """Return after a model's state or a switch changes in any group."""
         async with trio.open_nursery() as nursery:
 
             async def first(switcher: GroupDriver) -> None:
-                await switcher.wait_for_change()
+                await switcher.wait_for_lifecycle_change()
                 nursery.cancel_scope.cancel()
 
             for switcher in self.switchers.values():
