@@ -127,6 +127,7 @@ async def running_server(
             # Survivors are stopped and backends asked what is awake only now: both locks are
             # held and the port is bound, so no other llmux on this config or port runs.
             await nursery.start(app.fleet.run)
+            nursery.start_soon(app.watchdog.run)
             url = await nursery.start(listen)
             try:
                 yield RunningServer(app=app, url=url)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,6 +52,7 @@ from llmux.http.routes import (
     prefix_allows,
 )
 from llmux.http.status import status_report
+from llmux.http.watchdog import Watchdog
 from llmux.observe.logs import log_event
 from llmux.observe.metrics import UNKNOWN_MODEL, Metrics
 from llmux.policies.interface import Policy
@@ -86,6 +86,7 @@ class LlmuxApp:
         make_policy()  # fail here, before anything runs, if the policy cannot be built
         self.fleet = Fleet(config, make_policy, self.metrics, self.costs, state)
         self.upstream = UpstreamClient()
+        self.watchdog = Watchdog()  # bounds the backends' silences mid-answer; run by the server
         self.routes = RouteTable(ROUTES, admin=config.auth.admin_token is not None)
         self._shutdown_requested = trio.Event()
         self.started_wall = time.time()
@@ -473,27 +474,32 @@ class LlmuxApp:
     async def _relay_body(
         self, response: httpcore.Response, backend: ModelConfig, send: Send, outcome: _Outcome
     ) -> None:
-        """Pass the body on as it comes; a backend that breaks or goes silent mid-answer leaves
-        the answer incomplete (`outcome.complete` stays false).
+        """Pass each chunk on as it comes, unchanged; a backend that breaks or goes silent
+        mid-answer leaves the answer incomplete (`outcome.complete` stays false).
 
-        One cancel scope bounds the backend's silences: its deadline is pushed on with every
-        chunk, and lifted while a chunk is being sent (a slow client is not a silent backend;
-        client_send_timeout_secs bounds that)."""
+        The backend's silences are bounded by a watch (no cancel scope per chunk): it runs
+        while we wait for the backend and is stopped while a chunk is being sent (a slow client
+        is not a silent backend; client_send_timeout_secs bounds that)."""
         model, idle = backend.name, backend.idle_timeout_secs
         connection = current_connection.get()
+        silence = trio.CancelScope()
+        watch = self.watchdog.watch(idle, silence.cancel)
         try:
-            with trio.CancelScope(deadline=trio.current_time() + idle) as silence:
+            with silence:
+                watch.begin()
                 async for chunk in response.aiter_stream():
-                    silence.deadline = math.inf
+                    watch.end()
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     if connection is not None and connection.send_timed_out:
                         outcome.status = CLIENT_CLOSED  # cut by client_send_timeout_secs
                         return
-                    silence.deadline = trio.current_time() + idle
+                    watch.begin()
         except Exception as exc:  # httpcore transport errors, h11 protocol errors
             log.warning("backend for %s broke mid-response: %r", model, exc)
             outcome.status = 502
             return
+        finally:
+            self.watchdog.forget(watch)
         if silence.cancelled_caught:
             self._backend_timed_out(model, "idle", idle)
             outcome.status = 504

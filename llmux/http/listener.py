@@ -36,6 +36,7 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ASGIFramework, ConnectionState
 
 from llmux.errors import error_body
+from llmux.http.watchdog import Watchdog
 from llmux.observe.logs import log_event
 from llmux.observe.metrics import Metrics
 
@@ -67,13 +68,27 @@ current_connection: ContextVar[ConnectionInfo | None] = ContextVar("llmux_connec
 
 class BoundedStream:
     """A socket stream whose writes give up, and close it, after `timeout` seconds without
-    progress, and which notes when the peer has closed. It has no `do_handshake`: hypercorn
-    takes that to mean plain TCP."""
+    progress (a `Watch` of the listener's watchdog: no cancel scope per write), and which notes
+    when the peer has closed. It has no `do_handshake`: hypercorn takes that to mean plain
+    TCP."""
 
-    def __init__(self, stream: trio.SocketStream, timeout: float, info: ConnectionInfo) -> None:
+    def __init__(
+        self, stream: trio.SocketStream, timeout: float, info: ConnectionInfo, watchdog: Watchdog
+    ) -> None:
         self._stream = stream
         self._timeout = timeout
         self._info = info
+        self._watchdog = watchdog
+        self.watch = watchdog.watch(timeout, self._cut)
+
+    def _cut(self) -> None:
+        """A write made no progress for `timeout`: close the socket under it (trio wakes the
+        blocked write with ClosedResourceError)."""
+        self._info.send_timed_out = True
+        self._stream.socket.close()
+
+    def forget(self) -> None:
+        self._watchdog.forget(self.watch)
 
     @property
     def socket(self) -> trio.socket.SocketType:
@@ -88,12 +103,17 @@ class BoundedStream:
             await self._send_piece(view[start : start + SEND_PIECE_BYTES])
 
     async def _send_piece(self, piece: bytes | bytearray | memoryview) -> None:
-        with trio.move_on_after(self._timeout) as waiting:
+        self.watch.begin()
+        try:
             await self._stream.send_all(piece)
-        if waiting.cancelled_caught:
-            self._info.send_timed_out = True
-            await self._stream.aclose()
-            raise trio.BrokenResourceError(f"the client took nothing for {self._timeout:g}s")
+        except trio.ClosedResourceError:
+            if self._info.send_timed_out:
+                raise trio.BrokenResourceError(
+                    f"the client took nothing for {self._timeout:g}s"
+                ) from None
+            raise
+        finally:
+            self.watch.end()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         data = await self._stream.receive_some(max_bytes)
@@ -123,6 +143,7 @@ class Listener:
         self._bounds = bounds
         self._metrics = metrics
         self._context = WorkerContext(None)
+        self._watchdog = Watchdog()  # bounds stalled writes to clients
         self._open = 0
         self._refusing = 0
         self._refused = 0
@@ -138,18 +159,23 @@ class Listener:
         give busy ones `graceful_timeout` and cancel what is left."""
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
         host, port = sock.getsockname()[:2]
-        async with trio.open_nursery() as connections:
-            async with trio.open_nursery() as accepting:
-                accepting.start_soon(
-                    partial(
-                        trio.serve_listeners, self._handle, [listener], handler_nursery=connections
-                    )
-                )
-                task_status.started(f"http://{_url_host(host)}:{port}")
-                await shutdown_trigger()
-                accepting.cancel_scope.cancel()
-            await self._context.terminated.set()  # idle keep-alive connections close now
-            connections.cancel_scope.deadline = trio.current_time() + self._config.graceful_timeout
+        async with trio.open_nursery() as watching:
+            watching.start_soon(self._watchdog.run)
+            async with trio.open_nursery() as connections:
+                async with trio.open_nursery() as accepting:
+                    accepting.start_soon(
+                        partial(
+                            trio.serve_listeners, self._handle, [listener],
+                            handler_nursery=connections,
+                        )
+                    )  # fmt: skip
+                    task_status.started(f"http://{_url_host(host)}:{port}")
+                    await shutdown_trigger()
+                    accepting.cancel_scope.cancel()
+                await self._context.terminated.set()  # idle keep-alive connections close now
+                graceful = self._config.graceful_timeout
+                connections.cancel_scope.deadline = trio.current_time() + graceful
+            watching.cancel_scope.cancel()
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         if self._open >= self._bounds.max_connections:
@@ -159,8 +185,8 @@ class Listener:
         self._metrics.connections_open.set(self._open)
         info = ConnectionInfo()
         current_connection.set(info)
+        bounded = BoundedStream(stream, self._bounds.client_send_timeout, info, self._watchdog)
         try:
-            bounded = BoundedStream(stream, self._bounds.client_send_timeout, info)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_reap_when_closed, info, nursery.cancel_scope)
                 await TCPServer(
@@ -168,6 +194,7 @@ class Listener:
                 )
                 nursery.cancel_scope.cancel()
         finally:
+            bounded.forget()
             self._open -= 1
             self._metrics.connections_open.set(self._open)
 
