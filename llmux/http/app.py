@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import httpcore
 import trio
 
 from llmux.config import Config, ConfigError, ModelConfig, load_config
@@ -52,6 +51,7 @@ from llmux.http.routes import (
     prefix_allows,
 )
 from llmux.http.status import status_report
+from llmux.http.upstream import UpstreamResponse
 from llmux.http.watchdog import Watchdog
 from llmux.observe.logs import log_event
 from llmux.observe.metrics import UNKNOWN_MODEL, Metrics
@@ -472,7 +472,7 @@ class LlmuxApp:
         )  # fmt: skip
 
     async def _relay_body(
-        self, response: httpcore.Response, backend: ModelConfig, send: Send, outcome: _Outcome
+        self, response: UpstreamResponse, backend: ModelConfig, send: Send, outcome: _Outcome
     ) -> None:
         """Pass each chunk on as it comes, unchanged; a backend that breaks or goes silent
         mid-answer leaves the answer incomplete (`outcome.complete` stays false).
@@ -487,14 +487,14 @@ class LlmuxApp:
         try:
             with silence:
                 watch.begin()
-                async for chunk in response.aiter_stream():
+                async for chunk in response.body():
                     watch.end()
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     if connection is not None and connection.send_timed_out:
                         outcome.status = CLIENT_CLOSED  # cut by client_send_timeout_secs
                         return
                     watch.begin()
-        except Exception as exc:  # httpcore transport errors, h11 protocol errors
+        except Exception as exc:  # a broken connection, a body that is not HTTP/1.1
             log.warning("backend for %s broke mid-response: %r", model, exc)
             outcome.status = 502
             return

@@ -6,22 +6,27 @@ hop-by-hop headers both ways, and maps transport failures to `BackendUnavailable
 The target goes upstream byte for byte as the route table matched it: the URL is built from its
 parts, never parsed from a string, so nothing resolves `..` or re-splits the path on the way.
 
-Requests go through httpcore's connection pool (httpx's own transport) directly: httpx's
-request and response models, URL parsing, auth and redirect layers cost about 130 us of CPU per
-request here (370 against 236, measured side by side on one machine), and a proxy that passes
-bytes on needs none of them. httpx stays the client of the control plane (engines, tools).
+Requests go through llmux's own small HTTP/1.1 client (upstream.py): see there for why, and
+`python -m benchmarks.upstream_client` for what it saves against httpx and httpcore.
 """
 
 from __future__ import annotations
 
+import errno
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 
-import httpcore
 import trio
 
 from llmux.errors import BackendTimeout, BackendUnavailable
 from llmux.http.auth import CREDENTIAL_HEADERS
+from llmux.http.upstream import (
+    UpstreamClosed,
+    UpstreamConnectError,
+    UpstreamPool,
+    UpstreamProtocolError,
+    UpstreamResponse,
+)
 
 # Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus those the proxy
 # recomputes itself.
@@ -44,16 +49,6 @@ HOP_BY_HOP = frozenset(
 # passed on raw (still encoded), so the backend's Content-Length stays true.
 DROPPED_RESPONSE_HEADERS = (HOP_BY_HOP - {b"content-length"}) | {b"date", b"server"}
 BACKEND_CONNECT_TIMEOUT_SECS = 5.0
-# Backends such as uvicorn close idle connections after 5 s; expire ours first to avoid the race.
-KEEPALIVE_EXPIRY_SECS = 4.0
-BACKEND_HOST = b"127.0.0.1"  # every backend is a server on this box (ModelConfig.base_url)
-# What httpcore raises for a connection or an exchange that failed (it has no common base).
-TRANSPORT_ERRORS = (
-    httpcore.NetworkError,
-    httpcore.TimeoutException,
-    httpcore.ProtocolError,
-    httpcore.UnsupportedProtocol,
-)
 
 
 class BackendConnectFailed(BackendUnavailable):
@@ -62,12 +57,7 @@ class BackendConnectFailed(BackendUnavailable):
 
 class UpstreamClient:
     def __init__(self) -> None:
-        # No pool limit: every stream llmux carries needs its own connection.
-        self._pool = httpcore.AsyncConnectionPool(
-            max_connections=None,
-            max_keepalive_connections=512,
-            keepalive_expiry=KEEPALIVE_EXPIRY_SECS,
-        )
+        self._pool = UpstreamPool(BACKEND_CONNECT_TIMEOUT_SECS)
 
     async def aclose(self) -> None:
         await self._pool.aclose()
@@ -81,44 +71,41 @@ class UpstreamClient:
         headers: list[tuple[bytes, bytes]],
         body: bytes,
         first_byte_timeout: float,
-    ) -> AsyncIterator[httpcore.Response]:
+    ) -> AsyncIterator[UpstreamResponse]:
         """Send the request (headers already filtered by `forwarded_request_headers`) to the
-        backend on `port` and yield the response with its body unread; always closes it.
-        BackendTimeout when the response head takes longer than `first_byte_timeout`."""
+        backend on `port` and yield the response with its body unread; the connection goes
+        back to the pool if the body was read to its end, else it is closed. BackendTimeout
+        when the response head takes longer than `first_byte_timeout`."""
         where = f"http://127.0.0.1:{port}"
-        head = [
-            (b"host", b"127.0.0.1:%d" % port),
-            *headers,
-            (b"content-length", b"%d" % len(body)),
-            (b"connection", b"keep-alive"),  # llmux's own hop (the client's is dropped)
-        ]
-        request = httpcore.Request(
-            method.encode(),
-            httpcore.URL(scheme=b"http", host=BACKEND_HOST, port=port, target=target),
-            headers=head,
-            content=body,
-            # No read timeout: a long generation may take minutes between bytes.
-            extensions={"timeout": {"connect": BACKEND_CONNECT_TIMEOUT_SECS}},
+        verb = method.encode()
+        head = b"".join(
+            [
+                b"%s %s HTTP/1.1\r\nhost: 127.0.0.1:%d\r\n" % (verb, target, port),
+                *[b"%s: %s\r\n" % (name, value) for name, value in headers],
+                b"content-length: %d\r\nconnection: keep-alive\r\n\r\n" % len(body),
+            ]
         )
         try:
             with trio.fail_after(first_byte_timeout):
-                response = await self._pool.handle_async_request(request)
+                connection, response = await self._pool.request(port, head, body, method=verb)
         except trio.TooSlowError:
             raise BackendTimeout(
                 f"backend at {where} sent nothing within {first_byte_timeout:g}s "
                 "(first_byte_timeout_secs)"
             ) from None
-        except httpcore.ConnectError as exc:
+        except UpstreamConnectError as exc:
+            if exc.errno == errno.ETIMEDOUT:
+                raise BackendUnavailable(f"backend at {where} failed: {exc.strerror}") from None
             raise BackendConnectFailed(
-                f"backend at {where} refused the connection: {exc}"
+                f"backend at {where} refused the connection: {exc.strerror}"
             ) from None
-        except TRANSPORT_ERRORS as exc:
+        except (OSError, trio.BrokenResourceError, UpstreamProtocolError, UpstreamClosed) as exc:
             raise BackendUnavailable(f"backend at {where} failed: {exc!r}") from None
         try:
             yield response
         finally:
-            with trio.CancelScope(shield=True):
-                await response.aclose()
+            if not self._pool.release(port, connection, response):
+                connection.stream.socket.close()
 
 
 def forwarded_request_headers(
