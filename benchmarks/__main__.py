@@ -403,6 +403,14 @@ def paced_cases(folder: Path, started: list[Process], quick: bool) -> dict[str, 
                             result[f"ttft_{tail}"] - direct[f"ttft_{tail}"]
                         ) * 1000
                     figures[f"{key}_{name}_cpu_us_per_event"] = result["cpu_us_per_event"]
+                llmux_cpu = figures[f"{key}_llmux_cpu_us_per_event"]
+                figures[f"{key}_cpu_vs_floor"] = (
+                    llmux_cpu / figures[f"{key}_floor_cpu_us_per_event"]
+                )
+                figures[f"{key}_ttft_p99_over_floor_ms"] = (
+                    figures[f"{key}_llmux_added_ttft_p99_ms"]
+                    - figures[f"{key}_floor_added_ttft_p99_ms"]
+                )
         for process in (proxy, floor, backend, *([front] if front else [])):
             process.stop()
             started.remove(process)
