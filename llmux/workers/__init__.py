@@ -1,0 +1,1 @@
+"""Several data-plane processes beside one controller (`[server] workers`): see channel.py."""

@@ -1,0 +1,215 @@
+"""Slots on models across the channel: the controller grants them, a worker holds them.
+
+The controller runs one `SlotService.serve` per worker. Each `acquire` becomes a task that
+holds the fleet's own `serving()` slot until the worker says `release` (finished) or `leave`
+(its client went away while waiting): so queues, drains, timeouts and the in-flight counts
+work exactly as for a request of the controller's own. When the channel closes (the worker
+exited or died), every task it had is cancelled: its waiting requests leave the queues and its
+slots are released, and no drain waits for a worker that is gone.
+
+The worker side, `RemoteFleet`, offers the same `serving()`, `report_unreachable()` and
+`closing` as the fleet, so the proxy code is the same in both processes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from llmux.config import ModelConfig
+from llmux.errors import LlmuxError
+from llmux.runtime.driver import Slot
+from llmux.runtime.fleet import Fleet
+from llmux.workers.channel import Channel, ChannelClosed
+
+# What a worker needs of the backend a slot was granted on (the rest stays with the controller).
+GRANTED_FIELDS = (
+    "name",
+    "port",
+    "upstream_model",
+    "backend_api_key",
+    "first_byte_timeout_secs",
+    "idle_timeout_secs",
+)
+
+
+class RelayedError(LlmuxError):
+    """An error the controller answered with, passed on as it was (status, body, headers)."""
+
+    def __init__(self, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        super().__init__(body.decode(errors="replace"))
+        self.status = status
+        self._body = body
+        self._headers = headers
+
+    def body(self) -> bytes:
+        return self._body
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return self._headers
+
+
+def error_message(rid: int, error: LlmuxError) -> dict[str, Any]:
+    headers = [[n.decode("latin-1"), v.decode("latin-1")] for n, v in error.headers()]
+    return {"id": rid, "error": {"status": error.status, "body": error.body().decode(),
+                                 "headers": headers}}  # fmt: skip
+
+
+def relayed(error: dict[str, Any]) -> RelayedError:
+    headers = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in error["headers"]]
+    return RelayedError(error["status"], error["body"].encode(), headers)
+
+
+@dataclass(eq=False)
+class _Hold:
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    released: trio.Event = field(default_factory=trio.Event)
+
+
+class SlotService:
+    """The controller's side of one worker's channel."""
+
+    def __init__(
+        self, fleet: Fleet, on_other: Callable[[dict[str, Any]], None] | None = None
+    ) -> None:
+        self.fleet = fleet
+        self._on_other = on_other  # messages that are not about slots (the worker's counts)
+        self.holding = 0  # slots held and requests waiting, for tests and status
+
+    async def serve(self, channel: Channel) -> None:
+        """Until the channel closes; then every slot of this worker is released."""
+        holds: dict[int, _Hold] = {}
+        async with trio.open_nursery() as nursery:
+            try:
+                while True:
+                    message = await channel.receive()
+                    op, rid = message.get("op"), message.get("id")
+                    if op == "acquire":
+                        hold = holds[rid] = _Hold()
+                        nursery.start_soon(self._hold, channel, rid, message["model"], hold, holds)
+                    elif op == "release" and rid in holds:
+                        holds[rid].released.set()
+                    elif op == "leave" and rid in holds:
+                        holds[rid].scope.cancel()
+                    elif op == "unreachable":
+                        self.fleet.report_unreachable(message["model"])
+                    elif self._on_other is not None:
+                        self._on_other(message)
+            except ChannelClosed:
+                pass
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def _hold(
+        self, channel: Channel, rid: int, model: str, hold: _Hold, holds: dict[int, _Hold]
+    ) -> None:
+        self.holding += 1
+        try:
+            with hold.scope:
+                try:
+                    async with self.fleet.serving(model) as slot:
+                        backend = {name: getattr(slot.backend, name) for name in GRANTED_FIELDS}
+                        await channel.send({"id": rid, "granted": backend, "waited": slot.waited})
+                        await hold.released.wait()
+                except LlmuxError as error:
+                    await channel.send(error_message(rid, error))
+        except ChannelClosed:
+            pass
+        finally:
+            self.holding -= 1
+            holds.pop(rid, None)
+
+
+@dataclass(eq=False)
+class _Reply:
+    done: trio.Event = field(default_factory=trio.Event)
+    message: dict[str, Any] = field(default_factory=dict)
+
+
+class ControllerGone(LlmuxError):
+    status = 503
+    error_type = "server_error"
+    code = "shutting_down"
+
+
+class RemoteFleet:
+    """The worker's side: slots on the controller's fleet, one round trip each way."""
+
+    def __init__(self, channel: Channel) -> None:
+        self._channel = channel
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _Reply] = {}
+        self.closing = False  # set when the controller is gone or says it shuts down
+        # Messages sent without waiting (from code that cannot await), in order.
+        self._outbox, self._outbox_reader = trio.open_memory_channel[dict[str, Any]](math.inf)
+        self.on_other: Callable[[dict[str, Any]], None] | None = None  # reloads, shutdown
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Read the controller's messages until the channel closes."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._send_outbox)
+            task_status.started()
+            try:
+                while True:
+                    message = await self._channel.receive()
+                    reply = self._pending.get(message.get("id", -1))
+                    if reply is not None:
+                        reply.message = message
+                        reply.done.set()
+                    elif "id" not in message and self.on_other is not None:
+                        self.on_other(message)
+            except ChannelClosed:
+                self.closing = True
+                for reply in self._pending.values():
+                    reply.message = {"error": None}
+                    reply.done.set()
+            nursery.cancel_scope.cancel()
+
+    async def _send_outbox(self) -> None:
+        async for message in self._outbox_reader:
+            try:
+                await self._channel.send(message)
+            except ChannelClosed:
+                return
+
+    def send_soon(self, message: dict[str, Any]) -> None:
+        self._outbox.send_nowait(message)
+
+    @asynccontextmanager
+    async def serving(self, model: str) -> AsyncIterator[Slot]:
+        if self.closing:
+            raise ControllerGone("llmux is shutting down")
+        rid = next(self._ids)
+        reply = self._pending[rid] = _Reply()
+        try:
+            await self._channel.send({"op": "acquire", "id": rid, "model": model})
+            await reply.done.wait()
+        except ChannelClosed:
+            raise ControllerGone("llmux is shutting down") from None
+        except BaseException:  # the client went away while it waited
+            with trio.CancelScope(shield=True), suppress(ChannelClosed):
+                await self._channel.send({"op": "leave", "id": rid})
+            raise
+        finally:
+            self._pending.pop(rid, None)
+        message = reply.message
+        if "error" in message:
+            if message["error"] is None:
+                raise ControllerGone("llmux is shutting down")
+            raise relayed(message["error"])
+        backend = ModelConfig(**message["granted"])
+        try:
+            yield Slot(message["waited"], backend)
+        finally:
+            with trio.CancelScope(shield=True), suppress(ChannelClosed):
+                await self._channel.send({"op": "release", "id": rid})
+
+    def report_unreachable(self, model: str) -> None:
+        """Said to the controller without waiting (its alive check decides)."""
+        self.send_soon({"op": "unreachable", "model": model})
