@@ -122,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fake.set_defaults(handler=_fake_backend)
 
+    worker = commands.add_parser("_worker")  # started by `llmux serve`: no help line
+    worker.add_argument("--listen-fd", type=int, required=True)
+    worker.add_argument("--channel-fd", type=int, required=True)
+    _add_log_level(worker)
+    worker.set_defaults(handler=_worker)
+
     ctl = commands.add_parser("fake-ctl", help="hook helper: wake, sleep or probe a fake backend")
     ctl.add_argument("action", choices=[str(hook) for hook in HookName])
     ctl.add_argument("--port", type=int, required=True)
@@ -356,6 +362,13 @@ def _fake_backend(args: argparse.Namespace) -> int:
 
     trio.run(run)
     return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from llmux.workers.worker import worker_main
+
+    _setup_logging(args)
+    return worker_main(args.listen_fd, args.channel_fd)
 
 
 def _fake_ctl(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ can refuse a bad file before anything binds a port.
 from __future__ import annotations
 
 import math
+import os
 import re
 import shlex
 import socket
@@ -38,6 +39,14 @@ class ConfigError(Exception):
         super().__init__(where + problem)
 
 
+MAX_DEFAULT_WORKERS = 8
+
+
+def default_workers() -> int:
+    """One data-plane process per core, up to 8 (the controller is one more, mostly idle)."""
+    return max(1, min(os.cpu_count() or 1, MAX_DEFAULT_WORKERS))
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     max_body_bytes: int = 32 * 1024 * 1024
@@ -53,6 +62,8 @@ class ServerConfig:
     client_send_timeout_secs: float = 60.0  # a client that takes nothing this long is cut
     max_connections: int = 4096  # beyond it, new connections get 503 and are closed
     listen_backlog: int = 2048  # connections the kernel queues before llmux accepts them
+    # Data-plane processes beside the controller (`llmux serve` only); 1: one process.
+    workers: int = field(default_factory=lambda: default_workers())
     list_aliases: bool = False  # /v1/models lists aliases beside the models they name
 
 
@@ -266,6 +277,7 @@ _SERVER_KEYS = {
     "client_send_timeout_secs": _NUMBER,
     "max_connections": int,
     "listen_backlog": int,
+    "workers": int,
 }
 _AUTH_KEYS = {
     "api_keys": list,

@@ -27,6 +27,7 @@ from llmux.policies.interface import Policy
 from llmux.runtime.instance import BacklogCap, InstanceGuard, claim_instance, raise_backlog_cap
 from llmux.runtime.state_dir import StateDir, open_state_dir, state_dir_path
 from llmux.runtime.systemd import Notifier, raise_open_files_limit
+from llmux.workers.supervisor import Supervisor
 
 log = logging.getLogger("llmux.server")
 
@@ -38,9 +39,21 @@ SETTLE_SECS = 0.2
 class RunningServer:
     app: LlmuxApp
     url: str
+    supervisor: Supervisor | None = None  # with [server] workers: the data-plane processes
 
     def request_shutdown(self) -> None:
         self.app.request_shutdown()
+
+    async def reload(self) -> bool:
+        """Re-read the config; with workers, every one has it before `config_reloaded`."""
+        if self.supervisor is None:
+            return self.app.reload()
+        summary = self.app.apply_reload()
+        if summary is None:
+            return False
+        await self.supervisor.send_config()
+        self.app.log_reload(summary)
+        return True
 
 
 @dataclass
@@ -143,6 +156,39 @@ async def running_server(
         instance.release()
 
 
+@asynccontextmanager
+async def running_controller(
+    config: Config, policy: Policy | None, instance: Instance
+) -> AsyncIterator[RunningServer]:
+    """`llmux serve` with `[server] workers` above 1: this process keeps the switcher, hooks,
+    policy and metrics; the workers accept on the socket bound here and carry the requests."""
+    try:
+        app = LlmuxApp(config, policy, instance.state)
+        sock = instance.guard.listener
+        assert sock is not None
+        host, port = sock.getsockname()[:2]
+        url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        supervisor = Supervisor(app, sock, config.server.workers)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(app.fleet.run)
+            await nursery.start(supervisor.run)
+            try:
+                yield RunningServer(app=app, url=url, supervisor=supervisor)
+            finally:
+                app.request_shutdown()
+                log.info("shutting down: answering new requests 503, letting in-flight ones finish")
+                timeout = app.config.server.shutdown_timeout_secs
+                with trio.CancelScope(shield=True):
+                    async with trio.open_nursery() as stopping:
+                        stopping.start_soon(supervisor.stop, timeout)
+                        await app.fleet.shutdown(timeout)
+                    await app.upstream.aclose()
+                nursery.cancel_scope.cancel()
+        app.fleet.hook_registry.discard_if_idle()
+    finally:
+        instance.release()
+
+
 async def serve_forever(
     config: Config,
     policy: Policy | None = None,
@@ -160,19 +206,24 @@ async def serve_forever(
         async with trio.open_nursery() as helpers:
             if notifier.watchdog_interval:
                 helpers.start_soon(_ping_watchdog, notifier, notifier.watchdog_interval)
-            async with running_server(config, policy, instance) as server:
+            serving = (
+                running_controller(config, policy, instance)
+                if config.server.workers > 1
+                else running_server(config, policy, instance)
+            )
+            async with serving as server:
                 log.info("llmux listening on %s", server.url)
                 notifier.send("READY=1", f"STATUS={describe_state(server.app)}")
                 if notifier.enabled:
                     helpers.start_soon(_report_status, server.app, notifier)
                 if watch_config:
-                    helpers.start_soon(_reload_on_change, server.app, WATCH_INTERVAL_SECS)
+                    helpers.start_soon(_reload_on_change, server, WATCH_INTERVAL_SECS)
                 if on_ready is not None:
                     on_ready(server)
                 async for signum in signals:
                     if signum == signal.SIGHUP:
                         log.info("received SIGHUP: reloading %s", server.app.config.path)
-                        server.app.reload()
+                        await server.reload()
                         continue
                     log.info("received %s: shutting down", signal.Signals(signum).name)
                     break
@@ -206,8 +257,9 @@ async def _ping_watchdog(notifier: Notifier, interval: float) -> None:
         await trio.sleep(interval)
 
 
-async def _reload_on_change(app: LlmuxApp, interval: float) -> None:
+async def _reload_on_change(server: RunningServer, interval: float) -> None:
     """`--watch-config`: reload when the file's identity, size or mtime changes."""
+    app = server.app
 
     def fingerprint() -> tuple[int, int, int] | None:
         try:
@@ -224,4 +276,4 @@ async def _reload_on_change(app: LlmuxApp, interval: float) -> None:
             await trio.sleep(SETTLE_SECS)  # let an editor finish writing
             seen = fingerprint()
             log.info("%s changed: reloading", app.config.path)
-            app.reload()
+            await server.reload()

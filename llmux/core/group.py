@@ -149,6 +149,7 @@ class ReloadSummary:
     added: list[str]
     removed: list[str]
     changed: list[str]
+    policy_replaced: bool = False
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ request becomes a slot on a model, and where every `LlmuxError` becomes its stat
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -18,6 +19,7 @@ import trio
 
 from llmux.config import Config, ConfigError, ModelConfig, load_config
 from llmux.core.costs import SwitchCostTracker
+from llmux.core.group import ReloadSummary
 from llmux.errors import (
     AmbiguousFraming,
     BackendTimeout,
@@ -77,14 +79,19 @@ class _Outcome:
 
 class LlmuxApp:
     def __init__(self, config: Config, policy: Policy | None, state: StateDir) -> None:
-        self.config = config
-        self.metrics = Metrics(config.models)
+        metrics = Metrics(config.models)
         self.costs = SwitchCostTracker()
         # Each group gets its own policy instance; an instance given here (tests, embedding) is
         # shared by all of them.
         make_policy = (lambda: policy) if policy is not None else _policy_factory(config)
         make_policy()  # fail here, before anything runs, if the policy cannot be built
-        self.fleet = Fleet(config, make_policy, self.metrics, self.costs, state)
+        self.fleet: Any = Fleet(config, make_policy, metrics, self.costs, state)
+        self._set_up_http(config, metrics)
+
+    def _set_up_http(self, config: Config, metrics: Any) -> None:
+        """What serving HTTP needs, in this process or in a worker (workers/worker.py)."""
+        self.config = config
+        self.metrics = metrics
         self.upstream = UpstreamClient()
         self.watchdog = Watchdog()  # bounds the backends' silences mid-answer; run by the server
         self.routes = RouteTable(ROUTES, admin=config.auth.admin_token is not None)
@@ -105,6 +112,15 @@ class LlmuxApp:
 
     def reload(self) -> bool:
         """Re-read the config file; apply it if valid, else keep the one in force (logged)."""
+        summary = self.apply_reload()
+        if summary is None:
+            return False
+        self.log_reload(summary)
+        return True
+
+    def apply_reload(self) -> ReloadSummary | None:
+        """`reload` without its closing log line (workers hear of it first); None if the file
+        was rejected (logged)."""
         path = self.config.path
         try:
             new = load_config(path).keeping_chosen_ports(self.config)
@@ -124,25 +140,31 @@ class LlmuxApp:
                 log, "config_rejected", f"reload rejected, the old config stays in force: {exc}",
                 logging.ERROR, path=str(path), error=str(exc),
             )  # fmt: skip
-            return False
+            return None
         except Exception as exc:  # a bug of ours: a reload must never stop the server
             log.error("reload of %s failed", path, exc_info=True, extra={
                 "event": "config_rejected", "fields": {"path": str(path), "error": repr(exc)},
             })  # fmt: skip
-            return False
+            return None
         if (new.host, new.port) != (self.config.host, self.config.port):
             log.info(
                 "still listening on %s:%s; the file's %s:%s applies from the next start",
                 self.config.host, self.config.port, new.host, new.port,
             )  # fmt: skip
-        self.config = self.fleet.config
+        self.apply_config(self.fleet.config)
+        return dataclasses.replace(summary, policy_replaced=make_policy is not None)
+
+    def apply_config(self, config: Config) -> None:
+        self.config = config
         self.routes = RouteTable(ROUTES, admin=self.config.auth.admin_token is not None)
+
+    def log_reload(self, summary: ReloadSummary) -> None:
+        path = self.config.path
         log_event(
             log, "config_reloaded", f"reloaded {path}", path=str(path),
             added=",".join(summary.added), removed=",".join(summary.removed),
-            changed=",".join(summary.changed), policy_replaced=make_policy is not None,
+            changed=",".join(summary.changed), policy_replaced=summary.policy_replaced,
         )  # fmt: skip
-        return True
 
     # ----- ASGI -----
 
@@ -173,10 +195,17 @@ class LlmuxApp:
     async def _dispatch(
         self, match: RouteMatch, scope: Scope, receive: Receive, send: Send
     ) -> None:
-        endpoint = match.route.endpoint
         if match.route.forwards:
             await self._proxy(match, scope, receive, send)
-        elif endpoint is Endpoint.HEALTH:
+        else:
+            await self._answer_here(match, scope, receive, send)
+
+    async def _answer_here(
+        self, match: RouteMatch, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        """What llmux answers itself (a worker asks the controller: workers/worker.py)."""
+        endpoint = match.route.endpoint
+        if endpoint is Endpoint.HEALTH:
             await send_json(send, 200, {"status": "ok"})
         elif endpoint is Endpoint.METRICS:
             await send_bytes(

@@ -101,7 +101,12 @@ def _text_value(value: Any) -> str:
     return '"' + text.replace('"', '\\"') + '"'  # controls are escaped already
 
 
+# What setup_logging was last given: workers are started with the same (workers/supervisor.py).
+current_setup: dict[str, str] = {"level": "info", "format": "text"}
+
+
 def setup_logging(level: str = "info", log_format: str = "text") -> None:
+    current_setup.update(level=level, format=log_format)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     root = logging.getLogger()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,10 +76,14 @@ class SlotService:
     """The controller's side of one worker's channel."""
 
     def __init__(
-        self, fleet: Fleet, on_other: Callable[[dict[str, Any]], None] | None = None
+        self,
+        fleet: Fleet,
+        on_other: Callable[[dict[str, Any]], None] | None = None,
+        answer: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] | None = None,
     ) -> None:
         self.fleet = fleet
         self._on_other = on_other  # messages that are not about slots (the worker's counts)
+        self._answer = answer  # requests llmux answers itself, asked for by the worker
         self.holding = 0  # slots held and requests waiting, for tests and status
 
     async def serve(self, channel: Channel) -> None:
@@ -99,12 +103,20 @@ class SlotService:
                         holds[rid].scope.cancel()
                     elif op == "unreachable":
                         self.fleet.report_unreachable(message["model"])
+                    elif op == "control" and self._answer is not None:
+                        nursery.start_soon(self._control, channel, rid, message["request"])
                     elif self._on_other is not None:
                         self._on_other(message)
             except ChannelClosed:
                 pass
             finally:
                 nursery.cancel_scope.cancel()
+
+    async def _control(self, channel: Channel, rid: int, request: dict[str, Any]) -> None:
+        assert self._answer is not None
+        answer = await self._answer(request)
+        with suppress(ChannelClosed):
+            await channel.send({"id": rid, "control": answer})
 
     async def _hold(
         self, channel: Channel, rid: int, model: str, hold: _Hold, holds: dict[int, _Hold]
@@ -149,6 +161,9 @@ class RemoteFleet:
         # Messages sent without waiting (from code that cannot await), in order.
         self._outbox, self._outbox_reader = trio.open_memory_channel[dict[str, Any]](math.inf)
         self.on_other: Callable[[dict[str, Any]], None] | None = None  # reloads, shutdown
+        self.in_flight = 0  # slots granted here and not yet released
+        self._released = trio.Event()
+        self.gone = trio.Event()  # the controller closed the channel
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Read the controller's messages until the channel closes."""
@@ -166,10 +181,31 @@ class RemoteFleet:
                         self.on_other(message)
             except ChannelClosed:
                 self.closing = True
+                self.gone.set()
                 for reply in self._pending.values():
                     reply.message = {"error": None}
                     reply.done.set()
             nursery.cancel_scope.cancel()
+
+    async def ask(self, message: dict[str, Any]) -> dict[str, Any]:
+        """One round trip: the controller's answer to `message` (empty if it is gone)."""
+        rid = next(self._ids)
+        reply = self._pending[rid] = _Reply()
+        try:
+            await self._channel.send({**message, "id": rid})
+            await reply.done.wait()
+        except ChannelClosed:
+            return {}
+        finally:
+            self._pending.pop(rid, None)
+        return reply.message
+
+    def refusal(self, model: str) -> LlmuxError | None:
+        """Queue limits are the controller's: they are answered when the slot is asked for."""
+        return None
+
+    async def wait_for_release(self) -> None:
+        await self._released.wait()
 
     async def _send_outbox(self) -> None:
         async for message in self._outbox_reader:
@@ -204,9 +240,13 @@ class RemoteFleet:
                 raise ControllerGone("llmux is shutting down")
             raise relayed(message["error"])
         backend = ModelConfig(**message["granted"])
+        self.in_flight += 1
         try:
             yield Slot(message["waited"], backend)
         finally:
+            self.in_flight -= 1
+            self._released.set()
+            self._released = trio.Event()
             with trio.CancelScope(shield=True), suppress(ChannelClosed):
                 await self._channel.send({"op": "release", "id": rid})
 

@@ -1,0 +1,237 @@
+"""The controller's side of `[server] workers`: starts the data-plane processes, serves their
+channels, and keeps them running.
+
+Each worker is this same program (`llmux _worker`, the one-file binary included) started with
+two inherited descriptors: the listening socket the controller bound (the kernel spreads new
+connections over the processes that accept on it) and its end of a socket pair. A worker that
+exits or dies closes its channel: its slots are released at once (slots.py) and it is started
+again. A reload reaches every worker, acknowledged, before the controller logs it. At shutdown
+the workers are told to drain; the controller waits for them to exit before it does (the
+one-file binary's bootloader removes its unpacked files when the controller exits).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import itertools
+import logging
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from llmux.http.app import LlmuxApp
+from llmux.observe.logs import current_setup, log_event
+from llmux.workers.channel import Channel, ChannelClosed
+from llmux.workers.slots import SlotService
+from llmux.workers.worker import encode_config
+
+log = logging.getLogger("llmux.workers")
+
+RESTART_PAUSE_SECS = 0.5
+ACK_TIMEOUT_SECS = 5.0  # a reload waits this long for each worker's acknowledgement
+EXIT_GRACE_SECS = 5.0  # after the drain: time for workers to close their listeners and exit
+
+
+def worker_command() -> list[str]:
+    """How to start a worker (through the one-file binary itself when frozen), logging as
+    this process does."""
+    program = [sys.executable] if getattr(sys, "frozen", False) else [sys.executable, "-m", "llmux"]
+    logs = ["--log-level", current_setup["level"], "--log-format", current_setup["format"]]
+    return [*program, "_worker", *logs]
+
+
+@dataclass(eq=False)
+class _Worker:
+    index: int
+    channel: Channel | None = None
+    process: trio.Process | None = None
+    ready: trio.Event = field(default_factory=trio.Event)
+    acked: dict[int, trio.Event] = field(default_factory=dict)
+    connections_open: float = 0.0
+
+
+class Supervisor:
+    def __init__(self, app: LlmuxApp, listener: socket.socket, count: int) -> None:
+        self.app = app
+        self._listener = listener
+        self._workers = [_Worker(i) for i in range(count)]
+        self._serials = itertools.count(1)
+        self._stopping = False
+        self.restarts = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start every worker, report started once all accept, keep them running."""
+        async with trio.open_nursery() as nursery:
+            for worker in self._workers:
+                nursery.start_soon(self._keep_running, worker)
+            for worker in self._workers:
+                await worker.ready.wait()
+            task_status.started()
+
+    async def _keep_running(self, worker: _Worker) -> None:
+        while True:
+            await self._run_once(worker)
+            if self._stopping:
+                return
+            self.restarts += 1
+            log_event(
+                log, "worker_restarted", f"worker {worker.index} exited; starting it again",
+                logging.ERROR, worker=worker.index,
+            )  # fmt: skip
+            await trio.sleep(RESTART_PAUSE_SECS)
+
+    async def _run_once(self, worker: _Worker) -> None:
+        ours, theirs = socket.socketpair()
+        try:
+            command = [
+                *worker_command(), "--listen-fd", str(self._listener.fileno()),
+                "--channel-fd", str(theirs.fileno()),
+            ]  # fmt: skip
+            process = await trio.lowlevel.open_process(
+                command, pass_fds=(self._listener.fileno(), theirs.fileno()),
+                stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+        finally:
+            theirs.close()
+        worker.process = process
+        channel = Channel(trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
+        worker.channel = channel
+        try:
+            await channel.send({"op": "config", "config": encode_config(self.app.config)})
+            service = SlotService(
+                self.app.fleet,
+                on_other=lambda message: self._heard(worker, message),
+                answer=self._answer,
+            )
+            await service.serve(channel)  # until the worker exits or dies
+        except ChannelClosed:
+            pass
+        finally:
+            worker.channel = None
+            self._forget_connections(worker)
+            with trio.CancelScope(shield=True):
+                await channel.aclose()
+                with trio.move_on_after(EXIT_GRACE_SECS):
+                    await process.wait()
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
+
+    def _heard(self, worker: _Worker, message: dict[str, Any]) -> None:
+        op = message.get("op")
+        if op == "ready":
+            worker.ready.set()
+        elif op == "config_applied":
+            event = worker.acked.get(message["serial"])
+            if event is not None:
+                event.set()
+        elif op == "metrics":
+            self._apply_metrics(worker, message["ops"])
+
+    def _apply_metrics(self, worker: _Worker, ops: list[list[Any]]) -> None:
+        metrics = self.app.metrics
+        for name, labels, method, value in ops:
+            if name == "connections_open":
+                worker.connections_open = value
+                metrics.connections_open.set(sum(w.connections_open for w in self._workers))
+                continue
+            metric = getattr(metrics, name, None)
+            if metric is None:
+                continue
+            target = metric.labels(*labels) if labels else metric
+            getattr(target, method)(value)
+
+    def _forget_connections(self, worker: _Worker) -> None:
+        worker.connections_open = 0.0
+        self.app.metrics.connections_open.set(sum(w.connections_open for w in self._workers))
+
+    async def _answer(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Run a worker's /metrics, /llmux/status, /v1/models, /health or admin request
+        through the controller's own app."""
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+            "method": request["method"], "scheme": "http", "path": request["path"],
+            "raw_path": base64.b64decode(request["raw_path"]),
+            "query_string": base64.b64decode(request["query_string"]),
+            "headers": [(base64.b64decode(n), base64.b64decode(v)) for n, v in request["headers"]],
+            "client": None, "server": None,
+        }  # fmt: skip
+        body = base64.b64decode(request["body"])
+        sent = trio.Event()
+        asked = False
+        answer: dict[str, Any] = {"status": 500, "headers": [], "body": ""}
+        content = bytearray()
+
+        async def receive() -> dict[str, Any]:
+            nonlocal asked
+            if not asked:
+                asked = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await sent.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                answer["status"] = message["status"]
+                answer["headers"] = [
+                    [base64.b64encode(n).decode(), base64.b64encode(v).decode()]
+                    for n, v in message["headers"]
+                ]
+            elif message["type"] == "http.response.body":
+                content.extend(message.get("body", b""))
+                if not message.get("more_body"):
+                    sent.set()
+
+        await self.app(scope, receive, send)
+        answer["body"] = base64.b64encode(bytes(content)).decode()
+        return answer
+
+    async def send_config(self) -> None:
+        """The config in force now, to every worker; returns once each has acknowledged it
+        (or ACK_TIMEOUT_SECS passed: a worker that is stuck is logged, not waited for)."""
+        serial = next(self._serials)
+        message = {"op": "config", "config": encode_config(self.app.config), "serial": serial}
+        async with trio.open_nursery() as nursery:
+            for worker in self._workers:
+                nursery.start_soon(self._send_config_to, worker, serial, message)
+
+    async def _send_config_to(self, worker: _Worker, serial: int, message: dict) -> None:
+        channel = worker.channel
+        if channel is None:
+            return  # restarting: it gets the config in force when it starts
+        event = worker.acked[serial] = trio.Event()
+        try:
+            await channel.send(message)
+            with trio.move_on_after(ACK_TIMEOUT_SECS) as waiting:
+                await event.wait()
+            if waiting.cancelled_caught:
+                log.error("worker %d did not acknowledge the reload", worker.index)
+        except ChannelClosed:
+            pass
+        finally:
+            worker.acked.pop(serial, None)
+
+    async def stop(self, grace: float) -> None:
+        """Tell every worker to drain and stop; wait for them (the drain's own time, then
+        EXIT_GRACE_SECS), and kill what is left."""
+        self._stopping = True
+        for worker in self._workers:
+            if worker.channel is not None:
+                with contextlib.suppress(ChannelClosed):
+                    await worker.channel.send({"op": "shutdown"})
+        with trio.move_on_after(grace + EXIT_GRACE_SECS):
+            for worker in self._workers:
+                if worker.process is not None:
+                    await worker.process.wait()
+        for worker in self._workers:
+            if worker.process is not None and worker.process.returncode is None:
+                worker.process.kill()
+                await worker.process.wait()
+
+    def pids(self) -> list[int]:
+        return [w.process.pid for w in self._workers if w.process and w.process.returncode is None]
