@@ -32,7 +32,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import httpx
@@ -40,7 +40,7 @@ import trio
 
 from llmux.config import load_config
 from llmux.runtime.hook_registry import group_runs
-from llmux.server import running_server
+from llmux.server import running_controller, running_server, start_instance
 
 LLMUX = shlex.join([sys.executable, "-m", "llmux"])
 MODELS = ("m1", "m2", "m3")
@@ -196,8 +196,8 @@ async def one_request(
                 if behaviour == "leave_mid_stream" and response.status_code == 200:
                     return "client_left"
             return _classify(response.status_code, received, streamed=True)
-    except httpx.RemoteProtocolError:
-        return "truncated"
+    except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
+        return "truncated"  # the connection broke mid-answer
 
 
 def _classify(status: int, content: bytes, streamed: bool) -> str:
@@ -228,6 +228,7 @@ async def run_chaos(
     concurrency: int = 16,
     grouped: bool = False,
     servers: bool = False,
+    workers: int = 1,
 ) -> ChaosReport:
     rng = random.Random(seed)
     report = ChaosReport(requests=requests)
@@ -240,10 +241,19 @@ async def run_chaos(
     killed: set[str] = set()
     lost_stats: list[dict] = []
     server_pids: set[int] = set()
+    worker_pids: set[int] = set()
     try:
         config = load_config(path).with_listen("127.0.0.1", 0)
-        async with running_server(config) as server:
+        config = replace(config, server=replace(config.server, workers=workers))
+        serving = (
+            running_server(config)
+            if workers == 1
+            else running_controller(config, None, start_instance(config))
+        )
+        async with serving as server:
             switcher = server.app.fleet
+            if server.supervisor is not None:
+                worker_pids.update(server.supervisor.pids())
             plan = [
                 (
                     rng.choice(models),
@@ -321,6 +331,23 @@ async def run_chaos(
                                 os.killpg(pid, signal.SIGKILL)
                                 report.faults["server_killed_mid_stream"] += 1
 
+                async def kill_a_worker() -> None:
+                    """SIGKILL one data-plane process mid-run: its streams break, its slots
+                    are released, and it is started again."""
+                    assert server.supervisor is not None
+                    await trio.sleep(rng.uniform(1.0, 3.0))
+                    victim = rng.choice(sorted(server.supervisor.pids()))
+                    killed.update(models)  # any model's stream may have been on it
+                    os.kill(victim, signal.SIGKILL)
+                    report.faults["worker_killed"] += 1
+                    with trio.move_on_after(10):
+                        while (
+                            victim in server.supervisor.pids()
+                            or len(server.supervisor.pids()) < workers
+                        ):
+                            await trio.sleep(0.05)
+                    worker_pids.update(server.supervisor.pids())
+
                 async def watch_capacity() -> None:
                     """llmux's own books: never more awake in a group than it holds."""
                     while True:
@@ -336,6 +363,8 @@ async def run_chaos(
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(kill_busy_servers if servers else kill_a_streaming_backend)
                     nursery.start_soon(watch_capacity)
+                    if workers > 1:
+                        nursery.start_soon(kill_a_worker)
                     async with trio.open_nursery() as clients:
                         for _ in range(concurrency):
                             clients.start_soon(client_task)
@@ -391,6 +420,9 @@ async def run_chaos(
             for counter in ("rejected_while_asleep", "slept_while_busy"):
                 if stats[counter]:
                     report.violations.append(f"{stats['name']}: {counter} = {stats[counter]}")
+        alive = [pid for pid in worker_pids if _running(pid)]
+        if alive:
+            report.violations.append(f"worker processes left after llmux stopped: {alive}")
         left = [pid for pid in server_pids if group_runs(pid)]
         if left:
             report.violations.append(f"server process groups left after llmux stopped: {left}")
@@ -404,6 +436,14 @@ async def run_chaos(
         for backend in backends.values():
             backend.stop()
     return report
+
+
+def _running(pid: int) -> bool:
+    """Whether a process runs (a zombie waiting for its parent does not)."""
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
 
 
 def _state(port: int) -> dict:
@@ -431,11 +471,14 @@ def main() -> None:
     parser.add_argument(
         "--servers", action="store_true", help='kind = "vllm" + cmd servers that llmux starts'
     )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="data-plane processes (one is killed mid-run)"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="llmux-chaos-") as folder:
         report = trio.run(
             run_chaos, Path(folder), args.requests, args.seed, args.concurrency, args.groups,
-            args.servers,
+            args.servers, args.workers,
         )  # fmt: skip
     print(report.summary())
     raise SystemExit(1 if report.violations else 0)

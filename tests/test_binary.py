@@ -67,7 +67,7 @@ def test_binary_serves_switches_and_exits_0_on_sigterm(tmp_path):
                 f'alive = "echo $LD_LIBRARY_PATH > {tmp_path}/ld-{name}; {ctl.format("alive")}"\n'
             )
         config = tmp_path / "config.toml"
-        config.write_text(hooks)
+        config.write_text("[server]\nworkers = 2\n" + hooks)  # workers started by the binary
         env = {**os.environ, "LD_LIBRARY_PATH": "/opt/user/lib"}
         llmux, line = _start(["serve", "-c", str(config), "--port", "0"], "listening on", env)
         url = line.strip().rsplit(" ", 1)[1]
@@ -77,12 +77,34 @@ def test_binary_serves_switches_and_exits_0_on_sigterm(tmp_path):
         metrics = httpx.get(url + "/metrics").text
         assert 'llmux_switch_total{from="a",result="ok",to="b"} 1.0' in metrics
         assert (tmp_path / "ld-a").read_text().strip() == "/opt/user/lib"
+        workers = _workers_of_the_binary()
+        assert len(workers) == 2, workers
         assert _stop(llmux) == 0
+        assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()], "a worker outlived it"
     finally:
         if llmux is not None:
             _stop(llmux)
         for proc, _ in backends:
             _stop(proc)
+
+
+def _workers_of_the_binary() -> list[int]:
+    """Worker processes started through the binary itself (`llmux _worker`), read from /proc
+    (to check, never to signal)."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = entry.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv[0] == str(BINARY).encode() and b"_worker" in argv:
+            found.append(int(entry.parent.name))
+
+    # Each is a bootloader and its child, both with these arguments: count the bootloaders.
+    def parent(pid: int) -> int:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+    return [pid for pid in found if parent(pid) not in found]
 
 
 def test_a_custom_policy_file_imports_llmux_policy_inside_the_binary(tmp_path):

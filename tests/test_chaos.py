@@ -32,3 +32,14 @@ async def test_chaos_with_servers_llmux_starts_loses_nothing(tmp_path):
     assert report.violations == []
     assert report.outcomes["ok"] > 20
     assert report.faults["server_killed_mid_stream"] >= 1
+
+
+async def test_chaos_with_two_workers_loses_nothing(tmp_path):
+    """The same run with `[server] workers = 2`, and one worker SIGKILLed mid-run: what it
+    held is released, it is started again, and none outlives llmux."""
+    report = await run_chaos(tmp_path, requests=100, seed=1, workers=2)
+    print(report.summary())
+    assert report.violations == []
+    assert report.outcomes["ok"] > 20
+    assert report.faults["worker_killed"] == 1
+    assert report.faults["backend_killed_mid_stream"] == 1

@@ -1,0 +1,196 @@
+"""`[server] workers = 2`, end to end: `llmux serve` as a controller and two data-plane
+processes on one port, against fake backends. What one process promises, two keep: switching
+with drains, reloads everywhere at once, a drain on SIGTERM; and a worker that dies takes no
+slot with it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import LlmuxProcess, chat, fake_model_block, write_config
+
+WORKERS = {"workers": 2}
+
+
+def worker_pids(llmux: LlmuxProcess) -> set[int]:
+    """llmux's child processes (trio starts them from a thread: every thread is read)."""
+    pids: set[int] = set()
+    for task in Path(f"/proc/{llmux.proc.pid}/task").iterdir():
+        try:
+            pids |= {int(pid) for pid in (task / "children").read_text().split()}
+        except OSError:
+            continue
+    return {pid for pid in pids if b"_worker" in Path(f"/proc/{pid}/cmdline").read_bytes()}
+
+
+def busiest(pids: set[int], backend_port: int) -> int:
+    """The worker with the most connections open to the backend: one that carries streams."""
+    out = subprocess.run(
+        ["ss", "-Htnp", "state", "established", f"dport = :{backend_port}"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    counts = {pid: out.count(f"pid={pid},") for pid in pids}
+    return max(counts, key=lambda pid: counts[pid])
+
+
+def wait_for(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def metric(url: str, line_start: str) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(line_start):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def stream(url: str, model: str, tokens: int, out: list) -> None:
+    """One streamed answer: (status, body), or ("cut", b"") if the connection broke."""
+    try:
+        with httpx.stream(
+            "POST", url + "/v1/chat/completions", json=chat(model, stream=True, max_tokens=tokens),
+            timeout=30,
+        ) as response:  # fmt: skip
+            body = b"".join(response.iter_bytes())
+    except httpx.TransportError:
+        out.append(("cut", b""))
+        return
+    out.append((response.status_code, body))
+
+
+def test_two_workers_switch_with_drains_and_count_every_request(fakes, tmp_path):
+    a, b = fakes.start("a", "b", wake_delay=0.2, token_interval=0.05)
+    config = write_config(tmp_path, fake_model_block(a) + fake_model_block(b), server=WORKERS)
+    llmux = LlmuxProcess(config)
+    try:
+        assert len(worker_pids(llmux)) == 2
+        with httpx.Client(base_url=llmux.url, timeout=30) as client:
+            for model in ("a", "b", "a"):
+                assert client.post("/v1/chat/completions", json=chat(model)).status_code == 200
+        # A stream on a; b is asked for meanwhile: a's stream is drained, not cut.
+        streamed: list = []
+        runner = threading.Thread(target=stream, args=(llmux.url, "a", 20, streamed))
+        runner.start()
+        wait_for(lambda: metric(llmux.url, 'llmux_model_in_flight{model="a"}') == 1)
+        answer = httpx.post(llmux.url + "/v1/chat/completions", json=chat("b"), timeout=30)
+        runner.join()
+        assert answer.status_code == 200
+        status, body = streamed[0]
+        assert status == 200 and body.count(b"data: {") == 21 and b"[DONE]" in body
+        for fake in (a, b):
+            stats = json.loads(httpx.get(fake.url + "/fake/state").text)
+            assert stats["rejected_while_asleep"] == 0 and stats["slept_while_busy"] == 0
+        # Six requests from two processes, all in the controller's registry.
+        wait_for(
+            lambda: (
+                metric(llmux.url, 'llmux_requests_total{model="a",status="200"}') == 3
+                and metric(llmux.url, 'llmux_requests_total{model="b",status="200"}') == 2
+            )
+        )
+        status_report = httpx.get(llmux.url + "/llmux/status").json()
+        assert status_report["active_model"] == "b"
+    finally:
+        assert llmux.stop() == 0
+
+
+def test_a_worker_killed_mid_stream_releases_its_slot_and_is_started_again(fakes, tmp_path):
+    a, b = fakes.start("a", "b", wake_delay=0.2, token_interval=0.05)
+    config = write_config(tmp_path, fake_model_block(a) + fake_model_block(b), server=WORKERS)
+    llmux = LlmuxProcess(config)
+    try:
+        before = worker_pids(llmux)
+        streams: list = []
+        runners = [
+            threading.Thread(target=stream, args=(llmux.url, "a", 100, streams)) for _ in range(4)
+        ]
+        for runner in runners:
+            runner.start()
+        wait_for(lambda: metric(llmux.url, 'llmux_model_in_flight{model="a"}') == 4)
+        victim = busiest(before, a.port)
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: len(worker_pids(llmux)) == 2 and victim not in worker_pids(llmux))
+        # The killed worker's streams are cut; its slots are free: the switch to b needs
+        # only the survivors' streams to end, not the dead worker's.
+        wait_for(lambda: metric(llmux.url, 'llmux_model_in_flight{model="a"}') < 4)
+        answer = httpx.post(llmux.url + "/v1/chat/completions", json=chat("b"), timeout=60)
+        assert answer.status_code == 200
+        for runner in runners:
+            runner.join()
+        assert metric(llmux.url, 'llmux_model_in_flight{model="a"}') == 0
+        assert ("cut", b"") in streams  # the dead worker's streams end broken, not complete
+        assert "worker_restarted" in llmux.log
+    finally:
+        assert llmux.stop() == 0
+
+
+def test_a_reload_reaches_every_worker_before_it_is_logged(fakes, tmp_path):
+    """A revoked key is refused on every connection from the moment the reload is logged."""
+    (a,) = fakes.start("a")
+    keys = tmp_path / "keys.txt"
+    keys.write_text("sk-old\n")
+    config = write_config(
+        tmp_path, fake_model_block(a), server=WORKERS, top='',
+    )  # fmt: skip
+    config.write_text(config.read_text() + '\n[auth]\napi_keys_file = "keys.txt"\n')
+    llmux = LlmuxProcess(config)
+    try:
+        old = {"authorization": "Bearer sk-old"}
+        for _ in range(6):  # new connections: the kernel spreads them over both workers
+            answer = httpx.post(llmux.url + "/v1/chat/completions", json=chat("a"), headers=old)
+            assert answer.status_code == 200
+        keys.write_text("sk-new\n")
+        llmux.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "config_reloaded" in llmux.log)
+        for _ in range(10):
+            answer = httpx.post(llmux.url + "/v1/chat/completions", json=chat("a"), headers=old)
+            assert answer.status_code == 401
+        new = {"authorization": "Bearer sk-new"}
+        answer = httpx.post(llmux.url + "/v1/chat/completions", json=chat("a"), headers=new)
+        assert answer.status_code == 200
+    finally:
+        assert llmux.stop() == 0
+
+
+def test_sigterm_drains_every_worker_then_all_processes_exit(fakes, tmp_path):
+    (a,) = fakes.start("a", token_interval=0.05)
+    config = write_config(tmp_path, fake_model_block(a), server=WORKERS)
+    llmux = LlmuxProcess(config)
+    pids = worker_pids(llmux)
+    streamed: list = []
+    runner = threading.Thread(target=stream, args=(llmux.url, "a", 30, streamed))
+    runner.start()
+    wait_for(lambda: metric(llmux.url, 'llmux_model_in_flight{model="a"}') == 1)
+    llmux.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    late = httpx.post(llmux.url + "/v1/chat/completions", json=chat("a"), timeout=10)
+    assert late.status_code == 503
+    runner.join()
+    status, body = streamed[0]
+    assert status == 200 and body.count(b"data: {") == 31
+    assert llmux.stop() == 0
+    for pid in pids:
+        assert (
+            not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+        ), f"worker {pid} outlived llmux"
+
+
+@pytest.mark.parametrize("workers", [0, -1])
+def test_workers_must_be_positive(tmp_path, workers):
+    from llmux.config import ConfigError, load_config
+
+    path = write_config(tmp_path, "[models.a]\nport = 9\nwake = 'true'\nsleep = 'true'\n",
+                        server={"workers": workers})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"server\.workers"):
+        load_config(path)
