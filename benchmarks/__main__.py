@@ -128,8 +128,13 @@ def listen_overflows() -> int:
 
 
 def llmux(
-    folder: Path, models: dict[str, int], hooks: dict[str, str] | None = None, extra: str = ""
+    folder: Path,
+    models: dict[str, int],
+    hooks: dict[str, str] | None = None,
+    extra: str = "",
+    workers: int = 1,
 ) -> Process:
+    """`llmux serve` on these backends; one process unless `workers` says otherwise."""
     hooks = hooks or {"wake": "true", "sleep": "true"}
     blocks = []
     for index, (name, port) in enumerate(models.items()):
@@ -137,7 +142,10 @@ def llmux(
         hook_lines = "".join(f'{hook} = "{command}"\n' for hook, command in hooks.items())
         blocks.append(f"[models.{name}]\nport = {port}\n{hook_lines}alive = {alive}\n")
     config = folder / f"llmux-{len(list(folder.glob('*.toml')))}.toml"
-    config.write_text(f"{extra}\n[defaults]\nalive_interval_secs = 3600\n\n" + "\n".join(blocks))
+    config.write_text(
+        f"{extra}\n[server]\nworkers = {workers}\n[defaults]\nalive_interval_secs = 3600\n\n"
+        + "\n".join(blocks)
+    )
     args = [
         sys.executable,
         "-m",
@@ -323,6 +331,9 @@ def run(quick: bool) -> dict[str, float]:
             # --- streams at a model's pace, as users feel them ---
             figures.update(paced_cases(folder, started, quick))
 
+            # --- two workers against one, at full socket speed ---
+            figures.update(workers_scaling(folder, started, 5 if quick else 7))
+
             # --- memory with 1,000 open streams, none stalled ---
             slow = lean_backend(interval=0.5)
             started.append(slow)
@@ -367,7 +378,9 @@ def paced_cases(folder: Path, started: list[Process], quick: bool) -> dict[str, 
         started.append(floor)
         proxy = llmux(folder, {"bench": backend.port})
         started.append(proxy)
-        targets = {"direct": backend, "floor": floor, "llmux": proxy}
+        proxy2 = llmux(folder, {"bench": backend.port}, workers=2)
+        started.append(proxy2)
+        targets = {"direct": backend, "floor": floor, "llmux": proxy, "llmux2": proxy2}
         front = nginx(folder, backend.port)
         if front is not None:
             started.append(front)
@@ -388,8 +401,8 @@ def paced_cases(folder: Path, started: list[Process], quick: bool) -> dict[str, 
                         (target.cpu_seconds() - cpu) / max(1, sum(s.events for s in run.streams))
                     ) * 1e6
                     results[name]["overflows"] = float(listen_overflows() - overflows)
-                    if name == "llmux":
-                        figures[f"{key}_llmux_rss_mb"] = target.rss_mb()
+                    if name.startswith("llmux"):
+                        figures[f"{key}_{name}_rss_mb"] = target.rss_mb()
                     time.sleep(0.3)  # let connections close before the next target
                 direct = results["direct"]
                 for name, result in results.items():
@@ -411,18 +424,45 @@ def paced_cases(folder: Path, started: list[Process], quick: bool) -> dict[str, 
                     figures[f"{key}_llmux_added_ttft_p99_ms"]
                     - figures[f"{key}_floor_added_ttft_p99_ms"]
                 )
-        for process in (proxy, floor, backend, *([front] if front else [])):
+        for process in (proxy, proxy2, floor, backend, *([front] if front else [])):
             process.stop()
             started.remove(process)
     return figures
 
 
+def workers_scaling(folder: Path, started: list[Process], n_rounds: int) -> dict[str, float]:
+    """Full-speed streams through one process and through two workers, interleaved rounds:
+    the ratio of medians of events/s, and of CPU per event (all of llmux's processes)."""
+    fast = lean_backend()
+    started.append(fast)
+    targets = {
+        1: llmux(folder, {"bench": fast.port}),
+        2: llmux(folder, {"bench": fast.port}, workers=2),
+    }
+    started.extend(targets.values())
+    payload = {"model": "bench", "messages": [], "max_tokens": 300}
+    rates: dict[int, list[float]] = {1: [], 2: []}
+    cpus: dict[int, list[float]] = {1: [], 2: []}
+    for _ in range(n_rounds):
+        for workers, target in targets.items():
+            cpu = target.cpu_seconds()
+            run = asyncio.run(streams(target.port, payload, 64))
+            rates[workers].append(run.rate)
+            cpus[workers].append((target.cpu_seconds() - cpu) / max(1, run.events) * 1e6)
+    return {
+        "workers1_events_per_s": median(rates[1]),
+        "workers2_events_per_s": median(rates[2]),
+        "workers2_events_ratio": median(rates[2]) / median(rates[1]),
+        "workers2_cpu_per_event_ratio": median(cpus[2]) / median(cpus[1]),
+    }
+
+
 def paced_report(figures: dict[str, float]) -> str:
     """One row per case: llmux beside the floor and nginx, as ratios and added milliseconds."""
     lines = [
-        "| streams x tokens/s, start | rate vs direct: llmux / floor / nginx "
-        "| added TTFT p50 / p99: llmux | p99: floor / nginx | CPU per event: llmux / floor "
-        "| lost, listen overflows (llmux) |",
+        "| streams x tokens/s, start | rate vs direct: llmux / 2 workers / floor / nginx "
+        "| added TTFT p50 / p99: llmux | p99: 2 workers / floor / nginx "
+        "| CPU per event: llmux / 2 workers / floor | lost, listen overflows (llmux) |",
         "|---|---|---|---|---|---|",
     ]
 
@@ -437,15 +477,18 @@ def paced_report(figures: dict[str, float]) -> str:
             start = "all at once" if mode == "burst" else "over 1 s"
             lines.append(
                 f"| {count} x {1 / interval:g}, {start} "
-                f"| {get(f'{key}_llmux_rate_ratio')} / {get(f'{key}_floor_rate_ratio')} / "
-                f"{get(f'{key}_nginx_rate_ratio')} "
+                f"| {get(f'{key}_llmux_rate_ratio')} / {get(f'{key}_llmux2_rate_ratio')} / "
+                f"{get(f'{key}_floor_rate_ratio')} / {get(f'{key}_nginx_rate_ratio')} "
                 f"| +{get(f'{key}_llmux_added_ttft_p50_ms', '.1f')} / "
                 f"+{get(f'{key}_llmux_added_ttft_p99_ms', '.1f')} ms "
-                f"| +{get(f'{key}_floor_added_ttft_p99_ms', '.1f')} / "
+                f"| +{get(f'{key}_llmux2_added_ttft_p99_ms', '.1f')} / "
+                f"+{get(f'{key}_floor_added_ttft_p99_ms', '.1f')} / "
                 f"+{get(f'{key}_nginx_added_ttft_p99_ms', '.1f')} ms "
                 f"| {get(f'{key}_llmux_cpu_us_per_event', '.0f')} / "
+                f"{get(f'{key}_llmux2_cpu_us_per_event', '.0f')} / "
                 f"{get(f'{key}_floor_cpu_us_per_event', '.0f')} us "
-                f"| {get(f'{key}_llmux_lost', '.0f')}, {get(f'{key}_llmux_overflows', '.0f')} |"
+                f"| {get(f'{key}_llmux_lost', '.0f')} ({get(f'{key}_llmux2_lost', '.0f')}), "
+                f"{get(f'{key}_llmux_overflows', '.0f')} |"
             )
     return "\n".join(lines)
 
@@ -592,6 +635,8 @@ def report(figures: dict[str, float]) -> str:
         ("of which starting sh + date alone, p50", "hook_spawn_p50_ms", "ms"),
         ("of which starting sh + date alone, p99", "hook_spawn_p99_ms", "ms"),
         ("llmux CPU while `llmux top` polls at 2 Hz", "top_2hz_cpu_percent", "% core"),
+        ("SSE events/s, 64 streams: 2 workers / 1 process", "workers2_events_ratio", "x"),
+        ("CPU per event: 2 workers / 1 process", "workers2_cpu_per_event_ratio", "x"),
     ]
     lines = ["| measure | value |", "|---|---|"]
     for label, key, unit in rows:

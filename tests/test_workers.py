@@ -194,3 +194,32 @@ def test_workers_must_be_positive(tmp_path, workers):
                         server={"workers": workers})  # fmt: skip
     with pytest.raises(ConfigError, match=r"server\.workers"):
         load_config(path)
+
+
+def test_queue_limits_and_timeouts_answer_as_in_one_process(fakes, tmp_path):
+    """The queue lives in the controller: a full queue and a request that waits too long get
+    the same answers through a worker (503 queue_full with Retry-After, 504)."""
+    (a,) = fakes.start("a", wake_delay=2.0)
+    config = write_config(
+        tmp_path, fake_model_block(a), server={**WORKERS, "max_queue_per_model": 1},
+        policy={"request_timeout_secs": 1},
+    )  # fmt: skip
+    llmux = LlmuxProcess(config)
+    try:
+        answers: list[httpx.Response] = []
+
+        def ask() -> None:
+            answers.append(
+                httpx.post(llmux.url + "/v1/chat/completions", json=chat("a"), timeout=30)
+            )
+
+        first = threading.Thread(target=ask)
+        first.start()  # it waits for a's 2 s wake, and times out after 1 s
+        wait_for(lambda: metric(llmux.url, 'llmux_request_queue_depth{model="a"}') == 1)
+        full = httpx.post(llmux.url + "/v1/chat/completions", json=chat("a"), timeout=30)
+        first.join()
+        assert full.status_code == 503 and full.json()["error"]["code"] == "queue_full"
+        assert "retry-after" in full.headers
+        assert answers[0].status_code == 504
+    finally:
+        assert llmux.stop() == 0

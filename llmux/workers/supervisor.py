@@ -37,6 +37,10 @@ ACK_TIMEOUT_SECS = 5.0  # a reload waits this long for each worker's acknowledge
 EXIT_GRACE_SECS = 5.0  # after the drain: time for workers to close their listeners and exit
 
 
+class WorkerStartFailed(Exception):
+    """A worker exited before it accepted a connection (its error is in the log above)."""
+
+
 def worker_command() -> list[str]:
     """How to start a worker (through the one-file binary itself when frozen), logging as
     this process does."""
@@ -78,6 +82,8 @@ class Supervisor:
             await self._run_once(worker)
             if self._stopping:
                 return
+            if not worker.ready.is_set():  # it never served: starting it again would spin
+                raise WorkerStartFailed(f"worker {worker.index} exited before it could serve")
             self.restarts += 1
             log_event(
                 log, "worker_restarted", f"worker {worker.index} exited; starting it again",
