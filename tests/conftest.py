@@ -5,7 +5,9 @@ Every process a test starts is stopped by the test, by its pid.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import re
 import shlex
 import signal
@@ -22,7 +24,7 @@ import pytest
 import trio
 
 from llmux.config import Config, load_config
-from llmux.server import RunningServer, running_server
+from llmux.server import RunningServer, running_controller, running_server, start_instance
 
 PYTHON = sys.executable
 LLMUX = shlex.join([PYTHON, "-m", "llmux"])
@@ -213,10 +215,23 @@ def ephemeral_config(path: Path) -> Config:
     return load_config(path).with_listen("127.0.0.1", 0)
 
 
+# LLMUX_TEST_WORKERS=2: tests that use llmux_running get a controller (in this process, so that
+# they still see its switcher) with that many worker processes carrying their requests.
+TEST_WORKERS = int(os.environ.get("LLMUX_TEST_WORKERS", "1"))
+
+
 @asynccontextmanager
 async def llmux_running(path: Path) -> AsyncIterator[tuple[RunningServer, httpx.AsyncClient]]:
+    config = ephemeral_config(path)
+    if TEST_WORKERS > 1:
+        config = dataclasses.replace(
+            config, server=dataclasses.replace(config.server, workers=TEST_WORKERS)
+        )
+        serving = running_controller(config, None, start_instance(config))
+    else:
+        serving = running_server(config)
     async with (
-        running_server(ephemeral_config(path)) as server,
+        serving as server,
         httpx.AsyncClient(base_url=server.url, timeout=60) as client,
     ):
         yield server, client

@@ -31,7 +31,7 @@ async def test_1_a_reload_mid_wake_sends_the_waiting_request_to_the_new_backend(
             nursery.start_soon(ask)
             await trio.sleep(0.3)  # it waits while the old backend's wake hook runs
             write_config(tmp_path, fake_model_block(new) + fake_model_block(b))
-            assert server.app.reload()
+            assert await server.reload()
         assert answers == [200]
         assert (await _model(client, "a"))["in_flight"] == 0
         # A switch away from `a` drains it: it would hang if the count were stranded.
@@ -56,7 +56,7 @@ async def test_1_a_client_that_gives_up_across_a_reload_leaves_the_queue(fakes, 
                 fake_model_block(new),
                 policy={"request_timeout_secs": 0.5},
             )
-            assert server.app.reload()
+            assert await server.reload()
         await trio.sleep(1.8)  # the old wake ends at 1 s; a wake for nobody would follow
         assert (await _model(client, "a"))["queue_depth"] == 0
     assert new.state()["wakes"] == 0, "the new backend must not be woken for nobody"
@@ -174,7 +174,7 @@ async def test_6_a_reload_that_removes_a_model_still_to_be_preloaded_is_survived
             + fake_model_block(a, memory_gb=1, wake=f"sleep 1; {a.ctl('wake')}")
             + fake_model_block(c, memory_gb=1),
         )
-        assert server.app.reload()
+        assert await server.reload()
         assert (await client.post("/v1/chat/completions", json=chat("c"))).status_code == 200
         assert (await client.post("/v1/chat/completions", json=chat("a"))).status_code == 200
         gone = await client.post("/v1/chat/completions", json=chat("b"))
@@ -188,7 +188,7 @@ async def test_6_a_refused_connection_to_a_model_a_reload_removed_is_survived(fa
     async with llmux_running(path) as (server, client):
         assert (await client.post("/v1/chat/completions", json=chat("a"))).status_code == 200
         write_config(tmp_path, fake_model_block(b))
-        assert server.app.reload()
+        assert await server.reload()
         # What the proxy reports when a request granted to `a` before the reload then finds
         # its backend refusing the connection.
         server.app.fleet.report_unreachable("a")

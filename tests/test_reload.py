@@ -27,7 +27,7 @@ async def test_removed_active_model_finishes_its_stream_then_sleeps(fakes, tmp_p
             async for chunk in response.aiter_bytes():
                 if not streamed:
                     write_config(tmp_path, fake_model_block(b) + fake_model_block(c))
-                    assert server.app.reload()
+                    assert await server.reload()
                     gone = await client.post("/v1/chat/completions", json=chat("a"))
                     assert gone.status_code == 404
                 streamed += chunk
@@ -57,7 +57,7 @@ async def test_queued_requests_for_a_removed_model_get_404_at_once(fakes, tmp_pa
             await trio.sleep(0.3)
             write_config(tmp_path, fake_model_block(b))
             began = trio.current_time()
-            assert server.app.reload()
+            assert await server.reload()
         assert trio.current_time() - began < 0.5
         assert results[0].status_code == 404
         assert results[0].json()["error"]["code"] == "model_not_found"
@@ -72,9 +72,9 @@ async def test_invalid_new_config_is_rejected_and_the_old_one_stays(fakes, tmp_p
     path = write_config(tmp_path, fake_model_block(a))
     async with llmux_running(path) as (server, client):
         path.write_text(path.read_text() + "\nbogus_key = 1\n")
-        assert not server.app.reload()
+        assert not await server.reload()
         path.write_text("[models.a\n")
-        assert not server.app.reload()
+        assert not await server.reload()
         response = await client.post("/v1/chat/completions", json=chat("a"))
         assert response.status_code == 200
     rejected = [r for r in caplog.records if getattr(r, "event", None) == "config_rejected"]
@@ -87,7 +87,7 @@ async def test_moved_backend_of_an_awake_model_is_slept_and_woken_at_its_new_por
     async with llmux_running(path) as (server, client):
         assert (await client.post("/v1/chat/completions", json=chat("a"))).status_code == 200
         write_config(tmp_path, fake_model_block(new))
-        assert server.app.reload()
+        assert await server.reload()
         response = await client.post("/v1/chat/completions", json=chat("a"))
         assert response.status_code == 200
     assert old.state()["state"] == "asleep" and old.state()["sleeps"] == 1
@@ -100,7 +100,7 @@ async def test_changed_timeouts_apply_in_place(fakes, tmp_path):
     async with llmux_running(path) as (server, client):
         assert (await client.post("/v1/chat/completions", json=chat("a"))).status_code == 200
         write_config(tmp_path, fake_model_block(a, alive_interval_secs=77))
-        assert server.app.reload()
+        assert await server.reload()
         assert server.app.fleet.models["a"].config.alive_interval_secs == 77
         assert (await _states(client))["a"] == "active"
     assert a.state()["wakes"] == 1
@@ -158,11 +158,11 @@ async def test_reload_applies_a_new_capacity_and_refuses_to_regroup(fakes, tmp_p
         await client.post("/v1/chat/completions", json=chat("b", max_tokens=1))
         assert await _states(client) == {"a": "asleep", "b": "active"}
         write_config(tmp_path, groups(80) + blocks)
-        assert server.app.reload()
+        assert await server.reload()
         await client.post("/v1/chat/completions", json=chat("a", max_tokens=1))
         assert await _states(client) == {"a": "active", "b": "active"}  # both fit now
         write_config(tmp_path, groups(80, gpu1="b") + blocks)
-        assert not server.app.reload()
+        assert not await server.reload()
         status = (await client.get("/llmux/status")).json()
     assert "groups were added or removed: restart llmux" in caplog.text
     assert list(status["groups"]) == ["gpu0"] and status["groups"]["gpu0"]["capacity"] == 80

@@ -122,7 +122,7 @@ async def test_public_metrics_and_status_and_key_reload(fakes, tmp_path):
         write_config(
             tmp_path, fake_model_block(a), top=auth.replace("sk-first-key", "sk-second-key")
         )
-        assert server.app.reload()
+        assert await server.reload()
         old = await client.post(
             "/v1/chat/completions", json=chat("a"), headers={"authorization": "Bearer sk-first-key"}
         )

@@ -35,6 +35,8 @@ log = logging.getLogger("llmux.workers")
 RESTART_PAUSE_SECS = 0.5
 ACK_TIMEOUT_SECS = 5.0  # a reload waits this long for each worker's acknowledgement
 EXIT_GRACE_SECS = 5.0  # after the drain: time for workers to close their listeners and exit
+FLUSH_TIMEOUT_SECS = 1.0  # a scrape waits this long for each worker's counts
+FLUSHED_FIRST = ("/metrics", "/llmux/status")  # answers that read the workers' counts
 
 
 class WorkerStartFailed(Exception):
@@ -132,7 +134,7 @@ class Supervisor:
         op = message.get("op")
         if op == "ready":
             worker.ready.set()
-        elif op == "config_applied":
+        elif op in ("config_applied", "flushed"):
             event = worker.acked.get(message["serial"])
             if event is not None:
                 event.set()
@@ -168,6 +170,8 @@ class Supervisor:
             "client": None, "server": None,
         }  # fmt: skip
         body = base64.b64decode(request["body"])
+        if request["path"] in FLUSHED_FIRST:
+            await self.gather_counts()
         sent = trio.Event()
         asked = False
         answer: dict[str, Any] = {"status": 500, "headers": [], "body": ""}
@@ -197,6 +201,15 @@ class Supervisor:
         answer["body"] = base64.b64encode(bytes(content)).decode()
         return answer
 
+    async def gather_counts(self) -> None:
+        """Every worker's counts so far, in the registry before a scrape is answered (each
+        sends its batch, then `flushed`; one channel keeps them in order)."""
+        serial = next(self._serials)
+        message = {"op": "flush", "serial": serial}
+        async with trio.open_nursery() as nursery:
+            for worker in self._workers:
+                nursery.start_soon(self._await_ack, worker, serial, message, FLUSH_TIMEOUT_SECS)
+
     async def send_config(self) -> None:
         """The config in force now, to every worker; returns once each has acknowledged it
         (or ACK_TIMEOUT_SECS passed: a worker that is stuck is logged, not waited for)."""
@@ -204,19 +217,19 @@ class Supervisor:
         message = {"op": "config", "config": encode_config(self.app.config), "serial": serial}
         async with trio.open_nursery() as nursery:
             for worker in self._workers:
-                nursery.start_soon(self._send_config_to, worker, serial, message)
+                nursery.start_soon(self._await_ack, worker, serial, message, ACK_TIMEOUT_SECS)
 
-    async def _send_config_to(self, worker: _Worker, serial: int, message: dict) -> None:
+    async def _await_ack(self, worker: _Worker, serial: int, message: dict, timeout: float) -> None:
         channel = worker.channel
         if channel is None:
-            return  # restarting: it gets the config in force when it starts
+            return  # restarting: it starts with the config in force and no counts
         event = worker.acked[serial] = trio.Event()
         try:
             await channel.send(message)
-            with trio.move_on_after(ACK_TIMEOUT_SECS) as waiting:
+            with trio.move_on_after(timeout) as waiting:
                 await event.wait()
             if waiting.cancelled_caught:
-                log.error("worker %d did not acknowledge the reload", worker.index)
+                log.error("worker %d did not answer %s", worker.index, message["op"])
         except ChannelClosed:
             pass
         finally:

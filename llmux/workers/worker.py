@@ -153,12 +153,18 @@ async def run_worker(listen_fd: int, channel_fd: int) -> None:
             remote.send_soon({"op": "config_applied", "serial": message["serial"]})
         elif message.get("op") == "shutdown":
             app.stop_when_drained()
+        elif message.get("op") == "flush":  # a scrape: every count so far, then say so
+            if metrics.ops:
+                remote.send_soon({"op": "metrics", "ops": metrics.take()})
+            remote.send_soon({"op": "flushed", "serial": message["serial"]})
 
     remote.on_other = on_message
     sock = socket.socket(fileno=listen_fd)
     from llmux.server import hypercorn_config  # here: server.py imports this package
 
-    bounds = ConnectionBounds(config.server.max_connections, config.server.client_send_timeout_secs)
+    # server.max_connections is llmux's, not each worker's: each takes its share.
+    share = -(-config.server.max_connections // config.server.workers)
+    bounds = ConnectionBounds(share, config.server.client_send_timeout_secs)
     listener = Listener(app, hypercorn_config(config.server), bounds, metrics)  # type: ignore[arg-type]
     async with trio.open_nursery() as nursery:
         await nursery.start(remote.run)
