@@ -220,6 +220,11 @@ def ephemeral_config(path: Path) -> Config:
 TEST_WORKERS = int(os.environ.get("LLMUX_TEST_WORKERS", "1"))
 
 
+def one_process_only(reason: str) -> pytest.MarkDecorator:
+    """For a test of what differs with workers (README, "Processes"): skipped with them."""
+    return pytest.mark.skipif(TEST_WORKERS > 1, reason=f"with workers: {reason}")
+
+
 @asynccontextmanager
 async def llmux_running(path: Path) -> AsyncIterator[tuple[RunningServer, httpx.AsyncClient]]:
     config = ephemeral_config(path)

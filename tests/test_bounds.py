@@ -17,6 +17,7 @@ from tests.conftest import (
     fake_model_block,
     llmux_running,
     metric_value,
+    one_process_only,
     raw_exchange,
     write_config,
 )
@@ -91,6 +92,7 @@ async def test_a_backend_silent_mid_stream_is_cut_as_a_truncated_answer(fakes, t
     assert metric_value(metrics, "llmux_backend_timeouts_total", model="a", phase="idle") == 1
 
 
+@one_process_only("max_connections is split over the workers")
 async def test_connections_beyond_the_limit_get_503_then_close(fakes, tmp_path):
     (a,) = fakes.start("a", wake_delay=0.05)
     path = write_config(tmp_path, fake_model_block(a), server={"max_connections": 3})
@@ -116,6 +118,7 @@ async def test_connections_beyond_the_limit_get_503_then_close(fakes, tmp_path):
     assert metric_value(metrics, "llmux_connections_refused_total") == 1
 
 
+@one_process_only("a full queue is answered once the body is in")
 async def test_a_full_queue_answers_before_the_rest_of_the_body_arrives(fakes, tmp_path):
     (a,) = fakes.start("a")
     path = write_config(

@@ -16,6 +16,7 @@ from tests.conftest import (
     chat,
     fake_model_block,
     llmux_running,
+    one_process_only,
     write_config,
 )
 
@@ -28,6 +29,7 @@ def events(caplog) -> dict[str, list[dict]]:
     return found
 
 
+@one_process_only("request lines are logged by the worker processes, not in this one")
 async def test_switch_hook_and_request_events_carry_their_fields(fakes, tmp_path, caplog):
     caplog.set_level(logging.INFO)
     a, b = fakes.start("a", "b", wake_delay=0.05)
