@@ -10,6 +10,7 @@ Each message is one JSON object, preceded by its length (4 bytes, big-endian).
 
 from __future__ import annotations
 
+import base64
 import json
 import struct
 from typing import Any
@@ -60,3 +61,20 @@ class Channel:
 
     async def aclose(self) -> None:
         await self._stream.aclose()
+
+
+def pack(data: bytes) -> str:
+    """Bytes in a JSON message (paths, bodies: not always text)."""
+    return base64.b64encode(data).decode()
+
+
+def unpack(text: str) -> bytes:
+    return base64.b64decode(text)
+
+
+def pack_headers(headers: list[tuple[bytes, bytes]]) -> list[list[str]]:
+    return [[pack(name), pack(value)] for name, value in headers]
+
+
+def unpack_headers(packed: list[list[str]]) -> list[tuple[bytes, bytes]]:
+    return [(unpack(name), unpack(value)) for name, value in packed]

@@ -12,7 +12,6 @@ one-file binary's bootloader removes its unpacked files when the controller exit
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import itertools
 import logging
@@ -26,7 +25,14 @@ import trio
 
 from llmux.http.app import LlmuxApp
 from llmux.observe.logs import current_setup, log_event
-from llmux.workers.channel import Channel, ChannelClosed
+from llmux.workers.channel import (
+    Channel,
+    ChannelClosed,
+    pack,
+    pack_headers,
+    unpack,
+    unpack_headers,
+)
 from llmux.workers.slots import SlotService
 from llmux.workers.worker import encode_config
 
@@ -164,12 +170,12 @@ class Supervisor:
         scope = {
             "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
             "method": request["method"], "scheme": "http", "path": request["path"],
-            "raw_path": base64.b64decode(request["raw_path"]),
-            "query_string": base64.b64decode(request["query_string"]),
-            "headers": [(base64.b64decode(n), base64.b64decode(v)) for n, v in request["headers"]],
+            "raw_path": unpack(request["raw_path"]),
+            "query_string": unpack(request["query_string"]),
+            "headers": unpack_headers(request["headers"]),
             "client": None, "server": None,
         }  # fmt: skip
-        body = base64.b64decode(request["body"])
+        body = unpack(request["body"])
         if request["path"] in FLUSHED_FIRST:
             await self.gather_counts()
         sent = trio.Event()
@@ -188,17 +194,14 @@ class Supervisor:
         async def send(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 answer["status"] = message["status"]
-                answer["headers"] = [
-                    [base64.b64encode(n).decode(), base64.b64encode(v).decode()]
-                    for n, v in message["headers"]
-                ]
+                answer["headers"] = pack_headers(message["headers"])
             elif message["type"] == "http.response.body":
                 content.extend(message.get("body", b""))
                 if not message.get("more_body"):
                     sent.set()
 
         await self.app(scope, receive, send)
-        answer["body"] = base64.b64encode(bytes(content)).decode()
+        answer["body"] = pack(bytes(content))
         return answer
 
     async def gather_counts(self) -> None:

@@ -13,7 +13,6 @@ controller tells it when to drain and stop, and it exits when its channel closes
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import pickle
 import signal
@@ -28,7 +27,7 @@ from llmux.http.app import LlmuxApp
 from llmux.http.asgi import Receive, Scope, Send
 from llmux.http.listener import ConnectionBounds, Listener
 from llmux.http.routes import RouteMatch
-from llmux.workers.channel import Channel, ChannelClosed
+from llmux.workers.channel import Channel, ChannelClosed, pack, pack_headers, unpack, unpack_headers
 from llmux.workers.slots import RemoteFleet
 
 METRICS_FLUSH_SECS = 0.05  # a worker's counts reach the controller's registry this late at most
@@ -36,11 +35,11 @@ METRICS_FLUSH_SECS = 0.05  # a worker's counts reach the controller's registry t
 
 def encode_config(config: Config) -> str:
     """The controller's config, exactly (chosen ports, keys read from files, overrides)."""
-    return base64.b64encode(pickle.dumps(config)).decode()
+    return pack(pickle.dumps(config))
 
 
 def decode_config(text: str) -> Config:
-    return pickle.loads(base64.b64decode(text))  # from our own controller, over our socket pair
+    return pickle.loads(unpack(text))  # from our own controller, over our socket pair
 
 
 class _ForwardedMetric:
@@ -111,20 +110,19 @@ class WorkerApp(LlmuxApp):
         request = {
             "method": scope["method"],
             "path": scope["path"],
-            "raw_path": base64.b64encode(scope.get("raw_path") or b"").decode(),
-            "query_string": base64.b64encode(scope.get("query_string", b"")).decode(),
-            "headers": [[base64.b64encode(n).decode(), base64.b64encode(v).decode()]
-                        for n, v in scope["headers"]],
-            "body": base64.b64encode(body).decode(),
-        }  # fmt: skip
+            "raw_path": pack(scope.get("raw_path") or b""),
+            "query_string": pack(scope.get("query_string", b"")),
+            "headers": pack_headers(scope["headers"]),
+            "body": pack(body),
+        }
         answer = await self.remote.ask({"op": "control", "request": request})
         if "control" not in answer:
             status, headers, content = 503, [(b"content-type", b"application/json")], b"{}"
         else:
             control = answer["control"]
             status = control["status"]
-            headers = [(base64.b64decode(n), base64.b64decode(v)) for n, v in control["headers"]]
-            content = base64.b64decode(control["body"])
+            headers = unpack_headers(control["headers"])
+            content = unpack(control["body"])
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": content})
 
