@@ -122,6 +122,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fake.set_defaults(handler=_fake_backend)
 
+    front = commands.add_parser(
+        "haproxy", help="write an HAProxy config that routes by model to several llmux boxes"
+    )
+    front.add_argument(
+        "boxes", nargs="+", metavar="NAME=URL", help="e.g. box1=http://10.0.0.1:3000"
+    )
+    front.add_argument("--api-key", help=f"a key the boxes accept (or set ${TOKEN_ENV})")
+    front.add_argument("--out", default=".", help="folder for haproxy.cfg and llmux-models.map")
+    front.add_argument(
+        "--map-path", help="where haproxy will read the map (default: its path in --out)"
+    )
+    front.add_argument("--bind", default=":8080", help="HAProxy's listen address")
+    front.add_argument(
+        "--check-interval",
+        default="1s",
+        help="health checks per server, in HAProxy time (1s, 300ms)",
+    )
+    front.set_defaults(handler=_haproxy)
+
     worker = commands.add_parser("_worker")  # started by `llmux serve`: no help line
     worker.add_argument("--listen-fd", type=int, required=True)
     worker.add_argument("--channel-fd", type=int, required=True)
@@ -361,6 +380,45 @@ def _fake_backend(args: argparse.Namespace) -> int:
                     break
 
     trio.run(run)
+    return 0
+
+
+def _haproxy(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    import httpx
+
+    from llmux.fronts.haproxy import fetch_box, haproxy_config, parse_boxes
+
+    try:
+        specs = parse_boxes(args.boxes)
+    except ValueError as exc:
+        print(f"llmux: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    key = args.api_key or os.environ.get(TOKEN_ENV)
+    boxes = []
+    for name, url in specs.items():
+        try:
+            boxes.append(fetch_box(name, url, key))
+        except (httpx.HTTPError, ValueError, KeyError) as exc:
+            print(f"llmux: {name} ({url}): cannot read /llmux/status: {exc}", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    map_path = args.map_path or str((out / "llmux-models.map").resolve())
+    try:
+        config, mapping = haproxy_config(
+            boxes, map_path=map_path, bind=args.bind, check_interval=args.check_interval
+        )
+    except ValueError as exc:
+        print(f"llmux: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    (out / "haproxy.cfg").write_text(config)
+    (out / "llmux-models.map").write_text(mapping)
+    served = sorted({m for box in boxes for m in box.models})
+    print(f"wrote {out / 'haproxy.cfg'} and {out / 'llmux-models.map'}: {len(served)} models "
+          f"on {len(boxes)} boxes")  # fmt: skip
     return 0
 
 

@@ -206,7 +206,11 @@ class LlmuxApp:
         """What llmux answers itself (a worker asks the controller: workers/worker.py)."""
         endpoint = match.route.endpoint
         if endpoint is Endpoint.HEALTH:
-            await send_json(send, 200, {"status": "ok"})
+            # 503 once a drain has begun, so that a load balancer stops sending here.
+            if self.fleet.closing:
+                await send_json(send, 503, {"status": "draining"})
+            else:
+                await send_json(send, 200, {"status": "ok"})
         elif endpoint is Endpoint.METRICS:
             await send_bytes(
                 send, 200, self.metrics.exposition(), b"text/plain; version=0.0.4; charset=utf-8"
@@ -252,6 +256,14 @@ class LlmuxApp:
         assert match.model is not None
         asked_for = match.model
         name = self._resolve(asked_for)
+        if endpoint is Endpoint.MODEL_HEALTH:
+            # Ready means: configured here, and llmux is not draining. An asleep model is
+            # ready: asking for it wakes it.
+            ready = not self.fleet.closing
+            state = self.fleet.models[name].state.value
+            body = {"model": name, "ready": ready, "state": state}
+            await send_json(send, 200 if ready else 503, body)
+            return
         if endpoint is Endpoint.MODEL:
             entry = self._model_entry(name)
             if asked_for != name:

@@ -42,7 +42,8 @@ class Endpoint(Enum):
     UPSTREAM = "forward to an allow-listed path of the model's backend"
     MODEL_LIST = "list the models"
     MODEL = "describe one model"
-    HEALTH = "say that llmux runs"
+    HEALTH = "say that llmux runs and takes requests"
+    MODEL_HEALTH = "say whether a model can be asked for here"
     METRICS = "Prometheus text"
     STATUS = "llmux's state as JSON"
     ADMIN_WAKE = "wake a model"
@@ -123,6 +124,10 @@ ROUTES: tuple[Route, ...] = (
     Route(("GET",), "/v1/models", Endpoint.MODEL_LIST, _NO_MODEL, Access.CLIENT),
     Route(("GET",), "/v1/models/{model*}", Endpoint.MODEL, ModelFrom.PATH, Access.CLIENT),
     Route(("GET", "HEAD"), "/health", Endpoint.HEALTH, _NO_MODEL, Access.PUBLIC),
+    # For a front's per-model health checks (examples/several-boxes): as public as /health.
+    Route(
+        ("GET", "HEAD"), "/health/{model*}", Endpoint.MODEL_HEALTH, ModelFrom.PATH, Access.PUBLIC
+    ),
     Route(("GET",), "/metrics", Endpoint.METRICS, _NO_MODEL, Access.METRICS),
     Route(("GET",), "/llmux/status", Endpoint.STATUS, _NO_MODEL, Access.STATUS),
     _admin("/llmux/models/{model*}/wake", Endpoint.ADMIN_WAKE, ModelFrom.PATH),

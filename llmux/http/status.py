@@ -58,6 +58,7 @@ def status_report(config: Config, fleet: Fleet, started_wall: float) -> dict[str
                 "last_alive": model.last_alive,
                 "port": model.config.port,
                 "group": model.config.group,
+                "aliases": list(model.config.aliases),
             }
             for name, model in models.items()
         },

@@ -1,0 +1,1 @@
+"""Configurations for the proxies users put in front of several llmux boxes."""
