@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import trio
@@ -86,3 +87,17 @@ def test_llmux_haproxy_says_which_box_it_cannot_read(tmp_path):
     assert made.returncode == 2
     assert made.stderr.startswith(f"llmux: box1 (http://127.0.0.1:{port}): cannot read")
     assert not (tmp_path / "haproxy.cfg").exists()
+
+
+EXAMPLE = Path(__file__).parents[1] / "examples" / "several-boxes"
+EXAMPLE_BOXES = [
+    Box("box1", "http://10.0.0.1:3000", {"llama": ("gpt-4o-mini",), "qwen": ()}),
+    Box("box2", "http://10.0.0.2:3000", {"qwen": (), "mistral": ()}),
+    Box("box3", "http://10.0.0.3:3000", {"llama": ("gpt-4o-mini",), "mistral": ()}),
+]
+
+
+def test_the_example_is_what_llmux_haproxy_writes_for_its_three_boxes():
+    config, mapping = haproxy_config(EXAMPLE_BOXES, map_path="/etc/haproxy/llmux-models.map")
+    assert (EXAMPLE / "haproxy.cfg").read_text() == config
+    assert (EXAMPLE / "llmux-models.map").read_text() == mapping
