@@ -192,7 +192,7 @@ async def test_status_reports_a_switch_in_progress(fakes, tmp_path):
     assert after["state"] == "active" and after["active_model"] == "a"
     assert after["models"]["a"] == {
         "state": "active", "queue_depth": 0, "in_flight": 0, "last_alive": None, "port": a.port,
-        "group": "default",
+        "group": "default", "aliases": [],
     }  # fmt: skip
     assert after["groups"] == {
         "default": {
