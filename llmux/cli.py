@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from llmux import __version__
+from llmux.config import DEFAULT_POLICY
 from llmux.core.states import HookName
 
 EXIT_CONFIG_ERROR = 2
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--trace",
         default="sample",
-        help="sample (shipped, synthetic), azure, alibaba, or a CSV (arrival,model,...)",
+        help="sample (shipped), onoff (bursty on/off tenants), azure, alibaba, or a CSV",
     )
     sim.add_argument(
         "--traces-dir",
@@ -87,7 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0005,
         help="decode step seconds per running sequence",
     )
-    sim.add_argument("--policy", nargs="+", default=["fifo", "cost_aware"])
+    sim.add_argument(
+        "--policy",
+        nargs="+",
+        default=[DEFAULT_POLICY],
+        help="policies to compare; fifo and exhaustive always run beside them",
+    )
     sim.add_argument(
         "--groups", type=int, default=1, help="GPUs: models dealt round-robin, busiest first"
     )

@@ -80,7 +80,7 @@ class AuthConfig:
 
 
 # The built-in policy that won the trace replays (README, "Switch policies").
-DEFAULT_POLICY = "cost_aware"
+DEFAULT_POLICY = "adaptive"
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,9 @@ from llmux.core.snapshot import (
     snapshot_of,
 )
 from llmux.core.states import ModelState
+from llmux.policies.adaptive import AdaptivePolicy
 from llmux.policies.cost_aware import CostAwarePolicy
+from llmux.policies.exhaustive import ExhaustivePolicy
 from llmux.policies.fifo import FifoPolicy
 from llmux.policies.interface import (
     CallAt,
@@ -43,9 +45,9 @@ from llmux.policies.interface import (
 from llmux.policies.loader import BUILTIN_POLICIES, PolicyLoadError, load_policy
 
 __all__ = [
-    "BUILTIN_POLICIES", "DEFAULT_WAKE_COST_SECS", "CallAt", "CostAwarePolicy", "Decision",
-    "Event", "FifoPolicy", "ModelRuntimeLike", "ModelState", "ModelView", "Policy",
-    "PolicyLoadError", "RequestArrived", "RequestCompleted", "Snapshot", "Stay",
-    "SwitchCompleted", "SwitchTo", "TimerFired", "choose_evictions", "default_evictions",
+    "BUILTIN_POLICIES", "DEFAULT_WAKE_COST_SECS", "AdaptivePolicy", "CallAt", "CostAwarePolicy",
+    "Decision", "Event", "ExhaustivePolicy", "FifoPolicy", "ModelRuntimeLike", "ModelState",
+    "ModelView", "Policy", "PolicyLoadError", "RequestArrived", "RequestCompleted", "Snapshot",
+    "Stay", "SwitchCompleted", "SwitchTo", "TimerFired", "choose_evictions", "default_evictions",
     "held", "load_policy", "oldest_waiting_model", "snapshot_of", "wake_cost",
 ]  # fmt: skip

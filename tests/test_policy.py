@@ -177,8 +177,8 @@ def test_the_readme_example_policy_and_its_test_work_as_printed(tmp_path):
     command += ["--switch-cost", "2", "--policy", "fifo", "cost_aware", "delayed.py:Delayed"]
     run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
-    rows = [line.split()[0] for line in run.stdout.splitlines()[2:5]]
-    assert rows == ["fifo", "cost_aware", "delayed.py:Delayed"], run.stdout
+    rows = [line.split()[0] for line in run.stdout.splitlines()[2:6]]
+    assert rows == ["fifo", "cost_aware", "delayed.py:Delayed", "exhaustive"], run.stdout
 
 
 def _capacity_snapshot() -> Snapshot:

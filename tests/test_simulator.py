@@ -195,6 +195,14 @@ def test_a_policy_that_strands_requests_is_reported():
         simulate(SwitchOnlyOnArrival(), 2.0, requests)
 
 
+def policy_row(printed: str, policy: str) -> list[str]:
+    """The columns of `policy`'s row in `llmux simulate`'s table."""
+    for line in printed.splitlines():
+        if line.split()[:1] == [policy]:
+            return line.split()
+    raise AssertionError(f"no row for {policy!r} in:\n{printed}")
+
+
 def test_simulate_cli_with_groups_and_capacity(tmp_path):
     import subprocess
     import sys
@@ -208,7 +216,7 @@ def test_simulate_cli_with_groups_and_capacity(tmp_path):
     def switches(*extra: str) -> int:
         run = subprocess.run([*base, *extra], capture_output=True, text=True, timeout=60)
         assert run.returncode == 0, run.stderr
-        return int(run.stdout.splitlines()[-3].split()[5])  # the fifo row's switch count
+        return int(policy_row(run.stdout, "fifo")[5])  # the fifo row's switch count
 
     one_at_a_time = switches()
     all_fit = switches("--capacity", "3", "--sizes", "a=1,b=1,c=1")

@@ -9,11 +9,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from llmux.policies.adaptive import AdaptivePolicy
 from llmux.policies.cost_aware import CostAwarePolicy
+from llmux.policies.exhaustive import ExhaustivePolicy
 from llmux.policies.fifo import FifoPolicy
 from llmux.policies.interface import Policy
 
-BUILTIN_POLICIES: dict[str, type] = {"fifo": FifoPolicy, "cost_aware": CostAwarePolicy}
+BUILTIN_POLICIES: dict[str, type] = {
+    "adaptive": AdaptivePolicy,
+    "fifo": FifoPolicy,
+    "exhaustive": ExhaustivePolicy,
+    "cost_aware": CostAwarePolicy,
+}
 
 
 class PolicyLoadError(Exception):

@@ -1,7 +1,10 @@
 """`llmux simulate`: replay a trace through switch policies and compare them side by side.
 
-Each policy runs on the same requests and the same switch costs (seeded), plus an ideal
-reference: FIFO with switches that cost nothing, which says how much switching still costs.
+Each policy runs on the same requests and the same switch costs (seeded), beside the two simple
+policies that bracket what a policy can do (`fifo`: gated oldest-first, best under high load;
+`exhaustive`: fewest switches, best mean at moderate load), the better of the two on each metric,
+and an ideal reference: FIFO with switches that cost nothing, which says how much switching
+still costs.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 from llmux.policies.interface import Policy
 from llmux.policies.loader import load_policy
 from llmux.sim import traces
+from llmux.sim.onoff import on_off_requests
 from llmux.sim.sample_trace import sample_path
 from llmux.sim.simulator import Request, Result, ServiceModel, Simulator
 
@@ -108,6 +112,10 @@ def run_layout(
     )
 
 
+ONOFF_SEED = 1
+REFERENCES = ("fifo", "exhaustive")  # the simple policies every run is measured against
+
+
 def compare(
     requests: list[Request],
     policies: Sequence[str],
@@ -117,19 +125,37 @@ def compare(
     options: dict[str, dict] | None = None,
     layout: Layout = Layout(),
 ) -> list[Summary]:
-    """Run every policy (and the zero-cost ideal) on the same requests; `cost` makes a fresh,
-    identically seeded cost function per run."""
+    """Run every policy, the simple references not asked for, and the zero-cost ideal on the
+    same requests; `cost` makes a fresh, identically seeded cost function per run. The
+    summaries come in the order asked, then the references that were not asked for."""
     fifo = lambda: load_policy("fifo", {}, Path("."))  # noqa: E731
     free = traces.constant_cost(0.0)
     ideal = run_layout(requests, layout, fifo, free, service, min_active_secs, "ideal")
     ideal_mean = statistics.fmean(ideal.latencies())
     summaries = []
-    for name in policies:
+    for name in [*policies, *(r for r in REFERENCES if r not in policies)]:
         opts = (options or {}).get(name, {})
         make = lambda n=name, o=opts: load_policy(n, o, Path("."))  # noqa: E731
         result = run_layout(requests, layout, make, cost(), service, min_active_secs, name)
         summaries.append(summarize(result, ideal_mean))
     return summaries
+
+
+@dataclass(frozen=True)
+class Best:
+    """The better of the simple policies on each metric (each may come from a different one)."""
+
+    mean: float
+    p99: float
+    mean_from: str
+    p99_from: str
+
+
+def best_simple(summaries: Sequence[Summary]) -> Best:
+    references = [s for s in summaries if s.policy in REFERENCES]
+    by_mean = min(references, key=lambda s: s.mean)
+    by_p99 = min(references, key=lambda s: s.p99)
+    return Best(by_mean.mean, by_p99.p99, by_mean.policy, by_p99.policy)
 
 
 def by_demand(requests: Sequence[Request]) -> list[str]:
@@ -167,15 +193,21 @@ def layout_from(
 
 
 def render(summaries: Sequence[Summary]) -> str:
+    best = best_simple(summaries)
     lines = [
         f"{'policy':<14}{'mean':>9}{'p50':>9}{'p99':>9}{'max':>9}{'switches':>10}{'sw/req':>8}"
-        f"{'util':>7}{'/ideal':>8}",
+        f"{'util':>7}{'/ideal':>8}{'mean/best':>11}{'p99/best':>10}",
     ]
     for s in summaries:
         lines.append(
             f"{s.policy:<14}{s.mean:>9.1f}{s.p50:>9.1f}{s.p99:>9.1f}{s.max:>9.1f}{s.switches:>10}"
             f"{s.switches_per_request:>8.3f}{s.utilization:>7.2f}{s.ideal_ratio:>8.2f}"
+            f"{s.mean / best.mean:>11.2f}{s.p99 / best.p99:>10.2f}"
         )
+    lines.append(
+        f"best simple: mean {best.mean:.1f} ({best.mean_from}), p99 {best.p99:.1f} "
+        f"({best.p99_from}); /best columns are ratios to these"
+    )
     lines.append("per-model p99 (s):")
     for s in summaries:
         models = ", ".join(f"{m} {v:.1f}" for m, v in s.per_model_p99.items())
@@ -188,6 +220,8 @@ def load_trace(
 ) -> list[Request]:
     if trace == "sample":
         return traces.load_csv(sample_path())
+    if trace == "onoff":
+        return on_off_requests(ONOFF_SEED)
     if trace in REAL_TRACES:
         folder = traces_dir / REAL_TRACES[trace][0]
         if not folder.is_dir():
