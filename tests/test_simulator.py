@@ -256,3 +256,52 @@ def test_simulate_runs_out_of_the_box_on_its_shipped_sample(tmp_path):
     assert "the azure trace is not shipped with llmux: get it from https://github.com/Azure" in (
         missing.stderr
     )
+
+
+def test_simulate_measures_every_policy_against_the_best_simple_one(tmp_path):
+    import subprocess
+    import sys
+
+    # A steady stream on `a` and a trickle on `b`, with switches that cost 5 s.
+    rows = [f"{i * 0.7:.1f},a,0.5" for i in range(300)] + [
+        f"{i * 9.0:.1f},b,0.5" for i in range(23)
+    ]
+    trace = tmp_path / "trace.csv"
+    trace.write_text("arrival,model,service\n" + "\n".join(rows) + "\n")
+    command = [sys.executable, "-m", "llmux", "simulate", "--trace", str(trace)]
+    run = subprocess.run(
+        [*command, "--switch-cost", "5"], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    table = {name: policy_row(run.stdout, name) for name in ("adaptive", "fifo", "exhaustive")}
+    mean = {name: float(cols[1]) for name, cols in table.items()}
+    p99 = {name: float(cols[3]) for name, cols in table.items()}
+    best_mean, best_p99 = min(mean["fifo"], mean["exhaustive"]), min(p99["fifo"], p99["exhaustive"])
+    for name, cols in table.items():  # mean/best and p99/best (from figures printed to 0.1 s)
+        assert float(cols[9]) == pytest.approx(mean[name] / best_mean, rel=0.03)
+        assert float(cols[10]) == pytest.approx(p99[name] / best_p99, rel=0.03)
+    best_line = next(line for line in run.stdout.splitlines() if line.startswith("best simple"))
+    winner = min(("fifo", "exhaustive"), key=mean.get)
+    assert f"mean {best_mean:.1f} ({winner})" in best_line, run.stdout
+
+
+def test_the_onoff_trace_is_seeded_bursty_and_heavy_tailed():
+    import itertools
+
+    from llmux.sim.onoff import OFF_SCALE_SECS, TENANTS, on_off_requests
+
+    first, again, other = (
+        on_off_requests(1, hours=2),
+        on_off_requests(1, hours=2),
+        on_off_requests(2, hours=2),
+    )
+    assert [(r.arrival, r.model) for r in first] == [(r.arrival, r.model) for r in again]
+    assert [(r.arrival, r.model) for r in first] != [(r.arrival, r.model) for r in other]
+    assert {r.model for r in first} == {name for name, *_ in TENANTS}
+    for name, rate, *_ in TENANTS:  # each tenant pauses for longer than its bursts' gaps
+        times = [r.arrival for r in first if r.model == name]
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        assert max(gaps) > OFF_SCALE_SECS > 10 / rate
+    services = sorted(r.service for r in first)
+    median, p99 = services[len(services) // 2], services[int(len(services) * 0.99)]
+    assert p99 > 8 * median  # a few requests cost many times the typical one
