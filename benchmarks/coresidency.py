@@ -21,7 +21,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from llmux.config import DEFAULT_POLICY
-from llmux.policy import CostAwarePolicy, ModelState, Snapshot, held, load_policy
+from llmux.policy import AdaptivePolicy, ModelState, Snapshot, held, load_policy
 from llmux.sim import simulate, traces
 from llmux.sim.simulator import ServiceModel
 
@@ -34,7 +34,7 @@ SEEDS = (1, 2, 3)
 WINDOW_HOURS = 12
 
 
-class LeastRecentlyUsed(CostAwarePolicy):
+class LeastRecentlyUsed(AdaptivePolicy):
     """The default policy with llama-swap-style evictions: the least recently used go first."""
 
     def evict(self, target: str, snapshot: Snapshot) -> list[str]:

@@ -198,6 +198,11 @@ def why(cell: Cell) -> list[str]:
     return found
 
 
+def _simple_meets_both(cell: Cell, name: str) -> bool:
+    figures = _other(cell, name)
+    return figures.mean <= TARGET * cell.best_mean[0] and figures.p99 <= TARGET * cell.best_p99[0]
+
+
 def _other(cell: Cell, name: str) -> Figures:
     return cell.fifo if name == "fifo" else cell.exhaustive
 
@@ -219,6 +224,12 @@ def summary(cells: list[Cell]) -> list[str]:
             f"{label}: {within} of {len(part)} cells within {TARGET}x on both; worst "
             f"{worst:.2f}x; average ratio: mean {mean:.3f}, p99 {p99:.3f}"
         )
+    torn = [c for c in cells if not any(_simple_meets_both(c, name) for name in SIMPLE)]
+    lines.append(
+        f"cells where neither simple policy is within {TARGET}x of both bests itself: "
+        f"{len(torn)} of {len(cells)}; the default is within it in "
+        f"{sum(1 for c in torn if c.worst_ratio <= TARGET)} of those"
+    )
     return lines
 
 

@@ -72,7 +72,7 @@ def test_a_full_config_loads_with_defaults_and_overrides(tmp_path):
 def test_minimal_config_uses_documented_defaults(tmp_path):
     config = load_config(write(tmp_path, '[models.a]\nport = 9\nwake = "true"\nsleep = "true"\n'))
     assert (config.host, config.port) == ("127.0.0.1", 3000)
-    assert config.policy.name == "cost_aware" and config.policy.request_timeout_secs is None
+    assert config.policy.name == "adaptive" and config.policy.request_timeout_secs is None
     assert config.policy.drain_before_switch is True
     assert config.server.max_body_bytes == 32 * 1024 * 1024
 
@@ -342,7 +342,9 @@ _SCALARS = (
     | st.integers(-(2**70), 2**70)
     | st.floats()
     | st.booleans()
-    | st.sampled_from(["true", "./missing.sh", "\x00", "fifo", "cost_aware", "a", "default"])
+    | st.sampled_from(
+        ["true", "./missing.sh", "\x00", "fifo", "cost_aware", "adaptive", "a", "default"]
+    )
 )
 _VALUES = st.recursive(
     _SCALARS,

@@ -19,7 +19,7 @@ from llmux.config import ModelConfig, parse_config
 from llmux.core.costs import SwitchCostTracker
 from llmux.errors import ModelUnavailable
 from llmux.observe.metrics import Metrics
-from llmux.policy import CostAwarePolicy, FifoPolicy, load_policy
+from llmux.policy import AdaptivePolicy, CostAwarePolicy, FifoPolicy, load_policy
 from llmux.runtime.driver import GroupDriver
 from llmux.runtime.hooks import HookResult
 from llmux.sim.simulator import Request, ServiceModel, Simulator
@@ -271,14 +271,16 @@ async def _driver_switches(policy: Any, caplog: Any, capacity: bool) -> list[tup
     ]
 
 
-@pytest.mark.parametrize("policy", ["fifo", "cost_aware", "fifo with capacity"])
+@pytest.mark.parametrize("policy", ["fifo", "cost_aware", "adaptive", "fifo with capacity"])
 async def test_the_driver_and_the_simulator_make_the_same_switches(autojump_clock, caplog, policy):
     """Two executors of one core: on the same arrivals and costs, the same switches."""
     caplog.set_level(logging.INFO)
     capacity = policy.endswith("capacity")
 
     def chosen() -> Any:
-        return CostAwarePolicy(default_cost_secs=2.0) if policy == "cost_aware" else FifoPolicy()
+        if policy == "cost_aware":
+            return CostAwarePolicy(default_cost_secs=2.0)
+        return AdaptivePolicy(default_cost_secs=0.3) if policy == "adaptive" else FifoPolicy()
 
     live = await _driver_switches(chosen(), caplog, capacity)
     requests = [Request(at, model, service=seconds) for at, model, seconds in SCENARIO]

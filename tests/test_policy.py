@@ -174,11 +174,11 @@ def test_the_readme_example_policy_and_its_test_work_as_printed(tmp_path):
     trace = tmp_path / "trace.csv"
     trace.write_text("arrival,model,service\n0,a,1\n0.5,b,1\n1,a,1\n4,b,1\n")
     command = [sys.executable, "-m", "llmux", "simulate", "--trace", str(trace)]
-    command += ["--switch-cost", "2", "--policy", "fifo", "cost_aware", "delayed.py:Delayed"]
+    command += ["--switch-cost", "2", "--policy", "adaptive", "delayed.py:Delayed"]
     run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     rows = [line.split()[0] for line in run.stdout.splitlines()[2:6]]
-    assert rows == ["fifo", "cost_aware", "delayed.py:Delayed", "exhaustive"], run.stdout
+    assert rows == ["adaptive", "delayed.py:Delayed", "fifo", "exhaustive"], run.stdout
 
 
 def _capacity_snapshot() -> Snapshot:

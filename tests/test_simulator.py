@@ -10,7 +10,14 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmux.policy import CostAwarePolicy, FifoPolicy, RequestArrived, Stay
+from llmux.policy import (
+    AdaptivePolicy,
+    CostAwarePolicy,
+    ExhaustivePolicy,
+    FifoPolicy,
+    RequestArrived,
+    Stay,
+)
 from llmux.sim.simulator import Request, ServiceModel, Simulator, StrandedRequests
 from llmux.sim.traces import constant_cost
 from tests.conftest import chat, fake_model_block, llmux_running, write_config
@@ -137,7 +144,13 @@ def test_every_request_is_served_once(trace, cost, kind, capacity):
         Request(at, model, service=s, prompt_tokens=100, output_tokens=max(1, int(s * 20)))
         for at, model, s in trace
     ]
-    for policy in (FifoPolicy(), CostAwarePolicy(max_wait_secs=20)):
+    policies = (
+        FifoPolicy(),
+        CostAwarePolicy(max_wait_secs=20),
+        AdaptivePolicy(),
+        ExhaustivePolicy(),
+    )
+    for policy in policies:
         result = simulate(policy, cost, requests, ServiceModel(kind), capacity=capacity)
         assert len(result.requests) == len(requests)
         assert all(r.finished is not None and r.finished >= r.arrival for r in result.requests)

@@ -199,7 +199,7 @@ async def test_status_reports_a_switch_in_progress(fakes, tmp_path):
             "capacity": None, "used": 1.0, "models": ["a"], "active_models": ["a"], "switch": None,
         },
     }  # fmt: skip
-    assert after["policy"]["name"] == "cost_aware"
+    assert after["policy"]["name"] == "adaptive"
     assert [c["from"] for c in after["switch_costs"]] == ["idle"]
     assert after["version"] and after["uptime_seconds"] >= 0
 
