@@ -224,6 +224,9 @@ def summary(cells: list[Cell]) -> list[str]:
             f"{label}: {within} of {len(part)} cells within {TARGET}x on both; worst "
             f"{worst:.2f}x; average ratio: mean {mean:.3f}, p99 {p99:.3f}"
         )
+    for name in SIMPLE:
+        meets = sum(1 for c in cells if _simple_meets_both(c, name))
+        lines.append(f"{name} itself: {meets} of {len(cells)} cells within {TARGET}x on both")
     torn = [c for c in cells if not any(_simple_meets_both(c, name) for name in SIMPLE)]
     lines.append(
         f"cells where neither simple policy is within {TARGET}x of both bests itself: "
