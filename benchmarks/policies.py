@@ -180,15 +180,20 @@ def why(cell: Cell) -> list[str]:
             for label, value in (("mean", cell.mean_ratio), ("p99", cell.p99_ratio))
             if value > TARGET
         )
-        if mean_from != p99_from:
+        alone = [name for name in SIMPLE if _simple_meets_both(cell, name)]
+        if alone:
+            figures = _other(cell, alone[0])
+            mean, p99 = figures.mean / cell.best_mean[0], figures.p99 / cell.best_p99[0]
+            reason = (
+                f"{alone[0]} alone is within {TARGET}x of both bests (mean {mean:.2f}x, "
+                f"p99 {p99:.2f}x): the bound is too {'long' if alone[0] == 'fifo' else 'short'} here"
+            )
+        else:
             reason = (
                 f"a trade-off: the best mean is {mean_from}'s, the best p99 {p99_from}'s; "
                 f"{mean_from} has p99 {_other(cell, mean_from).p99 / cell.best_p99[0]:.2f}x, "
                 f"{p99_from} has mean {_other(cell, p99_from).mean / cell.best_mean[0]:.2f}x"
             )
-        else:
-            reason = f"{mean_from} is best on both; the bound is "
-            reason += "too short here" if mean_from == "exhaustive" else "too long here"
         found.append(f"{missed} ({reason})")
     if cell.fifo.over_bound == 0 and cell.default.over_bound > 0:
         found.append(
