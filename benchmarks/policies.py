@@ -184,9 +184,10 @@ def why(cell: Cell) -> list[str]:
         if alone:
             figures = _other(cell, alone[0])
             mean, p99 = figures.mean / cell.best_mean[0], figures.p99 / cell.best_p99[0]
+            too = "long" if alone[0] == "fifo" else "short"
             reason = (
                 f"{alone[0]} alone is within {TARGET}x of both bests (mean {mean:.2f}x, "
-                f"p99 {p99:.2f}x): the bound is too {'long' if alone[0] == 'fifo' else 'short'} here"
+                f"p99 {p99:.2f}x): the bound is too {too} here"
             )
         else:
             reason = (
