@@ -14,7 +14,7 @@ from pathlib import Path
 
 import trio
 
-from llmux.config import load_config
+from llmux.config import DEFAULT_POLICY, load_config
 from llmux.server import RunningServer, serve_forever
 from llmux.testing.fake_backend import FakeBackend, serve_fake_backend
 
@@ -41,7 +41,7 @@ def demo_config_text(backend_ports: dict[str, int], host: str, port: int, folder
         f'state_dir = "{folder / "state"}"  # everything the demo writes stays in its folder',
         "",
         "[policy]",
-        'name = "fifo"',
+        f'name = "{DEFAULT_POLICY}"',
         "request_timeout_secs = 60",
         "",
     ]
