@@ -64,7 +64,8 @@ def test_the_haproxy_config_routes_every_model_and_alias_to_the_boxes_serving_it
     assert "hash-type consistent" in llama and "GET /health/llama" in llama
     qwen = config.split(f"backend {routes['qwen']}")[1].split("\n\n")[0]
     assert "box2" not in qwen and "GET /health/Qwen/Qwen2.5-7B" in qwen
-    assert "retry-on 503 conn-failure" in config and "option http-buffer-request" in config
+    assert "retry-on 503 conn-failure empty-response" in config
+    assert "option redispatch 1" in config and "option http-buffer-request" in config
     haproxy = shutil.which("haproxy") or shutil.which("/usr/sbin/haproxy")
     if haproxy is None:
         pytest.skip("haproxy is not installed: the config was not checked by it")

@@ -123,7 +123,7 @@ def test_several_boxes_behind_haproxy_route_by_model_and_fail_over(fakes, tmp_pa
         moved = None
         while moved is None:
             answer = ask(front.url, "m3")
-            assert answer.status_code == 200, answer.text
+            assert answer.status_code == 200, answer.text + boxes[draining].log[-6000:]
             counts = served_by({b: f for b, f in fakes_of.items() if b != draining}, "m3")
             if any(counts.values()):
                 moved = time.monotonic() - began
