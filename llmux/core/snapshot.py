@@ -42,6 +42,25 @@ class Snapshot:
             return self.cold_start_costs.get(target)
         return self.switch_costs.get((self.active, target))
 
+    def cost_or(self, target: str, default: float) -> float:
+        """`estimated_cost`, or `default` until a switch to `target` has been measured."""
+        estimate = self.estimated_cost(target)
+        return default if estimate is None else estimate
+
+    def waiting(self) -> list[ModelView]:
+        """The models that are not awake and have requests queued: the candidates to switch to."""
+        return [
+            view
+            for view in self.models.values()
+            if view.queue_depth > 0 and view.state is not ModelState.ACTIVE
+        ]
+
+    def active_is_idle(self) -> bool:
+        """No model is active, or the active one has nothing in flight and nothing queued: a
+        switch now interrupts nobody."""
+        active = self.models.get(self.active) if self.active else None
+        return active is None or (active.in_flight == 0 and active.queue_depth == 0)
+
 
 class _QueuedItem(Protocol):
     arrival: float
@@ -112,11 +131,7 @@ def snapshot_of(
 
 def oldest_waiting_model(snapshot: Snapshot) -> str | None:
     """The non-active model whose oldest queued request has waited longest, if any."""
-    waiting = [
-        view
-        for view in snapshot.models.values()
-        if view.queue_depth > 0 and view.state is not ModelState.ACTIVE
-    ]
+    waiting = snapshot.waiting()
     if not waiting:
         return None
     return min(waiting, key=lambda view: view.oldest_arrival or 0.0).name

@@ -3,8 +3,7 @@ the queue behind the active model grows."""
 
 from __future__ import annotations
 
-from llmux.core.snapshot import ModelView, Snapshot
-from llmux.core.states import ModelState
+from llmux.core.snapshot import ModelView, Snapshot, oldest_waiting_model
 from llmux.policies.interface import CallAt, Decision, Event, Stay, SwitchTo
 
 
@@ -59,32 +58,23 @@ class AdaptivePolicy:
         self.default_cost = default_cost_secs
 
     def decide(self, event: Event, snapshot: Snapshot) -> Decision:
-        if snapshot.switching:
+        target = None if snapshot.switching else oldest_waiting_model(snapshot)
+        if target is None:
             return Stay()
-        waiting = [
-            view
-            for view in snapshot.models.values()
-            if view.queue_depth > 0 and view.state is not ModelState.ACTIVE
-        ]
-        if not waiting:
-            return Stay()
-        now = snapshot.now
-        stalest = min(
-            waiting, key=lambda view: now if view.oldest_arrival is None else view.oldest_arrival
-        )
-        active = snapshot.models.get(snapshot.active) if snapshot.active else None
-        if active is None or (active.in_flight == 0 and active.queue_depth == 0):
-            return SwitchTo(stalest.name)
-        cost = self._cost(snapshot, stalest.name)
+        if snapshot.active_is_idle():
+            return SwitchTo(target)
+        now, stalest = snapshot.now, snapshot.models[target]
+        cost = snapshot.cost_or(target, self.default_cost)
         oldest = now if stalest.oldest_arrival is None else stalest.oldest_arrival
         since = now if snapshot.active_since is None else snapshot.active_since
-        stale_at = max(oldest + self.bound(waiting, cost), since + self.guard_factor * cost)
+        bound = self.bound(snapshot.waiting(), cost)
+        stale_at = max(oldest + bound, since + self.guard_factor * cost)
         if self.max_wait is not None:
             stale_at = min(stale_at, oldest + max(0.0, self.max_wait - cost))
         # Compare against the very time a timer is set for, so a timer that fires is never
         # answered with the same timer again.
         if now >= stale_at:
-            return SwitchTo(stalest.name)
+            return SwitchTo(target)
         return CallAt(stale_at)
 
     def bound(self, waiting: list[ModelView], cost: float) -> float:
@@ -92,7 +82,3 @@ class AdaptivePolicy:
         depth = sum(view.queue_depth for view in waiting)
         scaled = self.depth_factor * cost / depth**0.5
         return min(self.max_wait_factor * cost, max(self.min_wait_factor * cost, scaled))
-
-    def _cost(self, snapshot: Snapshot, target: str) -> float:
-        estimate = snapshot.estimated_cost(target)
-        return self.default_cost if estimate is None else estimate

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 from llmux.core.snapshot import ModelView, Snapshot
-from llmux.core.states import ModelState
 from llmux.policies.interface import CallAt, Decision, Event, Stay, SwitchTo
 
 
@@ -55,20 +54,13 @@ class CostAwarePolicy:
     def decide(self, event: Event, snapshot: Snapshot) -> Decision:
         if snapshot.switching:
             return Stay()
-        waiting = [
-            view
-            for view in snapshot.models.values()
-            if view.queue_depth > 0 and view.state is not ModelState.ACTIVE
-        ]
+        waiting = snapshot.waiting()
         if not waiting:
             return Stay()
         target = self._next(waiting, snapshot)
-        if snapshot.active is None:
+        if snapshot.active_is_idle():
             return SwitchTo(target)
-        active = snapshot.models[snapshot.active]
-        if active.in_flight == 0 and active.queue_depth == 0:
-            return SwitchTo(target)
-        cost = self._cost(snapshot, target)
+        cost = snapshot.cost_or(target, self.default_cost)
         assert snapshot.active_since is not None
         since, now = snapshot.active_since, snapshot.now
         stalest = min(waiting, key=lambda view: view.oldest_arrival or now)
@@ -92,13 +84,10 @@ class CostAwarePolicy:
             return math.inf
         return (view.oldest_arrival or now) + min(bounds)
 
-    def _cost(self, snapshot: Snapshot, target: str) -> float:
-        estimate = snapshot.estimated_cost(target)
-        return self.default_cost if estimate is None else estimate
-
     def _next(self, waiting: list[ModelView], snapshot: Snapshot) -> str:
         def score(view: ModelView) -> float:
             age = snapshot.now - (view.oldest_arrival or snapshot.now)
-            return view.queue_depth * (age + 1.0) / (self._cost(snapshot, view.name) + 1.0)
+            cost = snapshot.cost_or(view.name, self.default_cost)
+            return view.queue_depth * (age + 1.0) / (cost + 1.0)
 
         return max(waiting, key=score).name

@@ -24,13 +24,10 @@ class ExhaustivePolicy:
         self.max_wait = max_wait_secs
 
     def decide(self, event: Event, snapshot: Snapshot) -> Decision:
-        if snapshot.switching:
-            return Stay()
-        target = oldest_waiting_model(snapshot)
+        target = None if snapshot.switching else oldest_waiting_model(snapshot)
         if target is None:
             return Stay()
-        active = snapshot.models.get(snapshot.active) if snapshot.active else None
-        if active is None or (active.in_flight == 0 and active.queue_depth == 0):
+        if snapshot.active_is_idle():
             return SwitchTo(target)
         if self.max_wait is None:
             return Stay()  # the active model's last completion calls again
