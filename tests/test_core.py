@@ -35,7 +35,7 @@ from llmux.core.commands import ClearTimer, Grant, Refuse, Reply, RunHook, SetTi
 from llmux.core.costs import SwitchCostTracker
 from llmux.core.group import GroupCore
 from llmux.core.states import TRANSITIONS, HookName, ModelState
-from llmux.policy import CallAt, CostAwarePolicy, FifoPolicy, SwitchTo
+from llmux.policy import AdaptivePolicy, CallAt, CostAwarePolicy, FifoPolicy, SwitchTo
 
 MODELS = ("a", "b", "c")
 SIZES = {"a": 1.0, "b": 1.0, "c": 2.0}  # with capacity 2: a and b fit together, c alone
@@ -49,7 +49,7 @@ def backend_of(config: ModelConfig) -> Backend:
 class ChaosPolicy:
     """A real policy whose next answer can be replaced by nonsense (or an exception)."""
 
-    def __init__(self, inner: FifoPolicy | CostAwarePolicy) -> None:
+    def __init__(self, inner: FifoPolicy | CostAwarePolicy | AdaptivePolicy) -> None:
         self.inner = inner
         self.next_bad: str | None = None
 
@@ -108,10 +108,10 @@ class CoreMachine(RuleBasedStateMachine):
         preload=st.lists(st.sampled_from(MODELS), unique=True, max_size=2),
         min_active=st.sampled_from([0.0, 1.0, 5.0]),
         in_flight_limit=st.sampled_from([None, 1, 2]),
-        cost_aware=st.booleans(),
+        policy=st.sampled_from(["fifo", "cost_aware", "adaptive"]),
         up=st.sampled_from([(), ("a",), ("b",), ("a", "b"), ("c",)]),
     )
-    def start(self, capacity, alive, ttl, preload, min_active, in_flight_limit, cost_aware, up):
+    def start(self, capacity, alive, ttl, preload, min_active, in_flight_limit, policy, up):
         CoreMachine.started += 1
         self.now = 0.0
         self.capacity = capacity
@@ -126,7 +126,11 @@ class CoreMachine(RuleBasedStateMachine):
             {} if in_flight_limit is None else {"max_in_flight_per_model": in_flight_limit}
         )
         self.policy_options = {"min_active_secs": min_active}
-        inner = CostAwarePolicy(default_cost_secs=1.0) if cost_aware else FifoPolicy()
+        inner = {
+            "fifo": FifoPolicy,
+            "cost_aware": lambda: CostAwarePolicy(default_cost_secs=1.0),
+            "adaptive": lambda: AdaptivePolicy(default_cost_secs=1.0),
+        }[policy]()
         self.policy = ChaosPolicy(inner)
         self.world = World()
         config = self._config()
@@ -478,7 +482,7 @@ def test_a_server_whose_sleep_failed_is_not_woken_under_its_retirement():
     machine = CoreMachine()
     machine.start(
         capacity=2.0, alive=frozenset(MODELS), ttl=frozenset(), preload=["b"],
-        min_active=0.0, in_flight_limit=None, cost_aware=False, up=("b",),
+        min_active=0.0, in_flight_limit=None, policy="fifo", up=("b",),
     )  # fmt: skip
     machine.request_arrives("a", None)
     _end_hook(machine, HookName.ALIVE, "b", "timeout")
