@@ -182,7 +182,7 @@ def why(cell: Cell) -> list[str]:
         )
         alone = [name for name in SIMPLE if _simple_meets_both(cell, name)]
         if alone:
-            figures = _other(cell, alone[0])
+            figures = _simple_figures(cell, alone[0])
             mean, p99 = figures.mean / cell.best_mean[0], figures.p99 / cell.best_p99[0]
             too = "long" if alone[0] == "fifo" else "short"
             reason = (
@@ -190,10 +190,11 @@ def why(cell: Cell) -> list[str]:
                 f"p99 {p99:.2f}x): the bound is too {too} here"
             )
         else:
+            its_p99 = _simple_figures(cell, mean_from).p99 / cell.best_p99[0]
+            its_mean = _simple_figures(cell, p99_from).mean / cell.best_mean[0]
             reason = (
                 f"a trade-off: the best mean is {mean_from}'s, the best p99 {p99_from}'s; "
-                f"{mean_from} has p99 {_other(cell, mean_from).p99 / cell.best_p99[0]:.2f}x, "
-                f"{p99_from} has mean {_other(cell, p99_from).mean / cell.best_mean[0]:.2f}x"
+                f"{mean_from} has p99 {its_p99:.2f}x, {p99_from} has mean {its_mean:.2f}x"
             )
         found.append(f"{missed} ({reason})")
     if cell.fifo.over_bound == 0 and cell.default.over_bound > 0:
@@ -205,11 +206,11 @@ def why(cell: Cell) -> list[str]:
 
 
 def _simple_meets_both(cell: Cell, name: str) -> bool:
-    figures = _other(cell, name)
+    figures = _simple_figures(cell, name)
     return figures.mean <= TARGET * cell.best_mean[0] and figures.p99 <= TARGET * cell.best_p99[0]
 
 
-def _other(cell: Cell, name: str) -> Figures:
+def _simple_figures(cell: Cell, name: str) -> Figures:
     return cell.fifo if name == "fifo" else cell.exhaustive
 
 
