@@ -112,6 +112,10 @@ ALIVE_TIMER = "alive"  # an idle active model's periodic alive check is due
 TTL_TIMER = "ttl"  # an idle active model's ttl_secs is over
 RETRY_TIMER = "retry"  # a retired model that would not sleep is tried again
 
+# The sleep of a record a reload replaced or removed (or that is held unknown): its last sleep.
+# A server llmux started is stopped then, not put to sleep (builtin_driver.py).
+RETIRING_ENV = {"LLMUX_RETIRING": "1"}
+
 
 @dataclass(eq=False)
 class Request:
@@ -872,7 +876,8 @@ class GroupCore:
                 return False
             self._move(op.model, Cause.SLEEP_STARTED)
             op.phase = Phase.SLEEP
-            op.job = self._run(op.model, HookName.SLEEP)
+            env = RETIRING_ENV if op.model.retiring else None
+            op.job = self._run(op.model, HookName.SLEEP, env)
         return False
 
     def _retreat_hook_done(self, op: _Retreat, outcome: ev.HookOutcome) -> None:
