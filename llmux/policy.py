@@ -11,20 +11,10 @@ A custom policy is any class with `decide(event, snapshot) -> Decision`, named i
 as keyword arguments, so its `__init__` validates them.
 """
 
-from llmux.core.capacity import (
-    DEFAULT_WAKE_COST_SECS,
-    choose_evictions,
-    default_evictions,
-    held,
-    wake_cost,
-)
-from llmux.core.snapshot import (
-    ModelRuntimeLike,
-    ModelView,
-    Snapshot,
-    oldest_waiting_model,
-    snapshot_of,
-)
+from llmux.core.capacity import DEFAULT_WAKE_COST_SECS, default_evictions, held, wake_cost
+from llmux.core.group_view import snapshot_of
+from llmux.core.policy_answers import choose_evictions
+from llmux.core.snapshot import ModelRuntimeLike, ModelView, Snapshot, oldest_waiting_model
 from llmux.core.states import ModelState
 from llmux.policies.adaptive import AdaptivePolicy
 from llmux.policies.cost_aware import CostAwarePolicy

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import itertools
 import math
 import os
 from collections import Counter
@@ -31,27 +32,48 @@ from hypothesis.stateful import (
 
 from llmux.config import Config, ModelConfig, parse_config
 from llmux.core import events as ev
-from llmux.core.commands import ClearTimer, Grant, Refuse, Reply, RunHook, SetTimer
+from llmux.core.alive_check import AliveCheck
+from llmux.core.commands import ClearTimer, Grant, Observe, Refuse, Reply, RunHook, SetTimer
 from llmux.core.costs import SwitchCostTracker
 from llmux.core.group import GroupCore
+from llmux.core.policy_answers import checked_evictions
 from llmux.core.states import TRANSITIONS, HookName, ModelState
-from llmux.policy import AdaptivePolicy, CallAt, CostAwarePolicy, FifoPolicy, SwitchTo
+from llmux.core.switch import Switch
+from llmux.policy import (
+    AdaptivePolicy,
+    CallAt,
+    CostAwarePolicy,
+    FifoPolicy,
+    SwitchTo,
+    default_evictions,
+)
 
 MODELS = ("a", "b", "c")
 SIZES = {"a": 1.0, "b": 1.0, "c": 2.0}  # with capacity 2: a and b fit together, c alone
-Backend = tuple[str, int, str, str]  # one server: model, port, wake and sleep commands
+DRIVERS = ("hooks", "cmd", "vllm")  # shell hooks; a `cmd` server; a vLLM server llmux starts
+WARM_SECS = 0.5  # what a hook takes here; a cold start takes COLD_SECS
+COLD_SECS = 40.0
+WARM_COST_MAX = 4 * WARM_SECS  # no warm switch here costs more (two sleeps and a wake)
+# One server, as llmux knows it: model, port, hooks, kind, cmd, sleep level. Every reload that
+# changes what a server is also moves its port, so that (model, port) names one server.
+Backend = tuple[str, int, str | None, str | None, str | None, str | None, int]
 
 
 def backend_of(config: ModelConfig) -> Backend:
-    return (config.name, config.port, config.wake, config.sleep)
+    return (
+        config.name, config.port, config.wake, config.sleep, config.kind, config.cmd,
+        config.sleep_level,
+    )  # fmt: skip
 
 
 class ChaosPolicy:
-    """A real policy whose next answer can be replaced by nonsense (or an exception)."""
+    """A real policy whose next answer (to `decide` or to `evict`) can be replaced by nonsense
+    or an exception: a hostile plug-in."""
 
     def __init__(self, inner: FifoPolicy | CostAwarePolicy | AdaptivePolicy) -> None:
         self.inner = inner
         self.next_bad: str | None = None
+        self.next_bad_evict: str | None = None
 
     def decide(self, event, snapshot):
         bad, self.next_bad = self.next_bad, None
@@ -63,16 +85,49 @@ class ChaosPolicy:
             return CallAt(math.inf)
         if bad == "past":
             return CallAt(snapshot.now - 5.0)
+        if bad == "text time":
+            return CallAt("soon")
         if bad == "unknown":
             return SwitchTo("zzz")
+        if bad == "unhashable":
+            return SwitchTo(["a"])
         if bad == "not a decision":
             return "switch!"
         return self.inner.decide(event, snapshot)
 
+    def evict(self, target, snapshot):
+        bad = self.next_bad_evict
+        default = default_evictions(target, snapshot)
+        awake = [n for n, v in snapshot.models.items() if v.state is ModelState.ACTIVE]
+        asleep = [n for n, v in snapshot.models.items() if v.state is not ModelState.ACTIVE]
+        if bad == "raise":
+            raise RuntimeError("evict bug")
+        return {
+            None: default,
+            "duplicate": default + default,
+            "unhashable": [default],
+            "unknown": ["zzz"],
+            "target": [target],
+            "asleep": asleep[:1] + default,
+            "too little": default[:-1],
+            "not a list": 42,
+            "a string": "".join(default),
+            "endless": itertools.repeat(awake[0] if awake else "a"),
+            "none": None,
+        }[bad]
+
 
 BAD_ANSWERS = st.sampled_from(
-    [None] * 6 + ["raise", "nan", "inf", "past", "unknown", "not a decision"]
+    [None] * 8
+    + ["raise", "nan", "inf", "past", "text time", "unknown", "unhashable", "not a decision"]
 )
+BAD_EVICTIONS = st.sampled_from(
+    [None] * 6
+    + [
+        "raise", "duplicate", "unhashable", "unknown", "target", "asleep", "too little",
+        "not a list", "a string", "endless", "none",
+    ]
+)  # fmt: skip
 
 
 @dataclass
@@ -81,9 +136,11 @@ class World:
 
     serving: set[Backend] = field(default_factory=set)  # servers that are up and loaded
     woken: set[Backend] = field(default_factory=set)  # woken (or found serving), not slept since
+    exited: set[Backend] = field(default_factory=set)  # exited, llmux told, not woken since
     sleeping: Counter[Backend] = field(default_factory=Counter)  # sleep hooks running
     waiting: dict[int, str] = field(default_factory=dict)  # rid -> model
     granted: dict[int, Backend] = field(default_factory=dict)  # rid -> the server it went to
+    served: set[int] = field(default_factory=set)  # every request ever granted
     ended: set[int] = field(default_factory=set)
     hooks: dict[int, RunHook] = field(default_factory=dict)
     timers: dict[str, float] = field(default_factory=dict)
@@ -110,14 +167,18 @@ class CoreMachine(RuleBasedStateMachine):
         in_flight_limit=st.sampled_from([None, 1, 2]),
         policy=st.sampled_from(["fifo", "cost_aware", "adaptive"]),
         up=st.sampled_from([(), ("a",), ("b",), ("a", "b"), ("c",)]),
+        drivers=st.tuples(*(st.sampled_from(["hooks", "hooks", "cmd", "vllm"]),) * 3),
     )
-    def start(self, capacity, alive, ttl, preload, min_active, in_flight_limit, policy, up):
+    def start(
+        self, capacity, alive, ttl, preload, min_active, in_flight_limit, policy, up,
+        drivers=("hooks", "hooks", "hooks"),
+    ):  # fmt: skip
         CoreMachine.started += 1
         self.now = 0.0
         self.capacity = capacity
         self.shapes = {
-            m: {"port": 9000 + i, "wake": f"wake-{m}", "sleep": f"sleep-{m}"}
-            for i, m in enumerate(MODELS)
+            m: {"port": 9000 + i, "driver": driver, "version": 0, "level": 1}
+            for i, (m, driver) in enumerate(zip(MODELS, drivers, strict=True))
         }
         self.alive, self.ttl = set(alive), set(ttl)
         self.present = list(MODELS)
@@ -133,11 +194,15 @@ class CoreMachine(RuleBasedStateMachine):
         }[policy]()
         self.policy = ChaosPolicy(inner)
         self.world = World()
+        self.fault_at: int | None = None  # the core fails at this state change of next event
+        self.faults_injected = 0
         config = self._config()
         if capacity is None:
             up = up[:1]  # one server fits at a time
-        # A server that is up at start-up without an alive hook is one llmux cannot know of.
-        self.world.serving = {backend_of(config.models[m]) for m in up if m in alive}
+        # A server that is up at start-up that llmux cannot ask about is one it cannot know of.
+        self.world.serving = {
+            backend_of(config.models[m]) for m in up if config.models[m].has_alive
+        }
         self.core = GroupCore(config, self.policy, SwitchCostTracker())
         self.next_rid = 1
         self.next_reply = 1
@@ -149,9 +214,17 @@ class CoreMachine(RuleBasedStateMachine):
     def _config(self) -> Config:
         models = {}
         for name in self.present:
-            table = dict(self.shapes[name])
-            if name in self.alive:
-                table["alive"] = f"alive-{name}"
+            shape = self.shapes[name]
+            table: dict[str, object] = {"port": shape["port"]}
+            suffix = "!" * shape["version"]
+            if shape["driver"] == "hooks":
+                table.update(wake=f"wake-{name}{suffix}", sleep=f"sleep-{name}{suffix}")
+                if name in self.alive:
+                    table["alive"] = f"alive-{name}"
+            else:
+                table["cmd"] = f"serve-{name}{suffix} --port ${{PORT}}"
+                if shape["driver"] == "vllm":
+                    table.update(kind="vllm", sleep_level=shape["level"])
             if name in self.ttl:
                 table["ttl_secs"] = 3
             if self.capacity is not None:
@@ -173,9 +246,35 @@ class CoreMachine(RuleBasedStateMachine):
     def _feed(self, event) -> None:
         self.fed += 1
         self.now = event.now
-        commands = self.core.handle(event)  # the core never raises
+        fault_at, self.fault_at = self.fault_at, None
+        if fault_at is not None:
+            self._arm_fault(fault_at)
+        try:
+            commands = self.core.handle(event)  # the core never raises
+        finally:
+            self.core.__dict__.pop("move", None)
+        fired = fault_at is not None and self.fault_fired
         for command in commands:
+            if isinstance(command, Observe) and command.name == "core_failed":
+                assert fired, f"the core failed with no fault injected: {command.message}"
             self._check(command)
+
+    def _arm_fault(self, at: int) -> None:
+        """Make the `at`-th state change of the next event raise, as a bug in the core would."""
+        move = type(self.core).move
+        calls = 0
+        self.fault_fired = False
+
+        def failing_move(model, cause):
+            nonlocal calls
+            calls += 1
+            if calls == at:
+                self.fault_fired = True
+                self.faults_injected += 1
+                raise RuntimeError(f"injected: the core fails moving {model.name} ({cause})")
+            move(self.core, model, cause)
+
+        self.core.move = failing_move
 
     def _check(self, command) -> None:
         world = self.world
@@ -184,9 +283,11 @@ class CoreMachine(RuleBasedStateMachine):
             backend = backend_of(command.backend)
             assert command.backend.name == world.waiting[command.rid]
             assert backend in world.woken, f"grant to {backend}, not woken (or slept since)"
+            assert backend not in world.exited, f"grant to {backend}, whose server exited"
             assert not world.sleeping[backend], f"grant to {backend} while its sleep hook runs"
             del world.waiting[command.rid]
             world.granted[command.rid] = backend
+            world.served.add(command.rid)
         elif isinstance(command, Refuse):
             assert command.rid in world.waiting, f"refusal of {command.rid}, which does not wait"
             del world.waiting[command.rid]
@@ -239,11 +340,12 @@ class CoreMachine(RuleBasedStateMachine):
 
     # ----- rules: requests -----
 
-    @rule(model=st.sampled_from(MODELS), bad=BAD_ANSWERS)
-    def request_arrives(self, model, bad):
+    @rule(model=st.sampled_from(MODELS), bad=BAD_ANSWERS, bad_evict=BAD_EVICTIONS)
+    def request_arrives(self, model, bad, bad_evict=None):
         rid, self.next_rid = self.next_rid, self.next_rid + 1
         self.world.waiting[rid] = model
         self.policy.next_bad = bad
+        self.policy.next_bad_evict = bad_evict
         self._feed(ev.Arrived(self.now, rid, model))
 
     @precondition(lambda self: self.world.waiting)
@@ -266,7 +368,7 @@ class CoreMachine(RuleBasedStateMachine):
     # ----- rules: hooks and servers -----
 
     @precondition(lambda self: self.world.hooks)
-    @rule(data=st.data(), how=st.sampled_from(["ok", "ok", "ok", "fail", "timeout"]))
+    @rule(data=st.data(), how=st.sampled_from(["ok", "ok", "cold", "fail", "timeout"]))
     def hook_ends(self, data, how):
         job = data.draw(st.sampled_from(sorted(self.world.hooks)))
         command = self.world.hooks.pop(job)
@@ -281,10 +383,16 @@ class CoreMachine(RuleBasedStateMachine):
             elif not outcome.timed_out:
                 world.woken.discard(backend)
         else:
-            outcome = ev.HookOutcome(ok=how == "ok", timed_out=how == "timeout", duration=0.5)
+            # A wake that had to start its server (only a `cmd` model's) takes far longer.
+            cold = how == "cold" and command.hook is HookName.WAKE and command.backend.cmd
+            outcome = ev.HookOutcome(
+                ok=how in ("ok", "cold"), timed_out=how == "timeout",
+                duration=COLD_SECS if cold else WARM_SECS, cold=bool(cold),
+            )  # fmt: skip
             if command.hook is HookName.WAKE and outcome.ok:
                 world.serving.add(backend)
                 world.woken.add(backend)
+                world.exited.discard(backend)
             if command.hook is HookName.SLEEP:
                 world.sleeping[backend] -= 1
                 if outcome.ok:
@@ -301,6 +409,16 @@ class CoreMachine(RuleBasedStateMachine):
         if noticed:  # the proxy could not connect to it
             self._feed(ev.Unreachable(self.now, backend[0]))
 
+    @precondition(lambda self: any(b[5] for b in self.world.serving))
+    @rule(data=st.data())
+    def cmd_server_exits(self, data):
+        """A server llmux started exits on its own (crash, OOM kill): llmux hears of it at once."""
+        backend = data.draw(st.sampled_from(sorted(b for b in self.world.serving if b[5])))
+        self.world.serving.discard(backend)
+        self.world.woken.discard(backend)
+        self.world.exited.add(backend)
+        self._feed(ev.ServerExited(self.now, backend[0], backend[1]))
+
     @precondition(lambda self: self.world.granted)
     @rule(data=st.data())
     def backend_refuses_a_request(self, data):
@@ -315,14 +433,21 @@ class CoreMachine(RuleBasedStateMachine):
 
     # Hypothesis leaves a random subset of the rules out of each example (swarm testing): the
     # two rules that move things on appear twice, so that few examples lack both.
-    @rule(model=st.sampled_from(MODELS), bad=BAD_ANSWERS)
-    def another_request_arrives(self, model, bad):
-        self.request_arrives(model, bad)
+    @rule(model=st.sampled_from(MODELS), bad=BAD_ANSWERS, bad_evict=BAD_EVICTIONS)
+    def another_request_arrives(self, model, bad, bad_evict):
+        self.request_arrives(model, bad, bad_evict)
 
     @precondition(lambda self: self.world.hooks)
-    @rule(data=st.data(), how=st.sampled_from(["ok", "ok", "ok", "fail", "timeout"]))
+    @rule(data=st.data(), how=st.sampled_from(["ok", "ok", "cold", "fail", "timeout"]))
     def another_hook_ends(self, data, how):
         self.hook_ends(data, how)
+
+    @precondition(lambda self: self.fed % 4 == 0)  # now and then
+    @rule(at=st.integers(1, 3))
+    def the_core_fails_in_the_next_event(self, at):
+        """A bug inside the core (any state change may be the one that raises): it must abort
+        what it was doing through its one path and serve on."""
+        self.fault_at = at
 
     # ----- rules: admin, reload, shutdown -----
 
@@ -334,7 +459,9 @@ class CoreMachine(RuleBasedStateMachine):
         self._feed(ev.SleepAsked(self.now, model, reply))
 
     @rule(
-        change=st.sampled_from(["port", "hooks", "remove", "restore", "interval"]),
+        change=st.sampled_from(
+            ["port", "hooks", "remove", "restore", "interval", "cmd", "driver", "sleep_level"]
+        ),
         data=st.data(),
     )
     def reload(self, change, data):
@@ -347,14 +474,17 @@ class CoreMachine(RuleBasedStateMachine):
             self.present.remove(data.draw(st.sampled_from(self.present)))
         elif change == "restore":
             self.present.append(data.draw(st.sampled_from(absent)))
+        elif change == "interval":
+            self.alive ^= {data.draw(st.sampled_from(self.present))}
         else:
-            model = data.draw(st.sampled_from(self.present))
-            if change == "port":
-                self.shapes[model]["port"] += 100
-            elif change == "hooks":
-                self.shapes[model]["wake"] += "!"
-            else:
-                self.alive ^= {model}
+            shape = self.shapes[data.draw(st.sampled_from(self.present))]
+            if change in ("hooks", "cmd"):  # the hooks, or the command line, change
+                shape["version"] += 1
+            elif change == "driver":
+                shape["driver"] = DRIVERS[(DRIVERS.index(shape["driver"]) + 1) % len(DRIVERS)]
+            elif change == "sleep_level" and shape["driver"] == "vllm":
+                shape["level"] = 3 - shape["level"]
+            shape["port"] += 100  # a new server, on a port of its own (see Backend)
         self._feed(ev.Reloaded(self.now, self._config()))
         assert all(m in self.present for m in self.world.waiting.values()), (
             "a removed model's waiters are refused at once"
@@ -406,15 +536,19 @@ class CoreMachine(RuleBasedStateMachine):
                     for h in self.world.hooks.values()
                 ), f"{model.name} is {model.state} with no hook running"
 
-    def teardown(self):
-        """Afterwards, with every hook answered and every timer run, nobody is left waiting:
-        nothing is stuck after a failure."""
-        if not hasattr(self, "core"):
-            return
-        self.policy.next_bad = None
+    @invariant()
+    def cold_starts_are_not_counted_as_warm_switches(self):
+        costs = self.core.costs
+        for table in (costs.switches, costs.idle_wakes, costs.wakes):
+            for key, seconds in table.items():
+                assert seconds <= WARM_COST_MAX, f"a cold start counted as warm: {key} {seconds}"
+
+    def _settle(self) -> None:
+        """Every request in flight ends, every hook succeeds (as the world allows), every
+        timer runs, until nothing is left to do."""
         for _ in range(400):
             world = self.world
-            if not world.waiting and not world.replies and not world.granted:
+            if not (world.waiting or world.replies or world.granted or world.hooks):
                 break
             if world.granted:
                 rid = min(world.granted)
@@ -428,14 +562,16 @@ class CoreMachine(RuleBasedStateMachine):
                 if command.hook is HookName.WAKE:
                     world.serving.add(backend)
                     world.woken.add(backend)
+                    world.exited.discard(backend)
                 elif command.hook is HookName.SLEEP:
                     world.sleeping[backend] -= 1
                     world.serving.discard(backend)
                     world.woken.discard(backend)
                 elif ok:
                     world.woken.add(backend)
-                self.now += 0.5
-                self._feed(ev.HookDone(self.now, job, ev.HookOutcome(ok=ok, duration=0.5)))
+                self.now += WARM_SECS
+                outcome = ev.HookOutcome(ok=ok, duration=WARM_SECS)
+                self._feed(ev.HookDone(self.now, job, outcome))
             elif world.timers:
                 name, at = min(world.timers.items(), key=lambda item: item[1])
                 del world.timers[name]
@@ -443,8 +579,28 @@ class CoreMachine(RuleBasedStateMachine):
             else:
                 break
             self.within_capacity()
+
+    def teardown(self):
+        """Afterwards, with every hook answered and every timer run, nobody is left waiting:
+        nothing is stuck after a failure. Then the group still serves: a request for each of
+        its models is granted (a failure earlier, of a hook, a policy or the core itself, does
+        not leave it refusing while a model of it can serve)."""
+        if not hasattr(self, "core"):
+            return
+        self.policy.next_bad = self.policy.next_bad_evict = None
+        self.fault_at = None
+        self._settle()
         assert not self.world.waiting, f"requests stuck: {self.world.waiting}"
         assert not self.world.replies, f"admin requests never answered: {self.world.replies}"
+        if self.core.closing:
+            return
+        for model in self.present:
+            self.now += 60.0  # past every back-off
+            rid, self.next_rid = self.next_rid, self.next_rid + 1
+            self.world.waiting[rid] = model
+            self._feed(ev.Arrived(self.now, rid, model))
+            self._settle()
+            assert rid in self.world.served, f"a request for {model} was not served afterwards"
 
 
 # CI runs 1,000 examples of up to 50 steps (about 15 s); LLMUX_STATEFUL_EXAMPLES=20000 soaks.
@@ -507,7 +663,7 @@ def test_every_transition_in_the_table_is_reachable_and_no_other():
     assert {old for old, _ in TRANSITIONS} == states
 
 
-# ----- the six bugs of the old switcher, as mutations of the core: each must be caught -----
+# ----- bugs found in review, as mutations of the core: each must be caught -----
 
 
 def _bug1_grant_keeps_the_arrival_record(monkeypatch):
@@ -534,30 +690,30 @@ def _bug2_stuck_victim_then_wake_beside(monkeypatch):
     failed sleep leaves its victim SLEEPING with nothing to move it on; the next switch finds
     no victim to evict ("fits") and wakes its target beside it."""
 
-    def abandon(self, op, failure, reason):
-        self.retry_at = self.now + 2.0
-        self._fail_queue(op.target, self._hook_error(op.target, "sleep failed", failure))
-        self._end_switch(op, ok=False)
+    def abandon(self, group, failure, reason):
+        group.retry_at = group.now + 2.0
+        group.fail_queue(self.target, group.hook_error(self.target, "sleep failed", failure))
+        self._end(group, ok=False)
 
-    monkeypatch.setattr(GroupCore, "_abandon", abandon)
-    monkeypatch.setattr(GroupCore, "_room_can_be_made", lambda self, target, victims: True)
+    monkeypatch.setattr(Switch, "abandon", abandon)
+    monkeypatch.setattr(GroupCore, "room_can_be_made", lambda self, target, victims: True)
 
 
 def _bug3_alive_failure_marks_asleep_at_once(monkeypatch):
     """An alive check that fails or times out marks the model asleep at once, its requests
     still in flight, without its sleep hook."""
-    done = GroupCore._alive_done
+    done = AliveCheck.hook_done
 
-    def alive_done(self, op, outcome):
+    def hook_done(self, group, job, outcome):
         if outcome.ok:
-            done(self, op, outcome)
+            done(self, group, job, outcome)
             return
-        op.model.last_alive_check = self.now
-        self._end_op()
-        op.model.state = ModelState.ASLEEP
-        op.model.active_since = None
+        self.model.last_alive_check = group.now
+        group.end_op()
+        self.model.state = ModelState.ASLEEP
+        self.model.active_since = None
 
-    monkeypatch.setattr(GroupCore, "_alive_done", alive_done)
+    monkeypatch.setattr(AliveCheck, "hook_done", hook_done)
 
 
 def _bug4_idle_timer_keeps_its_past_deadline(monkeypatch):
@@ -576,7 +732,12 @@ def _bug4_idle_timer_keeps_its_past_deadline(monkeypatch):
 
 def _bug5_policy_answers_trusted(monkeypatch):
     """Whatever the policy answers is carried out: CallAt(nan), SwitchTo an unknown name."""
-    monkeypatch.setattr(GroupCore, "_checked", lambda self, decision: decision)
+    from llmux.core.policy_answers import Checked
+
+    monkeypatch.setattr(
+        "llmux.core.group.checked_decision",
+        lambda policy, event, snapshot, models: Checked(policy.decide(event, snapshot)),
+    )
 
 
 def _bug6_removed_models_looked_up(monkeypatch):
@@ -590,6 +751,55 @@ def _bug6_removed_models_looked_up(monkeypatch):
     monkeypatch.setattr(GroupCore, "_on_unreachable", on_unreachable)
 
 
+def _bug7_evictions_trusted(monkeypatch):
+    """Break 1 of the wedge review: a policy's `evict` answer is checked for awake names and
+    room only, so `["a", "a"]` (or an unhashable name) moves a model to DRAINING twice."""
+
+    def half_checked(policy, target, snapshot):
+        chosen, problem = checked_evictions(policy, target, snapshot)
+        evict = getattr(policy, "evict", None)
+        if not problem or evict is None:
+            return chosen, problem
+        try:
+            answer = list(itertools.islice(evict(target, snapshot), 8))
+            views = snapshot.models
+            if all(views[n].state is ModelState.ACTIVE and n != target for n in answer):
+                return answer, ""
+        except Exception:
+            pass
+        return chosen, problem
+
+    monkeypatch.setattr("llmux.core.group.checked_evictions", half_checked)
+
+
+def _bug8_exit_waits_for_no_switch(monkeypatch):
+    """Break 4: a `cmd` server's exit only asks for an alive check, and alive checks wait
+    while a switch is wanted: the dead model stays ACTIVE and keeps getting requests."""
+
+    def on_server_exited(self, event):
+        model = self.models.get(event.model)
+        if model is not None and model.state is ModelState.ACTIVE:
+            model.check_requested = True
+
+    requested = GroupCore._requested_alive_check
+
+    def requested_alive_check(self):
+        return None if self.switch_wanted is not None else requested(self)
+
+    monkeypatch.setattr(GroupCore, "_on_server_exited", on_server_exited)
+    monkeypatch.setattr(GroupCore, "_requested_alive_check", requested_alive_check)
+
+
+def _bug9_cold_start_counted_as_warm(monkeypatch):
+    """Break 7: a wake that started its server is folded into its pair's warm cost."""
+    observe = SwitchCostTracker.observe_switch
+
+    def observe_switch(self, from_model, to_model, wake_seconds, seconds, cold):
+        return observe(self, from_model, to_model, wake_seconds, seconds, False)
+
+    monkeypatch.setattr(SwitchCostTracker, "observe_switch", observe_switch)
+
+
 MUTATIONS = {
     "1: a reload strands a waiting request": _bug1_grant_keeps_the_arrival_record,
     "2: a stuck model, then a wake beside it": _bug2_stuck_victim_then_wake_beside,
@@ -597,6 +807,9 @@ MUTATIONS = {
     "4: the idle-sleep timer spins on a past deadline": _bug4_idle_timer_keeps_its_past_deadline,
     "5: a nonsense policy answer is carried out": _bug5_policy_answers_trusted,
     "6: a removed model is looked up by name": _bug6_removed_models_looked_up,
+    "7: a policy's evictions are half checked": _bug7_evictions_trusted,
+    "8: a server's exit waits while a switch is wanted": _bug8_exit_waits_for_no_switch,
+    "9: a cold start is counted as a warm switch": _bug9_cold_start_counted_as_warm,
 }
 # Derandomized: the same examples every run, so whether each bug is caught never flakes.
 MUTATION_SETTINGS = settings(
@@ -606,7 +819,7 @@ MUTATION_SETTINGS = settings(
 
 
 @pytest.mark.parametrize("mutation", sorted(MUTATIONS))
-def test_each_bug_of_the_old_switcher_is_caught(mutation, monkeypatch):
+def test_each_bug_found_in_review_is_caught(mutation, monkeypatch):
     MUTATIONS[mutation](monkeypatch)
     with pytest.raises(Exception) as caught:  # an invariant, or the core raising
         run_state_machine_as_test(CoreMachine, settings=MUTATION_SETTINGS)

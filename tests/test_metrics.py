@@ -86,13 +86,21 @@ async def test_cost_ema_counts_hooks_not_the_drain(fakes, tmp_path):
     assert switch >= drain + cost * 0.9
 
 
-def test_ema_alpha_and_cold_starts_kept_apart():
+def test_ema_alpha_and_wakes_from_idle_and_cold_starts_kept_apart():
     tracker = SwitchCostTracker()
-    assert tracker.observe("a", "b", 10.0) == 10.0
-    assert tracker.observe("a", "b", 20.0) == pytest.approx(0.3 * 20 + 0.7 * 10)
-    assert tracker.observe(None, "b", 50.0) == 50.0
-    assert tracker.switches == {("a", "b"): pytest.approx(13.0)}
+    assert tracker.observe_switch("a", "b", 8.0, 10.0, cold=False) == 10.0
+    assert tracker.observe_switch("a", "b", 8.0, 20.0, cold=False) == pytest.approx(13.0)
+    assert tracker.observe_switch(None, "b", 5.0, 5.0, cold=False) == 5.0  # from idle
+    assert tracker.observe_switch("a", "b", 49.0, 50.0, cold=True) == 50.0  # whatever was active
+    assert tracker.switches == {("a", "b"): pytest.approx(0.3 * 20 + 0.7 * 10)}
+    assert tracker.idle_wakes == {"b": 5.0}
     assert tracker.cold_starts == {"b": 50.0}
+    assert tracker.wakes == {"b": pytest.approx(0.3 * 5 + 0.7 * 8)}  # warm wakes only
+    assert tracker.table() == [
+        ("a", "b", pytest.approx(13.0)),
+        ("idle", "b", 5.0),
+        ("cold", "b", 50.0),
+    ]
 
 
 def test_each_app_has_its_own_registry():

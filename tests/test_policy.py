@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from llmux.core.policy_answers import checked_evictions
 from llmux.policy import (
     FifoPolicy,
     ModelState,
@@ -210,7 +211,7 @@ def test_default_evictions_spare_busy_models_and_make_just_enough_room():
     assert default_evictions("a", snapshot) == []  # already awake: nothing to do
 
 
-def test_a_policy_may_choose_evictions_and_a_wrong_choice_falls_back(caplog):
+def test_a_policy_may_choose_evictions_and_a_wrong_choice_falls_back():
     class EvictBusy:
         def __init__(self, answer):
             self.answer = answer
@@ -225,4 +226,7 @@ def test_a_policy_may_choose_evictions_and_a_wrong_choice_falls_back(caplog):
     assert choose_evictions(EvictBusy(["a", "b"]), "c", snapshot) == ["a", "b"]
     assert choose_evictions(EvictBusy(["a"]), "c", snapshot) == ["b"]  # 40 + 40 > 75
     assert choose_evictions(EvictBusy(["c"]), "c", snapshot) == ["b"]  # not an awake model
-    assert "do not make room for c" in caplog.text
+    assert checked_evictions(EvictBusy(["a"]), "c", snapshot) == (
+        ["b"],
+        "evict answered ['a'], which does not make room for c",
+    )

@@ -1,19 +1,12 @@
-"""Room in a group: what the models not asleep hold, and which awake models to put to sleep so
-that another fits (the default choice, or a policy's own, checked)."""
+"""Room in a group: what the models not asleep hold, and which awake models to put to sleep by
+default so that another fits (a policy's own choice is checked in core/policy_answers.py)."""
 
 from __future__ import annotations
 
-import logging
 import math
-from typing import TYPE_CHECKING
 
+from llmux.core.snapshot import ModelView, Snapshot
 from llmux.core.states import ModelState
-
-if TYPE_CHECKING:
-    from llmux.core.snapshot import ModelView, Snapshot
-    from llmux.policies.interface import Policy
-
-log = logging.getLogger("llmux.policy")
 
 DEFAULT_WAKE_COST_SECS = 10.0
 
@@ -43,33 +36,6 @@ def default_evictions(target: str, snapshot: Snapshot) -> list[str]:
     return victims
 
 
-def choose_evictions(policy: Policy, target: str, snapshot: Snapshot) -> list[str]:
-    """The models to put to sleep so that `target` fits: the policy's `evict(target, snapshot)`
-    if it has one and its answer makes room with awake models only, else the default."""
-    default = default_evictions(target, snapshot)
-    evict = getattr(policy, "evict", None)
-    if evict is None or not default:
-        return default
-    try:
-        chosen = list(evict(target, snapshot))
-    except Exception:
-        log.exception("policy %r failed to choose evictions; using the default", policy)
-        return default
-    views = snapshot.models
-    awake = all(
-        name in views and name != target and views[name].state is ModelState.ACTIVE
-        for name in chosen
-    )
-    kept = held(snapshot, {target, *chosen})
-    if awake and kept + views[target].size <= snapshot.capacity + 1e-9:
-        return chosen
-    log.error(
-        "policy %r chose evictions %r that do not make room for %s; using %r",
-        policy, chosen, target, default,
-    )  # fmt: skip
-    return default
-
-
 def held(snapshot: Snapshot, excluding: set[str]) -> float:
     """Capacity held by the models that are not asleep, leaving out `excluding`."""
     return sum(
@@ -80,11 +46,10 @@ def held(snapshot: Snapshot, excluding: set[str]) -> float:
 
 
 def wake_cost(snapshot: Snapshot, name: str) -> float:
-    """What waking `name` again is expected to cost: its measured wake hook, else its cold start,
-    else the mean of measured switches to it, else a default."""
-    if name in snapshot.wake_costs:
-        return snapshot.wake_costs[name]
-    if name in snapshot.cold_start_costs:
-        return snapshot.cold_start_costs[name]
+    """What waking `name` again is expected to cost: its measured warm wake, else its wake from
+    idle, else its cold start, else the mean of measured switches to it, else a default."""
+    for measured in (snapshot.wake_costs, snapshot.idle_wake_costs, snapshot.cold_start_costs):
+        if name in measured:
+            return measured[name]
     into = [cost for (_, target), cost in snapshot.switch_costs.items() if target == name]
     return sum(into) / len(into) if into else DEFAULT_WAKE_COST_SECS

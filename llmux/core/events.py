@@ -56,6 +56,7 @@ class HookOutcome:
     timed_out: bool = False
     duration: float = 0.0
     failure: str = ""  # a short description for error messages (exit code, stderr tail)
+    cold: bool = False  # a wake that had to start the model's server: a cold start
 
 
 @dataclass(frozen=True)
@@ -103,11 +104,21 @@ class Unreachable:
 
 
 @dataclass(frozen=True)
+class ServerExited:
+    """The server llmux started for `model` (on `port`) exited without being asked to: it
+    serves nothing from now on."""
+
+    now: float
+    model: str
+    port: int | None = None
+
+
+@dataclass(frozen=True)
 class ShutdownBegun:
     now: float
 
 
 Event = (
     Started | Arrived | Left | Finished | HookDone | TimerDue | Reloaded | SleepAsked
-    | Unreachable | ShutdownBegun
+    | Unreachable | ServerExited | ShutdownBegun
 )  # fmt: skip

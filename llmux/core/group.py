@@ -3,50 +3,57 @@
 Theory of operation
 -------------------
 A group is the models that share one GPU (or one set of GPUs). Its core keeps, per model, a
-record: its state (core/states.py), the requests waiting for it and the number in flight. A
-request arrives (`Arrived`), is granted at once if its model is ACTIVE with room and nobody
-waits before it, and otherwise queues while the switch policy is consulted. A grant names the
-backend as configured at that moment; the request releases its slot when it `Finished` (or
-`Left`), on whichever record granted it, even if a reload has replaced that record since.
+record (core/records.py): its state (core/states.py), the requests waiting for it and the number
+in flight. A request arrives (`Arrived`), is granted at once if its model is ACTIVE with room
+and nobody waits before it, and otherwise queues while the switch policy is consulted. A grant
+names the backend as configured at that moment; the request releases its slot when it
+`Finished` (or `Left`), on whichever record granted it, even if a reload has replaced that
+record since.
 
-Everything that changes what is awake is an *operation*, and one runs at a time (the lifecycle
-lock): a switch, an idle sleep, an admin sleep, an alive check, the retirement of a record a
-reload replaced, reconciling at start-up, preloading. An operation moves through phases; each
-phase waits for exactly one thing the core has asked for and will hear about: a hook's end
-(`HookDone`, which also comes when a hook could not start), a drain (the last `Finished` of a
-draining model), or a timer (`TimerDue`). So no model can stay DRAINING, WAKING or SLEEPING
-without something in flight that will move it on.
+Everything that changes what is awake is an *operation* (core/operation.py), and one runs at a
+time (the lifecycle lock), each in its own module: a switch (switch.py), a retreat that puts
+models to sleep for an idle sleep, an admin sleep, a retirement or a dead server
+(retreat.py), an alive check (alive_check.py), reconciling at start-up and recovering
+(reconcile.py), preloading (preload.py). An operation moves through phases; each phase waits
+for exactly one thing the core has asked for and will hear about: a hook's end (`HookDone`,
+which also comes when a hook could not start), a drain (the last `Finished` of a draining
+model), or a timer (`TimerDue`). So no model can stay DRAINING, WAKING or SLEEPING without
+something in flight that will move it on.
 
-A switch is wanted when the policy answers `SwitchTo` (or, in a group with a capacity, when a
-waiting model fits beside the awake ones: nobody is disturbed, so nobody is asked). It starts
-once no operation runs, the back-off after a failed switch is over, the models it will put to
-sleep have been active `min_active_secs`, and the target still has someone waiting. Then:
+This module decides what runs next: a switch is wanted when the policy answers `SwitchTo` (or,
+in a group with a capacity, when a waiting model fits beside the awake ones: nobody is
+disturbed, so nobody is asked). It starts once no operation runs, the back-off after a failed
+switch is over, the models it will put to sleep have been active `min_active_secs`, and the
+target still has someone waiting. A server that exits (`ServerExited`) stops serving at once,
+whatever is wanted or waiting: it drains and is put to sleep before anything else starts.
 
-    victims DRAINING (their new requests queue) until none has requests in flight
-      (everyone waiting for the target left: called off, the victims serve on)
-    -> each victim SLEEPING while its sleep hook runs, one after another
-      (a hook fails and the alive hook does not say "not serving": abandoned, victims serve on)
-    -> target WAKING while its wake hook runs
-      (fails: its sleep hook cleans up, its waiters get 503, back-off)
-    -> target ACTIVE: its waiters are granted in arrival order.
+When handling an event raises (a bug: the stateful test is there so that it does not), the core
+aborts the running operation through one path (`_abort`): the models it acted on are held
+UNKNOWN (they keep their room and get no request), grants of that event to them are taken
+back (the requests queue again), hooks still running are handed to a recovery, and whoever
+waits for the operation is answered. The recovery is the start-up reconcile path; the group
+serves on meanwhile.
 
 Rules
 -----
 1. A request goes to a model only while the core holds that model ACTIVE. Grants and the
    in-flight count change together, in one transition.
 2. Capacity: a record holds its size from the start of its wake until its sleep succeeds (or its
-   alive hook says it does not serve), retired records included. A wake starts only when the
-   target fits beside everything held once the chosen victims are asleep; when it cannot (the
-   victims cannot make room), the switch waits: two models are never awake past the capacity.
+   alive hook says it does not serve), retired and unknown records included. A wake starts only
+   when the target fits beside everything held once the chosen victims are asleep; when it
+   cannot (the victims cannot make room), the switch waits: two models are never awake past the
+   capacity.
 3. A sleep that fails leaves the model ACTIVE unless its alive hook answers "not serving". An
    alive hook that times out answers nothing: the model stays as it is.
-4. A model found dead by its alive hook is drained before it is put to sleep: requests already
-   admitted to it still hold it.
+4. A model found dead (its alive hook, or its server's exit) is drained before it is put to
+   sleep: requests already admitted to it still hold it. It gets no new request from then on.
 5. Every request ends exactly once: granted then finished (or left), or refused.
 6. Timers are set strictly in the future, and only for something that will then happen.
-7. A policy's answer is checked: an unknown model, a time that is not a finite number, or an
-   exception is logged and treated as Stay (an exception: as FIFO's answer); while requests
-   wait, the policy is asked again a second later, so one bad answer strands nobody.
+7. A policy's every answer is checked in one place (core/policy_answers.py): an unknown model, a
+   time that is not a finite number, evictions that are not distinct awake models making room,
+   or an exception is logged (once per kind of problem) and replaced by the default answer;
+   while requests wait, the policy is asked again a second later, so one bad answer strands
+   nobody.
 8. Model state changes only through `TRANSITIONS` (core/states.py).
 9. A record is not woken while a retired record of the same server is not asleep (a sleep
    that failed on a model never known to serve, a model removed and added back): the
@@ -55,16 +62,14 @@ Rules
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 from collections import deque
-from dataclasses import dataclass, field
-from enum import StrEnum
-from typing import TypeAlias
 
 from llmux.config import Config, GroupConfig, ModelConfig
 from llmux.core import events as ev
-from llmux.core.capacity import choose_evictions
+from llmux.core.alive_check import AliveCheck
 from llmux.core.commands import (
     ClearTimer,
     Command,
@@ -75,9 +80,16 @@ from llmux.core.commands import (
     RunHook,
     SetTimer,
 )
-from llmux.core.costs import IDLE, SwitchCostTracker
-from llmux.core.snapshot import Snapshot, snapshot_of
+from llmux.core.costs import SwitchCostTracker
+from llmux.core.group_view import snapshot_of
+from llmux.core.operation import Operation
+from llmux.core.policy_answers import checked_decision, checked_evictions
+from llmux.core.reconcile import Reconcile, Recovery
+from llmux.core.records import ModelRecord, ReloadSummary, Request, SwitchView
+from llmux.core.retreat import Retreat
+from llmux.core.snapshot import Snapshot
 from llmux.core.states import TRANSITIONS, Cause, HookName, IllegalTransition, ModelState
+from llmux.core.switch import Switch
 from llmux.errors import (
     LlmuxError,
     ModelNotFound,
@@ -85,167 +97,30 @@ from llmux.errors import (
     QueueFull,
     ShuttingDown,
 )
-from llmux.policies.fifo import FifoPolicy
 from llmux.policies.interface import (
     CallAt,
     Decision,
     Policy,
     RequestArrived,
     RequestCompleted,
-    Stay,
     SwitchCompleted,
     SwitchTo,
     TimerFired,
 )
 from llmux.policies.interface import Event as PolicyEvent
 
-FAILED_SWITCH_BACKOFF_SECS = 2.0
 DEFAULT_RETRY_AFTER_SECS = 5.0  # Retry-After when no switch to the model was measured yet
 MIN_TIMER_SECS = 0.001  # the soonest a policy's CallAt fires
 BAD_ANSWER_RETRY_SECS = 1.0  # a policy that answered nonsense is asked again after this
 ROOM_EPSILON = 1e-9
+ATTEMPTS_PER_EVENT = 3  # an event whose handling keeps failing is given up after this
 
 # Timer names.
 POLICY_TIMER = "policy"  # the policy's CallAt
 SWITCH_TIMER = "switch"  # a wanted switch may start (back-off or min_active_secs over)
 ALIVE_TIMER = "alive"  # an idle active model's periodic alive check is due
 TTL_TIMER = "ttl"  # an idle active model's ttl_secs is over
-RETRY_TIMER = "retry"  # a retired model that would not sleep is tried again
-
-# The sleep of a record a reload replaced or removed (or that is held unknown): its last sleep.
-# A server llmux started is stopped then, not put to sleep (builtin_driver.py).
-RETIRING_ENV = {"LLMUX_RETIRING": "1"}
-
-
-@dataclass(eq=False)
-class Request:
-    rid: int
-    model: str
-    arrival: float
-    granted_to: ModelRecord | None = None
-
-
-@dataclass(eq=False)
-class ModelRecord:
-    """One model as the core knows it. A reload that changes a model's backend while it is
-    awake makes a new record; the old one is retired (drained, put to sleep, forgotten)."""
-
-    config: ModelConfig
-    size: float
-    state: ModelState = ModelState.ASLEEP
-    queue: deque[Request] = field(default_factory=deque)
-    in_flight: int = 0
-    active_since: float | None = None
-    idle_since: float = 0.0
-    last_used: float | None = None
-    last_alive_check: float = 0.0
-    last_alive: bool | None = None  # the latest alive answer (None: none yet, or no hook)
-    check_requested: bool = False  # the proxy could not connect: check it soon
-    retiring: bool = False
-    name: str = field(init=False)  # a plain attribute: policies' snapshots read it often
-
-    def __post_init__(self) -> None:
-        self.name = self.config.name
-
-
-@dataclass(frozen=True)
-class ReloadSummary:
-    added: list[str]
-    removed: list[str]
-    changed: list[str]
-    policy_replaced: bool = False
-
-
-@dataclass(frozen=True)
-class SwitchView:
-    """The switch in progress, for status reports."""
-
-    source: str | None
-    target: str
-    evicting: tuple[str, ...]
-    started: float
-
-    @property
-    def from_label(self) -> str:
-        return self.source or IDLE
-
-
-# ----- operations: one runs at a time; each phase waits for one thing -----
-
-
-class Phase(StrEnum):
-    """Where an operation stands: what it waits for next."""
-
-    NEXT = "next"  # about to take its next model
-    DRAIN = "drain"  # the last in-flight request of its victims
-    SLEEP = "sleep"  # a sleep hook
-    SLEEP_CHECK = "sleep_check"  # the alive hook, after a sleep hook failed
-    WAKE = "wake"  # a wake hook
-    CLEANUP = "cleanup"  # the sleep hook, after a wake failed
-    CLEANUP_CHECK = "cleanup_check"  # the alive hook, after that cleanup failed
-
-
-@dataclass(eq=False)
-class _Switch:
-    target: ModelRecord
-    victims: list[ModelRecord]
-    started: float
-    phase: Phase = Phase.DRAIN  # then SLEEP (SLEEP_CHECK), WAKE (CLEANUP, CLEANUP_CHECK)
-    index: int = 0  # the victim being put to sleep
-    job: int | None = None
-    drain_started: float = 0.0
-    drain_seconds: float = 0.0
-    sleep_seconds: float = 0.0
-    wake_failure: str = ""
-
-    @property
-    def source(self) -> ModelRecord | None:
-        return self.victims[0] if self.victims else None
-
-
-@dataclass(eq=False)
-class _Retreat:
-    """Drain a model, put it to sleep: for an idle sleep, an admin sleep, a retirement, or a
-    model found dead. `reply` (admin) is answered when the whole request is done."""
-
-    purpose: str  # idle, admin, retire, dead, extra
-    models: deque[ModelRecord]
-    reply: int | None = None
-    unknown: set[ModelRecord] = field(default_factory=set)  # never known to serve
-    phase: Phase = Phase.NEXT  # then DRAIN, SLEEP (SLEEP_CHECK) per model
-    job: int | None = None
-    errors: list[LlmuxError] = field(default_factory=list)
-    failure: str = ""
-
-    @property
-    def model(self) -> ModelRecord:
-        return self.models[0]
-
-
-@dataclass(eq=False)
-class _AliveCheck:
-    model: ModelRecord
-    job: int | None = None
-
-
-@dataclass(eq=False)
-class _Reconcile:
-    asked: list[ModelRecord] = field(default_factory=list)  # in config order
-    jobs: dict[int, ModelRecord] = field(default_factory=dict)
-    serving: set[ModelRecord] = field(default_factory=set)
-    unknown: set[ModelRecord] = field(default_factory=set)  # its alive hook timed out
-
-
-@dataclass(eq=False)
-class _Preload:
-    names: deque[str]
-    model: ModelRecord | None = None
-    phase: Phase = Phase.NEXT  # then WAKE (CLEANUP, CLEANUP_CHECK) per model
-    job: int | None = None
-    failure: str = ""
-
-
-_Op: TypeAlias = _Switch | _Retreat | _AliveCheck | _Reconcile | _Preload
+RETRY_TIMER = "retry"  # a retired or unknown model that would not sleep is tried again
 
 
 class GroupCore:
@@ -262,14 +137,16 @@ class GroupCore:
         self.now = 0.0
         self.ready = False
         self.closing = False
-        self.op: _Op | None = None
-        self.pending: deque[_Op] = deque()  # start-up, then admin sleeps, in order asked
+        self.op: Operation | None = None
+        self.pending: deque[Operation] = deque()  # start-up, admin sleeps, dead servers
         self.last_reload: ReloadSummary | None = None
         self.switch_wanted: str | None = None
         self.retry_at = -math.inf
         self._policy_timer: float | None = None
         self._armed: dict[str, float] = {}
         self._jobs = itertools.count(1)
+        self._running: dict[int, tuple[ModelRecord, HookName]] = {}  # job -> its model, hook
+        self._policy_problems_told: set[tuple[str, str]] = set()
         self._out: list[Command] = []
 
     def _record(self, config: ModelConfig) -> ModelRecord:
@@ -278,28 +155,37 @@ class GroupCore:
     # ----- the one entry point -----
 
     def handle(self, event: ev.Event) -> list[Command]:
-        """Apply one event; return what to do about it."""
+        """Apply one event; return what to do about it. Never raises: a failure is aborted
+        through one path and the commands already made are returned."""
         self.now = event.now
         self._out = []
-        getattr(self, _HANDLERS[type(event)])(event)
-        self._advance()
-        self._arm_timers()
+        for attempt in range(ATTEMPTS_PER_EVENT):
+            try:
+                if attempt == 0:
+                    getattr(self, _HANDLERS[type(event)])(event)
+                self._advance()
+                self._arm_timers()
+                break
+            except Exception as error:
+                try:
+                    self._abort(event, error)
+                except Exception as worse:  # nothing is left to try for this event
+                    self._observe(
+                        "core_failed", f"the switching core could not recover from {error!r}: "
+                        f"{worse!r}", level="error", error=worse,
+                    )  # fmt: skip
+                    break
         return self._out
 
     # ----- views -----
 
     @property
     def switching(self) -> bool:
-        return self.switch_wanted is not None or isinstance(self.op, _Switch)
+        return self.switch_wanted is not None or isinstance(self.op, Switch)
 
     @property
     def current_switch(self) -> SwitchView | None:
-        if not isinstance(self.op, _Switch):
-            return None
-        op = self.op
-        source = op.source.name if op.source else None
-        evicting = tuple(v.name for v in op.victims)
-        return SwitchView(source, op.target.name, evicting, op.started)
+        return self.op.view() if isinstance(self.op, Switch) else None
 
     def snapshot(self) -> Snapshot:
         return snapshot_of(
@@ -310,6 +196,7 @@ class GroupCore:
             self.costs.cold_starts,
             self.group.room,
             self.costs.wakes,
+            self.costs.idle_wakes,
         )
 
     def held(self, leaving_out: ModelRecord | None = None) -> float:
@@ -357,7 +244,7 @@ class GroupCore:
             self._grant(model, request)
             return
         model.queue.append(request)
-        self._consult(RequestArrived(model.name))
+        self.consult(RequestArrived(model.name))
 
     def _on_left(self, event: ev.Left) -> None:
         request = self.requests.get(event.rid)
@@ -389,7 +276,7 @@ class GroupCore:
         request.granted_to = model
         self._out.append(Grant(request.rid, model.config, self.now - request.arrival))
 
-    def _grant_waiting(self, model: ModelRecord) -> None:
+    def grant_waiting(self, model: ModelRecord) -> None:
         """Give waiters of an ACTIVE model slots, in arrival order, while it has room."""
         while model.queue and model.state is ModelState.ACTIVE and self._has_room(model):
             self._grant(model, model.queue.popleft())
@@ -403,61 +290,65 @@ class GroupCore:
         if model.in_flight == 0:
             model.idle_since = self.now
         if model.queue and model.state is ModelState.ACTIVE:
-            self._grant_waiting(model)  # one held back by max_in_flight_per_model
-        self._consult(RequestCompleted(model.name))
+            self.grant_waiting(model)  # one held back by max_in_flight_per_model
+        self.consult(RequestCompleted(model.name))
 
-    def _fail_queue(self, model: ModelRecord, error: LlmuxError) -> None:
+    def fail_queue(self, model: ModelRecord, error: LlmuxError) -> None:
         while model.queue:
             request = model.queue.popleft()
             del self.requests[request.rid]
             self._out.append(Refuse(request.rid, error))
 
+    def fail_waiters_of(self, woken: ModelRecord, failure: str) -> None:
+        """The wake of `woken` failed: its model's waiters get 503, unless a reload gave the
+        model a new backend meanwhile (its waiters then wait for that one to be tried)."""
+        current = self.models.get(woken.name)
+        if current is None or (current is not woken and current.config != woken.config):
+            return
+        what = f"{woken.name} could not be woken"
+        self.fail_queue(current, self.hook_error(woken, what, failure))
+
+    def waiting(self) -> list[ModelRecord]:
+        return [m for m in self.models.values() if m.queue and m.state is not ModelState.ACTIVE]
+
     # ----- the policy -----
 
-    def _consult(self, event: PolicyEvent) -> None:
+    def consult(self, event: PolicyEvent) -> None:
         if not self.ready or self.closing:
             return
         if self.group.capacity is not None and not self.switching:
             # Waking a model into free room disturbs nobody: no policy decision to make.
-            waiting = [m for m in self._waiting() if m.state is ModelState.ASLEEP]
+            waiting = [m for m in self.waiting() if m.state is ModelState.ASLEEP]
             for model in sorted(waiting, key=lambda m: m.queue[0].arrival):
-                if self._fits(model, []):
+                if self.fits(model, []):
                     self.switch_wanted = model.name
                     return
-        snapshot = self.snapshot()
-        try:
-            decision = self.policy.decide(event, snapshot)
-        except Exception as exc:
-            self._observe(
-                "policy_failed", f"policy {self.policy!r} failed ({exc!r}); FIFO decides this "
-                "once", level="error",
-            )  # fmt: skip
-            decision = FifoPolicy().decide(event, snapshot)
-        self._apply(self._checked(decision))
+        checked = checked_decision(self.policy, event, self.snapshot(), self.models)
+        if checked.problem:
+            again = ""
+            if checked.fallback == "stay" and self.waiting():
+                # Nobody is stranded by one bad answer: the policy is asked again shortly.
+                self._ask_again_soon()
+                again = f"; asked again in {BAD_ANSWER_RETRY_SECS:g}s"
+            instead = "FIFO decides this once" if checked.fallback == "fifo" else "ignored"
+            self._policy_problem("decide", f"{checked.problem}: {instead}{again}")
+        self._apply(checked.decision)
 
-    def _checked(self, decision: Decision) -> Decision:
-        """The decision if it makes sense, else Stay (rule 7)."""
-        if isinstance(decision, SwitchTo):
-            if isinstance(decision.model, str) and decision.model in self.models:
-                return decision
-            problem = f"asked to switch to {decision.model!r}, which is not in the group"
-        elif isinstance(decision, CallAt):
-            when = decision.when
-            if isinstance(when, int | float) and not isinstance(when, bool) and math.isfinite(when):
-                return decision
-            problem = f"asked to be called at {when!r}, not a finite time"
-        elif isinstance(decision, Stay):
-            return decision
-        else:
-            problem = f"answered {decision!r}, not Stay, SwitchTo or CallAt"
-        if self._waiting():
-            # Nobody is stranded by one bad answer: the policy is asked again shortly.
-            again = self.now + BAD_ANSWER_RETRY_SECS
-            if self._policy_timer is None or self._policy_timer > again:
-                self._policy_timer = again
-            problem += f"; asked again in {BAD_ANSWER_RETRY_SECS:g}s"
-        self._observe("policy_failed", f"policy {problem}: ignored", level="error")
-        return Stay()
+    def _ask_again_soon(self) -> None:
+        at = self.now + BAD_ANSWER_RETRY_SECS
+        if self._policy_timer is None or self._policy_timer > at:
+            self._policy_timer = at
+
+    def _policy_problem(self, answer: str, problem: str) -> None:
+        """Say what was wrong with a policy's answer: at error level the first time, quietly
+        after (a policy that is wrong once per event would drown the log)."""
+        first = (answer, problem) not in self._policy_problems_told
+        self._policy_problems_told.add((answer, problem))
+        message = f"policy {self.policy!r} {problem}"
+        if not first:
+            message += " (said before)"
+        level = "error" if first else "debug"
+        self._observe("policy_failed", message, level=level, answer=answer)
 
     def _apply(self, decision: Decision) -> None:
         if isinstance(decision, SwitchTo):
@@ -474,7 +365,7 @@ class GroupCore:
         self._armed.pop(event.name, None)
         if event.name == POLICY_TIMER:
             self._policy_timer = None
-            self._consult(TimerFired())
+            self.consult(TimerFired())
         # The others are looked at by _advance: what was due starts there.
 
     def _arm_timers(self) -> None:
@@ -490,7 +381,7 @@ class GroupCore:
             for name, at in (
                 (ALIVE_TIMER, self._next_alive_check()),
                 (TTL_TIMER, self._next_idle_sleep()),
-                (RETRY_TIMER, self._next_retirement()),
+                (RETRY_TIMER, self._next_retry()),
             ):
                 if at is not None and at > self.now:
                     wanted[name] = at
@@ -510,7 +401,7 @@ class GroupCore:
         start the next one that may start. Repeats until nothing changes."""
         while True:
             if self.op is not None:
-                if not self._continue_op():
+                if not self.op.step(self):
                     return
                 continue
             if not self._start_next_op():
@@ -525,7 +416,11 @@ class GroupCore:
         retired = self._due_retirement()
         if retired is not None:
             # Before any switch: a retired model may still be awake (rule 2).
-            self.op = _Retreat("retire", deque([retired]))
+            self.op = Retreat("retire", deque([retired]))
+            return True
+        unknown = self._due_recovery()
+        if unknown:
+            self.op = Recovery(unknown)
             return True
         if self.closing:
             return False
@@ -534,10 +429,15 @@ class GroupCore:
                 return True
             if self._start_switch():
                 return True
+        requested = self._requested_alive_check()
+        if requested is not None:
+            # The proxy could not reach it: asked now, even while a switch waits (rule 4).
+            self.op = AliveCheck(requested)
+            return True
         if self.switch_wanted is None:
             due = self._due_alive_check()
             if due is not None:
-                self.op = _AliveCheck(due)
+                self.op = AliveCheck(due)
                 return True
             idle = self._due_idle_sleep()
             if idle is not None:
@@ -547,27 +447,15 @@ class GroupCore:
                     f"(ttl_secs {idle.config.ttl_secs:g}): putting it to sleep",
                     model=idle.name,
                 )  # fmt: skip
-                self.op = _Retreat("idle", deque([idle]))
+                self.op = Retreat("idle", deque([idle]))
                 return True
         return False
 
-    def _continue_op(self) -> bool:
-        """One step of the running operation; False when it waits for something."""
-        op = self.op
-        if isinstance(op, _Switch):
-            return self._switch_step(op)
-        if isinstance(op, _Retreat):
-            return self._retreat_step(op)
-        if isinstance(op, _AliveCheck):
-            return self._alive_step(op)
-        if isinstance(op, _Reconcile):
-            return self._reconcile_step(op)
-        assert isinstance(op, _Preload)
-        return self._preload_step(op)
-
-    def _end_op(self) -> None:
+    def end_op(self, then: Operation | None = None) -> None:
+        """The running operation is over; `then` (if any) runs next, before anything else."""
         self.op = None
         self._forget_retired()
+        self.op = then
 
     # ----- switching -----
 
@@ -579,7 +467,7 @@ class GroupCore:
         name = self.switch_wanted
         self.switch_wanted = None
         if name is not None:
-            self._consult(SwitchCompleted(name, False))
+            self.consult(SwitchCompleted(name, False))
         return True
 
     def _switch_may_start_at(self) -> float | None:
@@ -588,8 +476,8 @@ class GroupCore:
         if self.switch_wanted is None or self.op is not None or self.pending:
             return None
         target = self.models.get(self.switch_wanted)
-        if target is None:
-            return None
+        if target is None or target.state is not ModelState.ASLEEP:
+            return None  # being recovered or put to sleep: the switch waits for that
         at = self.retry_at
         victims = self._victims_for(target)
         started = [v.active_since for v in victims if v.active_since is not None]
@@ -602,239 +490,18 @@ class GroupCore:
         if at is None or at > self.now:
             return False
         target = self.models[self.switch_wanted or ""]
-        if self._server_held_by_a_retired_record(target):
+        if self.server_held_by_a_retired_record(target):
             return False  # its retirement's sleep comes first (rule 9)
         victims = self._victims_for(target)
-        if not self._room_can_be_made(target, victims):
+        if not self.room_can_be_made(target, victims):
             return False  # rule 2: wait until it can
         self.switch_wanted = None
-        op = _Switch(target, victims, self.now, drain_started=self.now)
-        self.op = op
-        labels = {"from": op.source.name if op.source else IDLE, "to": target.name}
-        evicting = (
-            f" (putting {', '.join(v.name for v in victims)} to sleep)" if len(victims) > 1 else ""
-        )
-        self._observe(
-            "switch_started", f"switching {labels['from']} -> {target.name}{evicting}",
-            evicting=[v.name for v in victims], **labels,
-        )  # fmt: skip
-        for victim in victims:
-            self._move(victim, Cause.DRAIN)
+        self.op = Switch.begin(self, target, victims)
         return True
-
-    def _switch_step(self, op: _Switch) -> bool:
-        if op.job is not None:
-            return False  # a hook runs
-        if op.phase == Phase.DRAIN:
-            return self._switch_drain(op)
-        if op.phase == Phase.SLEEP:
-            if op.index == len(op.victims):
-                op.phase = Phase.WAKE
-                return True
-            victim = op.victims[op.index]
-            self._move(victim, Cause.SLEEP_STARTED)
-            if victim.active_since is not None:
-                self._observe_quietly(
-                    "model_active_duration", model=victim.name,
-                    seconds=self.now - victim.active_since,
-                )  # fmt: skip
-            op.job = self._run(victim, HookName.SLEEP, self._switch_env(victim, op.target))
-            return False
-        if op.phase == Phase.WAKE:
-            target = op.target
-            if self.models.get(target.name) is not target:
-                # A reload removed or replaced it meanwhile: wake nothing; the policy decides
-                # again (the replacement has its waiters).
-                self._observe(
-                    "switch_cancelled", f"switch to {target.name} called off: a reload "
-                    "changed it", **self._labels(op),
-                )  # fmt: skip
-                self._end_switch(op, ok=False)
-                return True
-            self._move(target, Cause.WAKE_STARTED)
-            target.last_alive = None  # an answer from before the wake says nothing about now
-            op.job = self._run(target, HookName.WAKE, self._switch_env(op.source, target))
-            return False
-        return False
-
-    def _switch_drain(self, op: _Switch) -> bool:
-        drained = all(v.in_flight == 0 for v in op.victims)
-        if not drained and self.config.policy.drain_before_switch and op.target.queue:
-            return False
-        op.drain_seconds = self.now - op.drain_started
-        for victim in op.victims:
-            self._observe_quietly("drain_measured", model=victim.name, seconds=op.drain_seconds)
-        if not op.target.queue:
-            self._call_off(op)
-            return True
-        op.phase = Phase.SLEEP
-        return True
-
-    def _call_off(self, op: _Switch) -> None:
-        source = op.source.name if op.source else IDLE
-        self._observe(
-            "switch_cancelled", f"switch {source} -> {op.target.name} called off: nobody waits "
-            f"for {op.target.name} any more", **{"from": source, "to": op.target.name},
-        )  # fmt: skip
-        for victim in op.victims:
-            self._move(victim, Cause.DRAIN_CALLED_OFF)
-            self._grant_waiting(victim)
-        self._end_switch(op, ok=False)
-
-    def _end_switch(self, op: _Switch, ok: bool) -> None:
-        self._end_op()
-        self._observe_quietly("switch_ended", **self._labels(op))
-        self._consult(SwitchCompleted(op.target.name, ok))
-
-    def _switch_hook_done(self, op: _Switch, outcome: ev.HookOutcome) -> None:
-        op.job = None
-        if op.phase == Phase.SLEEP:
-            victim = op.victims[op.index]
-            if outcome.ok:
-                self._slept(victim)
-                op.sleep_seconds += outcome.duration
-                op.index += 1
-            elif victim.config.has_alive:
-                op.phase = Phase.SLEEP_CHECK
-                op.wake_failure = outcome.failure
-                op.job = self._run(victim, HookName.ALIVE)
-            else:
-                self._abandon(op, outcome.failure, "it has no alive hook to confirm")
-        elif op.phase == Phase.SLEEP_CHECK:
-            victim = op.victims[op.index]
-            victim.last_alive = outcome.ok
-            if _says_not_serving(outcome):
-                self._observe(
-                    "sleep_failed_not_serving", f"sleep hook for {victim.name} failed but it "
-                    "no longer serves; continuing", level="warning", model=victim.name,
-                )  # fmt: skip
-                self._move(victim, Cause.GONE)
-                victim.active_since = None
-                op.index += 1
-                op.phase = Phase.SLEEP
-            else:
-                self._abandon(op, op.wake_failure, "its alive hook still passes")
-        elif op.phase == Phase.WAKE:
-            if outcome.ok:
-                self._activated(op, outcome)
-            else:
-                self._wake_failed(op, outcome)
-        elif op.phase == Phase.CLEANUP:
-            self._cleaned_up(op, outcome)
-        elif op.phase == Phase.CLEANUP_CHECK:
-            op.target.last_alive = outcome.ok
-            if outcome.ok:  # its wake failed, yet it serves
-                self._move(op.target, Cause.STILL_SERVING)
-                self._activate(op.target)
-                self._end_switch(op, ok=True)
-            elif outcome.timed_out:
-                self._hold_unknown(op.target)
-                self._wake_lost(op)
-            else:
-                self._move(op.target, Cause.GONE)
-                self._wake_lost(op)
-
-    def _abandon(self, op: _Switch, failure: str, reason: str) -> None:
-        """A victim could not be put to sleep and may still serve: it and the victims not yet
-        put to sleep serve on; the target's waiters get 503."""
-        victim = op.victims[op.index]
-        labels = self._labels(op)
-        self._observe(
-            "switch_failed", f"switch {victim.name} -> {op.target.name} abandoned: sleep "
-            f"failed and {reason}", level="error", reason="sleep_failed",
-            **{"from": victim.name, "to": op.target.name},
-        )  # fmt: skip
-        self._observe_quietly("switch_result", result="abandoned", **labels)
-        self._move(victim, Cause.STILL_SERVING)
-        self._activate(victim)
-        for spared in op.victims[op.index + 1 :]:
-            self._move(spared, Cause.DRAIN_CALLED_OFF)
-            self._grant_waiting(spared)
-        self.retry_at = self.now + FAILED_SWITCH_BACKOFF_SECS
-        what = f"{victim.name} could not be put to sleep"
-        self._fail_queue(op.target, self._hook_error(op.target, what, failure))
-        self._end_switch(op, ok=False)
-
-    def _activated(self, op: _Switch, outcome: ev.HookOutcome) -> None:
-        target = op.target
-        self._move(target, Cause.WAKE_OK)
-        self._activate(target)
-        self.costs.observe_wake(target.name, outcome.duration)
-        cost = op.sleep_seconds + outcome.duration
-        took = self.now - op.started
-        source = op.source.name if op.source else None
-        estimate = self.costs.observe(source, target.name, cost)
-        labels = self._labels(op)
-        self._observe(
-            "model_activated", f"{labels['from']} -> {target.name}: active after {took:.2f}s",
-            model=target.name, switch_seconds=took, cost_seconds=cost,
-            drain_seconds=op.drain_seconds, estimate=estimate, **labels,
-        )  # fmt: skip
-        self._end_switch(op, ok=True)
-
-    def _wake_failed(self, op: _Switch, outcome: ev.HookOutcome) -> None:
-        labels = self._labels(op)
-        self._observe(
-            "switch_failed", f"wake of {op.target.name} failed; running its sleep hook to "
-            "clean up", level="error", reason="wake_failed", **labels,
-        )  # fmt: skip
-        op.wake_failure = outcome.failure
-        self._move(op.target, Cause.WAKE_FAILED)
-        op.phase = Phase.CLEANUP
-        op.job = self._run(op.target, HookName.SLEEP, self._switch_env(op.source, op.target))
-
-    def _cleaned_up(self, op: _Switch, outcome: ev.HookOutcome) -> None:
-        if outcome.ok:
-            self._move(op.target, Cause.SLEEP_OK)
-            self._wake_lost(op)
-        elif op.target.config.has_alive:
-            op.phase = Phase.CLEANUP_CHECK
-            op.job = self._run(op.target, HookName.ALIVE)
-        else:
-            self._hold_unknown(op.target)
-            self._wake_lost(op)
-
-    def _hold_unknown(self, record: ModelRecord) -> None:
-        """Neither woken nor surely asleep (its wake and its sleep failed, and it has no alive
-        hook to ask): it may hold memory, so it keeps its room but gets no request; a new
-        record takes its place and its waiters, and it is put to sleep again later."""
-        self._move(record, Cause.STILL_SERVING)
-        if self.models.get(record.name) is not record:
-            return  # a reload retired it already: it is put to sleep as a retirement
-        replacement = self._record(record.config)
-        replacement.queue, record.queue = record.queue, deque()
-        self.models[record.name] = replacement
-        self._retire(record)
-
-    def _wake_lost(self, op: _Switch) -> None:
-        op.target.active_since = None
-        self._observe_quietly("switch_result", result="failed", **self._labels(op))
-        self.retry_at = self.now + FAILED_SWITCH_BACKOFF_SECS
-        self._fail_waiters_of(op.target, op.wake_failure)
-        self._end_switch(op, ok=False)
-
-    def _fail_waiters_of(self, woken: ModelRecord, failure: str) -> None:
-        """The wake of `woken` failed: its model's waiters get 503, unless a reload gave the
-        model a new backend meanwhile (its waiters then wait for that one to be tried)."""
-        current = self.models.get(woken.name)
-        if current is None or (current is not woken and current.config != woken.config):
-            return
-        what = f"{woken.name} could not be woken"
-        self._fail_queue(current, self._hook_error(woken, what, failure))
-
-    def _labels(self, op: _Switch) -> dict[str, str]:
-        return {"from": op.source.name if op.source else IDLE, "to": op.target.name}
-
-    @staticmethod
-    def _switch_env(source: ModelRecord | None, target: ModelRecord) -> dict[str, str]:
-        return {"LLMUX_FROM": source.name if source else "", "LLMUX_TO": target.name}
 
     # ----- capacity -----
 
-    def _waiting(self) -> list[ModelRecord]:
-        return [m for m in self.models.values() if m.queue and m.state is not ModelState.ACTIVE]
-
-    def _fits(self, target: ModelRecord, victims: list[ModelRecord]) -> bool:
+    def fits(self, target: ModelRecord, victims: list[ModelRecord]) -> bool:
         """Whether `target` fits beside everything held once `victims` are asleep."""
         kept = sum(
             m.size
@@ -843,124 +510,32 @@ class GroupCore:
         )
         return kept + target.size <= self.group.room + ROOM_EPSILON
 
-    def _room_can_be_made(self, target: ModelRecord, victims: list[ModelRecord]) -> bool:
-        """Whether putting `victims` to sleep makes room for `target` (retired records, and
-        what is not awake to be evicted, may hold room no victim frees)."""
-        return self._fits(target, victims)
+    def room_can_be_made(self, target: ModelRecord, victims: list[ModelRecord]) -> bool:
+        """Whether putting `victims` to sleep makes room for `target` (retired and unknown
+        records, and what is not awake to be evicted, may hold room no victim frees)."""
+        return self.fits(target, victims)
 
     def _victims_for(self, target: ModelRecord) -> list[ModelRecord]:
         """The awake models to put to sleep so that `target` fits (none if it fits now)."""
-        if self._fits(target, []):
+        if self.fits(target, []):
             return []
-        names = choose_evictions(self.policy, target.name, self.snapshot())
+        names, problem = checked_evictions(self.policy, target.name, self.snapshot())
+        if problem:
+            self._policy_problem("evict", f"{problem}: the default evictions instead")
         return [self.models[name] for name in names]
 
-    # ----- putting a model to sleep outside a switch -----
+    # ----- alive checks and idle sleeps: when they are due -----
 
-    def _retreat_step(self, op: _Retreat) -> bool:
-        if op.job is not None:
-            return False
-        if op.phase == Phase.NEXT:
-            while op.models and op.model.state not in (ModelState.ACTIVE, ModelState.DRAINING):
-                self._retreat_done_with(op)  # asleep already: nothing to do
-            if not op.models:
-                self._end_retreat(op)
-                return True
-            if op.model.state is ModelState.ACTIVE:
-                cause = Cause.FOUND_DEAD if op.purpose == "dead" else Cause.DRAIN
-                self._move(op.model, cause)
-            op.phase = Phase.DRAIN
-            return True
-        if op.phase == Phase.DRAIN:
-            if op.model.in_flight:
-                return False
-            self._move(op.model, Cause.SLEEP_STARTED)
-            op.phase = Phase.SLEEP
-            env = RETIRING_ENV if op.model.retiring else None
-            op.job = self._run(op.model, HookName.SLEEP, env)
-        return False
-
-    def _retreat_hook_done(self, op: _Retreat, outcome: ev.HookOutcome) -> None:
-        op.job = None
-        model = op.model
-        if op.phase == Phase.SLEEP:
-            if outcome.ok:
-                self._slept(model)
-                self._retreat_done_with(op)
-            elif op.purpose == "dead":
-                # Its alive hook already said it does not serve (rule 3).
-                self._move(model, Cause.GONE)
-                model.active_since = None
-                self._retreat_done_with(op)
-            elif model.config.has_alive:
-                op.failure = outcome.failure
-                op.phase = Phase.SLEEP_CHECK
-                op.job = self._run(model, HookName.ALIVE)
-            else:
-                self._sleep_refused(op, outcome.failure)
-        elif op.phase == Phase.SLEEP_CHECK:
-            model.last_alive = outcome.ok
-            if _says_not_serving(outcome):
-                self._move(model, Cause.GONE)
-                model.active_since = None
-                self._retreat_done_with(op)
-            else:
-                self._sleep_refused(op, op.failure)
-
-    def _sleep_refused(self, op: _Retreat, failure: str) -> None:
-        model = op.model
-        if model in op.unknown:
-            # Never known to serve, and now not surely asleep: held, not trusted (rule 2).
-            self._observe(
-                "sleep_failed", f"{model.name} may still hold memory (its sleep failed); it "
-                "serves nothing until it is put to sleep", level="error", model=model.name,
-            )  # fmt: skip
-            self.retry_at = self.now + FAILED_SWITCH_BACKOFF_SECS
-            self._hold_unknown(model)
-            op.models.popleft()
-            op.phase = Phase.NEXT
-            return
-        self._move(model, Cause.STILL_SERVING)
-        self._activate(model)
-        if op.purpose == "retire":
-            # It keeps holding its room (rule 2); its retirement is tried again after a pause.
-            self._observe(
-                "retire_failed", f"retired model {model.name} could not be put to sleep; "
-                f"trying again in {FAILED_SWITCH_BACKOFF_SECS:g}s", level="error",
-                model=model.name,
-            )  # fmt: skip
-            self.retry_at = self.now + FAILED_SWITCH_BACKOFF_SECS
-            op.models.popleft()
-            op.phase = Phase.NEXT
-            return
-        self._observe(
-            "sleep_failed", f"{op.purpose} sleep of {model.name} failed; it stays active",
-            level="error", model=model.name,
-        )  # fmt: skip
-        op.errors.append(
-            self._hook_error(model, f"{model.name} could not be put to sleep", failure)
-        )
-        op.models.popleft()
-        op.phase = Phase.NEXT
-
-    def _retreat_done_with(self, op: _Retreat) -> None:
-        op.models.popleft()
-        op.phase = Phase.NEXT
-
-    def _end_retreat(self, op: _Retreat) -> None:
-        self._end_op()
-        if op.reply is not None:
-            self._out.append(Reply(op.reply, op.errors[0] if op.errors else None))
-        self._consult(TimerFired())  # requests that queued meanwhile
-
-    # ----- alive checks -----
+    def _requested_alive_check(self) -> ModelRecord | None:
+        asked = [m for m in self.models.values() if m.check_requested and m.config.has_alive]
+        return next((m for m in asked if m.state is ModelState.ACTIVE), None)
 
     def _due_alive_check(self) -> ModelRecord | None:
         for model in self.models.values():
             if model.state is not ModelState.ACTIVE or not model.config.has_alive:
                 continue
             due = model.last_alive_check + model.config.alive_interval_secs
-            if model.check_requested or (model.in_flight == 0 and self.now >= due):
+            if model.in_flight == 0 and self.now >= due:
                 return model
         return None
 
@@ -971,34 +546,6 @@ class GroupCore:
             if m.state is ModelState.ACTIVE and m.config.has_alive and m.in_flight == 0
         ]
         return min(times) if times else None
-
-    def _alive_step(self, op: _AliveCheck) -> bool:
-        if op.job is None:
-            op.model.check_requested = False
-            op.job = self._run(op.model, HookName.ALIVE)
-        return False
-
-    def _alive_done(self, op: _AliveCheck, outcome: ev.HookOutcome) -> None:
-        model = op.model
-        model.last_alive_check = self.now
-        self._end_op()
-        if outcome.ok:
-            model.last_alive = True
-            return
-        if outcome.timed_out:
-            self._observe(
-                "alive_timeout", f"alive hook for {model.name} timed out; it stays active",
-                level="warning", model=model.name,
-            )  # fmt: skip
-            return
-        model.last_alive = False
-        self._observe(
-            "model_dead", f"{model.name} is active but its alive hook fails: draining it and "
-            "putting it to sleep", level="error", model=model.name,
-        )  # fmt: skip
-        self.op = _Retreat("dead", deque([model]))
-
-    # ----- idle sleep -----
 
     def _idle_expiry(self, model: ModelRecord) -> float | None:
         if model.state is not ModelState.ACTIVE or model.config.ttl_secs <= 0:
@@ -1018,211 +565,199 @@ class GroupCore:
         times = [t for m in self.models.values() if (t := self._idle_expiry(m)) is not None]
         return min(times) if times else None
 
-    # ----- start-up: reconcile, then preload -----
-
-    def _on_started(self, event: ev.Started) -> None:
-        op = _Reconcile()
-        for model in self.models.values():
-            if model.config.has_alive:
-                op.asked.append(model)
-                op.jobs[self._run(model, HookName.ALIVE)] = model
-        self.op = op
-
-    def _reconcile_step(self, op: _Reconcile) -> bool:
-        if op.jobs:
-            return False
-        # An alive hook that timed out leaves it unknown: it may serve, so it is put to sleep
-        # before anything else wakes (rule 2). So is a record a reload replaced meanwhile: the
-        # answer was about its backend, which is not the one configured now.
-        held = [m for m in op.asked if m in op.serving or m in op.unknown]
-        if not held:
-            self._observe(
-                "nothing_serving", f"no model of group {self.group.name} is serving at start-up"
-            )
-        extra: deque[ModelRecord] = deque()
-        for model in held:
-            current = self.models.get(model.name) is model
-            adopted = current and model in op.serving and self._fits(model, [])
-            self._move(model, Cause.ADOPTED)
-            if adopted:
-                self._activate(model)
-                self._observe(
-                    "model_activated", f"{model.name} already serves: adopted as an active "
-                    "model", model=model.name, adopted=True,
-                )  # fmt: skip
-                continue
-            model.active_since = self.now
-            if not current:
-                continue  # retired: put to sleep as a retirement
-            self._move(model, Cause.DRAIN)  # held, never granted to: it is put to sleep next
-            why = (
-                "may be serving (its alive hook timed out)"
-                if model in op.unknown
-                else ("is also serving at start-up")
-            )
-            self._observe(
-                "extra_serving", f"{model.name} {why}; putting it to sleep", level="warning",
-                model=model.name,
-            )  # fmt: skip
-            extra.append(model)
-        self._end_op()
-        if extra:
-            self.pending.appendleft(_Retreat("extra", extra, unknown=op.unknown & set(extra)))
-        preload = deque(n for n in self.config.preload if n in self.models)
-        self.pending.append(_Preload(preload))
-        return True
-
-    def _reconcile_hook_done(self, op: _Reconcile, job: int, outcome: ev.HookOutcome) -> None:
-        model = op.jobs.pop(job)
-        model.last_alive = outcome.ok
-        if outcome.ok:
-            op.serving.add(model)
-        elif outcome.timed_out:
-            op.unknown.add(model)
-
-    def _preload_step(self, op: _Preload) -> bool:
-        if op.job is not None:
-            return False
-        while op.phase == Phase.NEXT:
-            if not op.names:
-                self._end_op()
-                self.ready = True
-                # Requests that queued during start-up reach the policy now, oldest first.
-                for model in sorted(self._waiting(), key=lambda m: m.queue[0].arrival):
-                    self._consult(RequestArrived(model.name))
-                return True
-            model = self.models.get(op.names.popleft())
-            if model is None or model.state is ModelState.ACTIVE:
-                continue
-            if self._server_held_by_a_retired_record(model):
-                self._observe(
-                    "preload_skipped", f"preload: {model.name}'s server is to be put to sleep "
-                    "first (its sleep failed); left asleep", level="warning", model=model.name,
-                )  # fmt: skip
-                continue
-            if not self._fits(model, []):
-                awake = ", ".join(
-                    m.name for m in self.models.values() if m.state is ModelState.ACTIVE
-                )
-                self._observe(
-                    "preload_skipped", f"preload: {model.name} does not fit beside {awake} in "
-                    f"group {self.group.name}; left asleep", level="warning", model=model.name,
-                )  # fmt: skip
-                continue
-            op.model, op.phase = model, Phase.WAKE
-            self._move(model, Cause.WAKE_STARTED)
-            op.job = self._run(model, HookName.WAKE, {"LLMUX_FROM": "", "LLMUX_TO": model.name})
-        return False
-
-    def _preload_hook_done(self, op: _Preload, outcome: ev.HookOutcome) -> None:
-        op.job = None
-        model = op.model
-        assert model is not None
-        if op.phase == Phase.WAKE:
-            if outcome.ok:
-                self._move(model, Cause.WAKE_OK)
-                self._activate(model)
-                self.costs.observe_wake(model.name, outcome.duration)
-                estimate = self.costs.observe(None, model.name, outcome.duration)
-                self._observe(
-                    "model_activated", f"{model.name} preloaded in {outcome.duration:.2f}s",
-                    model=model.name, preload=True, cost_seconds=outcome.duration,
-                    estimate=estimate,
-                )  # fmt: skip
-                op.phase = Phase.NEXT
-                return
-            op.failure = outcome.failure
-            self._move(model, Cause.WAKE_FAILED)
-            op.phase = Phase.CLEANUP
-            op.job = self._run(model, HookName.SLEEP, {"LLMUX_FROM": "", "LLMUX_TO": model.name})
-        elif op.phase == Phase.CLEANUP:
-            if outcome.ok:
-                self._move(model, Cause.SLEEP_OK)
-                self._preload_failed(op)
-            elif model.config.has_alive:
-                op.phase = Phase.CLEANUP_CHECK
-                op.job = self._run(model, HookName.ALIVE)
-            else:
-                self._hold_unknown(model)
-                self._preload_failed(op)
-        elif op.phase == Phase.CLEANUP_CHECK:
-            if outcome.ok:  # its wake failed, yet it serves
-                self._move(model, Cause.STILL_SERVING)
-                self._activate(model)
-                op.phase = Phase.NEXT
-            elif outcome.timed_out:
-                self._hold_unknown(model)
-                self._preload_failed(op)
-            else:
-                self._move(model, Cause.GONE)
-                self._preload_failed(op)
-
-    def _preload_failed(self, op: _Preload) -> None:
-        model = op.model
-        assert model is not None
-        self.retry_at = self.now + FAILED_SWITCH_BACKOFF_SECS
-        self._fail_waiters_of(model, op.failure)
-        op.phase = Phase.NEXT
-
     # ----- hooks -----
 
-    def _run(self, model: ModelRecord, hook: HookName, env: dict[str, str] | None = None) -> int:
+    def run(self, model: ModelRecord, hook: HookName, env: dict[str, str] | None = None) -> int:
         job = next(self._jobs)
+        self._running[job] = (model, hook)
         self._out.append(RunHook(job, model.name, hook, model.config, env or {}))
         return job
 
     def _on_hook_done(self, event: ev.HookDone) -> None:
+        self._running.pop(event.job, None)
         op = self.op
-        if isinstance(op, _Reconcile) and event.job in op.jobs:
-            self._reconcile_hook_done(op, event.job, event.outcome)
-        elif op is None or getattr(op, "job", None) != event.job:
+        if op is None or event.job not in op.jobs():
             return  # not a job of the running operation (cannot happen; ignored, not trusted)
-        elif isinstance(op, _Switch):
-            self._switch_hook_done(op, event.outcome)
-        elif isinstance(op, _Retreat):
-            self._retreat_hook_done(op, event.outcome)
-        elif isinstance(op, _AliveCheck):
-            self._alive_done(op, event.outcome)
-        elif isinstance(op, _Preload):
-            self._preload_hook_done(op, event.outcome)
+        op.hook_done(self, event.job, event.outcome)
 
-    def _hook_error(self, model: ModelRecord, what: str, failure: str) -> ModelUnavailable:
+    def hook_error(self, model: ModelRecord, what: str, failure: str) -> ModelUnavailable:
         if self.config.server.expose_hook_errors and failure:
             return ModelUnavailable(f"model {model.name!r} unavailable: {what}: {failure}")
         return ModelUnavailable(f"model {model.name!r} unavailable: {what} (see llmux's log)")
 
+    def emit_reply(self, reply: int, error: LlmuxError | None) -> None:
+        self._out.append(Reply(reply, error))
+
     # ----- states -----
 
-    def _move(self, model: ModelRecord, cause: Cause) -> None:
+    def move(self, model: ModelRecord, cause: Cause) -> None:
         """The only way a model's state changes (rule 8)."""
         new = TRANSITIONS.get((model.state, cause))
         if new is None:
             raise IllegalTransition(f"{model.name}: {model.state} --{cause}--> ?")
         model.state = new
 
-    def _activate(self, model: ModelRecord) -> None:
+    def activate(self, model: ModelRecord) -> None:
         model.active_since = self.now
         model.last_alive_check = self.now
         model.idle_since = self.now
-        self._grant_waiting(model)
+        model.exited = False
+        model.server_running = True
+        self.grant_waiting(model)
 
-    def _slept(self, model: ModelRecord) -> None:
-        self._move(model, Cause.SLEEP_OK)
+    def slept(self, model: ModelRecord) -> None:
+        self.move(model, Cause.SLEEP_OK)
         model.active_since = None
+        if model.config.kind is None:
+            model.server_running = False  # a plain `cmd` server sleeps by being stopped
 
-    # ----- admin, unreachable backends, reload, shutdown -----
+    def serve_again(self, model: ModelRecord) -> None:
+        """A drained model whose switch was called off serves on, unless its server exited
+        meanwhile: then it is put to sleep next (rule 4)."""
+        if model.exited:
+            self.pending.appendleft(Retreat("dead", deque([model])))
+            return
+        self.move(model, Cause.DRAIN_CALLED_OFF)
+        self.grant_waiting(model)
+
+    def woken(
+        self, model: ModelRecord, source: str | None, wake: ev.HookOutcome, cost: float
+    ) -> float:
+        """Fold a successful wake's cost in (a cold start apart); the new estimate."""
+        return self.costs.observe_switch(source, model.name, wake.duration, cost, wake.cold)
+
+    def hold_unknown(self, record: ModelRecord) -> None:
+        """Neither woken nor surely asleep (its wake and its sleep failed, and it has no alive
+        hook to ask): it may hold memory, so it keeps its room but gets no request; a new
+        record takes its place and its waiters, and it is put to sleep again later."""
+        self.move(record, Cause.STILL_SERVING)
+        if self.models.get(record.name) is not record:
+            return  # a reload retired it already: it is put to sleep as a retirement
+        replacement = self._record(record.config)
+        replacement.queue, record.queue = record.queue, deque()
+        self.models[record.name] = replacement
+        self._retire(record)
+
+    # ----- servers that die -----
+
+    def _on_unreachable(self, event: ev.Unreachable) -> None:
+        model = self.models.get(event.model)
+        if model is not None and model.state is ModelState.ACTIVE:
+            model.check_requested = True
+
+    def _on_server_exited(self, event: ev.ServerExited) -> None:
+        record = self._record_of_server(event.model, event.port)
+        if record is None:
+            return
+        record.exited = True
+        record.server_running = False
+        if self.op is not None and record in self.op.acts_on():
+            self.op.server_exited(self, record)  # one model is moved by one code path
+            return
+        if record.state is ModelState.ACTIVE:
+            self.found_dead(record)
+            self.pending.appendleft(Retreat("dead", deque([record])))
+
+    def found_dead(self, model: ModelRecord) -> None:
+        """Its server is gone: an active model takes no new request from now on; what is in
+        flight drains, and it is put to sleep (by whoever called this)."""
+        if model.state is not ModelState.ACTIVE:
+            return
+        self.move(model, Cause.FOUND_DEAD)
+        self._observe(
+            "model_dead", f"the server of {model.name} exited: draining it; its next request "
+            "wakes it again", level="error", model=model.name,
+        )  # fmt: skip
+
+    def _record_of_server(self, name: str, port: int | None) -> ModelRecord | None:
+        """The record whose server exited: the one of that name on that port, awake first."""
+        current = self.models.get(name)
+        records = [r for r in (current, *self.retiring) if r is not None and r.name == name]
+        if port is not None:
+            records = [r for r in records if r.config.port == port]
+        awake = [r for r in records if r.state is not ModelState.ASLEEP]
+        return (awake or records or [None])[0]
+
+    # ----- recovering from a failure -----
+
+    def _abort(self, event: ev.Event, error: Exception) -> None:
+        """The one path out of a failure while handling `event` (see the theory above)."""
+        op, self.op = self.op, None
+        problem = ModelUnavailable("a switch failed inside llmux (see its log); try again")
+        doubted: set[ModelRecord] = set()
+        if op is not None:
+            try:
+                doubted |= op.in_doubt()
+                op.aborted(self, problem)
+            except Exception:  # what it knows is not trusted: the hooks below tell the rest
+                pass
+        if isinstance(event, ev.ServerExited):  # whatever it got to, that server is gone
+            exited = self._record_of_server(event.model, event.port)
+            if exited is not None and exited.state is not ModelState.ASLEEP:
+                doubted.add(exited)
+        left_running = dict(self._running)
+        doubted |= {model for model, _ in left_running.values()}
+        records = [*self.models.values(), *self.retiring]
+        moving = (ModelState.WAKING, ModelState.DRAINING, ModelState.SLEEPING)
+        doubted |= {r for r in records if r.state in moving}
+        unknown = [r for r in dict.fromkeys([*records, *doubted]) if r in doubted]
+        for record in unknown:
+            if record.state is not ModelState.UNKNOWN:
+                self.move(record, Cause.ABORTED)
+        self._take_back_grants(set(unknown))
+        names = ", ".join(r.name for r in unknown) or "none"
+        self._observe(
+            "core_failed", f"the switching core failed on {type(event).__name__} ({error!r}): "
+            f"{type(op).__name__ if op else 'no operation'} aborted; models held unknown "
+            f"until recovered: {names}", level="error", models=[r.name for r in unknown],
+            error=error,
+        )  # fmt: skip
+        if unknown or left_running:
+            self.op = Recovery(unknown, left_running)
+        for model in self.models.values():
+            self.grant_waiting(model)
+        if self.waiting():  # whoever waited for the aborted operation is decided on again
+            self._ask_again_soon()
+
+    def _take_back_grants(self, unknown: set[ModelRecord]) -> None:
+        """Grants made in this event to a model now held unknown are undone: the request
+        queues again where it was (or is refused if its model is gone)."""
+        kept: list[Command] = []
+        for command in self._out:
+            request = self.requests.get(command.rid) if isinstance(command, Grant) else None
+            record = request.granted_to if request is not None else None
+            if request is None or record not in unknown:
+                kept.append(command)
+                continue
+            assert record is not None
+            record.in_flight -= 1
+            request.granted_to = None
+            home = self.models.get(request.model)
+            if home is None:
+                del self.requests[request.rid]
+                kept.append(Refuse(request.rid, ModelNotFound(f"{request.model!r} is gone")))
+                continue
+            arrivals = [r.arrival for r in home.queue]
+            home.queue.insert(bisect.bisect_right(arrivals, request.arrival), request)
+        self._out = kept
+
+    def _due_recovery(self) -> list[ModelRecord]:
+        """Unknown models no operation acts on, once the pause after a failed sleep is over."""
+        if self.now < self.retry_at:
+            return []
+        return [r for r in (*self.models.values(), *self.retiring) if r.state is ModelState.UNKNOWN]
+
+    # ----- admin, reload, shutdown -----
+
+    def _on_started(self, event: ev.Started) -> None:
+        self.op = Reconcile.at_start_up(self)
 
     def _on_sleep_asked(self, event: ev.SleepAsked) -> None:
         if event.model is None:
             names = [n for n, m in self.models.items() if m.state is ModelState.ACTIVE]
         else:
             names = [event.model] if event.model in self.models else []
-        self.pending.append(_Retreat("admin", deque(self.models[n] for n in names), event.reply))
-
-    def _on_unreachable(self, event: ev.Unreachable) -> None:
-        model = self.models.get(event.model)
-        if model is not None and model.state is ModelState.ACTIVE:
-            model.check_requested = True
+        self.pending.append(Retreat("admin", deque(self.models[n] for n in names), event.reply))
 
     def _on_reloaded(self, event: ev.Reloaded) -> None:
         self.last_reload = self.reconfigure(event.config, event.policy)
@@ -1239,6 +774,7 @@ class GroupCore:
         self.group = next(iter(config.groups.values()))
         if policy is not None:
             self.policy = policy
+            self._policy_problems_told.clear()
         records: dict[str, ModelRecord] = {}
         changed = []
         for name, cfg in config.models.items():
@@ -1254,26 +790,28 @@ class GroupCore:
                     self._retire(record)
                     record = replacement
                 else:
+                    if _needs_restart(record.config, cfg):
+                        record.server_running = False  # the next wake starts the new server
                     record.config = cfg
                     record.size = self.group.size_of(cfg)
             records[name] = record
         removed = [record for name, record in old.items() if name not in config.models]
         for record in removed:
-            self._fail_queue(
+            self.fail_queue(
                 record, ModelNotFound(f"model {record.name!r} was removed from the config")
             )
             self._retire(record)
         self.models = records
         if self.switch_wanted is not None and self.switch_wanted not in records:
             self._drop_stale_switch()
-        self._consult(TimerFired())
+        self.consult(TimerFired())
         return ReloadSummary(
             added=[n for n in config.models if n not in old],
             removed=[r.name for r in removed],
             changed=changed,
         )
 
-    def _server_held_by_a_retired_record(self, model: ModelRecord) -> bool:
+    def server_held_by_a_retired_record(self, model: ModelRecord) -> bool:
         """Whether a retired record of the very server `model` would wake is not asleep yet: its
         retirement would put that server to sleep under the woken model (rule 9)."""
         server = _backend_identity(model.config)
@@ -1291,18 +829,7 @@ class GroupCore:
 
     def _in_use(self) -> set[ModelRecord]:
         """The records the running operation acts on: a hook may be running for them."""
-        op = self.op
-        if isinstance(op, _Switch):
-            return {op.target, *op.victims}
-        if isinstance(op, _Retreat):
-            return set(op.models)
-        if isinstance(op, _AliveCheck):
-            return {op.model}
-        if isinstance(op, _Reconcile):
-            return set(op.asked)
-        if isinstance(op, _Preload) and op.model is not None:
-            return {op.model}
-        return set()
+        return set() if self.op is None else self.op.acts_on()
 
     def _forget_retired(self) -> None:
         """Retired records that are asleep and that no operation acts on are done with."""
@@ -1310,7 +837,7 @@ class GroupCore:
         for record in list(self.retiring):
             if record.state is ModelState.ASLEEP and record not in in_use and not record.in_flight:
                 self.retiring.remove(record)
-                self._observe_quietly("record_forgotten", model=record.name)
+                self.observe_quietly("record_forgotten", model=record.name)
 
     def _due_retirement(self) -> ModelRecord | None:
         """A retired record to drain and put to sleep now (an operation may hold the others)."""
@@ -1321,8 +848,12 @@ class GroupCore:
                 return record
         return None
 
-    def _next_retirement(self) -> float | None:
-        if any(r.state is ModelState.ACTIVE for r in self.retiring):
+    def _next_retry(self) -> float | None:
+        """When a retired record that would not sleep, or an unknown one, is tried again."""
+        again = (ModelState.ACTIVE, ModelState.UNKNOWN)
+        if any(r.state in again for r in self.retiring) or any(
+            m.state is ModelState.UNKNOWN for m in self.models.values()
+        ):
             return self.retry_at
         return None
 
@@ -1330,21 +861,19 @@ class GroupCore:
         self.closing = True
         self.switch_wanted = None
         for model in self.models.values():
-            self._fail_queue(model, ShuttingDown("llmux is shutting down"))
+            self.fail_queue(model, ShuttingDown("llmux is shutting down"))
 
     # ----- observations -----
 
     def _observe(self, name: str, message: str, level: str = "info", **fields: object) -> None:
         self._out.append(Observe(name, message, dict(fields), level))
 
-    def _observe_quietly(self, name: str, **fields: object) -> None:
+    def observe(self, name: str, message: str, level: str = "info", **fields: object) -> None:
+        self._observe(name, message, level, **fields)
+
+    def observe_quietly(self, name: str, **fields: object) -> None:
         """A figure for a metric, not worth a log line."""
         self._out.append(Observe(name, "", dict(fields), "debug"))
-
-
-def _says_not_serving(outcome: ev.HookOutcome) -> bool:
-    """An alive hook that exited non-zero in time: "not serving". A timeout says nothing."""
-    return not outcome.ok and not outcome.timed_out
 
 
 def _needs_restart(old: ModelConfig, new: ModelConfig) -> bool:
@@ -1368,5 +897,6 @@ _HANDLERS = {  # event type -> the method that applies it
     ev.Reloaded: "_on_reloaded",
     ev.SleepAsked: "_on_sleep_asked",
     ev.Unreachable: "_on_unreachable",
+    ev.ServerExited: "_on_server_exited",
     ev.ShutdownBegun: "_on_shutdown",
 }

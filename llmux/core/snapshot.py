@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
-from llmux.core.capacity import default_evictions
 from llmux.core.states import ModelState
 
 
@@ -19,6 +18,7 @@ class ModelView:
     in_flight: int
     size: float = 1.0  # what it takes of its group's capacity while awake
     last_used: float | None = None  # clock time a request of it last started or ended
+    starts_cold: bool = False  # its next wake starts its server (a `cmd` model not running)
 
 
 @dataclass(frozen=True)
@@ -29,17 +29,22 @@ class Snapshot:
     active_since: float | None
     switching: bool  # a switch is in progress: its decision is already made
     switch_costs: Mapping[tuple[str, str], float]  # EMA seconds of no model serving, per (from, to)
-    cold_start_costs: Mapping[str, float]  # EMA seconds to wake a model when none was active
+    cold_start_costs: Mapping[str, float]  # EMA seconds of switches whose wake started the server
     capacity: float = 1.0  # the group's room; models awake at once must fit (one at a time: 1)
-    wake_costs: Mapping[str, float] = field(default_factory=dict)  # EMA seconds of wake hooks
+    wake_costs: Mapping[str, float] = field(default_factory=dict)  # EMA seconds of warm wakes
+    idle_wake_costs: Mapping[str, float] = field(default_factory=dict)  # nothing put to sleep
 
     def active_for(self) -> float:
         return 0.0 if self.active_since is None else self.now - self.active_since
 
     def estimated_cost(self, target: str) -> float | None:
-        """The measured cost of moving from the active model (or from idle) to `target`."""
-        if self.active is None:
+        """The measured cost of moving from the active model (or from idle) to `target`: its
+        cold start if its server must be started, else the warm switch's."""
+        view = self.models.get(target)
+        if view is not None and view.starts_cold:
             return self.cold_start_costs.get(target)
+        if self.active is None:
+            return self.idle_wake_costs.get(target)
         return self.switch_costs.get((self.active, target))
 
     def cost_or(self, target: str, default: float) -> float:
@@ -79,54 +84,8 @@ class ModelRuntimeLike(Protocol):
     size: float
     last_used: float | None
 
-
-def snapshot_of(
-    now: float,
-    models: Iterable[ModelRuntimeLike],
-    switching: bool,
-    switch_costs: Mapping[tuple[str, str], float],
-    cold_start_costs: Mapping[str, float],
-    capacity: float = 1.0,
-    wake_costs: Mapping[str, float] | None = None,
-) -> Snapshot:
-    """The one way a snapshot is built, so that live and simulated policies see the same thing.
-
-    `active` is the awake model a switch would put to sleep: the awake one when one model is
-    awake at a time. With a capacity, it is the first eviction the oldest waiting model needs
-    (None when that model fits beside the awake ones); with nobody waiting, the first awake."""
-    views = {}
-    for model in models:
-        views[model.name] = ModelView(
-            name=model.name,
-            state=model.state,
-            queue_depth=len(model.queue),
-            oldest_arrival=model.queue[0].arrival if model.queue else None,
-            in_flight=model.in_flight,
-            size=model.size,
-            last_used=model.last_used,
-        )
-    snapshot = Snapshot(
-        now=now,
-        models=views,
-        active=None,
-        active_since=None,
-        switching=switching,
-        switch_costs=dict(switch_costs),
-        cold_start_costs=dict(cold_start_costs),
-        capacity=capacity,
-        wake_costs=dict(wake_costs or {}),
-    )
-    awake = [view.name for view in views.values() if view.state is ModelState.ACTIVE]
-    waiting = oldest_waiting_model(snapshot)
-    if waiting is None:
-        displaced = awake[0] if awake else None
-    else:
-        victims = default_evictions(waiting, snapshot)
-        displaced = victims[0] if victims else None
-    if displaced is None:
-        return snapshot
-    active = next(model for model in models if model.name == displaced)
-    return replace(snapshot, active=displaced, active_since=active.active_since)
+    @property
+    def starts_cold(self) -> bool: ...
 
 
 def oldest_waiting_model(snapshot: Snapshot) -> str | None:

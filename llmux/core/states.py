@@ -15,6 +15,8 @@ class ModelState(StrEnum):
     ACTIVE = "active"  # serving: the only state in which requests are forwarded to it
     DRAINING = "draining"  # about to be put to sleep: new requests queue, in-flight ones finish
     SLEEPING = "sleeping"  # its sleep hook is running (or, after it failed, its alive check)
+    UNKNOWN = "unknown"  # an operation on it failed midway: it holds its room, gets no request,
+    # and is recovered (its alive hook asked, else drained and put to sleep) until it is known
 
 
 class HookName(StrEnum):
@@ -36,7 +38,9 @@ class Cause(StrEnum):
     SLEEP_OK = "sleep_ok"
     GONE = "gone"  # its sleep hook failed, but its alive hook says it does not serve
     STILL_SERVING = "still_serving"  # its sleep hook failed and it may well still serve
-    FOUND_DEAD = "found_dead"  # active, but its alive hook says it does not serve
+    FOUND_DEAD = "found_dead"  # active, but its alive hook says it does not serve (or it exited)
+    ABORTED = "aborted"  # the operation acting on it failed midway: its state is not known
+    UNSURE = "unsure"  # an unknown model's sleep failed, and nothing says it does not serve
 
 
 _S = ModelState
@@ -52,6 +56,12 @@ TRANSITIONS: dict[tuple[ModelState, Cause], ModelState] = {
     (_S.SLEEPING, Cause.SLEEP_OK): _S.ASLEEP,
     (_S.SLEEPING, Cause.GONE): _S.ASLEEP,
     (_S.SLEEPING, Cause.STILL_SERVING): _S.ACTIVE,
+    (_S.SLEEPING, Cause.UNSURE): _S.UNKNOWN,
+    (_S.UNKNOWN, Cause.ADOPTED): _S.ACTIVE,
+    (_S.UNKNOWN, Cause.SLEEP_STARTED): _S.SLEEPING,
+    (_S.UNKNOWN, Cause.GONE): _S.ASLEEP,
+    # An operation that fails midway leaves every model it acted on unknown, whatever it was.
+    **{(state, Cause.ABORTED): _S.UNKNOWN for state in ModelState if state is not _S.UNKNOWN},
 }
 
 

@@ -19,7 +19,7 @@ import trio
 
 from llmux.config import Config, ConfigError, ModelConfig, load_config
 from llmux.core.costs import SwitchCostTracker
-from llmux.core.group import ReloadSummary
+from llmux.core.records import ReloadSummary
 from llmux.errors import (
     AmbiguousFraming,
     BackendTimeout,

@@ -9,8 +9,7 @@ import trio
 
 from llmux import __version__
 from llmux.config import Config
-from llmux.core.costs import IDLE
-from llmux.core.group import SwitchView
+from llmux.core.records import SwitchView
 from llmux.core.states import ModelState
 from llmux.runtime.fleet import Fleet
 
@@ -27,9 +26,7 @@ def status_report(config: Config, fleet: Fleet, started_wall: float) -> dict[str
         state = "idle"
     costs = [
         {"from": source, "to": target, "seconds": seconds}
-        for (source, target), seconds in fleet.costs.switches.items()
-    ] + [
-        {"from": IDLE, "to": target, "seconds": s} for target, s in fleet.costs.cold_starts.items()
+        for source, target, seconds in fleet.costs.table()
     ]
     groups = {}
     for name, group in config.groups.items():

@@ -95,8 +95,15 @@ class Metrics:
         )  # fmt: skip
         self.model_dead = Counter(
             "llmux_model_dead_total",
-            "Times an active model was found not serving (alive hook failed) and marked asleep",
+            "Times an active model was found not serving (its alive hook failed, or the server "
+            "llmux started for it exited) and put to sleep",
             ["model"], registry=r,
+        )  # fmt: skip
+        self.policy_errors = Counter(
+            "llmux_policy_errors_total",
+            "Answers of the switch policy that were not sound (or raised) and were replaced "
+            "by the default answer",
+            ["group", "answer"], registry=r,
         )  # fmt: skip
         self.switch_in_progress = Gauge(
             "llmux_switch_in_progress",

@@ -287,7 +287,7 @@ class Dashboard:
         if not costs:
             return Text("switch cost (EMA): no switch measured yet", style="dim")
         models = poll.models()
-        rows = ["idle", *models]
+        rows = ["cold", "idle", *models]  # cold starts, wakes with nothing to put to sleep
         table = Table(
             box=box.SIMPLE_HEAD,
             show_edge=False,

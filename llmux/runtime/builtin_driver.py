@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 
 import httpx
 import trio
@@ -31,7 +32,15 @@ from llmux.runtime.state_dir import StateDir
 
 log = logging.getLogger("llmux.hooks")
 
-Step = Callable[[httpx.AsyncClient, ModelConfig], Awaitable[bool]]
+
+@dataclass
+class StepNotes:
+    """What a step learned on its way, for its result: whether it started the server."""
+
+    cold_start: bool = False
+
+
+Step = Callable[[httpx.AsyncClient, ModelConfig, StepNotes], Awaitable[bool]]
 
 
 class BuiltinDriver:
@@ -60,9 +69,12 @@ class BuiltinDriver:
 
     # ----- the steps: True when done, False for "not serving" (alive) -----
 
-    async def _wake(self, client: httpx.AsyncClient, backend: ModelConfig) -> bool:
+    async def _wake(
+        self, client: httpx.AsyncClient, backend: ModelConfig, notes: StepNotes
+    ) -> bool:
         engine = self._engine(backend)
         if self._not_started(backend):
+            notes.cold_start = True
             engine.started(backend)
             await self.processes.start(backend)
             try:
@@ -78,7 +90,9 @@ class BuiltinDriver:
             await _until(lambda: engine.serving(client, backend))
         return True
 
-    async def _sleep(self, client: httpx.AsyncClient, backend: ModelConfig) -> bool:
+    async def _sleep(
+        self, client: httpx.AsyncClient, backend: ModelConfig, notes: StepNotes
+    ) -> bool:
         if self._not_started(backend):
             return True  # nothing runs, nothing holds memory
         if backend.kind is None:
@@ -92,7 +106,9 @@ class BuiltinDriver:
             await _until(lambda: engine.asleep(client, backend))
         return True
 
-    async def _alive(self, client: httpx.AsyncClient, backend: ModelConfig) -> bool:
+    async def _alive(
+        self, client: httpx.AsyncClient, backend: ModelConfig, notes: StepNotes
+    ) -> bool:
         if self._not_started(backend):
             return False
         return await self._engine(backend).serving(client, backend)
@@ -120,10 +136,11 @@ class BuiltinDriver:
         exit_code: int | None = 1
         problem = ""
         timed_out = False
+        notes = StepNotes()
         try:
             async with httpx.AsyncClient(trust_env=False) as client:
                 with trio.fail_after(timeout):
-                    exit_code = 0 if await step(client, backend) else 1
+                    exit_code = 0 if await step(client, backend, notes) else 1
         except trio.TooSlowError:
             timed_out, exit_code = True, None
             problem = f"{self._describe(backend)}: no answer within {timeout:g}s"
@@ -132,6 +149,7 @@ class BuiltinDriver:
         result = HookResult(
             hook=hook, model=backend.name, exit_code=exit_code, timed_out=timed_out,
             duration=time.monotonic() - started, stdout_tail="", stderr_tail=problem,
+            cold_start=notes.cold_start,
         )  # fmt: skip
         _log(result, self._describe(backend))
         return result

@@ -31,8 +31,9 @@ from llmux.core.commands import (
     RunHook,
     SetTimer,
 )
-from llmux.core.costs import IDLE, SwitchCostTracker
-from llmux.core.group import GroupCore, ModelRecord, ReloadSummary, SwitchView
+from llmux.core.costs import COLD, IDLE, SwitchCostTracker
+from llmux.core.group import GroupCore
+from llmux.core.records import ModelRecord, ReloadSummary, SwitchView
 from llmux.core.snapshot import Snapshot
 from llmux.core.states import HookName, ModelState
 from llmux.errors import LlmuxError, QueueTimeout
@@ -113,13 +114,9 @@ class GroupDriver:
             self._feed(ev.Started(trio.current_time()))
 
     def _feed(self, event: ev.Event) -> None:
-        try:
-            commands = self.core.handle(event)
-        except Exception:
-            # The stateful test proves the core never raises; if it ever does, say so loudly
-            # and keep serving the other requests.
-            log.exception("the switching core failed on %r", event)
-            return
+        # The core never raises: a failure inside it is aborted through its own path, and the
+        # commands it made are returned with the one that says so (`core_failed`).
+        commands = self.core.handle(event)
         for command in commands:
             self._execute(command)
         self._show_state()
@@ -181,6 +178,7 @@ class GroupDriver:
             timed_out=result.timed_out,
             duration=result.duration,
             failure="" if result.ok else result.describe_failure(),
+            cold=result.cold_start,
         )
         self._feed(ev.HookDone(trio.current_time(), command.job, outcome))
 
@@ -244,6 +242,10 @@ class GroupDriver:
 
     def report_unreachable(self, name: str) -> None:
         self._feed(ev.Unreachable(trio.current_time(), name))
+
+    def report_exit(self, name: str, port: int | None = None) -> None:
+        """The server llmux started for `name` exited on its own: it serves nothing now."""
+        self._feed(ev.ServerExited(trio.current_time(), name, port))
 
     # ----- admin, reload, shutdown -----
 
@@ -350,18 +352,27 @@ class GroupDriver:
             self.metrics.model_active_duration.labels(fields["model"]).observe(fields["seconds"])
         elif name == "model_dead":
             self.metrics.model_dead.labels(fields["model"]).inc()
+        elif name == "policy_failed":
+            self.metrics.policy_errors.labels(self.core.group.name, fields["answer"]).inc()
         elif name == "model_activated" and estimate is not None:
             self._count_activation(fields, estimate)
+        error = fields.pop("error", None)
         if observed.message:
-            log_event(log, name, observed.message, LEVELS[observed.level], **fields)
+            level = LEVELS[observed.level]
+            log.log(
+                level, observed.message, exc_info=error, extra={"event": name, "fields": fields}
+            )
 
     def _count_activation(self, fields: dict[str, object], estimate: float) -> None:
         model = str(fields["model"])
+        kind = COLD if fields.get("cold") else IDLE
         if fields.get("preload"):
-            self.metrics.switch_cost_ema.labels(IDLE, model).set(estimate)
+            self.metrics.switch_cost_ema.labels(kind, model).set(estimate)
             return
         source, took = str(fields["from"]), float(fields["switch_seconds"])  # type: ignore[arg-type]
-        self.metrics.switch_cost_ema.labels(source, model).set(estimate)
+        self.metrics.switch_cost_ema.labels(kind if fields.get("cold") else source, model).set(
+            estimate
+        )
         self.metrics.switch_total.labels(source, model, "ok").inc()
         self.metrics.switch_last_time.labels(source, model, "ok").set(time.time())
         self.metrics.switch_duration.labels(source, model).observe(took)

@@ -15,7 +15,7 @@ import trio
 
 from llmux.config import Config
 from llmux.core.costs import SwitchCostTracker
-from llmux.core.group import ModelRecord, ReloadSummary, SwitchView
+from llmux.core.records import ModelRecord, ReloadSummary, SwitchView
 from llmux.errors import LlmuxError
 from llmux.observe.metrics import Metrics
 from llmux.policies.interface import Policy
@@ -48,7 +48,7 @@ class Fleet:
         backends = PerModelDriver(
             ShellHooks(config.hook_dir, self.hook_registry), BuiltinDriver(state, self.servers)
         )
-        backends.on_exit(self.report_unreachable)  # a `cmd` server died: check it at once
+        backends.on_exit(self.report_exit)  # a `cmd` server died: it serves nothing from now
         self.switchers = {
             name: GroupDriver(config.group_config(name), make_policy(), metrics, costs, backends)
             for name in config.groups
@@ -126,6 +126,14 @@ class Fleet:
         if config is None:
             return  # a reload removed it since its request was granted: it is being retired
         self.switchers[config.group].report_unreachable(model)
+
+    def report_exit(self, model: str) -> None:
+        """The server llmux started for `model` exited on its own: its group acts at once."""
+        config = self.config.models.get(model)
+        group = config.group if config is not None else None
+        for name, switcher in self.switchers.items():
+            if group is None or name == group:
+                switcher.report_exit(model)  # a removed model's record may still be retiring
 
     async def put_to_sleep(self, model: str) -> None:
         await self.switcher_of(model).put_to_sleep(model)

@@ -45,6 +45,7 @@ class HookResult:
     duration: float
     stdout_tail: str
     stderr_tail: str
+    cold_start: bool = False  # a wake that started the model's server (built-in `cmd` only)
 
     @property
     def ok(self) -> bool:

@@ -1,0 +1,267 @@
+"""A switch: drain the victims, put them to sleep one after another, wake the target.
+
+    victims DRAINING (their new requests queue) until none has requests in flight
+      (everyone waiting for the target left: called off, the victims serve on)
+    -> each victim SLEEPING while its sleep hook runs, one after another
+      (a hook fails and the alive hook does not say "not serving": abandoned, victims serve on)
+    -> target WAKING while its wake hook runs
+      (fails: its sleep hook cleans up, its waiters get 503, back-off)
+    -> target ACTIVE: its waiters are granted in arrival order.
+
+When it may start, and which victims it takes, the group decides (core/group.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llmux.core import events as ev
+from llmux.core.costs import IDLE
+from llmux.core.operation import (
+    FAILED_SWITCH_BACKOFF_SECS,
+    Group,
+    Operation,
+    Phase,
+    says_not_serving,
+)
+from llmux.core.records import ModelRecord, SwitchView
+from llmux.core.states import Cause, HookName
+from llmux.errors import LlmuxError
+from llmux.policies.interface import SwitchCompleted
+
+
+@dataclass(eq=False)
+class Switch(Operation):
+    target: ModelRecord
+    victims: list[ModelRecord]
+    started: float
+    phase: Phase = Phase.DRAIN  # then SLEEP (SLEEP_CHECK), WAKE (CLEANUP, CLEANUP_CHECK)
+    index: int = 0  # the victim being put to sleep
+    job: int | None = None
+    drain_started: float = 0.0
+    drain_seconds: float = 0.0
+    sleep_seconds: float = 0.0
+    wake_failure: str = ""
+
+    @classmethod
+    def begin(cls, group: Group, target: ModelRecord, victims: list[ModelRecord]) -> Switch:
+        """Start draining the victims for `target`."""
+        op = cls(target, victims, group.now, drain_started=group.now)
+        labels = op.labels()
+        evicting = (
+            f" (putting {', '.join(v.name for v in victims)} to sleep)" if len(victims) > 1 else ""
+        )
+        group.observe(
+            "switch_started", f"switching {labels['from']} -> {target.name}{evicting}",
+            evicting=[v.name for v in victims], **labels,
+        )  # fmt: skip
+        for victim in victims:
+            group.move(victim, Cause.DRAIN)
+        return op
+
+    @property
+    def source(self) -> ModelRecord | None:
+        return self.victims[0] if self.victims else None
+
+    def view(self) -> SwitchView:
+        source = self.source.name if self.source else None
+        evicting = tuple(v.name for v in self.victims)
+        return SwitchView(source, self.target.name, evicting, self.started)
+
+    def labels(self) -> dict[str, str]:
+        return {"from": self.source.name if self.source else IDLE, "to": self.target.name}
+
+    def env(self, source: ModelRecord | None = None) -> dict[str, str]:
+        source = source if source is not None else self.source
+        return {"LLMUX_FROM": source.name if source else "", "LLMUX_TO": self.target.name}
+
+    def acts_on(self) -> set[ModelRecord]:
+        return {self.target, *self.victims}
+
+    # ----- moving on -----
+
+    def step(self, group: Group) -> bool:
+        if self.job is not None:
+            return False  # a hook runs
+        if self.phase == Phase.DRAIN:
+            return self._drain(group)
+        if self.phase == Phase.SLEEP:
+            if self.index == len(self.victims):
+                self.phase = Phase.WAKE
+                return True
+            victim = self.victims[self.index]
+            group.move(victim, Cause.SLEEP_STARTED)
+            if victim.active_since is not None:
+                group.observe_quietly(
+                    "model_active_duration", model=victim.name,
+                    seconds=group.now - victim.active_since,
+                )  # fmt: skip
+            self.job = group.run(victim, HookName.SLEEP, self.env(victim))
+            return False
+        if self.phase == Phase.WAKE:
+            target = self.target
+            if group.models.get(target.name) is not target:
+                # A reload removed or replaced it meanwhile: wake nothing; the policy decides
+                # again (the replacement has its waiters).
+                group.observe(
+                    "switch_cancelled", f"switch to {target.name} called off: a reload "
+                    "changed it", **self.labels(),
+                )  # fmt: skip
+                self._end(group, ok=False)
+                return True
+            group.move(target, Cause.WAKE_STARTED)
+            target.last_alive = None  # an answer from before the wake says nothing about now
+            self.job = group.run(target, HookName.WAKE, self.env())
+            return False
+        return False
+
+    def _drain(self, group: Group) -> bool:
+        drained = all(v.in_flight == 0 for v in self.victims)
+        if not drained and group.config.policy.drain_before_switch and self.target.queue:
+            return False
+        self.drain_seconds = group.now - self.drain_started
+        for victim in self.victims:
+            group.observe_quietly("drain_measured", model=victim.name, seconds=self.drain_seconds)
+        if not self.target.queue:
+            self._call_off(group)
+            return True
+        self.phase = Phase.SLEEP
+        return True
+
+    def _call_off(self, group: Group) -> None:
+        labels = self.labels()
+        group.observe(
+            "switch_cancelled", f"switch {labels['from']} -> {self.target.name} called off: "
+            f"nobody waits for {self.target.name} any more", **labels,
+        )  # fmt: skip
+        for victim in self.victims:
+            group.serve_again(victim)
+        self._end(group, ok=False)
+
+    def _end(self, group: Group, ok: bool) -> None:
+        group.end_op()
+        group.observe_quietly("switch_ended", **self.labels())
+        group.consult(SwitchCompleted(self.target.name, ok))
+
+    # ----- hooks' ends -----
+
+    def hook_done(self, group: Group, job: int, outcome: ev.HookOutcome) -> None:
+        self.job = None
+        if self.phase == Phase.SLEEP:
+            victim = self.victims[self.index]
+            if outcome.ok:
+                group.slept(victim)
+                self.sleep_seconds += outcome.duration
+                self.index += 1
+            elif victim.exited:  # its server is gone: nothing of it serves (rule 4)
+                self._gone(group, victim)
+            elif victim.config.has_alive:
+                self.phase = Phase.SLEEP_CHECK
+                self.wake_failure = outcome.failure
+                self.job = group.run(victim, HookName.ALIVE)
+            else:
+                self.abandon(group, outcome.failure, "it has no alive hook to confirm")
+        elif self.phase == Phase.SLEEP_CHECK:
+            victim = self.victims[self.index]
+            victim.last_alive = outcome.ok
+            if says_not_serving(outcome) or victim.exited:
+                group.observe(
+                    "sleep_failed_not_serving", f"sleep hook for {victim.name} failed but it "
+                    "no longer serves; continuing", level="warning", model=victim.name,
+                )  # fmt: skip
+                self._gone(group, victim)
+            else:
+                self.abandon(group, self.wake_failure, "its alive hook still passes")
+        elif self.phase == Phase.WAKE:
+            if outcome.ok:
+                self._activated(group, outcome)
+            else:
+                self._wake_failed(group, outcome)
+        elif self.phase == Phase.CLEANUP:
+            self._cleaned_up(group, outcome)
+        elif self.phase == Phase.CLEANUP_CHECK:
+            self.target.last_alive = outcome.ok
+            if outcome.ok:  # its wake failed, yet it serves
+                group.move(self.target, Cause.STILL_SERVING)
+                group.activate(self.target)
+                self._end(group, ok=True)
+            elif outcome.timed_out:
+                group.hold_unknown(self.target)
+                self._wake_lost(group)
+            else:
+                group.move(self.target, Cause.GONE)
+                self._wake_lost(group)
+
+    def _gone(self, group: Group, victim: ModelRecord) -> None:
+        group.move(victim, Cause.GONE)
+        victim.active_since = None
+        self.index += 1
+        self.phase = Phase.SLEEP
+
+    def abandon(self, group: Group, failure: str, reason: str) -> None:
+        """A victim could not be put to sleep and may still serve: it and the victims not yet
+        put to sleep serve on; the target's waiters get 503."""
+        victim = self.victims[self.index]
+        group.observe(
+            "switch_failed", f"switch {victim.name} -> {self.target.name} abandoned: sleep "
+            f"failed and {reason}", level="error", reason="sleep_failed",
+            **{"from": victim.name, "to": self.target.name},
+        )  # fmt: skip
+        group.observe_quietly("switch_result", result="abandoned", **self.labels())
+        group.move(victim, Cause.STILL_SERVING)
+        group.activate(victim)
+        for spared in self.victims[self.index + 1 :]:
+            group.serve_again(spared)
+        group.retry_at = group.now + FAILED_SWITCH_BACKOFF_SECS
+        what = f"{victim.name} could not be put to sleep"
+        group.fail_queue(self.target, group.hook_error(self.target, what, failure))
+        self._end(group, ok=False)
+
+    def _activated(self, group: Group, outcome: ev.HookOutcome) -> None:
+        target = self.target
+        group.move(target, Cause.WAKE_OK)
+        group.activate(target)
+        cost = self.sleep_seconds + outcome.duration
+        took = group.now - self.started
+        source = self.source.name if self.source else None
+        estimate = group.woken(target, source, outcome, cost)
+        labels = self.labels()
+        how = " (a cold start)" if outcome.cold else ""
+        group.observe(
+            "model_activated", f"{labels['from']} -> {target.name}: active after {took:.2f}s{how}",
+            model=target.name, switch_seconds=took, cost_seconds=cost,
+            drain_seconds=self.drain_seconds, estimate=estimate, cold=outcome.cold, **labels,
+        )  # fmt: skip
+        self._end(group, ok=True)
+
+    def _wake_failed(self, group: Group, outcome: ev.HookOutcome) -> None:
+        group.observe(
+            "switch_failed", f"wake of {self.target.name} failed; running its sleep hook to "
+            "clean up", level="error", reason="wake_failed", **self.labels(),
+        )  # fmt: skip
+        self.wake_failure = outcome.failure
+        group.move(self.target, Cause.WAKE_FAILED)
+        self.phase = Phase.CLEANUP
+        self.job = group.run(self.target, HookName.SLEEP, self.env())
+
+    def _cleaned_up(self, group: Group, outcome: ev.HookOutcome) -> None:
+        if outcome.ok:
+            group.move(self.target, Cause.SLEEP_OK)
+            self._wake_lost(group)
+        elif self.target.config.has_alive:
+            self.phase = Phase.CLEANUP_CHECK
+            self.job = group.run(self.target, HookName.ALIVE)
+        else:
+            group.hold_unknown(self.target)
+            self._wake_lost(group)
+
+    def _wake_lost(self, group: Group) -> None:
+        self.target.active_since = None
+        group.observe_quietly("switch_result", result="failed", **self.labels())
+        group.retry_at = group.now + FAILED_SWITCH_BACKOFF_SECS
+        group.fail_waiters_of(self.target, self.wake_failure)
+        self._end(group, ok=False)
+
+    def aborted(self, group: Group, error: LlmuxError) -> None:
+        group.observe_quietly("switch_ended", **self.labels())
+        group.observe_quietly("switch_result", result="failed", **self.labels())
