@@ -156,6 +156,15 @@ class QueueTimeout(LlmuxError):
     code = "queue_timeout"
 
 
+class InternalError(LlmuxError):
+    """A bug of llmux's: an error no other class names. The client learns only that; the log
+    has the traceback (event `internal_error`)."""
+
+    status = 500
+    error_type = "server_error"
+    code = "internal_error"
+
+
 def error_body(message: str, error_type: str, code: str) -> bytes:
     """Serialise an error in the shape OpenAI clients parse: {"error": {message, type, code}}."""
     payload = {"error": {"message": message, "type": error_type, "code": code, "param": None}}

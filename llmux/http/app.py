@@ -24,6 +24,7 @@ from llmux.errors import (
     AmbiguousFraming,
     BackendTimeout,
     HeadersTooLarge,
+    InternalError,
     InvalidRequest,
     LlmuxError,
     ModelNotFound,
@@ -32,7 +33,15 @@ from llmux.errors import (
     ShuttingDown,
     Unauthorized,
 )
-from llmux.http.asgi import Receive, Scope, Send, answer_lifespan, send_bytes, send_json
+from llmux.http.asgi import (
+    Message,
+    Receive,
+    Scope,
+    Send,
+    answer_lifespan,
+    send_bytes,
+    send_json,
+)
 from llmux.http.auth import bearer_token, presented_key, token_matches
 from llmux.http.body import BodyReader, ClientDisconnected, model_named_in
 from llmux.http.form import FormModelScanner, form_boundary
@@ -53,7 +62,7 @@ from llmux.http.routes import (
     prefix_allows,
 )
 from llmux.http.status import status_report
-from llmux.http.upstream import UpstreamResponse
+from llmux.http.upstream import UpstreamClosed, UpstreamProtocolError, UpstreamResponse
 from llmux.http.watchdog import Watchdog
 from llmux.observe.logs import log_event
 from llmux.observe.metrics import UNKNOWN_MODEL, Metrics
@@ -174,6 +183,17 @@ class LlmuxApp:
             return
         if scope["type"] != "http":
             return
+        watched = _WatchedSend(send)
+        try:
+            await self._serve_http(scope, receive, watched)
+        except Exception as exc:  # a bug of ours that nothing below caught: never a bare 500
+            error = self._internal_error(exc, scope, UNKNOWN_MODEL)
+            if not watched.started:
+                await _send_error(send, error)
+            self.metrics.requests_total.labels(UNKNOWN_MODEL, str(error.status)).inc()
+            self._log_request(scope, UNKNOWN_MODEL, error.status, 0.0, 0.0)
+
+    async def _serve_http(self, scope: Scope, receive: Receive, send: Send) -> None:
         limit = self.config.server.max_header_bytes
         try:
             # hypercorn bounds only a head that arrives in pieces; a whole one is checked here.
@@ -313,6 +333,7 @@ class LlmuxApp:
         started = trio.current_time()
         model_label = UNKNOWN_MODEL
         reader: BodyReader | None = None
+        outcome = _Outcome(status=CLIENT_CLOSED)  # what is left if the client goes first
         try:
             if self.fleet.closing:
                 raise ShuttingDown("llmux is shutting down")
@@ -326,11 +347,13 @@ class LlmuxApp:
                 limit = self.config.server.request_body_timeout_secs
                 raise RequestTimeout(f"request body not received within {limit:g}s")
             model_label = request.model
-            outcome = await self._forward(request, scope, receive, send, started)
+            await self._forward(request, scope, receive, send, started, outcome)
         except ClientDisconnected:
-            outcome = _Outcome(status=CLIENT_CLOSED)
+            outcome.status = CLIENT_CLOSED
         except LlmuxError as error:
-            outcome = _Outcome(status=error.status, error=error)
+            outcome.status, outcome.error = error.status, error
+        except Exception as exc:  # a bug of ours: a JSON 500 (or a cut answer), counted, logged
+            outcome.status, outcome.error = 500, self._internal_error(exc, scope, model_label)
         if outcome.error is not None and not outcome.headers_sent:
             # A body that did not come in time is not waited for again.
             timed_out = isinstance(outcome.error, RequestTimeout)
@@ -423,6 +446,19 @@ class LlmuxApp:
             "cut, its slot freed", logging.WARNING, model=model,
         )  # fmt: skip
 
+    def _internal_error(self, exc: Exception, scope: Scope, model: str) -> InternalError:
+        """Log a bug met while serving a request, once, with its traceback; count it; the error
+        the client gets (its message says nothing of the bug)."""
+        self.metrics.internal_errors.inc()
+        method, path = scope["method"], _raw_path(scope).decode("latin-1")
+        log.error(
+            "internal error serving %s %s: %r", method, path, exc, exc_info=exc,
+            extra={"event": "internal_error", "fields": {
+                "method": method, "path": path, "model": model, "error": repr(exc),
+            }},
+        )  # fmt: skip
+        return InternalError("llmux failed on this request (an internal error, logged)")
+
     def _log_request(
         self, scope: Scope, model: str, status: int, queue_wait: float, duration: float
     ) -> None:
@@ -437,22 +473,31 @@ class LlmuxApp:
         )  # fmt: skip
 
     async def _forward(
-        self, request: _UpstreamRequest, scope: Scope, receive: Receive, send: Send, started: float
-    ) -> _Outcome:
+        self,
+        request: _UpstreamRequest,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        started: float,
+        outcome: _Outcome,
+    ) -> None:
         """Wait for the model, then stream its answer; a client disconnect cancels both.
 
+        Errors are caught here, inside the nursery, so that they reach the caller as
+        themselves (not in an ExceptionGroup) and `outcome` says whether the answer had begun.
         The final empty body message is sent by the caller, outside the cancel scope the
         disconnect watcher controls (cancelling around it breaks hypercorn's keep-alive)."""
-        outcome = _Outcome(status=CLIENT_CLOSED)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
             try:
                 await self._stream_from_backend(request, scope, send, started, outcome)
             except LlmuxError as error:
                 outcome.status, outcome.error = error.status, error
+            except Exception as exc:  # a bug of ours: its slot is released by now
+                outcome.status = 500
+                outcome.error = self._internal_error(exc, scope, request.model)
             finally:
                 nursery.cancel_scope.cancel()
-        return outcome
 
     async def _stream_from_backend(
         self,
@@ -535,7 +580,7 @@ class LlmuxApp:
                         outcome.status = CLIENT_CLOSED  # cut by client_send_timeout_secs
                         return
                     watch.begin()
-        except Exception as exc:  # a broken connection, a body that is not HTTP/1.1
+        except _BACKEND_BROKE as exc:  # anything else is a bug of ours, an internal_error
             log.warning("backend for %s broke mid-response: %r", model, exc)
             outcome.status = 502
             return
@@ -546,6 +591,30 @@ class LlmuxApp:
             outcome.status = 504
             return
         outcome.complete = True
+
+
+# How a backend's connection fails mid-answer: reset or closed, or a body that is not HTTP/1.1.
+_BACKEND_BROKE = (
+    OSError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    UpstreamClosed,
+    UpstreamProtocolError,
+)
+
+
+class _WatchedSend:
+    """An ASGI `send` that notes whether the answer has begun: once it has, an error can only
+    cut it, not replace it with a 500."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.started = False
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self._send(message)
 
 
 @dataclass(frozen=True)
