@@ -347,6 +347,10 @@ class LlmuxApp:
                 limit = self.config.server.request_body_timeout_secs
                 raise RequestTimeout(f"request body not received within {limit:g}s")
             model_label = request.model
+            backend = self.config.models.get(request.model)
+            if backend is not None:  # (else a reload removed it meanwhile: its group refuses it)
+                # Before the request asks for a slot: whatever fails here wakes no model.
+                request.prepare(_upstream_name(backend))
             await self._forward(request, scope, receive, send, started, outcome)
         except ClientDisconnected:
             outcome.status = CLIENT_CLOSED
@@ -386,7 +390,7 @@ class LlmuxApp:
             model = self._passthrough_model(match.model, match.forward_path)
             self._refuse_early(model)
             body = await reader.read_all()
-            return _UpstreamRequest(model, match.model, target, body, rewrite_model=False)
+            return _UpstreamRequest(model, match.model, target, body, rename=False)
         seen = await reader.read_until_model()
         if seen is not None:
             self._refuse_early(seen)
@@ -395,11 +399,13 @@ class LlmuxApp:
             reader.scanner.feed(body)
             asked_for = reader.scanner.finish()
             span = reader.scanner.span
-            return _UpstreamRequest(self._resolve(asked_for), asked_for, target, body, span=span)
+            model = self._resolve(asked_for)
+            return _UpstreamRequest(model, asked_for, target, body, span=span, form=True)
         asked_for = model_named_in(body)
         if seen is not None and asked_for != seen:
             raise InvalidRequest("the request body names 'model' more than once")
-        return _UpstreamRequest(self._resolve(asked_for), asked_for, target, body)
+        span = reader.scanner.span if seen is not None else None
+        return _UpstreamRequest(self._resolve(asked_for), asked_for, target, body, span=span)
 
     async def _answer_early(self, send: Send, error: LlmuxError, reader: BodyReader) -> None:
         """Answer before the body is all in: the whole answer goes out now, then the rest of
@@ -510,15 +516,8 @@ class LlmuxApp:
         model = request.model
         async with self.fleet.serving(model) as slot:
             outcome.queue_wait = slot.waited
-            # The backend knows the model by its upstream name: an alias or a renamed model
-            # gets the request's `model` rewritten; otherwise the body goes on byte for byte.
-            body = request.body
-            upstream_name = slot.backend.upstream_model or slot.backend.name
-            if request.span is not None and request.asked_for != upstream_name:
-                start, end = request.span  # a form's model field
-                body = body[:start] + upstream_name.encode() + body[end:]
-            elif request.rewrite_model and request.asked_for != upstream_name:
-                body = _with_model(body, upstream_name)
+            if request.sent_as != _upstream_name(slot.backend):  # a reload renamed it meanwhile
+                request.prepare(_upstream_name(slot.backend))
             headers = forwarded_request_headers(
                 scope["headers"],
                 strip_credentials=self.config.auth.required,
@@ -526,7 +525,7 @@ class LlmuxApp:
             )
             try:
                 async with self.upstream.open(
-                    slot.backend.port, scope["method"], request.target, headers, body,
+                    slot.backend.port, scope["method"], request.target, headers, request.sent,
                     slot.backend.first_byte_timeout_secs,
                 ) as response:  # fmt: skip
                     await send(
@@ -617,14 +616,39 @@ class _WatchedSend:
         await self._send(message)
 
 
-@dataclass(frozen=True)
+@dataclass
 class _UpstreamRequest:
     model: str  # the configured model that serves it
     asked_for: str  # the name the client used (the model, or an alias)
     target: bytes  # path and query, exactly as routed
-    body: bytes
-    rewrite_model: bool = True  # a JSON body whose `model` becomes the backend's name
-    span: tuple[int, int] | None = None  # a form's model value, replaced by the backend's name
+    body: bytes  # as the client sent it
+    rename: bool = True  # the body's `model` becomes the name the backend knows the model by
+    span: tuple[int, int] | None = None  # where the body holds the client's name, if known
+    form: bool = False  # a multipart form (the span holds raw bytes, not a JSON string's)
+    sent_as: str | None = None  # the backend's name for the model, as `sent` carries it
+    sent: bytes = b""  # the body as the backend gets it
+
+    def prepare(self, upstream_name: str) -> None:
+        """Make the body for a backend that knows the model as `upstream_name`."""
+        self.sent_as, self.sent = upstream_name, self._renamed(upstream_name)
+
+    def _renamed(self, name: str) -> bytes:
+        """The body naming `name` as its model. The name is put in place of the client's, so
+        every other byte goes on as sent (numbers keep their digits, keys their order). Only a
+        JSON body whose model could not be placed, or that names it twice (the backend would
+        read the last, still the client's), is re-serialised: with ASCII escapes, so that any
+        string valid JSON can hold, a lone surrogate `\\ud800` included, stays valid."""
+        if not self.rename or self.asked_for == name:
+            return self.body
+        if self.span is not None:
+            start, end = self.span
+            value = name.encode() if self.form else json.dumps(name)[1:-1].encode()
+            renamed = self.body[:start] + value + self.body[end:]
+            if self.form or model_named_in(renamed) == name:
+                return renamed
+        payload = json.loads(self.body)
+        payload["model"] = name
+        return json.dumps(payload).encode()
 
 
 def _not_served(asked_for: str, config: Config) -> ModelNotFound:
@@ -641,10 +665,8 @@ def _policy_factory(config: Config) -> Callable[[], Policy]:
     return lambda: load_policy(config.policy.name, config.policy.options, config.hook_dir)
 
 
-def _with_model(body: bytes, model: str) -> bytes:
-    payload = json.loads(body)
-    payload["model"] = model
-    return json.dumps(payload, ensure_ascii=False).encode()
+def _upstream_name(backend: ModelConfig) -> str:
+    return backend.upstream_model or backend.name
 
 
 async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
