@@ -76,6 +76,30 @@ async def test_no_traversal_reaches_a_backend_control_api(fakes, tmp_path):
     assert _llmux_targets(a.received()) == {"POST /v1/chat/completions"}
 
 
+async def test_a_query_holding_what_clients_encode_is_refused_and_reaches_no_backend(
+    fakes, tmp_path
+):
+    """The query goes upstream as received: a raw `#` would reach the backend's request line
+    (which reads it as a fragment), as would a space or any other byte over HTTP/2."""
+    (a,) = fakes.start("a", wake_delay=0.05)
+    path = write_config(tmp_path, fake_model_block(a, passthrough_paths=["/tokenize"]))
+    async with llmux_running(path) as (server, _):
+        for target in (
+            b"/v1/chat/completions?a#b",
+            b"/v1/completions?x=1#",
+            b"/upstream/a/tokenize?#x",
+        ):
+            answer = await raw_exchange(server.url, raw_post(target.decode(), BODY))
+            assert _status(answer) == 400, (target, answer)
+            assert _error_code(answer) == "invalid_query", target
+        # A space or a byte outside ASCII breaks the HTTP/1.1 request line itself.
+        for target in (b"/v1/chat/completions?a b", b"/v1/chat/completions?a=\xff"):
+            data = raw_post("TARGET", BODY).replace(b"TARGET", target)
+            assert _status(await raw_exchange(server.url, data)) == 400, target
+    assert _llmux_targets(a.received()) == set()
+    assert a.state()["wakes"] == 0
+
+
 async def test_only_the_route_table_is_forwarded_and_exactly_as_routed(fakes, tmp_path):
     (a,) = fakes.start("a", api="vllm", wake_delay=0.05)
     path = write_config(tmp_path, fake_model_block(a))

@@ -204,7 +204,7 @@ class LlmuxApp:
                 raise AmbiguousFraming(
                     "a request may carry Content-Length or Transfer-Encoding, not both"
                 )
-            match = self.routes.match(scope["method"], _raw_path(scope))
+            match = self.routes.match(scope["method"], _raw_path(scope), scope["query_string"])
             self._check_access(match.route.access, scope["headers"])
         except LlmuxError as error:
             await _send_error(send, error)
