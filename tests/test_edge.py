@@ -157,6 +157,20 @@ async def test_http2_without_tls_is_refused_at_once_and_reaches_no_backend(fakes
     assert a.state()["wakes"] == 0
 
 
+async def test_a_websocket_upgrade_gets_a_clear_refusal_not_a_bare_500(fakes, tmp_path):
+    (a,) = fakes.start("a", wake_delay=0.05)
+    path = write_config(tmp_path, fake_model_block(a))
+    upgrade = (
+        b"GET /v1/models HTTP/1.1\r\nhost: llmux\r\nconnection: Upgrade\r\nupgrade: websocket\r\n"
+        b"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n"
+    )
+    async with llmux_running(path) as (server, _):
+        answer = await raw_exchange(server.url, upgrade)
+    assert _status(answer) == 400, answer
+    assert _error_code(answer) == "invalid_request"
+    assert _llmux_targets(a.received()) == set()
+
+
 async def test_only_the_route_table_is_forwarded_and_exactly_as_routed(fakes, tmp_path):
     (a,) = fakes.start("a", api="vllm", wake_delay=0.05)
     path = write_config(tmp_path, fake_model_block(a))

@@ -181,7 +181,8 @@ class LlmuxApp:
         if scope["type"] == "lifespan":
             await answer_lifespan(receive, send)
             return
-        if scope["type"] != "http":
+        if scope["type"] == "websocket":
+            await self._refuse_websocket(scope, receive, send)
             return
         watched = _WatchedSend(send)
         try:
@@ -192,6 +193,19 @@ class LlmuxApp:
                 await _send_error(send, error)
             self.metrics.requests_total.labels(UNKNOWN_MODEL, str(error.status)).inc()
             self._log_request(scope, UNKNOWN_MODEL, error.status, 0.0, 0.0)
+
+    async def _refuse_websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """hypercorn hands a WebSocket upgrade to the app, and answers a bare 500 for an app
+        that takes none: llmux refuses it in OpenAI's shape (ASGI's denial response)."""
+        await receive()  # websocket.connect
+        error = InvalidRequest("llmux serves HTTP requests, not WebSocket")
+        body = error.body()
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        start = {"type": "websocket.http.response.start", "status": error.status}
+        await send({**start, "headers": headers})
+        await send({"type": "websocket.http.response.body", "body": body})
+        self.metrics.requests_total.labels(UNKNOWN_MODEL, str(error.status)).inc()
+        self._log_request({**scope, "method": "GET"}, UNKNOWN_MODEL, error.status, 0.0, 0.0)
 
     async def _serve_http(self, scope: Scope, receive: Receive, send: Send) -> None:
         limit = self.config.server.max_header_bytes
