@@ -39,6 +39,15 @@ class InvalidPath(LlmuxError):
     code = "invalid_path"
 
 
+class InvalidQuery(LlmuxError):
+    """A query string with bytes a client would have percent-encoded (a space, a raw `#`,
+    anything outside printable ASCII): it would reach the backend's request line as is."""
+
+    status = 400
+    error_type = "invalid_request_error"
+    code = "invalid_query"
+
+
 class AmbiguousFraming(LlmuxError):
     """Both Content-Length and Transfer-Encoding: servers on the way may split the stream into
     requests differently (request smuggling). Refused, and the connection is closed after."""
@@ -154,6 +163,15 @@ class QueueTimeout(LlmuxError):
     status = 504
     error_type = "timeout_error"
     code = "queue_timeout"
+
+
+class InternalError(LlmuxError):
+    """A bug of llmux's: an error no other class names. The client learns only that; the log
+    has the traceback (event `internal_error`)."""
+
+    status = 500
+    error_type = "server_error"
+    code = "internal_error"
 
 
 def error_body(message: str, error_type: str, code: str) -> bytes:

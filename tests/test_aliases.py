@@ -3,10 +3,20 @@ knows the model by."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from llmux.config import ConfigError, load_config
-from tests.conftest import chat, fake_model_block, llmux_running, stream_all, write_config
+from tests.conftest import (
+    TEST_WORKERS,
+    chat,
+    fake_model_block,
+    llmux_running,
+    metric_value,
+    stream_all,
+    write_config,
+)
 
 
 async def test_aliases_route_and_the_backend_gets_its_upstream_name(fakes, tmp_path):
@@ -62,6 +72,36 @@ async def test_upstream_names_are_not_client_names_and_renames_rewrite(fakes, tm
             "/v1/chat/completions", content=raw.replace(b"llama-upstream", b"llama")
         )
     assert renamed.status_code == 200 and renamed.json()["model"] == "x/y"
+
+
+async def test_any_valid_json_reaches_an_alias_with_only_its_model_changed(fakes, tmp_path, caplog):
+    """A lone surrogate (`\\ud800`) is valid JSON that no UTF-8 encoder takes: it once made the
+    rename fail after the model was woken, with a bare 500 nobody counted. Now the backend's
+    name is put in place of the alias, and the client's other bytes go on untouched."""
+    caplog.set_level(logging.INFO)
+    (a,) = fakes.start("a", wake_delay=0.05)
+    path = write_config(tmp_path, fake_model_block(a, aliases=["fast"], upstream_model="x/y"))
+    odd = (
+        b'{ "model" :  "fast" , "messages": [{"role": "user", "content": "\\ud800 caf\xc3\xa9"}],'
+        b' "temperature": 0.10000000000000000001, "max_tokens": 3}'
+    )
+    twice = b'{"model": "fast", "messages": [], "model": "fast"}'
+    async with llmux_running(path) as (_, client):
+        surrogate = await client.post("/v1/chat/completions", content=odd)
+        duplicated = await client.post("/v1/chat/completions", content=twice)
+        metrics = (await client.get("/metrics")).text
+    assert surrogate.status_code == 200, surrogate.text
+    assert surrogate.json()["model"] == "x/y"  # the fake answers with the `model` it read
+    assert duplicated.status_code == 200 and duplicated.json()["model"] == "x/y"
+    sent = next(r for r in a.received()["recent"] if r["request"].startswith("POST /v1/"))
+    # Only the name changed length: the rest (spaces, digits, UTF-8) went on byte for byte.
+    assert int(dict(sent["headers"])["content-length"]) == len(odd) - len("fast") + len("x/y")
+    assert metric_value(metrics, "llmux_requests_total", model="a", status="200") == 2
+    assert metric_value(metrics, "llmux_internal_errors_total") == 0
+    if TEST_WORKERS == 1:  # with workers, they write the request lines
+        logged = [r.fields for r in caplog.records if getattr(r, "event", None) == "request"]
+        assert [(f["model"], f["status"]) for f in logged] == [("a", 200), ("a", 200)]
+    assert a.state()["wakes"] == 1
 
 
 @pytest.mark.parametrize(

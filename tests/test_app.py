@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 
 import httpx
+import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -14,6 +16,7 @@ from tests.conftest import (
     llmux_running,
     metric_value,
     model_block,
+    one_process_only,
     write_config,
 )
 
@@ -173,3 +176,71 @@ async def test_openai_sdk_works_through_llmux(fakes, tmp_path):
     assert content.startswith("a-0")
     assert "zzz" in missing
     assert "".join(pieces) == "b-0 b-1 b-2 b-3 "
+
+
+def _planted_bug(*args: object, **kwargs: object) -> None:
+    raise RuntimeError("planted bug")
+
+
+def _logged(caplog: pytest.LogCaptureFixture, event: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if getattr(r, "event", None) == event]
+
+
+def _assert_logged_once_with_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    (record,) = _logged(caplog, "internal_error")
+    assert record.exc_info is not None and "planted bug" in caplog.text
+    assert "Traceback (most recent call last)" in caplog.text
+    assert "Error in ASGI Framework" not in caplog.text  # not hypercorn's second copy
+
+
+@one_process_only("the bug is planted in this process's app")
+async def test_a_bug_before_the_grant_is_a_counted_json_500_that_wakes_nothing(
+    fakes, tmp_path, caplog, monkeypatch
+):
+    caplog.set_level(logging.INFO)
+    (a,) = fakes.start("a", wake_delay=0.05)
+    path = write_config(tmp_path, fake_model_block(a))
+    monkeypatch.setattr("llmux.http.app.model_named_in", _planted_bug)
+    async with llmux_running(path) as (_, client):
+        response = await client.post("/v1/chat/completions", json=chat("a"))
+        metrics = (await client.get("/metrics")).text
+    error = _assert_openai_error(response, 500, "internal_error")
+    assert "planted" not in error["message"]  # the log has the bug, the client only its status
+    assert metric_value(metrics, "llmux_requests_total", model="unknown", status="500") == 1
+    assert metric_value(metrics, "llmux_internal_errors_total") == 1
+    _assert_logged_once_with_traceback(caplog)
+    assert [r.fields["status"] for r in _logged(caplog, "request")] == [500]
+    assert a.state()["wakes"] == 0
+
+
+@one_process_only("the bugs are planted in this process's app")
+async def test_a_bug_once_granted_frees_the_slot_and_one_mid_answer_cuts_it(
+    fakes, tmp_path, caplog, monkeypatch
+):
+    caplog.set_level(logging.INFO)
+    (a,) = fakes.start("a", wake_delay=0.05)
+    path = write_config(tmp_path, fake_model_block(a))
+    async with llmux_running(path) as (server, client):
+        with monkeypatch.context() as planted:
+            planted.setattr("llmux.http.app.forwarded_request_headers", _planted_bug)
+            granted = await client.post("/v1/chat/completions", json=chat("a"))
+        _assert_openai_error(granted, 500, "internal_error")
+        _assert_logged_once_with_traceback(caplog)
+        status = (await client.get("/llmux/status")).json()
+        assert status["models"]["a"]["in_flight"] == 0  # the slot went back
+        assert (await client.post("/v1/chat/completions", json=chat("a"))).status_code == 200
+        caplog.clear()
+        with monkeypatch.context() as planted:
+            planted.setattr(server.app.watchdog, "watch", _planted_bug)  # after the head is sent
+            async with client.stream(
+                "POST", "/v1/chat/completions", json=chat("a", stream=True)
+            ) as streamed:
+                assert streamed.status_code == 200
+                with pytest.raises(httpx.RemoteProtocolError):  # cut, as a broken backend's
+                    await streamed.aread()
+        _assert_logged_once_with_traceback(caplog)
+        metrics = (await client.get("/metrics")).text
+    assert metric_value(metrics, "llmux_requests_total", model="a", status="500") == 2
+    assert metric_value(metrics, "llmux_requests_total", model="a", status="200") == 1
+    assert metric_value(metrics, "llmux_internal_errors_total") == 2
+    assert metric_value(metrics, "llmux_model_in_flight", model="a") == 0

@@ -1,5 +1,6 @@
 """The early model scanner: whatever the JSON and however it is split, what it reports is what
-the full parse says (or it says nothing), and a long string is scanned once, not per chunk."""
+the full parse says (or it says nothing), where it says the name lies is where it lies, and a long
+string is scanned once, not per chunk."""
 
 from __future__ import annotations
 
@@ -47,6 +48,12 @@ def test_the_scanner_agrees_with_the_full_parse(payload, model, first, cuts, ind
     expected = payload.get("model")
     if scanner.model is not None or isinstance(expected, str):
         assert scanner.model == expected
+    if scanner.model is not None:  # its span is the string's inside: a new name fits there
+        assert scanner.span is not None
+        start, end = scanner.span
+        assert json.loads(b'"' + body[start:end] + b'"') == scanner.model
+        renamed = body[:start] + json.dumps("x/\ud800y")[1:-1].encode() + body[end:]
+        assert json.loads(renamed) == {**payload, "model": "x/\ud800y"}
 
 
 @given(st.binary(max_size=200), st.lists(st.integers(0, 200), max_size=5))

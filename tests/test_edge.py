@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
 import pytest
 import trio
 
@@ -74,6 +78,97 @@ async def test_no_traversal_reaches_a_backend_control_api(fakes, tmp_path):
     state = a.state()
     assert state["state"] == "awake" and state["sleeps"] == 0
     assert _llmux_targets(a.received()) == {"POST /v1/chat/completions"}
+
+
+async def test_a_query_holding_what_clients_encode_is_refused_and_reaches_no_backend(
+    fakes, tmp_path
+):
+    """The query goes upstream as received: a raw `#` would reach the backend's request line
+    (which reads it as a fragment), as would a space or any other byte over HTTP/2."""
+    (a,) = fakes.start("a", wake_delay=0.05)
+    path = write_config(tmp_path, fake_model_block(a, passthrough_paths=["/tokenize"]))
+    async with llmux_running(path) as (server, _):
+        for target in (
+            b"/v1/chat/completions?a#b",
+            b"/v1/completions?x=1#",
+            b"/upstream/a/tokenize?#x",
+        ):
+            answer = await raw_exchange(server.url, raw_post(target.decode(), BODY))
+            assert _status(answer) == 400, (target, answer)
+            assert _error_code(answer) == "invalid_query", target
+        # A space or a byte outside ASCII breaks the HTTP/1.1 request line itself.
+        for target in (b"/v1/chat/completions?a b", b"/v1/chat/completions?a=\xff"):
+            data = raw_post("TARGET", BODY).replace(b"TARGET", target)
+            answer = await raw_exchange(server.url, data)
+            assert _status(answer) == 400, (target, answer)
+            assert _error_code(answer) == "invalid_request", target
+    assert _llmux_targets(a.received()) == set()
+    assert a.state()["wakes"] == 0
+
+
+async def _http2_prior_knowledge(url: str, target: bytes) -> list[h2.events.Event]:
+    """One POST over HTTP/2 without TLS or upgrade (h2c with prior knowledge); the events that
+    came back until the stream or the connection ended (or 5 s passed)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    connection = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=True, header_encoding=None)
+    )
+    connection.initiate_connection()
+    head = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"llmux")]
+    connection.send_headers(1, [*head, (b":path", target), (b"content-type", b"application/json")])
+    connection.send_data(1, BODY, end_stream=True)
+    events: list[h2.events.Event] = []
+    ended = (h2.events.StreamEnded, h2.events.ConnectionTerminated)
+    async with await trio.open_tcp_stream(host, int(port)) as stream:
+        await stream.send_all(connection.data_to_send())
+        with trio.move_on_after(5):
+            while data := await stream.receive_some(65536):
+                events += connection.receive_data(data)
+                if any(isinstance(event, ended) for event in events):
+                    break
+                await stream.send_all(connection.data_to_send())
+    return events
+
+
+async def test_http2_without_tls_is_refused_at_once_and_reaches_no_backend(fakes, tmp_path):
+    """llmux speaks HTTP/1.1 only (SECURITY.md, "Protocol"): HTTP/2 with prior knowledge gets
+    HTTP/2's own refusal, GOAWAY with HTTP_1_1_REQUIRED, and `Upgrade: h2c` is ignored. Over
+    HTTP/2 the query of `:path` could hold a space or any byte, sent on to the backend."""
+    (a,) = fakes.start("a", wake_delay=0.05)
+    path = write_config(tmp_path, fake_model_block(a))
+    targets = [b"/v1/chat/completions", b"/v1/chat/completions?a b", b"/v1/completions?a#\xff"]
+    async with llmux_running(path) as (server, _):
+        for target in targets:
+            began = trio.current_time()
+            events = await _http2_prior_knowledge(server.url, target)
+            assert trio.current_time() - began < 2, "a refusal, not a hang"
+            assert not [e for e in events if isinstance(e, h2.events.ResponseReceived)], events
+            (ended,) = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+            assert ended.error_code == h2.errors.ErrorCodes.HTTP_1_1_REQUIRED
+            assert ended.last_stream_id == 0  # no stream was taken: safe to retry over HTTP/1.1
+        upgrade = (
+            b"GET /v1/models HTTP/1.1\r\nhost: llmux\r\nconnection: Upgrade, HTTP2-Settings, "
+            b"close\r\nupgrade: h2c\r\nhttp2-settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
+        )
+        answer = await raw_exchange(server.url, upgrade)
+        assert answer.startswith(b"HTTP/1.1 200 "), answer  # answered, not switched (101)
+        assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["object"] == "list"
+    assert _llmux_targets(a.received()) == set()
+    assert a.state()["wakes"] == 0
+
+
+async def test_a_websocket_upgrade_gets_a_clear_refusal_not_a_bare_500(fakes, tmp_path):
+    (a,) = fakes.start("a", wake_delay=0.05)
+    path = write_config(tmp_path, fake_model_block(a))
+    upgrade = (
+        b"GET /v1/models HTTP/1.1\r\nhost: llmux\r\nconnection: Upgrade\r\nupgrade: websocket\r\n"
+        b"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n"
+    )
+    async with llmux_running(path) as (server, _):
+        answer = await raw_exchange(server.url, upgrade)
+    assert _status(answer) == 400, answer
+    assert _error_code(answer) == "invalid_request"
+    assert _llmux_targets(a.received()) == set()
 
 
 async def test_only_the_route_table_is_forwarded_and_exactly_as_routed(fakes, tmp_path):

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llmux.errors import InvalidPath, LlmuxError, MethodNotAllowed, RouteNotFound
+from llmux.errors import InvalidPath, InvalidQuery, LlmuxError, MethodNotAllowed, RouteNotFound
 from llmux.http.proxy import forwarded_request_headers, forwarded_response_headers
 from llmux.http.routes import ROUTES, Endpoint, ModelFrom, RouteTable, check_path, prefix_allows
 
@@ -55,6 +55,17 @@ def test_model_parameters_decode_and_may_hold_slashes():
 def test_paths_that_mean_different_things_to_different_servers_are_refused(path):
     with pytest.raises(InvalidPath):
         TABLE.match("POST", path)
+
+
+@pytest.mark.parametrize("query", [b"a b", b"a#b", b"#", b"x=\xff", b"a\tb", b"a\x00", b"a\x7f"])
+def test_queries_holding_what_clients_encode_are_refused(query):
+    with pytest.raises(InvalidQuery):
+        TABLE.match("POST", b"/v1/chat/completions", query)
+
+
+def test_encoded_queries_pass_as_they_are():
+    match = TABLE.match("POST", b"/v1/chat/completions", b"a=%20&b=%23&c=..%2f/x\\y&d=?")
+    assert match.forward_path == b"/v1/chat/completions"  # the query is appended as received
 
 
 def test_unknown_paths_and_wrong_methods():

@@ -24,6 +24,7 @@ from llmux.errors import (
     AmbiguousFraming,
     BackendTimeout,
     HeadersTooLarge,
+    InternalError,
     InvalidRequest,
     LlmuxError,
     ModelNotFound,
@@ -32,7 +33,15 @@ from llmux.errors import (
     ShuttingDown,
     Unauthorized,
 )
-from llmux.http.asgi import Receive, Scope, Send, answer_lifespan, send_bytes, send_json
+from llmux.http.asgi import (
+    Message,
+    Receive,
+    Scope,
+    Send,
+    answer_lifespan,
+    send_bytes,
+    send_json,
+)
 from llmux.http.auth import bearer_token, presented_key, token_matches
 from llmux.http.body import BodyReader, ClientDisconnected, model_named_in
 from llmux.http.form import FormModelScanner, form_boundary
@@ -53,7 +62,7 @@ from llmux.http.routes import (
     prefix_allows,
 )
 from llmux.http.status import status_report
-from llmux.http.upstream import UpstreamResponse
+from llmux.http.upstream import UpstreamClosed, UpstreamProtocolError, UpstreamResponse
 from llmux.http.watchdog import Watchdog
 from llmux.observe.logs import log_event
 from llmux.observe.metrics import UNKNOWN_MODEL, Metrics
@@ -172,8 +181,33 @@ class LlmuxApp:
         if scope["type"] == "lifespan":
             await answer_lifespan(receive, send)
             return
-        if scope["type"] != "http":
+        if scope["type"] == "websocket":
+            await self._refuse_websocket(scope, receive, send)
             return
+        watched = _WatchedSend(send)
+        try:
+            await self._serve_http(scope, receive, watched)
+        except Exception as exc:  # a bug of ours that nothing below caught: never a bare 500
+            error = self._internal_error(exc, scope, UNKNOWN_MODEL)
+            if not watched.started:
+                await _send_error(send, error)
+            self.metrics.requests_total.labels(UNKNOWN_MODEL, str(error.status)).inc()
+            self._log_request(scope, UNKNOWN_MODEL, error.status, 0.0, 0.0)
+
+    async def _refuse_websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """hypercorn hands a WebSocket upgrade to the app, and answers a bare 500 for an app
+        that takes none: llmux refuses it in OpenAI's shape (ASGI's denial response)."""
+        await receive()  # websocket.connect
+        error = InvalidRequest("llmux serves HTTP requests, not WebSocket")
+        body = error.body()
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        start = {"type": "websocket.http.response.start", "status": error.status}
+        await send({**start, "headers": headers})
+        await send({"type": "websocket.http.response.body", "body": body})
+        self.metrics.requests_total.labels(UNKNOWN_MODEL, str(error.status)).inc()
+        self._log_request({**scope, "method": "GET"}, UNKNOWN_MODEL, error.status, 0.0, 0.0)
+
+    async def _serve_http(self, scope: Scope, receive: Receive, send: Send) -> None:
         limit = self.config.server.max_header_bytes
         try:
             # hypercorn bounds only a head that arrives in pieces; a whole one is checked here.
@@ -184,7 +218,7 @@ class LlmuxApp:
                 raise AmbiguousFraming(
                     "a request may carry Content-Length or Transfer-Encoding, not both"
                 )
-            match = self.routes.match(scope["method"], _raw_path(scope))
+            match = self.routes.match(scope["method"], _raw_path(scope), scope["query_string"])
             self._check_access(match.route.access, scope["headers"])
         except LlmuxError as error:
             await _send_error(send, error)
@@ -313,6 +347,7 @@ class LlmuxApp:
         started = trio.current_time()
         model_label = UNKNOWN_MODEL
         reader: BodyReader | None = None
+        outcome = _Outcome(status=CLIENT_CLOSED)  # what is left if the client goes first
         try:
             if self.fleet.closing:
                 raise ShuttingDown("llmux is shutting down")
@@ -326,11 +361,17 @@ class LlmuxApp:
                 limit = self.config.server.request_body_timeout_secs
                 raise RequestTimeout(f"request body not received within {limit:g}s")
             model_label = request.model
-            outcome = await self._forward(request, scope, receive, send, started)
+            backend = self.config.models.get(request.model)
+            if backend is not None:  # (else a reload removed it meanwhile: its group refuses it)
+                # Before the request asks for a slot: whatever fails here wakes no model.
+                request.prepare(_upstream_name(backend))
+            await self._forward(request, scope, receive, send, started, outcome)
         except ClientDisconnected:
-            outcome = _Outcome(status=CLIENT_CLOSED)
+            outcome.status = CLIENT_CLOSED
         except LlmuxError as error:
-            outcome = _Outcome(status=error.status, error=error)
+            outcome.status, outcome.error = error.status, error
+        except Exception as exc:  # a bug of ours: a JSON 500 (or a cut answer), counted, logged
+            outcome.status, outcome.error = 500, self._internal_error(exc, scope, model_label)
         if outcome.error is not None and not outcome.headers_sent:
             # A body that did not come in time is not waited for again.
             timed_out = isinstance(outcome.error, RequestTimeout)
@@ -363,7 +404,7 @@ class LlmuxApp:
             model = self._passthrough_model(match.model, match.forward_path)
             self._refuse_early(model)
             body = await reader.read_all()
-            return _UpstreamRequest(model, match.model, target, body, rewrite_model=False)
+            return _UpstreamRequest(model, match.model, target, body, rename=False)
         seen = await reader.read_until_model()
         if seen is not None:
             self._refuse_early(seen)
@@ -372,11 +413,13 @@ class LlmuxApp:
             reader.scanner.feed(body)
             asked_for = reader.scanner.finish()
             span = reader.scanner.span
-            return _UpstreamRequest(self._resolve(asked_for), asked_for, target, body, span=span)
+            model = self._resolve(asked_for)
+            return _UpstreamRequest(model, asked_for, target, body, span=span, form=True)
         asked_for = model_named_in(body)
         if seen is not None and asked_for != seen:
             raise InvalidRequest("the request body names 'model' more than once")
-        return _UpstreamRequest(self._resolve(asked_for), asked_for, target, body)
+        span = reader.scanner.span if seen is not None else None
+        return _UpstreamRequest(self._resolve(asked_for), asked_for, target, body, span=span)
 
     async def _answer_early(self, send: Send, error: LlmuxError, reader: BodyReader) -> None:
         """Answer before the body is all in: the whole answer goes out now, then the rest of
@@ -423,6 +466,19 @@ class LlmuxApp:
             "cut, its slot freed", logging.WARNING, model=model,
         )  # fmt: skip
 
+    def _internal_error(self, exc: Exception, scope: Scope, model: str) -> InternalError:
+        """Log a bug met while serving a request, once, with its traceback; count it; the error
+        the client gets (its message says nothing of the bug)."""
+        self.metrics.internal_errors.inc()
+        method, path = scope["method"], _raw_path(scope).decode("latin-1")
+        log.error(
+            "internal error serving %s %s: %r", method, path, exc, exc_info=exc,
+            extra={"event": "internal_error", "fields": {
+                "method": method, "path": path, "model": model, "error": repr(exc),
+            }},
+        )  # fmt: skip
+        return InternalError("llmux failed on this request (an internal error, logged)")
+
     def _log_request(
         self, scope: Scope, model: str, status: int, queue_wait: float, duration: float
     ) -> None:
@@ -437,22 +493,31 @@ class LlmuxApp:
         )  # fmt: skip
 
     async def _forward(
-        self, request: _UpstreamRequest, scope: Scope, receive: Receive, send: Send, started: float
-    ) -> _Outcome:
+        self,
+        request: _UpstreamRequest,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        started: float,
+        outcome: _Outcome,
+    ) -> None:
         """Wait for the model, then stream its answer; a client disconnect cancels both.
 
+        Errors are caught here, inside the nursery, so that they reach the caller as
+        themselves (not in an ExceptionGroup) and `outcome` says whether the answer had begun.
         The final empty body message is sent by the caller, outside the cancel scope the
         disconnect watcher controls (cancelling around it breaks hypercorn's keep-alive)."""
-        outcome = _Outcome(status=CLIENT_CLOSED)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
             try:
                 await self._stream_from_backend(request, scope, send, started, outcome)
             except LlmuxError as error:
                 outcome.status, outcome.error = error.status, error
+            except Exception as exc:  # a bug of ours: its slot is released by now
+                outcome.status = 500
+                outcome.error = self._internal_error(exc, scope, request.model)
             finally:
                 nursery.cancel_scope.cancel()
-        return outcome
 
     async def _stream_from_backend(
         self,
@@ -465,15 +530,8 @@ class LlmuxApp:
         model = request.model
         async with self.fleet.serving(model) as slot:
             outcome.queue_wait = slot.waited
-            # The backend knows the model by its upstream name: an alias or a renamed model
-            # gets the request's `model` rewritten; otherwise the body goes on byte for byte.
-            body = request.body
-            upstream_name = slot.backend.upstream_model or slot.backend.name
-            if request.span is not None and request.asked_for != upstream_name:
-                start, end = request.span  # a form's model field
-                body = body[:start] + upstream_name.encode() + body[end:]
-            elif request.rewrite_model and request.asked_for != upstream_name:
-                body = _with_model(body, upstream_name)
+            if request.sent_as != _upstream_name(slot.backend):  # a reload renamed it meanwhile
+                request.prepare(_upstream_name(slot.backend))
             headers = forwarded_request_headers(
                 scope["headers"],
                 strip_credentials=self.config.auth.required,
@@ -481,7 +539,7 @@ class LlmuxApp:
             )
             try:
                 async with self.upstream.open(
-                    slot.backend.port, scope["method"], request.target, headers, body,
+                    slot.backend.port, scope["method"], request.target, headers, request.sent,
                     slot.backend.first_byte_timeout_secs,
                 ) as response:  # fmt: skip
                     await send(
@@ -535,7 +593,7 @@ class LlmuxApp:
                         outcome.status = CLIENT_CLOSED  # cut by client_send_timeout_secs
                         return
                     watch.begin()
-        except Exception as exc:  # a broken connection, a body that is not HTTP/1.1
+        except _BACKEND_BROKE as exc:  # anything else is a bug of ours, an internal_error
             log.warning("backend for %s broke mid-response: %r", model, exc)
             outcome.status = 502
             return
@@ -548,14 +606,63 @@ class LlmuxApp:
         outcome.complete = True
 
 
-@dataclass(frozen=True)
+# How a backend's connection fails mid-answer: reset or closed, or a body that is not HTTP/1.1.
+_BACKEND_BROKE = (
+    OSError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    UpstreamClosed,
+    UpstreamProtocolError,
+)
+
+
+class _WatchedSend:
+    """An ASGI `send` that notes whether the answer has begun: once it has, an error can only
+    cut it, not replace it with a 500."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.started = False
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self._send(message)
+
+
+@dataclass
 class _UpstreamRequest:
     model: str  # the configured model that serves it
     asked_for: str  # the name the client used (the model, or an alias)
     target: bytes  # path and query, exactly as routed
-    body: bytes
-    rewrite_model: bool = True  # a JSON body whose `model` becomes the backend's name
-    span: tuple[int, int] | None = None  # a form's model value, replaced by the backend's name
+    body: bytes  # as the client sent it
+    rename: bool = True  # the body's `model` becomes the name the backend knows the model by
+    span: tuple[int, int] | None = None  # where the body holds the client's name, if known
+    form: bool = False  # a multipart form (the span holds raw bytes, not a JSON string's)
+    sent_as: str | None = None  # the backend's name for the model, as `sent` carries it
+    sent: bytes = b""  # the body as the backend gets it
+
+    def prepare(self, upstream_name: str) -> None:
+        """Make the body for a backend that knows the model as `upstream_name`."""
+        self.sent_as, self.sent = upstream_name, self._renamed(upstream_name)
+
+    def _renamed(self, name: str) -> bytes:
+        """The body naming `name` as its model. The name is put in place of the client's, so
+        every other byte goes on as sent (numbers keep their digits, keys their order). Only a
+        JSON body whose model could not be placed, or that names it twice (the backend would
+        read the last, still the client's), is re-serialised: with ASCII escapes, so that any
+        string valid JSON can hold, a lone surrogate `\\ud800` included, stays valid."""
+        if not self.rename or self.asked_for == name:
+            return self.body
+        if self.span is not None:
+            start, end = self.span
+            value = name.encode() if self.form else json.dumps(name)[1:-1].encode()
+            renamed = self.body[:start] + value + self.body[end:]
+            if self.form or model_named_in(renamed) == name:
+                return renamed
+        payload = json.loads(self.body)
+        payload["model"] = name
+        return json.dumps(payload).encode()
 
 
 def _not_served(asked_for: str, config: Config) -> ModelNotFound:
@@ -572,10 +679,8 @@ def _policy_factory(config: Config) -> Callable[[], Policy]:
     return lambda: load_policy(config.policy.name, config.policy.options, config.hook_dir)
 
 
-def _with_model(body: bytes, model: str) -> bytes:
-    payload = json.loads(body)
-    payload["model"] = model
-    return json.dumps(payload, ensure_ascii=False).encode()
+def _upstream_name(backend: ModelConfig) -> str:
+    return backend.upstream_model or backend.name
 
 
 async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> None:

@@ -49,11 +49,14 @@ class ModelScanner:
 
     Feed it the whole body so far (it resumes where it stopped; a long string is skipped with
     one regex search, never rescanned). `done` turns true when the model is found, the object
-    ends without one, or the body is not shaped as expected; `model` then holds the name or None.
+    ends without one, or the body is not shaped as expected; `model` then holds the name or None,
+    and `span` where the name's string lies in the body, between its quotes (an alias is
+    replaced there by the backend's name, the other bytes left as the client sent them).
     """
 
     def __init__(self) -> None:
         self.model: str | None = None
+        self.span: tuple[int, int] | None = None
         self.done = False
         self._pos = 0
         self._depth = 0
@@ -95,7 +98,7 @@ class ModelScanner:
         start, self._string_start = self._string_start, None
         assert start is not None
         self._pos = stop.end()
-        self._string_ended(bytes(buf[start : stop.end()]))
+        self._string_ended(bytes(buf[start : stop.end()]), start)
         return True
 
     def _structure(self, char: bytes, at: int) -> None:
@@ -123,7 +126,7 @@ class ModelScanner:
         elif self._depth == 1 and char == b",":
             self._next, self._key = _Next.KEY, None
 
-    def _string_ended(self, token: bytes) -> None:
+    def _string_ended(self, token: bytes, start: int) -> None:
         if self._depth != 1:
             return
         if self._next is _Next.KEY:
@@ -132,6 +135,7 @@ class ModelScanner:
         elif self._next is _Next.VALUE:
             if self._key == "model":
                 self.model = self._decode(token)
+                self.span = (start + 1, start + len(token) - 1) if self.model is not None else None
                 self.done = True
             self._next = _Next.COMMA
 
@@ -149,7 +153,7 @@ class ModelScanner:
         return value if isinstance(value, str) else None
 
     def _give_up(self) -> None:
-        self.model = None
+        self.model = self.span = None
         self.done = True
 
 

@@ -15,8 +15,17 @@ And one repair: under trio, hypercorn keeps a connection that the client closed 
 full keep-alive timeout (its idle timer is never stopped), which would count it against
 `max_connections` for 75 s. A connection whose peer has closed is reaped here after a short grace.
 
-This is the only module that uses hypercorn's internals (TCPServer, WorkerContext, ASGIWrapper);
-pyproject.toml pins hypercorn's minor version for it.
+And one refusal: each connection speaks HTTP/1.1 only, where hypercorn would switch a plain one to
+HTTP/2 (h2c) on `Upgrade: h2c` or on the HTTP/2 preface. llmux's bounds are built for HTTP/1.1
+(`max_connections` counts connections, which HTTP/2 multiplexes; `client_send_timeout_secs`
+watches socket writes, which HTTP/2 flow control can stall per stream), and an upgrade passed on
+by a front tunnels past the front's rules; SECURITY.md ("Protocol") says more. So `Upgrade: h2c`
+is ignored (RFC 9110 §7.8 lets a server) and the preface gets HTTP/2's own refusal, GOAWAY with
+HTTP_1_1_REQUIRED, then the connection closes. A request that does not parse as HTTP/1.1 gets its
+400 (or 431) in OpenAI's shape, not hypercorn's empty one.
+
+This is the only module that uses hypercorn's internals (TCPServer, H11Protocol, WorkerContext,
+ASGIWrapper); pyproject.toml pins hypercorn's minor version for it.
 """
 
 from __future__ import annotations
@@ -28,14 +37,19 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import partial
 
+import h11
 import trio
 from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.events import Closed, RawData
+from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ASGIFramework, ConnectionState
+from hypercorn.utils import parse_socket_addr
 
-from llmux.errors import error_body
+from llmux.errors import HeadersTooLarge, InvalidRequest, error_body
 from llmux.http.watchdog import Watchdog
 from llmux.observe.logs import log_event
 from llmux.observe.metrics import Metrics
@@ -128,8 +142,82 @@ class BoundedStream:
         await self._stream.aclose()
 
 
+def _http2_frame(kind: int, payload: bytes) -> bytes:
+    """An HTTP/2 frame on the connection's stream 0, without flags (RFC 9113 §4.1)."""
+    return len(payload).to_bytes(3, "big") + bytes([kind, 0]) + bytes(4) + payload
+
+
+_SETTINGS, _GOAWAY, _HTTP_1_1_REQUIRED = 0x4, 0x7, 0xD
+# The server's preface (an empty SETTINGS), then GOAWAY: no stream was taken, use HTTP/1.1.
+HTTP2_REFUSAL = _http2_frame(_SETTINGS, b"") + _http2_frame(
+    _GOAWAY,
+    bytes(4) + _HTTP_1_1_REQUIRED.to_bytes(4, "big") + b"llmux speaks HTTP/1.1 only",
+)
+
+
+class Http11Protocol(H11Protocol):
+    """hypercorn's HTTP/1.1 protocol without its ways into HTTP/2 (see above)."""
+
+    async def _check_protocol(self, event: h11.Request) -> None:
+        """Switch to nothing: `Upgrade: h2c` is ignored; the preface is refused below."""
+
+    async def _create_stream(self, request: h11.Request) -> None:
+        if request.method == b"PRI" and request.target == b"*":  # the HTTP/2 preface's start
+            await self.send(RawData(data=HTTP2_REFUSAL))
+            await self.send(Closed())
+            return
+        await super()._create_stream(request)
+
+    async def _send_error_response(self, status_code: int) -> None:
+        """A request that does not parse: its error in OpenAI's shape, then close."""
+        if status_code == 431:
+            error: InvalidRequest | HeadersTooLarge = HeadersTooLarge(
+                "the request head is larger than server.max_header_bytes"
+            )
+        else:
+            error = InvalidRequest(
+                "the request is not valid HTTP/1.1: its request line or a header does not "
+                "parse (a request target holds printable ASCII only, without spaces)"
+            )
+        body = error.body()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+            *self.config.response_headers("h11"),
+        ]
+        await self._send_h11_event(h11.Response(status_code=status_code, headers=headers))
+        await self._send_h11_event(h11.Data(data=body))
+        await self._send_h11_event(h11.EndOfMessage())
+
+
+class Http11Server(TCPServer):
+    """hypercorn's TCPServer on a plain socket, serving `Http11Protocol`: its `run` without the
+    TLS branch, and without the wrapper that would switch a connection to HTTP/2 (TCPServer has
+    no setting for that)."""
+
+    async def run(self) -> None:
+        socket = self.stream.socket
+        try:
+            client = parse_socket_addr(socket.family, socket.getpeername())
+            server = parse_socket_addr(socket.family, socket.getsockname())
+            async with TaskGroup() as task_group:
+                self._task_group = task_group
+                self.protocol = Http11Protocol(  # type: ignore[assignment]
+                    self.app, self.config, self.context, task_group,
+                    ConnectionState(self.state), False, client, server, self.protocol_send,
+                )  # fmt: skip
+                await self.protocol.initiate()
+                await self.idle_task.restart(self._task_group, self._idle_timeout)
+                await self._read_data()
+        except OSError:
+            pass  # the client is gone
+        finally:
+            await self._close()
+
+
 class Listener:
-    """Accepts connections on a bound socket and serves each with hypercorn's protocol."""
+    """Accepts connections on a bound socket and serves each with hypercorn's HTTP/1.1."""
 
     def __init__(
         self,
@@ -189,7 +277,7 @@ class Listener:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_reap_when_closed, info, nursery.cancel_scope)
-                await TCPServer(
+                await Http11Server(
                     self._app, self._config, self._context, ConnectionState({}), bounded
                 )
                 nursery.cancel_scope.cancel()

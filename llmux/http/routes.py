@@ -12,8 +12,12 @@ Why it is shaped like this:
   origin form is refused with 400 before any route is looked at: such a path means something
   different to each server that reads it. `%2F` is accepted only inside a model-name parameter,
   which llmux decodes and consumes itself (model names such as `Qwen/Qwen2.5-7B` hold slashes).
+- The query string goes upstream as received too, so it is held to what a client that encodes
+  sends: printable ASCII, no space, no raw `#`. Over HTTP/1.1 the parser refuses most of the
+  rest already, but llmux does not rely on a parser (HTTP/2 carries any byte but CR, LF, NUL).
 
-This module does no I/O: it turns (method, raw path) into a `RouteMatch` or an `LlmuxError`.
+This module does no I/O: it turns (method, raw path, query) into a `RouteMatch` or an
+`LlmuxError`.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from dataclasses import dataclass
 from enum import Enum
 from urllib.parse import unquote_to_bytes
 
-from llmux.errors import InvalidPath, MethodNotAllowed, RouteNotFound
+from llmux.errors import InvalidPath, InvalidQuery, MethodNotAllowed, RouteNotFound
 
 
 class ModelFrom(Enum):
@@ -151,10 +155,11 @@ class RouteTable:
         self.routes = tuple(r for r in routes if admin or r.access is not Access.ADMIN)
         self._compiled = [(route, _compile(route.pattern)) for route in self.routes]
 
-    def match(self, method: str, raw_path: bytes) -> RouteMatch:
-        """The route for a request; raise InvalidPath (400), RouteNotFound (404) or
-        MethodNotAllowed (405)."""
+    def match(self, method: str, raw_path: bytes, query: bytes = b"") -> RouteMatch:
+        """The route for a request; raise InvalidPath or InvalidQuery (400), RouteNotFound
+        (404) or MethodNotAllowed (405)."""
         check_path(raw_path)
+        check_query(query)
         allowed: list[str] = []
         for route, pattern in self._compiled:
             found = pattern.fullmatch(raw_path)
@@ -236,6 +241,18 @@ def check_path(raw_path: bytes) -> None:
         decoded = unquote_to_bytes(decoded)
     if b"\\" in decoded or any(s in (b".", b"..") for s in decoded.split(b"/")):
         raise InvalidPath("the path must not hold . or .. segments, raw or encoded")
+
+
+def check_query(query: bytes) -> None:
+    """Refuse (400) a query string holding what a client would have percent-encoded: it would
+    reach the backend's request line as is (a space there splits it)."""
+    if any(byte < 0x21 or byte > 0x7E for byte in query):
+        raise InvalidQuery(
+            "the query string holds a space, a control or a byte outside printable ASCII; "
+            "percent-encode it"
+        )
+    if b"#" in query:
+        raise InvalidQuery("the query string must not hold a raw # (a fragment); write %23")
 
 
 def _outside_model(found: re.Match[bytes], raw_path: bytes) -> bytes:

@@ -30,6 +30,7 @@ EVENTS = (
     "request_timeout",
     "model_dead",
     "request",
+    "internal_error",
     "config_rejected",
     "config_reloaded",
     "backend_timeout",

@@ -76,6 +76,12 @@ class Metrics:
         self.requests_total = Counter(
             "llmux_requests_total", "Total requests processed", ["model", "status"], registry=r
         )
+        self.internal_errors = Counter(
+            "llmux_internal_errors_total",
+            "Requests that failed on a bug of llmux's (answered 500, or cut; logged with a "
+            "traceback as internal_error)",
+            registry=r,
+        )
         self.request_duration = Histogram(
             "llmux_request_duration_seconds",
             "End-to-end request duration (time to first byte)",

@@ -65,6 +65,7 @@ class _ForwardedMetric:
 
 FORWARDED_METRICS = (
     "requests_total",
+    "internal_errors",
     "request_duration",
     "backend_timeouts",
     "client_send_timeouts",
