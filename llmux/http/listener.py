@@ -42,12 +42,11 @@ import trio
 from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.events import Closed, RawData
+from hypercorn.protocol import ProtocolWrapper
 from hypercorn.protocol.h11 import H11Protocol
-from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ASGIFramework, ConnectionState
-from hypercorn.utils import parse_socket_addr
 
 from llmux.errors import HeadersTooLarge, InvalidRequest, error_body
 from llmux.http.watchdog import Watchdog
@@ -192,28 +191,21 @@ class Http11Protocol(H11Protocol):
 
 
 class Http11Server(TCPServer):
-    """hypercorn's TCPServer on a plain socket, serving `Http11Protocol`: its `run` without the
-    TLS branch, and without the wrapper that would switch a connection to HTTP/2 (TCPServer has
-    no setting for that)."""
+    """hypercorn's TCPServer serving `Http11Protocol` only. Its `run` builds a ProtocolWrapper,
+    which would switch the connection to HTTP/2 when the client asks; the wrapper is handed our
+    protocol in place of its own as `run` sets it (TCPServer has no setting for that)."""
 
-    async def run(self) -> None:
-        socket = self.stream.socket
-        try:
-            client = parse_socket_addr(socket.family, socket.getpeername())
-            server = parse_socket_addr(socket.family, socket.getsockname())
-            async with TaskGroup() as task_group:
-                self._task_group = task_group
-                self.protocol = Http11Protocol(  # type: ignore[assignment]
-                    self.app, self.config, self.context, task_group,
-                    ConnectionState(self.state), False, client, server, self.protocol_send,
-                )  # fmt: skip
-                await self.protocol.initiate()
-                await self.idle_task.restart(self._task_group, self._idle_timeout)
-                await self._read_data()
-        except OSError:
-            pass  # the client is gone
-        finally:
-            await self._close()
+    @property
+    def protocol(self) -> ProtocolWrapper:
+        return self._wrapper
+
+    @protocol.setter
+    def protocol(self, wrapper: ProtocolWrapper) -> None:
+        w = wrapper
+        w.protocol = Http11Protocol(
+            w.app, w.config, w.context, w.task_group, w.state, w.ssl, w.client, w.server, w.send
+        )
+        self._wrapper = wrapper
 
 
 class Listener:
