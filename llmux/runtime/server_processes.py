@@ -9,6 +9,8 @@ Why it is shaped like this:
   descriptor, like every file there); a wake that fails quotes the log's last lines.
 - A task waits on each server, so its exit is known at once and reported (`on_exit`), instead of
   at the model's next alive check. When llmux stops, every server it started is stopped.
+- A server is what it was started with (its Launch: command line, port, environment), not its
+  model's name: a reload may change any of them, and the server then running is another one.
 """
 
 from __future__ import annotations
@@ -65,9 +67,30 @@ def log_name(model: str) -> str:
     return f"server-{safe}.log"
 
 
+@dataclass(frozen=True)
+class Launch:
+    """What a server was started with. A config that would start it otherwise (another command
+    line, port or environment: a `kind` changes VLLM_SERVER_DEV_MODE) describes another server."""
+
+    command: str
+    port: int
+    env: dict[str, str]
+
+    def differences(self, other: Launch) -> list[str]:
+        """What `other` starts otherwise, in words for a log line."""
+        words = {"command": "command line", "port": "port", "env": "environment"}
+        return [words[key] for key in words if getattr(self, key) != getattr(other, key)]
+
+
+def launch_of(backend: ModelConfig) -> Launch:
+    """What `backend` starts its server with, by the config in force."""
+    return Launch(server_command(backend), backend.port, server_environment(backend))
+
+
 @dataclass(eq=False)
 class _Server:
     process: trio.Process
+    launch: Launch
     stopping: bool = False
     exited: trio.Event = field(default_factory=trio.Event)
 
@@ -97,6 +120,15 @@ class ServerProcesses:
     def running(self, model: str) -> bool:
         return model in self._servers
 
+    def launch(self, model: str) -> Launch | None:
+        """What the model's running server was started with, if one runs."""
+        server = self._servers.get(model)
+        return server.launch if server is not None else None
+
+    def running_as(self, backend: ModelConfig) -> bool:
+        """Whether the model's server runs as `backend` would start it."""
+        return self.launch(backend.name) == launch_of(backend)
+
     def pid(self, model: str) -> int | None:
         """The pid (and process group) of the model's running server, if one runs."""
         server = self._servers.get(model)
@@ -113,13 +145,13 @@ class ServerProcesses:
         """Start the model's server; it runs until `stop`, its own exit, or llmux's end."""
         assert self._nursery is not None, "ServerProcesses.run must be running"
         assert backend.name not in self._servers, "one server per model"
-        command = server_command(backend)
-        output = self._open_log(backend.name, command)
+        launch = launch_of(backend)
+        output = self._open_log(backend.name, launch.command)
         try:
             process = await trio.lowlevel.open_process(
-                ["sh", "-c", command],
+                ["sh", "-c", launch.command],
                 cwd=str(self.cwd),
-                env=server_environment(backend),
+                env=launch.env,
                 stdin=subprocess.DEVNULL,
                 stdout=output,
                 stderr=output,
@@ -128,7 +160,7 @@ class ServerProcesses:
         finally:
             os.close(output)
         self.registry.add(process.pid)
-        server = _Server(process)
+        server = _Server(process, launch)
         self._servers[backend.name] = server
         self._exit_codes.pop(backend.name, None)
         log_event(
