@@ -138,8 +138,9 @@ async def test_a_reload_of_a_started_server_takes_effect(change, state, tmp_path
                     while fleet.models["a"].state is not ModelState.WAKING:
                         await trio.sleep(0.005)
             assert await server.reload()
-            if state == "awake":
-                # Retired, it is stopped at once: no request has to come to free its memory.
+            if state == "awake" or (state == "asleep" and change != "sleep_level"):
+                # Retired, or asleep and never to be woken as it runs: stopped at once, with no
+                # request needed to free its memory.
                 await until_gone(first_pid)
             await ask_a()
             # The new server shares its group: b takes its place, then it takes b's.
@@ -154,3 +155,22 @@ async def test_a_reload_of_a_started_server_takes_effect(change, state, tmp_path
         assert fleet.servers.pid("a") == current
         assert [pid for pid in old_pids if process_running(pid)] == [], "an old server survives"
     assert watch.trouble == []
+
+
+@pytest.mark.parametrize("state", ["asleep", "awake"])
+async def test_the_server_of_a_removed_model_is_stopped(state, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="llmux.servers")
+    a = model_block("a", free_port(), kind="vllm", cmd=fake_vllm("a"))
+    b = model_block("b", free_port(), kind="vllm", cmd=fake_vllm("b"))
+    path = write_config(tmp_path, a + b, defaults=DEFAULTS)
+    async with llmux_running(path) as (server, client):
+        assert await answer(client, "a") == "a"
+        if state == "asleep":
+            await server.app.fleet.put_to_sleep("a")
+        (pid,) = started_pids(caplog, "a")
+        write_config(tmp_path, b, defaults=DEFAULTS)
+        assert await server.reload()
+        await until_gone(pid)
+        assert await answer(client, "b") == "b"
+        response = await client.post("/v1/chat/completions", json=chat("a"))
+        assert response.status_code == 404

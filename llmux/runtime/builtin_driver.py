@@ -111,14 +111,14 @@ class BuiltinDriver:
         """Stop the server a config no longer in force started, before the configured one
         starts (on the same port, maybe; and never two at once: the old one holds memory)."""
         old = self.processes.launch(backend.name)
-        assert old is not None
-        changed = old.differences(launch_of(backend))
-        log_event(
-            log, "server_replaced", f"the server of {backend.name} (pid "
-            f"{self.processes.pid(backend.name)}) was started with another "
-            f"{' and '.join(changed)} than the config now says: stopping it to start the new one",
-            model=backend.name, changed=changed,
-        )  # fmt: skip
+        if old is not None:  # else it is being stopped already
+            changed = old.differences(launch_of(backend))
+            log_event(
+                log, "server_replaced", f"the server of {backend.name} (pid "
+                f"{self.processes.pid(backend.name)}) was started with another "
+                f"{' and '.join(changed)} than the config now says: stopping it to start the "
+                "new one", model=backend.name, changed=changed,
+            )  # fmt: skip
         grace = min(STOP_GRACE_SECS, backend.wake_timeout_secs / 2)
         await self.processes.stop(backend.name, grace=grace)
 

@@ -8,6 +8,7 @@ all of them together.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -16,7 +17,9 @@ import trio
 from llmux.config import Config
 from llmux.core.costs import SwitchCostTracker
 from llmux.core.group import ModelRecord, ReloadSummary, SwitchView
+from llmux.core.states import ModelState
 from llmux.errors import LlmuxError
+from llmux.observe.logs import log_event
 from llmux.observe.metrics import Metrics
 from llmux.policies.interface import Policy
 from llmux.runtime.backends import PerModelDriver, ShellHooks
@@ -25,6 +28,8 @@ from llmux.runtime.driver import GroupDriver, Slot
 from llmux.runtime.hook_registry import HookRegistry
 from llmux.runtime.server_processes import ServerProcesses
 from llmux.runtime.state_dir import StateDir
+
+log = logging.getLogger("llmux.servers")
 
 
 class GroupsChanged(Exception):
@@ -92,11 +97,34 @@ class Fleet:
         ]
         self.config = config
         self.metrics.describe_groups(config)
+        self._stop_servers_left_behind()
         return ReloadSummary(
             added=[n for s in summaries for n in s.added],
             removed=[n for s in summaries for n in s.removed],
             changed=[n for s in summaries for n in s.changed],
         )
+
+    def _stop_servers_left_behind(self) -> None:
+        """After a reload, a `cmd` server of a model held asleep that the config would not
+        start as it runs (its model removed, or its command line, port or environment changed)
+        is stopped now: nothing wakes it as it is, and asleep it still holds memory (a level-1
+        vLLM keeps its weights in RAM). A server of a model not asleep, or whose record a reload
+        retired, is left to the core: its retirement drains it, then stops it."""
+        held = {
+            record.name
+            for switcher in self.switchers.values()
+            for record in (*switcher.core.retiring, *switcher.models.values())
+            if record.retiring or record.state is not ModelState.ASLEEP
+        }
+        for name in self.servers.models():
+            backend = self.config.models.get(name)
+            if name in held or (backend is not None and self.servers.running_as(backend)):
+                continue
+            log_event(
+                log, "server_left_behind", f"stopping the server of {name}: it sleeps, and the "
+                "reloaded config would not start it as it runs", model=name,
+            )  # fmt: skip
+            self.servers.stop_soon(name)
 
     # ----- requests -----
 

@@ -121,13 +121,14 @@ class ServerProcesses:
         return model in self._servers
 
     def launch(self, model: str) -> Launch | None:
-        """What the model's running server was started with, if one runs."""
+        """What the model's running server was started with (None: none runs, or it is being
+        stopped: it runs as nothing a wake could use)."""
         server = self._servers.get(model)
-        return server.launch if server is not None else None
+        return server.launch if server is not None and not server.stopping else None
 
     def running_as(self, backend: ModelConfig) -> bool:
-        """Whether the model's server runs as `backend` would start it."""
-        return self.launch(backend.name) == launch_of(backend)
+        """Whether the model's server runs as `backend` would start it (no `cmd`: none would)."""
+        return backend.cmd is not None and self.launch(backend.name) == launch_of(backend)
 
     def pid(self, model: str) -> int | None:
         """The pid (and process group) of the model's running server, if one runs."""
@@ -173,8 +174,23 @@ class ServerProcesses:
     async def stop(self, model: str, grace: float = STOP_GRACE_SECS) -> None:
         """Stop the model's server (SIGTERM to its group, SIGKILL after `grace`) and wait."""
         server = self._servers.get(model)
-        if server is None:
-            return
+        if server is not None:
+            await self._stop(server, grace)
+
+    def stop_soon(self, model: str) -> None:
+        """Stop the model's server in the background: the one running now, not one a wake may
+        start in its place meanwhile."""
+        assert self._nursery is not None, "ServerProcesses.run must be running"
+        server = self._servers.get(model)
+        if server is not None:
+            self._nursery.start_soon(self._stop, server, STOP_GRACE_SECS)
+
+    def models(self) -> list[str]:
+        """The models whose server runs now."""
+        return list(self._servers)
+
+    @staticmethod
+    async def _stop(server: _Server, grace: float) -> None:
         server.stopping = True
         await stop_group(server.process.pid, grace)
         await server.exited.wait()
