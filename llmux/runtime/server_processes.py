@@ -15,13 +15,9 @@ Why it is shaped like this:
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import logging
 import os
-import re
 import subprocess
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,12 +29,11 @@ from llmux.core.states import HookName
 from llmux.observe.logs import log_event
 from llmux.runtime.hook_registry import HookRegistry, stop_group
 from llmux.runtime.hooks import hook_environment
-from llmux.runtime.state_dir import StateDir
+from llmux.runtime.state_dir import StateDir, model_file
 
 log = logging.getLogger("llmux.servers")
 
 STOP_GRACE_SECS = 10.0  # SIGTERM, then SIGKILL if the server still runs after this
-LOG_ROTATE_BYTES = 64 * 1024 * 1024  # a log past this is moved to NAME.log.1 at the next start
 LOG_TAIL_BYTES = 2048
 
 
@@ -59,12 +54,7 @@ def server_environment(backend: ModelConfig) -> dict[str, str]:
 
 
 def log_name(model: str) -> str:
-    """A file name for the model's server log; names with `/` or odd characters get a digest
-    so that two models never share a log."""
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", model)
-    if safe != model or safe.startswith("."):
-        safe = f"{safe.lstrip('.')}-{hashlib.sha256(model.encode()).hexdigest()[:8]}"
-    return f"server-{safe}.log"
+    return model_file("server", model, "log")
 
 
 @dataclass(frozen=True)
@@ -147,7 +137,7 @@ class ServerProcesses:
         assert self._nursery is not None, "ServerProcesses.run must be running"
         assert backend.name not in self._servers, "one server per model"
         launch = launch_of(backend)
-        output = self._open_log(backend.name, launch.command)
+        output = self.state.open_log(log_name(backend.name), f"llmux starts: {launch.command}")
         try:
             process = await trio.lowlevel.open_process(
                 ["sh", "-c", launch.command],
@@ -236,18 +226,3 @@ class ServerProcesses:
         )  # fmt: skip
         for callback in self._on_exit:
             callback(model)
-
-    def _open_log(self, model: str, command: str) -> int:
-        """The server's log, for appending (moved aside first when it has grown too big)."""
-        name = log_name(model)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(name, flags, 0o600, dir_fd=self.state.fd)
-        if os.fstat(fd).st_size > LOG_ROTATE_BYTES:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                fd_dir = self.state.fd
-                os.replace(name, name + ".1", src_dir_fd=fd_dir, dst_dir_fd=fd_dir)
-            fd = os.open(name, flags, 0o600, dir_fd=self.state.fd)
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        os.write(fd, f"--- {stamp} llmux starts: {command}\n".encode())
-        return fd
