@@ -117,14 +117,14 @@ class Vllm:
     def __init__(self, state: StateDir) -> None:
         self.state = state
 
-    def _record(self, backend: ModelConfig) -> str:
+    def _level_file(self, backend: ModelConfig) -> str:
         return f"vllm-{backend.port}.sleep-level"
 
-    def slept_at(self, backend: ModelConfig) -> int | None:
+    def _slept_at(self, backend: ModelConfig) -> int | None:
         """The level llmux put the server to sleep at, if it did (and knows it still)."""
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            fd = os.open(self._record(backend), flags, dir_fd=self.state.fd)
+            fd = os.open(self._level_file(backend), flags, dir_fd=self.state.fd)
         except OSError:
             return None  # none (or not a file of ours): unknown
         try:
@@ -134,7 +134,7 @@ class Vllm:
         return int(text) if text in ("1", "2") else None
 
     async def wake(self, client: httpx.AsyncClient, backend: ModelConfig) -> None:
-        if self.slept_at(backend) == 1:
+        if self._slept_at(backend) == 1:
             await call(client, backend, "POST", "/wake_up")
         else:  # level 2, or unknown: the weights may be gone
             await call(client, backend, "POST", "/wake_up", params={"tags": "weights"})
@@ -147,7 +147,7 @@ class Vllm:
     async def sleep(self, client: httpx.AsyncClient, backend: ModelConfig) -> None:
         # Recorded before the weights may go, and kept if the call fails: it may have slept.
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(self._record(backend), flags, 0o600, dir_fd=self.state.fd)
+        fd = os.open(self._level_file(backend), flags, 0o600, dir_fd=self.state.fd)
         try:
             os.write(fd, f"{backend.sleep_level}\n".encode())
         finally:
@@ -168,7 +168,7 @@ class Vllm:
     def started(self, backend: ModelConfig) -> None:
         """Awake, with its weights: forget the level it slept at."""
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._record(backend), dir_fd=self.state.fd)
+            os.unlink(self._level_file(backend), dir_fd=self.state.fd)
 
 
 class Sglang:
