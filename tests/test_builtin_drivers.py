@@ -66,7 +66,42 @@ async def test_kind_vllm_drives_the_sleep_mode_api_levels_1_and_2(fakes, tmp_pat
     assert targets["POST /wake_up?tags=weights"] == 2  # the level-2 sequence, weights reloaded
     assert targets["POST /collective_rpc"] == 2
     assert targets["POST /wake_up?tags=kv_cache"] == 2
-    assert a.received()["targets"]["POST /sleep?level=1"] == 2
+    a_targets = a.received()["targets"]
+    assert a_targets["POST /sleep?level=1"] == 2
+    assert a_targets["POST /wake_up"] == 1 and "POST /collective_rpc" not in a_targets
+
+
+async def test_a_vllm_wakes_the_way_it_slept_even_after_a_reload_and_a_restart(fakes, tmp_path):
+    """/is_sleeping does not say the level: llmux's own record does. A server put to sleep at
+    level 2 has lost its weights, whatever sleep_level says when it is woken."""
+    (a,) = fakes.start("a", api="vllm", awake=True, wake_delay=0.05)
+    state = {"state_dir": "state"}  # this test's own record, whatever other tests left
+    path = write_config(
+        tmp_path, model_block("a", a.port, kind="vllm", sleep_level=2), server=state
+    )
+    async with llmux_running(path) as (server, client):
+        assert (await client.post("/v1/chat/completions", json=chat("a"))).status_code == 200
+        await server.app.fleet.put_to_sleep("a")
+    assert a.received()["targets"]["POST /sleep?level=2"] == 1
+    write_config(tmp_path, model_block("a", a.port, kind="vllm", sleep_level=1), server=state)
+    async with llmux_running(path) as (server, client):  # a new llmux, with the new level
+        assert (await client.post("/v1/chat/completions", json=chat("a"))).status_code == 200
+    assert clean(a.state()), a.state()
+    assert a.received()["targets"]["POST /collective_rpc"] == 1
+
+
+async def test_a_vllm_asleep_at_a_level_llmux_does_not_know_is_woken_the_level_2_way(
+    fakes, tmp_path
+):
+    """Someone else put it to sleep: reload_weights is harmless after a level-1 sleep, and its
+    absence after a level-2 sleep makes it answer garbage."""
+    (a,) = fakes.start("a", api="vllm", awake=True, wake_delay=0.05)
+    httpx.post(a.url + "/sleep?level=2", timeout=5)
+    path = write_config(tmp_path, model_block("a", a.port, kind="vllm"), server={"state_dir": "s"})
+    async with llmux_running(path) as (_, client):
+        assert (await client.post("/v1/chat/completions", json=chat("a"))).status_code == 200
+    assert clean(a.state()), a.state()
+    assert a.received()["targets"]["POST /collective_rpc"] == 1
 
 
 async def test_kind_vllm_waits_for_a_server_still_loading(fakes, tmp_path):

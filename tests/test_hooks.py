@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import trio
 
+from llmux.runtime.hook_registry import HookRegistry
 from llmux.runtime.hooks import OUTPUT_TAIL_BYTES, run_hook
+from llmux.runtime.state_dir import open_state_dir
 from tests.conftest import process_running
 
 
@@ -117,3 +120,36 @@ async def test_hooks_are_told_their_timeout_and_the_state_folder(fakes, tmp_path
     assert env["LLMUX_TIMEOUT_SECS"] == "42.5"
     assert env["LLMUX_STATE_DIR"] == os.environ["RUNTIME_DIRECTORY"]
     assert (os.stat(env["LLMUX_STATE_DIR"]).st_mode & 0o777) == 0o700
+
+
+async def test_a_server_a_hook_leaves_running_writes_into_the_models_hook_log(tmp_path, caplog):
+    """Not into a deleted temporary file that grows unseen: into `hook-NAME.out` in the state
+    folder, where it can be read; llmux says so, and does not nag a hook that redirects."""
+    state = open_state_dir(tmp_path / "state")
+    registry = HookRegistry(state, tmp_path / "config.toml")
+    pidfile = tmp_path / "bg.pid"
+
+    def warnings() -> list[str]:
+        held = [r for r in caplog.records if getattr(r, "event", None) == "hook_output_held"]
+        return [r.getMessage() for r in held]
+
+    chatty = "sh -c 'while :; do echo tick; sleep 0.05; done'"
+    result = await _run(
+        f"{chatty} & echo $! > {pidfile}; echo started", tmp_path, registry=registry
+    )
+    server = int(pidfile.read_text())
+    group = os.getpgid(server)
+    try:
+        assert result.ok and "started" in result.stdout_tail
+        hook_log = state.path / "hook-m1.out"
+        assert os.path.samefile(f"/proc/{server}/fd/1", hook_log)
+        await trio.sleep(0.2)
+        assert hook_log.read_text().count("tick") > 1
+        assert len(warnings()) == 1 and str(hook_log) in warnings()[0]
+        redirected = "sleep 30 >/dev/null 2>&1 & echo $! >"
+        assert (await _run(f"{redirected} {pidfile}", tmp_path, registry=registry)).ok
+        os.kill(int(pidfile.read_text()), signal.SIGKILL)
+        assert len(warnings()) == 1
+    finally:
+        os.killpg(group, signal.SIGKILL)
+        state.close()

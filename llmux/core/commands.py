@@ -28,6 +28,11 @@ class Refuse:
     error: LlmuxError
 
 
+# In a RunHook's `env`: the sleep of a record a reload replaced or removed (or that is held
+# unknown), its last. A server llmux started is stopped then, not put to sleep (builtin_driver.py).
+RETIRING_ENV = {"LLMUX_RETIRING": "1"}
+
+
 @dataclass(frozen=True)
 class RunHook:
     """Run `hook` of `model` with `backend`'s commands and timeouts; answer `HookDone(job)`."""

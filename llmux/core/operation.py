@@ -29,10 +29,6 @@ if TYPE_CHECKING:
 
 FAILED_SWITCH_BACKOFF_SECS = 2.0
 
-# The sleep of a record a reload replaced or removed (or that is held unknown): its last sleep.
-# A server llmux started is stopped then, not put to sleep (builtin_driver.py).
-RETIRING_ENV = {"LLMUX_RETIRING": "1"}
-
 
 class Phase(StrEnum):
     """Where an operation stands: what it waits for next."""

@@ -16,9 +16,9 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from llmux.core import events as ev
+from llmux.core.commands import RETIRING_ENV
 from llmux.core.operation import (
     FAILED_SWITCH_BACKOFF_SECS,
-    RETIRING_ENV,
     Group,
     Operation,
     Phase,

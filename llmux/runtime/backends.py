@@ -28,8 +28,8 @@ class BackendDriver(Protocol):
 
     async def alive(self, backend: ModelConfig) -> HookResult: ...
 
-    def on_exit(self, callback: Callable[[str], None]) -> None:
-        """Call `callback(model)` when a server process the driver supervises exits."""
+    def on_exit(self, callback: Callable[[str, int], None]) -> None:
+        """Call `callback(model, port)` when a server process the driver supervises exits."""
 
 
 class ShellHooks:
@@ -48,7 +48,7 @@ class ShellHooks:
     async def alive(self, backend: ModelConfig) -> HookResult:
         return await self._run(HookName.ALIVE, backend, {})
 
-    def on_exit(self, callback: Callable[[str], None]) -> None:
+    def on_exit(self, callback: Callable[[str, int], None]) -> None:
         """Shell hooks supervise no server process: nothing ever exits under them."""
 
     async def _run(
@@ -86,7 +86,7 @@ class PerModelDriver:
     async def alive(self, backend: ModelConfig) -> HookResult:
         return await self._of(backend).alive(backend)
 
-    def on_exit(self, callback: Callable[[str], None]) -> None:
+    def on_exit(self, callback: Callable[[str, int], None]) -> None:
         self.hooks.on_exit(callback)
         self.built_in.on_exit(callback)
 

@@ -6,10 +6,15 @@ core, the metrics and the logs treat it exactly as they treat a hook:
 - wake: with `cmd`, a server that is not running is started (a first start is a wake: the core
   starts one at a time, within capacity) and waited for until its ready path answers 200, and
   stopped again if it exits or is not ready in time. A server that is up but asleep is woken
-  through its engine's API; then the step waits until the engine says it serves.
-- sleep: through the engine's API; a plain `cmd` server (no kind) is stopped. A `cmd` server
-  that is not running is asleep already.
-- alive: serving now, by the engine's answer; a `cmd` server that is not running is not.
+  through its engine's API; then the step waits until the engine says it serves. A server is
+  what it was started with (server_processes.Launch): one started with another command line,
+  port or environment than the config now says (a reload changed it while the model slept) is
+  stopped first, and the configured one started.
+- sleep: through the engine's API; a plain `cmd` server (no kind) is stopped, and so is any
+  `cmd` server at its last sleep (LLMUX_RETIRING: a reload replaced or removed its config, so
+  nothing will wake it as it is). A `cmd` server that is not running is asleep already.
+- alive: serving now, by the engine's answer; a `cmd` server that is not running (as the config
+  says) is not.
 """
 
 from __future__ import annotations
@@ -23,11 +28,12 @@ import httpx
 import trio
 
 from llmux.config import ModelConfig
+from llmux.core.commands import RETIRING_ENV
 from llmux.core.states import HookName
 from llmux.observe.logs import log_event
 from llmux.runtime.engines import POLL_SECS, Engine, EngineError, engines, up
 from llmux.runtime.hooks import HookResult
-from llmux.runtime.server_processes import STOP_GRACE_SECS, ServerProcesses
+from llmux.runtime.server_processes import STOP_GRACE_SECS, ServerProcesses, launch_of
 from llmux.runtime.state_dir import StateDir
 
 log = logging.getLogger("llmux.hooks")
@@ -52,20 +58,21 @@ class BuiltinDriver:
         return await self._step(HookName.WAKE, backend, self._wake)
 
     async def sleep(self, backend: ModelConfig, env: Mapping[str, str]) -> HookResult:
-        return await self._step(HookName.SLEEP, backend, self._sleep)
+        retiring = backend.cmd is not None and _retiring(env)
+        return await self._step(HookName.SLEEP, backend, self._stop if retiring else self._sleep)
 
     async def alive(self, backend: ModelConfig) -> HookResult:
         return await self._step(HookName.ALIVE, backend, self._alive)
 
-    def on_exit(self, callback: Callable[[str], None]) -> None:
+    def on_exit(self, callback: Callable[[str, int], None]) -> None:
         self.processes.on_exit(callback)
 
     def _engine(self, backend: ModelConfig) -> Engine:
         return self.engines[backend.kind]
 
     def _not_started(self, backend: ModelConfig) -> bool:
-        """A `cmd` model whose server does not run (not yet, or no longer)."""
-        return backend.cmd is not None and not self.processes.running(backend.name)
+        """A `cmd` model whose server does not run as configured (not yet, or no longer)."""
+        return backend.cmd is not None and not self.processes.running_as(backend)
 
     # ----- the steps: True when done, False for "not serving" (alive) -----
 
@@ -73,6 +80,8 @@ class BuiltinDriver:
         self, client: httpx.AsyncClient, backend: ModelConfig, notes: StepNotes
     ) -> bool:
         engine = self._engine(backend)
+        if self._not_started(backend) and self.processes.running(backend.name):
+            await self._replace(backend)  # a reload changed it while the model slept
         if self._not_started(backend):
             notes.cold_start = True
             engine.started(backend)
@@ -96,15 +105,38 @@ class BuiltinDriver:
         if self._not_started(backend):
             return True  # nothing runs, nothing holds memory
         if backend.kind is None:
-            # SIGKILL comes early enough for the stop to end within the sleep's own timeout.
-            grace = min(STOP_GRACE_SECS, backend.sleep_timeout_secs / 2)
-            await self.processes.stop(backend.name, grace=grace)
-            return True
+            return await self._stop(client, backend)
         engine = self._engine(backend)
         if not await engine.asleep(client, backend):
             await engine.sleep(client, backend)
             await _until(lambda: engine.asleep(client, backend))
         return True
+
+    async def _stop(
+        self, client: httpx.AsyncClient, backend: ModelConfig, notes: StepNotes | None = None
+    ) -> bool:
+        """Stop the model's server if it runs as `backend` says (another one is not ours to
+        stop here: it may be the one a reload's new config started)."""
+        if not self._not_started(backend):
+            # SIGKILL comes early enough for the stop to end within the sleep's own timeout.
+            grace = min(STOP_GRACE_SECS, backend.sleep_timeout_secs / 2)
+            await self.processes.stop(backend.name, grace=grace)
+        return True
+
+    async def _replace(self, backend: ModelConfig) -> None:
+        """Stop the server a config no longer in force started, before the configured one
+        starts (on the same port, maybe; and never two at once: the old one holds memory)."""
+        old = self.processes.launch(backend.name)
+        if old is not None:  # else it is being stopped already
+            changed = old.differences(launch_of(backend))
+            log_event(
+                log, "server_replaced", f"the server of {backend.name} (pid "
+                f"{self.processes.pid(backend.name)}) was started with another "
+                f"{' and '.join(changed)} than the config now says: stopping it to start the "
+                "new one", model=backend.name, changed=changed,
+            )  # fmt: skip
+        grace = min(STOP_GRACE_SECS, backend.wake_timeout_secs / 2)
+        await self.processes.stop(backend.name, grace=grace)
 
     async def _alive(
         self, client: httpx.AsyncClient, backend: ModelConfig, notes: StepNotes
@@ -158,6 +190,11 @@ class BuiltinDriver:
     def _describe(backend: ModelConfig) -> str:
         what = backend.kind or "server"
         return f"{what} on port {backend.port}"
+
+
+def _retiring(env: Mapping[str, str]) -> bool:
+    """The last sleep of a record a reload replaced or removed (see core/group.py)."""
+    return all(env.get(key) == value for key, value in RETIRING_ENV.items())
 
 
 async def _until(check: Callable[[], Awaitable[bool]]) -> None:

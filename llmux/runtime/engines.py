@@ -6,7 +6,12 @@ server offers, and why the answers are asked as they are:
 - vLLM (sleep mode, `VLLM_SERVER_DEV_MODE=1`): `POST /sleep?level=N` (level in the query: a
   JSON body is ignored), `POST /wake_up`, `GET /is_sleeping`. `/health` is 200 while asleep, so
   serving means `/is_sleeping` says false. After a level-2 sleep the weights are gone: wake the
-  weights, `collective_rpc` `reload_weights`, then wake the KV cache.
+  weights, `collective_rpc` `reload_weights`, then wake the KV cache (without the reload it
+  answers from garbage weights: vLLM issue #29341). `/is_sleeping` does not say at which level,
+  and a reload may change `sleep_level` while a model sleeps, so llmux records the level it put
+  each server to sleep at, in its state folder (a restarted llmux knows it too), and a wake
+  follows the record. With no record (a server someone else put to sleep), the wake takes the
+  level-2 way: `reload_weights` after a level-1 sleep only loads the same weights again.
 - SGLang (`--enable-memory-saver`): `POST /release_memory_occupation` and
   `/resume_memory_occupation`. It cannot tell whether its memory is released, so llmux keeps a
   marker in its state folder (the same one the example hooks use) while it is.
@@ -109,17 +114,44 @@ class PlainServer:
 
 
 class Vllm:
+    def __init__(self, state: StateDir) -> None:
+        self.state = state
+
+    def _level_file(self, backend: ModelConfig) -> str:
+        return f"vllm-{backend.port}.sleep-level"
+
+    def _slept_at(self, backend: ModelConfig) -> int | None:
+        """The level llmux put the server to sleep at, if it did (and knows it still)."""
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(self._level_file(backend), flags, dir_fd=self.state.fd)
+        except OSError:
+            return None  # none (or not a file of ours): unknown
+        try:
+            text = os.read(fd, 16).decode("ascii", errors="replace").strip()
+        finally:
+            os.close(fd)
+        return int(text) if text in ("1", "2") else None
+
     async def wake(self, client: httpx.AsyncClient, backend: ModelConfig) -> None:
-        if backend.sleep_level == 2:
+        if self._slept_at(backend) == 1:
+            await call(client, backend, "POST", "/wake_up")
+        else:  # level 2, or unknown: the weights may be gone
             await call(client, backend, "POST", "/wake_up", params={"tags": "weights"})
             await call(
                 client, backend, "POST", "/collective_rpc", json={"method": "reload_weights"}
             )
             await call(client, backend, "POST", "/wake_up", params={"tags": "kv_cache"})
-        else:
-            await call(client, backend, "POST", "/wake_up")
+        self.started(backend)
 
     async def sleep(self, client: httpx.AsyncClient, backend: ModelConfig) -> None:
+        # Recorded before the weights may go, and kept if the call fails: it may have slept.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(self._level_file(backend), flags, 0o600, dir_fd=self.state.fd)
+        try:
+            os.write(fd, f"{backend.sleep_level}\n".encode())
+        finally:
+            os.close(fd)
         await call(client, backend, "POST", "/sleep", params={"level": backend.sleep_level})
 
     async def serving(self, client: httpx.AsyncClient, backend: ModelConfig) -> bool:
@@ -134,7 +166,9 @@ class Vllm:
         return answer.get("is_sleeping") if isinstance(answer, dict) else None
 
     def started(self, backend: ModelConfig) -> None:
-        """vLLM starts awake and says so itself."""
+        """Awake, with its weights: forget the level it slept at."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._level_file(backend), dir_fd=self.state.fd)
 
 
 class Sglang:
@@ -215,4 +249,9 @@ class Ollama:
 
 def engines(state: StateDir) -> dict[str | None, Engine]:
     """The engine of each kind (None: a plain `cmd` server)."""
-    return {None: PlainServer(), "vllm": Vllm(), "sglang": Sglang(state), "ollama": Ollama()}
+    return {
+        None: PlainServer(),
+        "vllm": Vllm(state),
+        "sglang": Sglang(state),
+        "ollama": Ollama(),
+    }

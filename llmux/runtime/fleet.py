@@ -8,6 +8,7 @@ all of them together.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -16,7 +17,9 @@ import trio
 from llmux.config import Config
 from llmux.core.costs import SwitchCostTracker
 from llmux.core.records import ModelRecord, ReloadSummary, SwitchView
+from llmux.core.states import ModelState
 from llmux.errors import LlmuxError
+from llmux.observe.logs import log_event
 from llmux.observe.metrics import Metrics
 from llmux.policies.interface import Policy
 from llmux.runtime.backends import PerModelDriver, ShellHooks
@@ -25,6 +28,8 @@ from llmux.runtime.driver import GroupDriver, Slot
 from llmux.runtime.hook_registry import HookRegistry
 from llmux.runtime.server_processes import ServerProcesses
 from llmux.runtime.state_dir import StateDir
+
+log = logging.getLogger("llmux.servers")
 
 
 class GroupsChanged(Exception):
@@ -92,11 +97,34 @@ class Fleet:
         ]
         self.config = config
         self.metrics.describe_groups(config)
+        self._stop_servers_left_behind()
         return ReloadSummary(
             added=[n for s in summaries for n in s.added],
             removed=[n for s in summaries for n in s.removed],
             changed=[n for s in summaries for n in s.changed],
         )
+
+    def _stop_servers_left_behind(self) -> None:
+        """After a reload, a `cmd` server of a model held asleep that the config would not
+        start as it runs (its model removed, or its command line, port or environment changed)
+        is stopped now: nothing wakes it as it is, and asleep it still holds memory (a level-1
+        vLLM keeps its weights in RAM). A server of a model not asleep, or whose record a reload
+        retired, is left to the core: its retirement drains it, then stops it."""
+        held = {
+            record.name
+            for switcher in self.switchers.values()
+            for record in (*switcher.core.retiring, *switcher.models.values())
+            if record.retiring or record.state is not ModelState.ASLEEP
+        }
+        for name in self.servers.models():
+            backend = self.config.models.get(name)
+            if name in held or (backend is not None and self.servers.running_as(backend)):
+                continue
+            log_event(
+                log, "server_left_behind", f"stopping the server of {name}: it sleeps, and the "
+                "reloaded config would not start it as it runs", model=name,
+            )  # fmt: skip
+            self.servers.stop_soon(name)
 
     # ----- requests -----
 
@@ -127,13 +155,13 @@ class Fleet:
             return  # a reload removed it since its request was granted: it is being retired
         self.switchers[config.group].report_unreachable(model)
 
-    def report_exit(self, model: str) -> None:
+    def report_exit(self, model: str, port: int | None = None) -> None:
         """The server llmux started for `model` exited on its own: its group acts at once."""
         config = self.config.models.get(model)
         group = config.group if config is not None else None
         for name, switcher in self.switchers.items():
             if group is None or name == group:
-                switcher.report_exit(model)  # a removed model's record may still be retiring
+                switcher.report_exit(model, port)  # a removed model's may still be retiring
 
     async def put_to_sleep(self, model: str) -> None:
         await self.switcher_of(model).put_to_sleep(model)

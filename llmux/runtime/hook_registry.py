@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import trio
@@ -149,18 +150,21 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
 def group_runs(pgid: int) -> bool:
     """Whether any process of the group runs. Zombies do not count: a killed hook's children
     are reparented to init, which may take a while to reap them."""
-    proc = Path("/proc")
-    if not proc.is_dir():
+    if not Path("/proc").is_dir():
         try:
             os.killpg(pgid, 0)
         except ProcessLookupError:
             return False
         return True
-    for process_stat in proc.glob("[0-9]*/stat"):
+    return any(True for _ in group_members(pgid))
+
+
+def group_members(pgid: int) -> Iterator[int]:
+    """The running processes of a group, as /proc lists them (none without /proc)."""
+    for process_stat in Path("/proc").glob("[0-9]*/stat"):
         fields = _stat_fields(process_stat)
         if fields is not None and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-            return True
-    return False
+            yield int(process_stat.parent.name)
 
 
 def _start_time(pid: int) -> str | None:

@@ -3,31 +3,37 @@
 Why it is shaped like this:
 - Each hook gets its own process group, so a timeout or a shutdown can stop everything it started
   (SIGTERM to the group, SIGKILL after a grace period): no hook process outlives its timeout.
-- Output goes to temporary files, not pipes. A wake hook that starts a server with `&` leaves that
-  server holding the hook's stdout/stderr; with a pipe llmux would wait for EOF forever (or kill the
+- Output goes to files, not pipes. A wake hook that starts a server with `&` leaves that server
+  holding the hook's stdout/stderr; with a pipe llmux would wait for EOF forever (or kill the
   server with SIGPIPE once it stops reading). With a file, the hook is done when its shell exits.
+  The files are the model's hook logs in the state folder (`hook-NAME.out`, `hook-NAME.err`),
+  appended to by each run, of which llmux reads its own part: such a server goes on writing
+  where its output can be read (and is rotated), not into a deleted temporary file that grows
+  unseen until the server exits. A warning names the processes a hook left writing there.
 - The environment is llmux's own minus `NOTIFY_SOCKET` (a hook must not talk to systemd for us),
   plus `LLMUX_*` variables. Nothing from a client request ever reaches a hook.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import trio
 
 from llmux.core.states import HookName
 from llmux.observe.logs import log_event
-from llmux.runtime.hook_registry import HookRegistry, stop_group
+from llmux.runtime.hook_registry import HookRegistry, group_members, stop_group
+from llmux.runtime.state_dir import StateDir, model_file
 
 log = logging.getLogger("llmux.hooks")
 
@@ -103,15 +109,16 @@ async def run_hook(
     if registry is not None:
         env["LLMUX_STATE_DIR"] = str(registry.state.path)  # for pid files and markers
     started = time.monotonic()
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    state = registry.state if registry is not None else None
+    with _captured(state, model, hook, command) as (out, err):
         try:
             process = await trio.lowlevel.open_process(
                 ["sh", "-c", command],
                 cwd=str(cwd),
                 env=env,
                 stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
+                stdout=out.fd,
+                stderr=err.fd,
                 start_new_session=True,
             )
         except OSError as exc:  # the hook folder vanished, no `sh`, out of processes...
@@ -149,9 +156,11 @@ async def run_hook(
             exit_code=None if timed_out else process.returncode,
             timed_out=timed_out,
             duration=duration,
-            stdout_tail=_tail(out),
-            stderr_tail=_tail(err),
+            stdout_tail=out.tail(),
+            stderr_tail=err.tail(),
         )
+        if state is not None and not timed_out:
+            _warn_if_output_held(hook, model, process.pid, state, (out, err))
     log_result(result)
     return result
 
@@ -162,11 +171,67 @@ async def _stop(process: trio.Process, grace: float) -> None:
     await process.wait()
 
 
-def _tail(stream: BinaryIO) -> str:
-    """The last OUTPUT_TAIL_BYTES of a captured stream, decoded leniently."""
-    size = stream.seek(0, os.SEEK_END)
-    stream.seek(max(0, size - OUTPUT_TAIL_BYTES))
-    return stream.read().decode("utf-8", errors="replace")
+@dataclass(frozen=True)
+class _Capture:
+    """One output stream of one hook run: a file, and where this run's part of it begins."""
+
+    fd: int
+    start: int
+
+    def tail(self) -> str:
+        """The last OUTPUT_TAIL_BYTES of this run's part, decoded leniently."""
+        end = os.fstat(self.fd).st_size
+        begin = max(self.start, end - OUTPUT_TAIL_BYTES)
+        return os.pread(self.fd, end - begin, begin).decode("utf-8", errors="replace")
+
+
+@contextmanager
+def _captured(
+    state: StateDir | None, model: str, hook: HookName, command: str
+) -> Iterator[tuple[_Capture, _Capture]]:
+    """Where the hook's stdout and stderr go: the model's hook logs in the state folder, or
+    temporary files when there is none (a hook run outside llmux's server)."""
+    fds: list[int] = []
+    try:
+        for stream in ("out", "err"):
+            if state is None:
+                fd, path = tempfile.mkstemp()
+                os.unlink(path)
+            else:
+                fd = state.open_log(model_file("hook", model, stream), f"{hook} hook: {command}")
+            fds.append(fd)
+        out, err = (_Capture(fd, os.fstat(fd).st_size) for fd in fds)
+        yield out, err
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _warn_if_output_held(
+    hook: HookName, model: str, pgid: int, state: StateDir, captures: tuple[_Capture, ...]
+) -> None:
+    """Say so when a process the hook started in the background (still in its group) writes
+    into its output files: a server whose output should have been redirected."""
+    files = {(info.st_dev, info.st_ino) for info in (os.fstat(c.fd) for c in captures)}
+    holders = [pid for pid in group_members(pgid) if files & _open_files(pid)]
+    if holders:
+        logs = " and ".join(str(state.path / model_file("hook", model, s)) for s in ("out", "err"))
+        log_event(
+            log, "hook_output_held", f"{hook} hook for {model} left processes running "
+            f"({', '.join(map(str, holders))}) that write into {logs}: redirect their output",
+            logging.WARNING, model=model, hook=hook, pids=holders,
+        )  # fmt: skip
+
+
+def _open_files(pid: int) -> set[tuple[int, int]]:
+    """(device, inode) of what a process has open, as far as /proc lets us see."""
+    found: set[tuple[int, int]] = set()
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                info = os.stat(entry.path)
+                found.add((info.st_dev, info.st_ino))
+    return found
 
 
 def log_result(result: HookResult) -> None:

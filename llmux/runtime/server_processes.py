@@ -9,17 +9,15 @@ Why it is shaped like this:
   descriptor, like every file there); a wake that fails quotes the log's last lines.
 - A task waits on each server, so its exit is known at once and reported (`on_exit`), instead of
   at the model's next alive check. When llmux stops, every server it started is stopped.
+- A server is what it was started with (its Launch: command line, port, environment), not its
+  model's name: a reload may change any of them, and the server then running is another one.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import logging
 import os
-import re
 import subprocess
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,12 +29,11 @@ from llmux.core.states import HookName
 from llmux.observe.logs import log_event
 from llmux.runtime.hook_registry import HookRegistry, stop_group
 from llmux.runtime.hooks import hook_environment
-from llmux.runtime.state_dir import StateDir
+from llmux.runtime.state_dir import StateDir, model_file
 
 log = logging.getLogger("llmux.servers")
 
 STOP_GRACE_SECS = 10.0  # SIGTERM, then SIGKILL if the server still runs after this
-LOG_ROTATE_BYTES = 64 * 1024 * 1024  # a log past this is moved to NAME.log.1 at the next start
 LOG_TAIL_BYTES = 2048
 
 
@@ -57,17 +54,33 @@ def server_environment(backend: ModelConfig) -> dict[str, str]:
 
 
 def log_name(model: str) -> str:
-    """A file name for the model's server log; names with `/` or odd characters get a digest
-    so that two models never share a log."""
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", model)
-    if safe != model or safe.startswith("."):
-        safe = f"{safe.lstrip('.')}-{hashlib.sha256(model.encode()).hexdigest()[:8]}"
-    return f"server-{safe}.log"
+    return model_file("server", model, "log")
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What a server was started with. A config that would start it otherwise (another command
+    line, port or environment: a `kind` changes VLLM_SERVER_DEV_MODE) describes another server."""
+
+    command: str
+    port: int
+    env: dict[str, str]
+
+    def differences(self, other: Launch) -> list[str]:
+        """What `other` starts otherwise, in words for a log line."""
+        words = {"command": "command line", "port": "port", "env": "environment"}
+        return [words[key] for key in words if getattr(self, key) != getattr(other, key)]
+
+
+def launch_of(backend: ModelConfig) -> Launch:
+    """What `backend` starts its server with, by the config in force."""
+    return Launch(server_command(backend), backend.port, server_environment(backend))
 
 
 @dataclass(eq=False)
 class _Server:
     process: trio.Process
+    launch: Launch
     stopping: bool = False
     exited: trio.Event = field(default_factory=trio.Event)
 
@@ -82,7 +95,7 @@ class ServerProcesses:
         self._servers: dict[str, _Server] = {}
         self._exit_codes: dict[str, int | None] = {}
         self._nursery: trio.Nursery | None = None
-        self._on_exit: list[Callable[[str], None]] = []
+        self._on_exit: list[Callable[[str, int], None]] = []
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Hold the nursery the servers' watchers run in; when cancelled, every server stops."""
@@ -91,11 +104,21 @@ class ServerProcesses:
             task_status.started()
             await trio.sleep_forever()
 
-    def on_exit(self, callback: Callable[[str], None]) -> None:
+    def on_exit(self, callback: Callable[[str, int], None]) -> None:
         self._on_exit.append(callback)
 
     def running(self, model: str) -> bool:
         return model in self._servers
+
+    def launch(self, model: str) -> Launch | None:
+        """What the model's running server was started with (None: none runs, or it is being
+        stopped: it runs as nothing a wake could use)."""
+        server = self._servers.get(model)
+        return server.launch if server is not None and not server.stopping else None
+
+    def running_as(self, backend: ModelConfig) -> bool:
+        """Whether the model's server runs as `backend` would start it (no `cmd`: none would)."""
+        return backend.cmd is not None and self.launch(backend.name) == launch_of(backend)
 
     def pid(self, model: str) -> int | None:
         """The pid (and process group) of the model's running server, if one runs."""
@@ -113,13 +136,13 @@ class ServerProcesses:
         """Start the model's server; it runs until `stop`, its own exit, or llmux's end."""
         assert self._nursery is not None, "ServerProcesses.run must be running"
         assert backend.name not in self._servers, "one server per model"
-        command = server_command(backend)
-        output = self._open_log(backend.name, command)
+        launch = launch_of(backend)
+        output = self.state.open_log(log_name(backend.name), f"llmux starts: {launch.command}")
         try:
             process = await trio.lowlevel.open_process(
-                ["sh", "-c", command],
+                ["sh", "-c", launch.command],
                 cwd=str(self.cwd),
-                env=server_environment(backend),
+                env=launch.env,
                 stdin=subprocess.DEVNULL,
                 stdout=output,
                 stderr=output,
@@ -128,7 +151,7 @@ class ServerProcesses:
         finally:
             os.close(output)
         self.registry.add(process.pid)
-        server = _Server(process)
+        server = _Server(process, launch)
         self._servers[backend.name] = server
         self._exit_codes.pop(backend.name, None)
         log_event(
@@ -141,8 +164,23 @@ class ServerProcesses:
     async def stop(self, model: str, grace: float = STOP_GRACE_SECS) -> None:
         """Stop the model's server (SIGTERM to its group, SIGKILL after `grace`) and wait."""
         server = self._servers.get(model)
-        if server is None:
-            return
+        if server is not None:
+            await self._stop(server, grace)
+
+    def stop_soon(self, model: str) -> None:
+        """Stop the model's server in the background: the one running now, not one a wake may
+        start in its place meanwhile."""
+        assert self._nursery is not None, "ServerProcesses.run must be running"
+        server = self._servers.get(model)
+        if server is not None:
+            self._nursery.start_soon(self._stop, server, STOP_GRACE_SECS)
+
+    def models(self) -> list[str]:
+        """The models whose server runs now."""
+        return list(self._servers)
+
+    @staticmethod
+    async def _stop(server: _Server, grace: float) -> None:
         server.stopping = True
         await stop_group(server.process.pid, grace)
         await server.exited.wait()
@@ -187,19 +225,4 @@ class ServerProcesses:
             f"see {self.log_path(model)}", logging.WARNING, model=model, exit_code=code,
         )  # fmt: skip
         for callback in self._on_exit:
-            callback(model)
-
-    def _open_log(self, model: str, command: str) -> int:
-        """The server's log, for appending (moved aside first when it has grown too big)."""
-        name = log_name(model)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(name, flags, 0o600, dir_fd=self.state.fd)
-        if os.fstat(fd).st_size > LOG_ROTATE_BYTES:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                fd_dir = self.state.fd
-                os.replace(name, name + ".1", src_dir_fd=fd_dir, dst_dir_fd=fd_dir)
-            fd = os.open(name, flags, 0o600, dir_fd=self.state.fd)
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        os.write(fd, f"--- {stamp} llmux starts: {command}\n".encode())
-        return fd
+            callback(model, server.launch.port)

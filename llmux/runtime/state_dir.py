@@ -1,4 +1,5 @@
-"""The state folder: where llmux keeps its instance locks and its record of running hooks.
+"""The state folder: where llmux keeps its instance locks, its record of running hooks, and the
+logs of the servers it starts and of the hooks it runs.
 
 Why it is checked the way it is: llmux signals the process groups its record lists (to stop the
 hooks a crashed llmux left behind), so whoever can write that record can make llmux kill. The
@@ -13,12 +14,18 @@ Where it is, first match wins: `server.state_dir` (relative to the config file),
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import hashlib
 import os
+import re
 import stat
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+LOG_ROTATE_BYTES = 64 * 1024 * 1024  # a log past this is moved to NAME.1 when next opened
 
 
 class StateDirError(Exception):
@@ -32,6 +39,28 @@ class StateDir:
 
     def close(self) -> None:
         os.close(self.fd)
+
+    def open_log(self, name: str, header: str) -> int:
+        """A log file, for appending (and reading), its `header` line written: moved aside
+        first when it has grown past LOG_ROTATE_BYTES."""
+        flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(name, flags, 0o600, dir_fd=self.fd)
+        if os.fstat(fd).st_size > LOG_ROTATE_BYTES:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.replace(name, name + ".1", src_dir_fd=self.fd, dst_dir_fd=self.fd)
+            fd = os.open(name, flags, 0o600, dir_fd=self.fd)
+        os.write(fd, f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {header}\n".encode())
+        return fd
+
+
+def model_file(what: str, model: str, ext: str) -> str:
+    """A file name for something of a model (`server-NAME.log`); a name with `/` or odd
+    characters gets a digest, so that two models never share a file."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", model)
+    if safe != model or safe.startswith("."):
+        safe = f"{safe.lstrip('.')}-{hashlib.sha256(model.encode()).hexdigest()[:8]}"
+    return f"{what}-{safe}.{ext}"
 
 
 def state_dir_path(configured: str | None, config_folder: Path) -> Path:
