@@ -18,7 +18,7 @@ from typing import Any
 
 from llmux.core.states import HookName
 from llmux.errors import InvalidPath
-from llmux.http.routes import check_path
+from llmux.request_target import check_path
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 3000

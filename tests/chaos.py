@@ -179,12 +179,12 @@ async def one_request(
         "messages": [{"role": "user", "content": "hi"}],
         "max_tokens": rng.randint(1, 30),
     }
-    if behaviour == "leave_queued":
-        with trio.move_on_after(rng.uniform(0.0, 0.3)):
-            await client.post("/v1/chat/completions", json=body)
-            return "ok_before_leaving"
-        return "client_left"
     try:
+        if behaviour == "leave_queued":
+            with trio.move_on_after(rng.uniform(0.0, 0.3)):
+                await client.post("/v1/chat/completions", json=body)
+                return "ok_before_leaving"
+            return "client_left"
         if not stream:
             response = await client.post("/v1/chat/completions", json=body)
             return _classify(response.status_code, response.content, streamed=False)

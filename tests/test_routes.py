@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from llmux.errors import InvalidPath, InvalidQuery, LlmuxError, MethodNotAllowed, RouteNotFound
 from llmux.http.proxy import forwarded_request_headers, forwarded_response_headers
-from llmux.http.routes import ROUTES, Endpoint, ModelFrom, RouteTable, check_path, prefix_allows
+from llmux.http.routes import ROUTES, Endpoint, ModelFrom, RouteTable, prefix_allows
+from llmux.request_target import check_path
 
 TABLE = RouteTable(ROUTES, admin=True)
 LITERAL_API_PATHS = {r.pattern.encode() for r in ROUTES if r.endpoint is Endpoint.PROXY}
