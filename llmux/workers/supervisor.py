@@ -113,7 +113,7 @@ class Supervisor:
         finally:
             theirs.close()
         worker.process = process
-        channel = Channel(trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
+        channel = Channel(trio.socket.from_stdlib_socket(ours))
         worker.channel = channel
         try:
             await channel.send({"op": "config", "config": encode_config(self.app.config)})
