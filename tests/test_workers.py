@@ -7,16 +7,26 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
+import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import LlmuxProcess, chat, fake_model_block, write_config
+from tests.conftest import (
+    LlmuxProcess,
+    chat,
+    fake_model_block,
+    process_running,
+    write_config,
+)
 
 WORKERS = {"workers": 2}
 
@@ -223,3 +233,130 @@ def test_queue_limits_and_timeouts_answer_as_in_one_process(fakes, tmp_path):
         assert answers[0].status_code == 504
     finally:
         assert llmux.stop() == 0
+
+
+# ----- a stuck worker (SIGSTOP) bounds nothing it should not -----
+
+DRAIN_SECS = 1  # server.shutdown_timeout_secs in these tests
+RELOAD_BOUND_SECS = 5 + 2  # supervisor.ACK_TIMEOUT_SECS, and time to read the log line
+SCRAPE_BOUND_SECS = 2  # the brief a scrape answers within, whatever a worker does
+STOP_BOUND_SECS = DRAIN_SECS + 5  # shutdown_timeout_secs + 5 s
+KEY = "sk-test"
+
+
+@contextmanager
+def frozen(pid: int) -> Iterator[int]:
+    """Worker `pid` stopped (SIGSTOP) for the block, and killed after it whatever happened; by a
+    pidfd, so that no other process that reused the pid is signalled. Yields the pidfd (it
+    reads ready once the process has exited)."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGSTOP)
+        yield pidfd
+    finally:
+        with suppress(ProcessLookupError):
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        os.close(pidfd)
+
+
+def exited(pidfd: int) -> bool:
+    return bool(select.select([pidfd], [], [], 0)[0])
+
+
+def big_config(models: str) -> str:
+    """A config whose message to a worker cannot fit in a socket buffer: a send to a worker
+    that does not read blocks (thousands of API keys, as in the report)."""
+    keys = [KEY] + [f"sk-{index:060d}" for index in range(8000)]
+    text = (
+        f"[server]\nworkers = 2\nshutdown_timeout_secs = {DRAIN_SECS}\n"
+        f"[auth]\napi_keys = {json.dumps(keys)}\n{models}"
+    )
+    with socket.socket(socket.AF_UNIX) as probe:
+        assert len(text) > 2 * probe.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    return text
+
+
+def stuck_worker_setup(fakes, tmp_path) -> LlmuxProcess:
+    """llmux with two workers; its config file is then replaced by a big one, read at the
+    next SIGHUP."""
+    (a,) = fakes.start("a")
+    models = fake_model_block(a)
+    big = big_config(models)
+    config = write_config(tmp_path, models, server={**WORKERS, "shutdown_timeout_secs": DRAIN_SECS})
+    llmux = LlmuxProcess(config)
+    config.write_text(big)
+    return llmux
+
+
+def timed_get(url: str, path: str) -> tuple[int, float]:
+    started = time.monotonic()
+    try:
+        answer = httpx.get(url + path, headers={"authorization": f"Bearer {KEY}"},
+                           timeout=SCRAPE_BOUND_SECS + 3)  # fmt: skip
+    except httpx.TimeoutException:
+        return 0, time.monotonic() - started
+    return answer.status_code, time.monotonic() - started
+
+
+def test_a_reload_with_a_stuck_worker_completes_and_replaces_it(fakes, tmp_path):
+    """The stuck worker cannot take the new config: it is killed and started again (with the
+    config in force), and the reload is logged within its bound."""
+    llmux = stuck_worker_setup(fakes, tmp_path)
+    try:
+        victim = min(worker_pids(llmux))
+        with frozen(victim) as pidfd:
+            started = time.monotonic()
+            llmux.proc.send_signal(signal.SIGHUP)
+            with suppress(AssertionError):
+                wait_for(lambda: "config_reloaded" in llmux.log, RELOAD_BOUND_SECS)
+            took = time.monotonic() - started
+            assert "config_reloaded" in llmux.log, f"no config_reloaded after {took:.1f} s"
+            wait_for(lambda: exited(pidfd))  # killed, not left stopped
+        wait_for(lambda: len(worker_pids(llmux)) == 2 and victim not in worker_pids(llmux))
+        assert "worker_restarted" in llmux.log
+        for _ in range(6):  # new connections reach both workers: each has the new config
+            refused = httpx.post(llmux.url + "/v1/chat/completions", json=chat("a"))
+            assert refused.status_code == 401
+    finally:
+        assert llmux.stop(timeout=STOP_BOUND_SECS + 5) == 0
+
+
+def test_a_scrape_answers_in_time_while_a_worker_is_stuck(fakes, tmp_path):
+    """A reload is stuck on the stopped worker (its config does not fit the socket buffer);
+    /metrics and /llmux/status still answer within 2 s, with the counts they have."""
+    llmux = stuck_worker_setup(fakes, tmp_path)
+    try:
+        paths = ("/metrics", "/llmux/status")  # each with one of the two first workers stopped
+        for pid, path in zip(sorted(worker_pids(llmux)), paths, strict=True):
+            with frozen(pid):
+                llmux.proc.send_signal(signal.SIGHUP)
+                time.sleep(0.5)  # the reload's send to the stopped worker is blocked now
+                status, took = timed_get(llmux.url, path)
+                assert status == 200 and took < SCRAPE_BOUND_SECS, (
+                    f"{path}: {status} in {took:.1f} s"
+                )
+    finally:
+        assert llmux.stop(timeout=STOP_BOUND_SECS + 5) == 0
+
+
+def test_sigterm_with_a_stuck_worker_stops_llmux_within_the_drain_bound(fakes, tmp_path):
+    """A reload is stuck on the stopped worker when SIGTERM comes: llmux still exits within
+    shutdown_timeout_secs + 5 s, its workers with it."""
+    llmux = stuck_worker_setup(fakes, tmp_path)
+    pids = worker_pids(llmux)
+    with frozen(min(pids)) as pidfd:
+        llmux.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "received SIGHUP" in llmux.log)
+        time.sleep(0.5)
+        started = time.monotonic()
+        llmux.proc.send_signal(signal.SIGTERM)
+        try:
+            code = llmux.proc.wait(timeout=STOP_BOUND_SECS + 5)
+        except subprocess.TimeoutExpired:
+            code = None
+        took = time.monotonic() - started
+        llmux.stop()  # kills it if it is still there; the log is complete
+        assert code == 0 and took < STOP_BOUND_SECS, f"exit status {code} after {took:.1f} s"
+        assert exited(pidfd)
+    for pid in pids:
+        assert not process_running(pid), f"worker {pid} outlived llmux"

@@ -38,10 +38,13 @@ from llmux.workers.worker import encode_config
 
 log = logging.getLogger("llmux.workers")
 
-RESTART_PAUSE_SECS = 0.5
+RESTART_PAUSE_SECS = 0.5  # before a worker that exited is started again
+START_TIMEOUT_SECS = 30.0  # a worker says it accepts within this long of its start, or is killed
 ACK_TIMEOUT_SECS = 5.0  # a reload waits this long for each worker's acknowledgement
-EXIT_GRACE_SECS = 5.0  # after the drain: time for workers to close their listeners and exit
 FLUSH_TIMEOUT_SECS = 1.0  # a scrape waits this long for each worker's counts
+# After the drain: time for workers to exit. The second left of the 5 s that SIGTERM promises
+# (README) kills what is left and lets the controller exit.
+EXIT_GRACE_SECS = 4.0
 FLUSHED_FIRST = ("/metrics", "/llmux/status")  # answers that read the workers' counts
 
 
@@ -73,7 +76,7 @@ class Supervisor:
         self._listener = listener
         self._workers = [_Worker(i) for i in range(count)]
         self._serials = itertools.count(1)
-        self._stopping = False
+        self._stopping = trio.Event()
         self.restarts = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -87,19 +90,21 @@ class Supervisor:
 
     async def _keep_running(self, worker: _Worker) -> None:
         while True:
-            await self._run_once(worker)
-            if self._stopping:
+            _, ended = await self._run_once(worker)
+            if self._stopping.is_set():
                 return
             if not worker.ready.is_set():  # it never served: starting it again would spin
-                raise WorkerStartFailed(f"worker {worker.index} exited before it could serve")
+                raise WorkerStartFailed(f"worker {worker.index} {ended} before it could serve")
             self.restarts += 1
             log_event(
-                log, "worker_restarted", f"worker {worker.index} exited; starting it again",
+                log, "worker_restarted", f"worker {worker.index} {ended}; starting it again",
                 logging.ERROR, worker=worker.index,
             )  # fmt: skip
             await trio.sleep(RESTART_PAUSE_SECS)
 
-    async def _run_once(self, worker: _Worker) -> None:
+    async def _run_once(self, worker: _Worker) -> tuple[bool, str]:
+        """One worker process, from its start to its end: whether it came to accept, and how
+        it ended."""
         ours, theirs = socket.socketpair()
         try:
             command = [
@@ -115,31 +120,51 @@ class Supervisor:
         worker.process = process
         channel = Channel(trio.socket.from_stdlib_socket(ours))
         worker.channel = channel
+        up = trio.Event()
+        service = SlotService(
+            self.app.fleet, on_other=lambda message: self._heard(worker, up, message),
+            answer=self._answer,
+        )  # fmt: skip
         try:
-            await channel.send({"op": "config", "config": encode_config(self.app.config)})
-            service = SlotService(
-                self.app.fleet,
-                on_other=lambda message: self._heard(worker, message),
-                answer=self._answer,
-            )
-            await service.serve(channel)  # until the worker exits or dies
-        except ChannelClosed:
-            pass
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._break_off_unless_up, channel, up)
+                with contextlib.suppress(ChannelClosed):
+                    hello = {"op": "config", "config": encode_config(self.app.config)}
+                    await channel.send(hello, timeout=START_TIMEOUT_SECS)  # it reads once started
+                    await service.serve(channel)  # until the worker exits, dies or is broken off
+                nursery.cancel_scope.cancel()
         finally:
             worker.channel = None
             self._forget_connections(worker)
             with trio.CancelScope(shield=True):
-                await channel.aclose()
-                with trio.move_on_after(EXIT_GRACE_SECS):
-                    await process.wait()
-                if process.returncode is None:
-                    process.kill()
-                    await process.wait()
+                await self._reap(process, channel)
+        ended = "exited" if channel.broken is None else f"was stuck ({channel.broken}): killed"
+        return up.is_set(), ended
 
-    def _heard(self, worker: _Worker, message: dict[str, Any]) -> None:
+    @staticmethod
+    async def _break_off_unless_up(channel: Channel, up: trio.Event) -> None:
+        with trio.move_on_after(START_TIMEOUT_SECS):
+            await up.wait()
+        if not up.is_set():
+            channel.break_off(f"it did not accept within {START_TIMEOUT_SECS:g} s of its start")
+
+    @staticmethod
+    async def _reap(process: trio.Process, channel: Channel) -> None:
+        """A worker given up on is killed at once; one that closed its channel is on its way
+        out, and gets EXIT_GRACE_SECS to exit."""
+        await channel.aclose()
+        if channel.broken is None:
+            with trio.move_on_after(EXIT_GRACE_SECS):
+                await process.wait()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+    def _heard(self, worker: _Worker, up: trio.Event, message: dict[str, Any]) -> None:
         op = message.get("op")
         if op == "ready":
             worker.ready.set()
+            up.set()
         elif op in ("config_applied", "flushed"):
             event = worker.acked.get(message["serial"])
             if event is not None:
@@ -206,54 +231,75 @@ class Supervisor:
 
     async def gather_counts(self) -> None:
         """Every worker's counts so far, in the registry before a scrape is answered (each
-        sends its batch, then `flushed`; one channel keeps them in order)."""
-        serial = next(self._serials)
-        message = {"op": "flush", "serial": serial}
+        sends its batch, then `flushed`; one channel keeps them in order). A worker that has
+        not answered within FLUSH_TIMEOUT_SECS is left out: the scrape answers with the rest."""
+        message = {"op": "flush", "serial": next(self._serials)}
         async with trio.open_nursery() as nursery:
             for worker in self._workers:
-                nursery.start_soon(self._await_ack, worker, serial, message, FLUSH_TIMEOUT_SECS)
+                nursery.start_soon(self._await_ack, worker, message, FLUSH_TIMEOUT_SECS, False)
 
     async def send_config(self) -> None:
-        """The config in force now, to every worker; returns once each has acknowledged it
-        (or ACK_TIMEOUT_SECS passed: a worker that is stuck is logged, not waited for)."""
-        serial = next(self._serials)
-        message = {"op": "config", "config": encode_config(self.app.config), "serial": serial}
+        """The config in force now, to every worker; returns once each has acknowledged it.
+        A worker that has not within ACK_TIMEOUT_SECS is stuck: it is killed, and started again
+        with the config in force (no worker goes on with the config replaced)."""
+        config = encode_config(self.app.config)
+        message = {"op": "config", "config": config, "serial": next(self._serials)}
         async with trio.open_nursery() as nursery:
             for worker in self._workers:
-                nursery.start_soon(self._await_ack, worker, serial, message, ACK_TIMEOUT_SECS)
+                nursery.start_soon(self._await_ack, worker, message, ACK_TIMEOUT_SECS, True)
 
-    async def _await_ack(self, worker: _Worker, serial: int, message: dict, timeout: float) -> None:
+    async def _await_ack(
+        self, worker: _Worker, message: dict[str, Any], timeout: float, required: bool
+    ) -> None:
+        """Send `message` and wait for its acknowledgement, `timeout` in all. A worker that
+        cannot take it in time is given up on; one that took it and has not answered, only if
+        the answer is `required`."""
         channel = worker.channel
         if channel is None:
             return  # restarting: it starts with the config in force and no counts
+        serial = message["serial"]
         event = worker.acked[serial] = trio.Event()
+        deadline = trio.current_time() + timeout
         try:
-            await channel.send(message)
-            with trio.move_on_after(timeout) as waiting:
+            await channel.send(message, timeout=timeout)
+            with trio.move_on_at(deadline):
                 await event.wait()
-            if waiting.cancelled_caught:
-                log.error("worker %d did not answer %s", worker.index, message["op"])
         except ChannelClosed:
-            pass
+            return  # gone, or broken off: it is killed and started again
         finally:
             worker.acked.pop(serial, None)
+        if event.is_set():
+            return
+        if required:
+            channel.break_off(f"it did not acknowledge {message['op']} within {timeout:g} s")
+        elif channel.broken is None:
+            log.warning(
+                "worker %d did not answer %s within %g s: going on without it",
+                worker.index, message["op"], timeout,
+            )  # fmt: skip
 
     async def stop(self, grace: float) -> None:
         """Tell every worker to drain and stop; wait for them (the drain's own time, then
-        EXIT_GRACE_SECS), and kill what is left."""
-        self._stopping = True
-        for worker in self._workers:
-            if worker.channel is not None:
-                with contextlib.suppress(ChannelClosed):
-                    await worker.channel.send({"op": "shutdown"})
+        EXIT_GRACE_SECS), and kill what is left. A worker that cannot take the word in time is
+        killed at once (its channel is broken off)."""
+        self._stopping.set()
         with trio.move_on_after(grace + EXIT_GRACE_SECS):
-            for worker in self._workers:
-                if worker.process is not None:
-                    await worker.process.wait()
+            async with trio.open_nursery() as nursery:
+                for worker in self._workers:
+                    nursery.start_soon(self._stop_one, worker)
         for worker in self._workers:
             if worker.process is not None and worker.process.returncode is None:
                 worker.process.kill()
                 await worker.process.wait()
+
+    @staticmethod
+    async def _stop_one(worker: _Worker) -> None:
+        process, channel = worker.process, worker.channel
+        if channel is not None:
+            with contextlib.suppress(ChannelClosed):
+                await channel.send({"op": "shutdown"})
+        if process is not None:
+            await process.wait()
 
     def pids(self) -> list[int]:
         return [w.process.pid for w in self._workers if w.process and w.process.returncode is None]
