@@ -5,12 +5,14 @@ slot with it."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import select
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,11 +21,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+import trio
 
 from tests.conftest import (
     LlmuxProcess,
     chat,
     fake_model_block,
+    llmux_running,
     process_running,
     write_config,
 )
@@ -360,3 +364,72 @@ def test_sigterm_with_a_stuck_worker_stops_llmux_within_the_drain_bound(fakes, t
         assert exited(pidfd)
     for pid in pids:
         assert not process_running(pid), f"worker {pid} outlived llmux"
+
+
+# ----- restarts -----
+
+
+def test_a_worker_that_died_is_not_started_again_during_the_drain(fakes, tmp_path):
+    """SIGTERM comes while a dead worker waits to be started again: it stays down (nothing
+    would tell a new one to drain), and the drain of the other goes on."""
+    (a,) = fakes.start("a", token_interval=0.05)
+    config = write_config(
+        tmp_path, fake_model_block(a), server={**WORKERS, "shutdown_timeout_secs": 10}
+    )
+    llmux = LlmuxProcess(config)
+    try:
+        pids = worker_pids(llmux)
+        streamed: list = []
+        runner = threading.Thread(target=stream, args=(llmux.url, "a", 40, streamed))
+        runner.start()  # two seconds of stream: the drain lasts that long
+        wait_for(lambda: metric(llmux.url, 'llmux_model_in_flight{model="a"}') == 1)
+        carrier = busiest(pids, a.port)
+        (victim,) = pids - {carrier}
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: "worker_restarted" in llmux.log)  # it waits its pause (0.5 s) now
+        llmux.proc.send_signal(signal.SIGTERM)
+        seen: set[int] = set()
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            seen |= worker_pids(llmux)
+            time.sleep(0.02)
+        assert seen <= {carrier}, f"started during the drain: {seen - {carrier}}"
+        runner.join()
+        status, body = streamed[0]
+        assert status == 200 and body.count(b"data: {") == 41
+    finally:
+        assert llmux.stop() == 0
+
+
+async def test_a_worker_that_cannot_start_again_is_retried_with_a_growing_pause(
+    fakes, tmp_path, monkeypatch
+):
+    """After one good start, its starts fail (say its binary was replaced by a broken one):
+    it is tried again after 0.5 s, then 1, 2, 4 ... up to 30 s between tries, not every
+    0.5 s; once it can start again, it serves again."""
+    from llmux.workers import supervisor
+
+    (a,) = fakes.start("a")
+    path = write_config(tmp_path, fake_model_block(a))
+    monkeypatch.setattr(supervisor, "RESTART_PAUSE_SECS", 0.1)  # 0.1, 0.2, 0.4, 0.8, ...
+    async with llmux_running(path, workers=2) as (server, client):
+        assert server.supervisor is not None
+        good_command = supervisor.worker_command
+        tries: list[float] = []
+
+        def broken_command() -> list[str]:
+            tries.append(trio.current_time())
+            return [sys.executable, "-c", "raise SystemExit(3)"]
+
+        monkeypatch.setattr(supervisor, "worker_command", broken_command)
+        victim = server.supervisor.pids()[0]
+        os.kill(victim, signal.SIGKILL)
+        await trio.sleep(2.5)
+        gaps = [later - earlier for earlier, later in itertools.pairwise(tries)]
+        assert 3 <= len(tries) <= 5, gaps  # every 0.1 s, it would be about 20 tries
+        assert all(gap >= 0.2 * 2**index for index, gap in enumerate(gaps)), gaps
+        monkeypatch.setattr(supervisor, "worker_command", good_command)
+        with trio.fail_after(10):
+            while len(server.supervisor.pids()) < 2 or victim in server.supervisor.pids():
+                await trio.sleep(0.05)
+        assert (await client.get("/health")).status_code == 200

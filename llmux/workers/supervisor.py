@@ -39,6 +39,7 @@ from llmux.workers.worker import encode_config
 log = logging.getLogger("llmux.workers")
 
 RESTART_PAUSE_SECS = 0.5  # before a worker that exited is started again
+MAX_RESTART_PAUSE_SECS = 30.0  # the pause doubles for each start in a row that fails, to this
 START_TIMEOUT_SECS = 30.0  # a worker says it accepts within this long of its start, or is killed
 ACK_TIMEOUT_SECS = 5.0  # a reload waits this long for each worker's acknowledgement
 FLUSH_TIMEOUT_SECS = 1.0  # a scrape waits this long for each worker's counts
@@ -89,18 +90,25 @@ class Supervisor:
             task_status.started()
 
     async def _keep_running(self, worker: _Worker) -> None:
-        while True:
-            _, ended = await self._run_once(worker)
+        """Start the worker again whenever it exits, dies or is killed as stuck, until stop().
+        While its starts fail (it exits before it accepts), the pause doubles: a worker that
+        cannot start is not spun, and is tried again for as long as llmux runs."""
+        pause = RESTART_PAUSE_SECS
+        while not self._stopping.is_set():
+            served, ended = await self._run_once(worker)
             if self._stopping.is_set():
                 return
-            if not worker.ready.is_set():  # it never served: starting it again would spin
+            if not worker.ready.is_set():  # its first start failed: llmux does not start
                 raise WorkerStartFailed(f"worker {worker.index} {ended} before it could serve")
+            pause = RESTART_PAUSE_SECS if served else min(2 * pause, MAX_RESTART_PAUSE_SECS)
             self.restarts += 1
             log_event(
-                log, "worker_restarted", f"worker {worker.index} {ended}; starting it again",
-                logging.ERROR, worker=worker.index,
+                log, "worker_restarted",
+                f"worker {worker.index} {ended}; starting it again in {pause:g} s",
+                logging.ERROR, worker=worker.index, pause=pause,
             )  # fmt: skip
-            await trio.sleep(RESTART_PAUSE_SECS)
+            with trio.move_on_after(pause):
+                await self._stopping.wait()
 
     async def _run_once(self, worker: _Worker) -> tuple[bool, str]:
         """One worker process, from its start to its end: whether it came to accept, and how
@@ -126,6 +134,8 @@ class Supervisor:
             answer=self._answer,
         )  # fmt: skip
         try:
+            if self._stopping.is_set():  # started as llmux began to stop: not to serve
+                channel.break_off("llmux is stopping")
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._break_off_unless_up, channel, up)
                 with contextlib.suppress(ChannelClosed):
