@@ -433,3 +433,33 @@ async def test_a_worker_that_cannot_start_again_is_retried_with_a_growing_pause(
             while len(server.supervisor.pids()) < 2 or victim in server.supervisor.pids():
                 await trio.sleep(0.05)
         assert (await client.get("/health")).status_code == 200
+
+
+async def test_a_worker_still_starting_is_not_taken_for_a_stuck_one(fakes, tmp_path, monkeypatch):
+    """A worker started again takes its time (here 2 s) before it reads its config, which is
+    too big for the socket buffer: a scrape meanwhile leaves it out (it has no counts yet)
+    instead of killing it, and a reload waits for it."""
+    from llmux.workers import supervisor
+
+    (a,) = fakes.start("a")
+    path = tmp_path / "config.toml"
+    path.write_text(big_config(fake_model_block(a)))
+    key = {"authorization": f"Bearer {KEY}"}
+    async with llmux_running(path, workers=2) as (server, client):
+        assert server.supervisor is not None
+        pids = server.supervisor.pids
+        good_command = supervisor.worker_command
+        slow_command = ["sh", "-c", 'sleep 2; exec "$@"', "sh", *good_command()]
+        monkeypatch.setattr(supervisor, "worker_command", lambda: slow_command)
+        victim = pids()[0]
+        os.kill(victim, signal.SIGKILL)
+        with trio.fail_after(5):
+            while len(pids()) < 2 or victim in pids():
+                await trio.sleep(0.05)
+        workers_now = set(pids())
+        started = trio.current_time()
+        scrape = await client.get("/metrics", headers=key)
+        assert scrape.status_code == 200 and trio.current_time() - started < SCRAPE_BOUND_SECS
+        assert await server.reload()
+        assert server.supervisor.restarts == 1 and workers_now <= set(pids())  # none killed
+        assert (await client.get("/health")).status_code == 200

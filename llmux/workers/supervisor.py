@@ -66,7 +66,8 @@ class _Worker:
     index: int
     channel: Channel | None = None
     process: trio.Process | None = None
-    ready: trio.Event = field(default_factory=trio.Event)
+    ready: trio.Event = field(default_factory=trio.Event)  # its first start accepts
+    up: trio.Event = field(default_factory=trio.Event)  # the process running now accepts
     acked: dict[int, trio.Event] = field(default_factory=dict)
     connections_open: float = 0.0
 
@@ -128,9 +129,9 @@ class Supervisor:
         worker.process = process
         channel = Channel(trio.socket.from_stdlib_socket(ours))
         worker.channel = channel
-        up = trio.Event()
+        up = worker.up = trio.Event()
         service = SlotService(
-            self.app.fleet, on_other=lambda message: self._heard(worker, up, message),
+            self.app.fleet, on_other=lambda message: self._heard(worker, message),
             answer=self._answer,
         )  # fmt: skip
         try:
@@ -145,6 +146,8 @@ class Supervisor:
                 nursery.cancel_scope.cancel()
         finally:
             worker.channel = None
+            for acknowledged in worker.acked.values():  # nothing more to wait for from it
+                acknowledged.set()
             self._forget_connections(worker)
             with trio.CancelScope(shield=True):
                 await self._reap(process, channel)
@@ -170,11 +173,11 @@ class Supervisor:
             process.kill()
             await process.wait()
 
-    def _heard(self, worker: _Worker, up: trio.Event, message: dict[str, Any]) -> None:
+    def _heard(self, worker: _Worker, message: dict[str, Any]) -> None:
         op = message.get("op")
         if op == "ready":
             worker.ready.set()
-            up.set()
+            worker.up.set()
         elif op in ("config_applied", "flushed"):
             event = worker.acked.get(message["serial"])
             if event is not None:
@@ -246,7 +249,8 @@ class Supervisor:
         message = {"op": "flush", "serial": next(self._serials)}
         async with trio.open_nursery() as nursery:
             for worker in self._workers:
-                nursery.start_soon(self._await_ack, worker, message, FLUSH_TIMEOUT_SECS, False)
+                if worker.up.is_set():  # one still starting has no counts
+                    nursery.start_soon(self._await_ack, worker, message, FLUSH_TIMEOUT_SECS, False)
 
     async def send_config(self) -> None:
         """The config in force now, to every worker; returns once each has acknowledged it.
@@ -256,7 +260,9 @@ class Supervisor:
         message = {"op": "config", "config": config, "serial": next(self._serials)}
         async with trio.open_nursery() as nursery:
             for worker in self._workers:
-                nursery.start_soon(self._await_ack, worker, message, ACK_TIMEOUT_SECS, True)
+                # One still starting reads its messages once it has started: it has that long.
+                timeout = ACK_TIMEOUT_SECS if worker.up.is_set() else START_TIMEOUT_SECS
+                nursery.start_soon(self._await_ack, worker, message, timeout, True)
 
     async def _await_ack(
         self, worker: _Worker, message: dict[str, Any], timeout: float, required: bool
