@@ -359,7 +359,7 @@ def test_sigterm_with_a_stuck_worker_stops_llmux_within_the_drain_bound(fakes, t
         except subprocess.TimeoutExpired:
             code = None
         took = time.monotonic() - started
-        llmux.stop()  # kills it if it is still there; the log is complete
+        llmux.stop(timeout=1)  # kills it if it is still there; the log is complete
         assert code == 0 and took < STOP_BOUND_SECS, f"exit status {code} after {took:.1f} s"
         assert exited(pidfd)
     for pid in pids:
