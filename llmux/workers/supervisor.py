@@ -5,9 +5,13 @@ Each worker is this same program (`llmux _worker`, the one-file binary included)
 two inherited descriptors: the listening socket the controller bound (the kernel spreads new
 connections over the processes that accept on it) and its end of a socket pair. A worker that
 exits or dies closes its channel: its slots are released at once (slots.py) and it is started
-again. A reload reaches every worker, acknowledged, before the controller logs it. At shutdown
-the workers are told to drain; the controller waits for them to exit before it does (the
-one-file binary's bootloader removes its unpacked files when the controller exits).
+again. One that is stuck is treated as dead and killed: every wait on a worker is bounded (a
+message it cannot take in time breaks its channel off, see channel.py; an acknowledgement
+waits ACK_TIMEOUT_SECS or FLUSH_TIMEOUT_SECS), so no stuck worker holds up a reload, a scrape
+or a shutdown. A reload reaches every worker, acknowledged, before the controller logs it. At
+shutdown the workers are told to drain; the controller waits for them to exit before it does
+(the one-file binary's bootloader removes its unpacked files when the controller exits), and
+kills what is left after the drain and EXIT_GRACE_SECS.
 """
 
 from __future__ import annotations
