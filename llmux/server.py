@@ -15,7 +15,7 @@ import os
 import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -40,20 +40,24 @@ class RunningServer:
     app: LlmuxApp
     url: str
     supervisor: Supervisor | None = None  # with [server] workers: the data-plane processes
+    # One reload at a time: each worker must get the configs in the order they were read.
+    _reloading: trio.Lock = field(default_factory=trio.Lock, init=False, repr=False)
 
     def request_shutdown(self) -> None:
         self.app.request_shutdown()
 
     async def reload(self) -> bool:
-        """Re-read the config; with workers, every one has it before `config_reloaded`."""
-        if self.supervisor is None:
-            return self.app.reload()
-        summary = self.app.apply_reload()
-        if summary is None:
-            return False
-        await self.supervisor.send_config()
-        self.app.log_reload(summary)
-        return True
+        """Re-read the config; with workers, every one has it before `config_reloaded` (one
+        that does not take it within supervisor.ACK_TIMEOUT_SECS is killed and restarted)."""
+        async with self._reloading:
+            if self.supervisor is None:
+                return self.app.reload()
+            summary = self.app.apply_reload()
+            if summary is None:
+                return False
+            await self.supervisor.send_config()
+            self.app.log_reload(summary)
+            return True
 
 
 @dataclass
@@ -223,7 +227,7 @@ async def serve_forever(
                 async for signum in signals:
                     if signum == signal.SIGHUP:
                         log.info("received SIGHUP: reloading %s", server.app.config.path)
-                        await server.reload()
+                        helpers.start_soon(server.reload)  # a SIGTERM is not kept waiting
                         continue
                     log.info("received %s: shutting down", signal.Signals(signum).name)
                     break

@@ -226,11 +226,13 @@ def one_process_only(reason: str) -> pytest.MarkDecorator:
 
 
 @asynccontextmanager
-async def llmux_running(path: Path) -> AsyncIterator[tuple[RunningServer, httpx.AsyncClient]]:
+async def llmux_running(
+    path: Path, workers: int = TEST_WORKERS
+) -> AsyncIterator[tuple[RunningServer, httpx.AsyncClient]]:
     config = ephemeral_config(path)
-    if TEST_WORKERS > 1:
+    if workers > 1:
         config = dataclasses.replace(
-            config, server=dataclasses.replace(config.server, workers=TEST_WORKERS)
+            config, server=dataclasses.replace(config.server, workers=workers)
         )
         serving = running_controller(config, None, start_instance(config))
     else:

@@ -21,8 +21,8 @@ async def wait_until(condition, timeout: float = 10.0) -> None:
 async def linked(nursery: trio.Nursery, service: SlotService) -> tuple[RemoteFleet, Channel]:
     """A worker's RemoteFleet wired to the service by a real socket pair."""
     ours, theirs = trio.socket.socketpair()
-    controller_end = Channel(trio.SocketStream(ours))
-    worker_end = Channel(trio.SocketStream(theirs))
+    controller_end = Channel(ours)
+    worker_end = Channel(theirs)
     nursery.start_soon(service.serve, controller_end)
     remote = RemoteFleet(worker_end)
     await nursery.start(remote.run)

@@ -139,7 +139,7 @@ class WorkerApp(LlmuxApp):
 
 
 async def run_worker(listen_fd: int, channel_fd: int) -> None:
-    channel = Channel(trio.SocketStream(trio.socket.socket(fileno=channel_fd)))
+    channel = Channel(trio.socket.socket(fileno=channel_fd))
     hello = await channel.receive()
     config = decode_config(hello["config"])
     remote = RemoteFleet(channel)
