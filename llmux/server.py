@@ -18,12 +18,15 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import trio
-from hypercorn.config import Config as HypercornConfig
 
-from llmux.config import Config, ServerConfig
+from llmux.config import Config
+from llmux.core.costs import SwitchCostTracker
 from llmux.http.app import LlmuxApp
-from llmux.http.listener import ConnectionBounds, Listener
+from llmux.http.listener import ConnectionBounds, Listener, hypercorn_config
+from llmux.observe.metrics import Metrics
 from llmux.policies.interface import Policy
+from llmux.policies.loader import policy_factory
+from llmux.runtime.fleet import Fleet
 from llmux.runtime.instance import BacklogCap, InstanceGuard, claim_instance, raise_backlog_cap
 from llmux.runtime.state_dir import StateDir, open_state_dir, state_dir_path
 from llmux.runtime.systemd import Notifier, raise_open_files_limit
@@ -103,18 +106,15 @@ def _say_backlog_cap(cap: BacklogCap, backlog: int) -> None:
         )  # fmt: skip
 
 
-def hypercorn_config(server: ServerConfig) -> HypercornConfig:
-    config = HypercornConfig()
-    # One timer bounds both an idle keep-alive connection and a request head that trickles in
-    # (hypercorn counts a connection as idle until the whole head has arrived). Keep it longer
-    # than clients' pool expiry (often 5 s) to avoid the close race.
-    config.keep_alive_timeout = server.request_head_timeout_secs
-    config.h11_max_incomplete_size = server.max_header_bytes
-    config.graceful_timeout = 1.0  # llmux drains before the listener closes; this is a backstop
-    config.include_server_header = False
-    config.accesslog = None
-    config.errorlog = logging.getLogger("hypercorn.error")
-    return config
+def build_app(config: Config, policy: Policy | None, state: StateDir) -> LlmuxApp:
+    """Assemble llmux: the metrics, the cost estimates, the policy of each group, the fleet of
+    switchers with their backend drivers, and the edge that serves from them. An instance given
+    as `policy` (tests, embedding) is shared by every group."""
+    metrics = Metrics(config.models)
+    make_policy = (lambda: policy) if policy is not None else policy_factory(config)
+    make_policy()  # fail here, before anything runs, if the policy cannot be built
+    fleet = Fleet(config, make_policy, metrics, SwitchCostTracker(), state)
+    return LlmuxApp(config, fleet, metrics)
 
 
 @asynccontextmanager

@@ -11,14 +11,12 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import trio
 
 from llmux.config import Config, ConfigError, ModelConfig, load_config
-from llmux.core.costs import SwitchCostTracker
 from llmux.core.records import ReloadSummary
 from llmux.errors import (
     AmbiguousFraming,
@@ -65,11 +63,9 @@ from llmux.http.status import status_report
 from llmux.http.upstream import UpstreamClosed, UpstreamProtocolError, UpstreamResponse
 from llmux.http.watchdog import Watchdog
 from llmux.observe.logs import log_event
-from llmux.observe.metrics import UNKNOWN_MODEL, Metrics
-from llmux.policies.interface import Policy
-from llmux.policies.loader import PolicyLoadError, load_policy
-from llmux.runtime.fleet import Fleet, GroupsChanged
-from llmux.runtime.state_dir import StateDir
+from llmux.observe.metrics import UNKNOWN_MODEL
+from llmux.policies.loader import PolicyLoadError, policy_factory
+from llmux.runtime.fleet import GroupsChanged
 
 log = logging.getLogger("llmux.app")
 access_log = logging.getLogger("llmux.access")
@@ -87,18 +83,11 @@ class _Outcome:
 
 
 class LlmuxApp:
-    def __init__(self, config: Config, policy: Policy | None, state: StateDir) -> None:
-        metrics = Metrics(config.models)
-        self.costs = SwitchCostTracker()
-        # Each group gets its own policy instance; an instance given here (tests, embedding) is
-        # shared by all of them.
-        make_policy = (lambda: policy) if policy is not None else _policy_factory(config)
-        make_policy()  # fail here, before anything runs, if the policy cannot be built
-        self.fleet: Any = Fleet(config, make_policy, metrics, self.costs, state)
-        self._set_up_http(config, metrics)
+    """The edge, handed what it serves from: the fleet of switchers (or, in a worker, a
+    RemoteFleet that asks the controller's) and the metrics. server.py assembles them."""
 
-    def _set_up_http(self, config: Config, metrics: Any) -> None:
-        """What serving HTTP needs, in this process or in a worker (workers/worker.py)."""
+    def __init__(self, config: Config, fleet: Any, metrics: Any) -> None:
+        self.fleet = fleet
         self.config = config
         self.metrics = metrics
         self.upstream = UpstreamClient()
@@ -138,7 +127,7 @@ class LlmuxApp:
                 self.config.policy.name,
                 self.config.policy.options,
             ):
-                make_policy = _policy_factory(new)
+                make_policy = policy_factory(new)
                 make_policy()
             # The listener stays where it is (the command line may have overridden the file).
             summary = self.fleet.reconfigure(
@@ -673,10 +662,6 @@ def _not_served(asked_for: str, config: Config) -> ModelNotFound:
 def _raw_path(scope: Scope) -> bytes:
     """The path as the client sent it (hypercorn always sets raw_path)."""
     return scope.get("raw_path") or scope["path"].encode("latin-1", errors="replace")
-
-
-def _policy_factory(config: Config) -> Callable[[], Policy]:
-    return lambda: load_policy(config.policy.name, config.policy.options, config.hook_dir)
 
 
 def _upstream_name(backend: ModelConfig) -> str:

@@ -48,6 +48,7 @@ from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ASGIFramework, ConnectionState
 
+from llmux.config import ServerConfig
 from llmux.errors import HeadersTooLarge, InvalidRequest, error_body
 from llmux.http.watchdog import Watchdog
 from llmux.observe.logs import log_event
@@ -59,6 +60,21 @@ SEND_PIECE_BYTES = 16 * 1024  # progress is measured per piece: a reading client
 PEER_CLOSED_GRACE_SECS = 1.0  # after the client closed: time for the app to finish its bookkeeping
 REFUSAL_WAIT_SECS = 1.0  # how long a refused connection may take to send its head, then to read
 MAX_REFUSALS_AT_ONCE = 128  # beyond it, connections over the limit are closed without an answer
+
+
+def hypercorn_config(server: ServerConfig) -> HypercornConfig:
+    """hypercorn's settings for llmux's listener (in this process or in a worker)."""
+    config = HypercornConfig()
+    # One timer bounds both an idle keep-alive connection and a request head that trickles in
+    # (hypercorn counts a connection as idle until the whole head has arrived). Keep it longer
+    # than clients' pool expiry (often 5 s) to avoid the close race.
+    config.keep_alive_timeout = server.request_head_timeout_secs
+    config.h11_max_incomplete_size = server.max_header_bytes
+    config.graceful_timeout = 1.0  # llmux drains before the listener closes; this is a backstop
+    config.include_server_header = False
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    return config
 
 
 @dataclass(frozen=True)

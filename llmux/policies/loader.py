@@ -5,15 +5,18 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmux.policies.adaptive import AdaptivePolicy
 from llmux.policies.cost_aware import CostAwarePolicy
 from llmux.policies.exhaustive import ExhaustivePolicy
 from llmux.policies.fifo import FifoPolicy
 from llmux.policies.interface import Policy
+
+if TYPE_CHECKING:
+    from llmux.config import Config
 
 BUILTIN_POLICIES: dict[str, type] = {
     "adaptive": AdaptivePolicy,
@@ -41,6 +44,12 @@ def load_policy(name: str, options: Mapping[str, Any], base_dir: Path) -> Policy
     if not callable(getattr(policy, "decide", None)):
         raise PolicyLoadError(f"policy {name!r} has no decide(event, snapshot) method")
     return policy
+
+
+def policy_factory(config: Config) -> Callable[[], Policy]:
+    """Builds the configured policy anew: each group gets an instance of its own."""
+    policy = config.policy
+    return lambda: load_policy(policy.name, policy.options, config.hook_dir)
 
 
 def _find_policy_class(name: str, base_dir: Path) -> type:

@@ -25,7 +25,7 @@ import trio
 from llmux.config import Config
 from llmux.http.app import LlmuxApp
 from llmux.http.asgi import Receive, Scope, Send
-from llmux.http.listener import ConnectionBounds, Listener
+from llmux.http.listener import ConnectionBounds, Listener, hypercorn_config
 from llmux.http.routes import RouteMatch
 from llmux.workers.channel import Channel, ChannelClosed, pack, pack_headers, unpack, unpack_headers
 from llmux.workers.slots import RemoteFleet
@@ -91,9 +91,8 @@ class WorkerApp(LlmuxApp):
     """The proxy with a RemoteFleet: same edge, same data plane, no switcher of its own."""
 
     def __init__(self, config: Config, remote: RemoteFleet, metrics: ForwardedMetrics) -> None:
-        self.fleet = remote
+        super().__init__(config, remote, metrics)
         self.remote = remote
-        self._set_up_http(config, metrics)
         self._stop = trio.Event()
 
     async def _answer_here(
@@ -159,7 +158,6 @@ async def run_worker(listen_fd: int, channel_fd: int) -> None:
 
     remote.on_other = on_message
     sock = socket.socket(fileno=listen_fd)
-    from llmux.server import hypercorn_config  # here: server.py imports this package
 
     # server.max_connections is llmux's, not each worker's: each takes its share.
     share = -(-config.server.max_connections // config.server.workers)
