@@ -125,7 +125,7 @@ async def running_server(
     Without an `instance`, one is started here (and may raise before anything runs)."""
     instance = instance or start_instance(config)
     try:
-        app = LlmuxApp(config, policy, instance.state)
+        app = build_app(config, policy, instance.state)
         bounds = ConnectionBounds(
             config.server.max_connections, config.server.client_send_timeout_secs
         )
@@ -167,7 +167,7 @@ async def running_controller(
     """`llmux serve` with `[server] workers` above 1: this process keeps the switcher, hooks,
     policy and metrics; the workers accept on the socket bound here and carry the requests."""
     try:
-        app = LlmuxApp(config, policy, instance.state)
+        app = build_app(config, policy, instance.state)
         sock = instance.guard.listener
         assert sock is not None
         host, port = sock.getsockname()[:2]
