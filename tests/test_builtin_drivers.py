@@ -252,6 +252,9 @@ async def test_a_cmd_that_fails_to_start_answers_503_with_its_output(tmp_path):
         assert response.status_code == 503
         message = response.json()["error"]["message"]
         assert "exited with code 3" in message and "CUDA out of memory" in message
+        await trio.sleep(2.1)  # the back-off after a failed wake
+        again = await client.post("/v1/chat/completions", json=chat("crash"))
+        assert again.json()["error"]["message"].count("CUDA out of memory") == 1, "this start's"
         response = await client.post("/v1/chat/completions", json=chat("hang"))
         assert response.status_code == 503
         assert "no answer within 2s" in response.json()["error"]["message"]

@@ -10,6 +10,7 @@ one makes this test fail.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import functools
 import itertools
 import math
@@ -66,6 +67,14 @@ def backend_of(config: ModelConfig) -> Backend:
     )  # fmt: skip
 
 
+class PluginExit(BaseException):
+    """What a plug-in might raise that is not an Exception (SystemExit is one)."""
+
+
+class UnhashableName(str):
+    __hash__ = None  # type: ignore[assignment]
+
+
 class ChaosPolicy:
     """A real policy whose next answer (to `decide` or to `evict`) can be replaced by nonsense
     or an exception: a hostile plug-in."""
@@ -78,7 +87,13 @@ class ChaosPolicy:
     def decide(self, event, snapshot):
         bad, self.next_bad = self.next_bad, None
         if bad == "raise":
-            raise RuntimeError("policy bug")
+            raise RuntimeError(f"policy bug at {snapshot.now}")
+        if bad == "base exception":
+            raise PluginExit("a plug-in that exits")
+        if bad == "huge time":
+            return CallAt(10**400)
+        if bad == "unhashable name":
+            return SwitchTo(UnhashableName(event.model if hasattr(event, "model") else "a"))
         if bad == "nan":
             return CallAt(math.nan)
         if bad == "inf":
@@ -102,6 +117,12 @@ class ChaosPolicy:
         asleep = [n for n, v in snapshot.models.items() if v.state is not ModelState.ACTIVE]
         if bad == "raise":
             raise RuntimeError("evict bug")
+        if bad == "base exception":
+            raise PluginExit("a plug-in that exits")
+        if bad == "mutates the snapshot":  # to pass the check it is given
+            asleep_view = snapshot.models[target]
+            snapshot.models[target] = dataclasses.replace(asleep_view, size=0.0)
+            return []
         return {
             None: default,
             "duplicate": default + default,
@@ -114,18 +135,21 @@ class ChaosPolicy:
             "a string": "".join(default),
             "endless": itertools.repeat(awake[0] if awake else "a"),
             "none": None,
+            "unhashable names": [UnhashableName(name) for name in default],
         }[bad]
 
 
 BAD_ANSWERS = st.sampled_from(
     [None] * 8
     + ["raise", "nan", "inf", "past", "text time", "unknown", "unhashable", "not a decision"]
+    + ["base exception", "huge time", "unhashable name"]
 )
 BAD_EVICTIONS = st.sampled_from(
     [None] * 6
     + [
         "raise", "duplicate", "unhashable", "unknown", "target", "asleep", "too little",
-        "not a list", "a string", "endless", "none",
+        "not a list", "a string", "endless", "none", "base exception", "mutates the snapshot",
+        "unhashable names",
     ]
 )  # fmt: skip
 
@@ -764,8 +788,8 @@ def _bug7_evictions_trusted(monkeypatch):
             answer = list(itertools.islice(evict(target, snapshot), 8))
             views = snapshot.models
             if all(views[n].state is ModelState.ACTIVE and n != target for n in answer):
-                return answer, ""
-        except Exception:
+                return answer, None
+        except BaseException:
             pass
         return chosen, problem
 

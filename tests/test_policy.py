@@ -226,7 +226,6 @@ def test_a_policy_may_choose_evictions_and_a_wrong_choice_falls_back():
     assert choose_evictions(EvictBusy(["a", "b"]), "c", snapshot) == ["a", "b"]
     assert choose_evictions(EvictBusy(["a"]), "c", snapshot) == ["b"]  # 40 + 40 > 75
     assert choose_evictions(EvictBusy(["c"]), "c", snapshot) == ["b"]  # not an awake model
-    assert checked_evictions(EvictBusy(["a"]), "c", snapshot) == (
-        ["b"],
-        "evict answered ['a'], which does not make room for c",
-    )
+    chosen, problem = checked_evictions(EvictBusy(["a"]), "c", snapshot)
+    assert chosen == ["b"] and problem is not None
+    assert problem.problem == "evict answered ['a'], which does not make room for c"

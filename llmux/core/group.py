@@ -83,7 +83,7 @@ from llmux.core.commands import (
 from llmux.core.costs import SwitchCostTracker
 from llmux.core.group_view import snapshot_of
 from llmux.core.operation import Operation
-from llmux.core.policy_answers import checked_decision, checked_evictions
+from llmux.core.policy_answers import Checked, checked_decision, checked_evictions
 from llmux.core.reconcile import Reconcile, Recovery
 from llmux.core.records import ModelRecord, ReloadSummary, Request, SwitchView
 from llmux.core.retreat import Retreat
@@ -331,7 +331,7 @@ class GroupCore:
                 self._ask_again_soon()
                 again = f"; asked again in {BAD_ANSWER_RETRY_SECS:g}s"
             instead = "FIFO decides this once" if checked.fallback == "fifo" else "ignored"
-            self._policy_problem("decide", f"{checked.problem}: {instead}{again}")
+            self._policy_problem("decide", checked, f"{instead}{again}")
         self._apply(checked.decision)
 
     def _ask_again_soon(self) -> None:
@@ -339,16 +339,19 @@ class GroupCore:
         if self._policy_timer is None or self._policy_timer > at:
             self._policy_timer = at
 
-    def _policy_problem(self, answer: str, problem: str) -> None:
-        """Say what was wrong with a policy's answer: at error level the first time, quietly
-        after (a policy that is wrong once per event would drown the log)."""
-        first = (answer, problem) not in self._policy_problems_told
-        self._policy_problems_told.add((answer, problem))
-        message = f"policy {self.policy!r} {problem}"
+    def _policy_problem(self, answer: str, checked: Checked, instead: str) -> None:
+        """Say what was wrong with a policy's answer: at error level (with its traceback, if
+        it raised) the first time a mistake of its kind is made, quietly after (a policy that
+        is wrong once per event would drown the log)."""
+        first = (answer, checked.kind) not in self._policy_problems_told
+        self._policy_problems_told.add((answer, checked.kind))
+        message = f"policy {self.config.policy.name} {checked.problem}: {instead}"
         if not first:
-            message += " (said before)"
-        level = "error" if first else "debug"
-        self._observe("policy_failed", message, level=level, answer=answer)
+            message += " (a mistake of this kind was logged before)"
+        fields: dict[str, object] = {"answer": answer, "kind": checked.kind}
+        if first and checked.error is not None:
+            fields["error"] = checked.error
+        self._observe("policy_failed", message, level="error" if first else "debug", **fields)
 
     def _apply(self, decision: Decision) -> None:
         if isinstance(decision, SwitchTo):
@@ -520,8 +523,8 @@ class GroupCore:
         if self.fits(target, []):
             return []
         names, problem = checked_evictions(self.policy, target.name, self.snapshot())
-        if problem:
-            self._policy_problem("evict", f"{problem}: the default evictions instead")
+        if problem is not None:
+            self._policy_problem("evict", problem, "the default evictions instead")
         return [self.models[name] for name in names]
 
     # ----- alive checks and idle sleeps: when they are due -----

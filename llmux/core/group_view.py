@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
+from types import MappingProxyType
 
 from llmux.core.capacity import default_evictions
 from llmux.core.snapshot import ModelRuntimeLike, ModelView, Snapshot, oldest_waiting_model
@@ -40,15 +41,15 @@ def snapshot_of(
         )
     snapshot = Snapshot(
         now=now,
-        models=views,
+        models=MappingProxyType(views),  # read-only: a policy cannot change what it is checked by
         active=None,
         active_since=None,
         switching=switching,
-        switch_costs=dict(switch_costs),
-        cold_start_costs=dict(cold_start_costs),
+        switch_costs=MappingProxyType(dict(switch_costs)),
+        cold_start_costs=MappingProxyType(dict(cold_start_costs)),
         capacity=capacity,
-        wake_costs=dict(wake_costs or {}),
-        idle_wake_costs=dict(idle_wake_costs or {}),
+        wake_costs=MappingProxyType(dict(wake_costs or {})),
+        idle_wake_costs=MappingProxyType(dict(idle_wake_costs or {})),
     )
     awake = [view.name for view in views.values() if view.state is ModelState.ACTIVE]
     waiting = oldest_waiting_model(snapshot)

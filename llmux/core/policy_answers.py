@@ -3,8 +3,12 @@
 A policy is code the operator plugs in; whatever it answers, the core must stay whole. So each
 answer is checked here: `decide` must return Stay, a SwitchTo naming a model of the group, or a
 CallAt with a finite time; `evict` must name distinct, known, awake models other than the target
-that make enough room. Anything else, an exception included, is replaced by the default answer
-and the problem is returned for the core to report.
+that make enough room. Anything else is replaced by the default answer, and what was wrong is
+returned for the core to report. Nothing a policy does gets past this module: whatever it
+raises (BaseException subclasses included: a policy's SystemExit must not stop llmux), and
+whatever odd value it returns (a str subclass that cannot be hashed, an int too large for a
+float, an endless generator), is caught while it is looked at. The snapshot a policy sees is
+read-only (group_view.py), so it cannot change what its answer is checked against.
 """
 
 from __future__ import annotations
@@ -29,12 +33,15 @@ MAX_EVICTIONS = 1024  # an answer longer than this is not read to its end
 
 @dataclass(frozen=True)
 class Checked:
-    """An answer the core may act on, and what was wrong with the policy's own ("" if
-    nothing; `fallback` says which default replaced it)."""
+    """An answer the core may act on; if the policy's own was replaced, what was wrong with it
+    (`problem`, for the log), of which kind (`kind`, said once per kind), what replaced it
+    (`fallback`), and the exception it raised, if it did."""
 
     decision: Decision
     problem: str = ""
+    kind: str = ""
     fallback: str = ""
+    error: BaseException | None = None
 
 
 def checked_decision(
@@ -43,58 +50,98 @@ def checked_decision(
     """The policy's decision if it makes sense; FIFO's if it raised, else Stay."""
     try:
         decision = policy.decide(event, snapshot)
-    except Exception as exc:
-        return Checked(FifoPolicy().decide(event, snapshot), f"failed ({exc!r})", "fifo")
+        return _checked(decision, models)
+    except BaseException as exc:  # whatever a plug-in raises, llmux stays up
+        fifo = FifoPolicy().decide(event, snapshot)
+        kind = f"raised {type(exc).__name__}"
+        return Checked(fifo, f"failed ({exc!r})", kind, "fifo", exc)
+
+
+def _checked(decision: object, models: Collection[str]) -> Checked:
     if isinstance(decision, SwitchTo):
-        name = decision.model
-        if isinstance(name, str) and name in models:
-            return Checked(decision)
-        return Checked(Stay(), f"asked to switch to {name!r}, which is not in the group", "stay")
+        name = _plain(decision.model)
+        if name is not None and name in models:
+            return Checked(SwitchTo(name))
+        problem = f"asked to switch to {decision.model!r}, which is not in the group"
+        return Checked(Stay(), problem, "switch to an unknown model", "stay")
     if isinstance(decision, CallAt):
-        when = decision.when
-        if isinstance(when, int | float) and not isinstance(when, bool) and math.isfinite(when):
-            return Checked(decision)
-        return Checked(Stay(), f"asked to be called at {when!r}, not a finite time", "stay")
+        when = _finite(decision.when)
+        if when is not None:
+            return Checked(CallAt(when))
+        problem = f"asked to be called at {decision.when!r}, not a finite time"
+        return Checked(Stay(), problem, "call at a time that is not finite", "stay")
     if isinstance(decision, Stay):
         return Checked(decision)
-    return Checked(Stay(), f"answered {decision!r}, not Stay, SwitchTo or CallAt", "stay")
+    problem = f"answered {decision!r}, not Stay, SwitchTo or CallAt"
+    return Checked(Stay(), problem, "not a decision", "stay")
 
 
-def checked_evictions(policy: Policy, target: str, snapshot: Snapshot) -> tuple[list[str], str]:
+def checked_evictions(
+    policy: Policy, target: str, snapshot: Snapshot
+) -> tuple[list[str], Checked | None]:
     """The models to put to sleep so that `target` fits: the policy's `evict(target, snapshot)`
     if it has one and its answer is sound, else the default (with what was wrong)."""
     default = default_evictions(target, snapshot)
     evict = getattr(policy, "evict", None)
     if evict is None or not default:
-        return default, ""
+        return default, None
     try:
         answer = evict(target, snapshot)
         if isinstance(answer, str | bytes) or not hasattr(answer, "__iter__"):
-            return default, f"evict answered {answer!r}, not a list of model names"
-        chosen = []
+            problem = f"evict answered {answer!r}, not a list of model names"
+            return default, _instead(problem, "not a list of names")
+        given = []
         for name in answer:
-            chosen.append(name)
-            if len(chosen) > MAX_EVICTIONS:
-                return default, "evict answered more names than the group has"
-    except Exception as exc:
-        return default, f"evict failed ({exc!r})"
-    problem = _evictions_problem(chosen, target, snapshot)
-    return (default, problem) if problem else (chosen, "")
+            given.append(name)
+            if len(given) > MAX_EVICTIONS:
+                return default, _instead("evict answered endless names", "endless")
+        chosen = [_plain(name) for name in given]
+        if None in chosen:
+            problem = f"evict answered {given!r}: not every one is a model name"
+            return default, _instead(problem, "not names")
+        found = _evictions_problem(chosen, target, snapshot)  # type: ignore[arg-type]
+    except BaseException as exc:  # whatever a plug-in raises, llmux stays up
+        problem = f"evict failed ({exc!r})"
+        return default, Checked(Stay(), problem, f"raised {type(exc).__name__}", "default", exc)
+    if found is not None:
+        return default, _instead(*found)
+    return chosen, None
 
 
-def _evictions_problem(chosen: list[object], target: str, snapshot: Snapshot) -> str:
+def _plain(name: object) -> str | None:
+    """A name as a plain str (a str subclass may not even hash), or None if it is no str."""
+    return str.__str__(name) if isinstance(name, str) else None
+
+
+def _finite(when: object) -> float | None:
+    """A time as a finite float, or None (bool is no time; 10**400 is not finite)."""
+    if not isinstance(when, int | float) or isinstance(when, bool):
+        return None
+    try:
+        value = float(when)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _instead(problem: str, kind: str) -> Checked:
+    return Checked(Stay(), problem, kind, "default")
+
+
+def _evictions_problem(
+    chosen: list[str], target: str, snapshot: Snapshot
+) -> tuple[str, str] | None:
+    """What is wrong with an eviction answer, and its kind; None if nothing."""
     views = snapshot.models
     for name in chosen:
-        if not isinstance(name, str):
-            return f"evict answered {chosen!r}: {name!r} is not a model name"
         if name == target or name not in views or views[name].state is not ModelState.ACTIVE:
-            return f"evict answered {chosen!r}: {name!r} is not another awake model"
+            return f"evict answered {chosen!r}: {name!r} is not another awake model", "not awake"
     if len(set(chosen)) != len(chosen):
-        return f"evict answered {chosen!r}: a model named twice"
-    kept = held(snapshot, {target, *chosen})  # type: ignore[arg-type]
+        return f"evict answered {chosen!r}: a model named twice", "a model named twice"
+    kept = held(snapshot, {target, *chosen})
     if kept + views[target].size > snapshot.capacity + ROOM_EPSILON:
-        return f"evict answered {chosen!r}, which does not make room for {target}"
-    return ""
+        return f"evict answered {chosen!r}, which does not make room for {target}", "too little"
+    return None
 
 
 def choose_evictions(policy: Policy, target: str, snapshot: Snapshot) -> list[str]:

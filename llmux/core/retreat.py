@@ -40,6 +40,7 @@ class Retreat(Operation):
     models: deque[ModelRecord]
     reply: int | None = None
     unknown: set[ModelRecord] = field(default_factory=set)  # never known to serve
+    unsure: set[ModelRecord] = field(default_factory=set)  # UNKNOWN when it was taken
     phase: Phase = Phase.NEXT  # then DRAIN, SLEEP (SLEEP_CHECK) per model
     job: int | None = None
     errors: list[LlmuxError] = field(default_factory=list)
@@ -64,6 +65,8 @@ class Retreat(Operation):
             if self.model.state is ModelState.ACTIVE:
                 cause = Cause.FOUND_DEAD if self.purpose == "dead" else Cause.DRAIN
                 group.move(self.model, cause)
+            elif self.model.state is ModelState.UNKNOWN:
+                self.unsure.add(self.model)
             self.phase = Phase.DRAIN
             return True
         if self.phase == Phase.DRAIN:
@@ -104,7 +107,8 @@ class Retreat(Operation):
 
     def _refused(self, group: Group, failure: str) -> None:
         model = self.model
-        if self.purpose == "recover" and not (model.last_alive and model.config.has_alive):
+        unsure = self.purpose == "recover" or model in self.unsure
+        if unsure and not (model.last_alive and model.config.has_alive):
             # Still not known: held as it was, tried again after a pause (rule 2).
             group.observe(
                 "sleep_failed", f"{model.name} may still hold memory (its sleep failed); it "

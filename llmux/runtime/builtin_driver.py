@@ -150,7 +150,7 @@ class BuiltinDriver:
         while True:
             if self._not_started(backend):
                 code = self.processes.exit_code(backend.name)
-                tail = self.processes.log_tail(backend.name).strip().splitlines()[-5:]
+                tail = _this_start(self.processes.log_tail(backend.name))[-5:]
                 raise EngineError(
                     f"the server exited with code {code} before it was ready "
                     f"(log: {self.processes.log_path(backend.name)})"
@@ -190,6 +190,16 @@ class BuiltinDriver:
     def _describe(backend: ModelConfig) -> str:
         what = backend.kind or "server"
         return f"{what} on port {backend.port}"
+
+
+def _this_start(log_tail: str) -> list[str]:
+    """The lines the latest start wrote: after its `--- ... llmux starts: ...` header (the log
+    keeps every start's output, and may be shared with another llmux's runs of that name)."""
+    lines = log_tail.strip().splitlines()
+    starts = [
+        i for i, line in enumerate(lines) if line.startswith("--- ") and "llmux starts" in line
+    ]
+    return lines[starts[-1] + 1 :] if starts else lines
 
 
 def _retiring(env: Mapping[str, str]) -> bool:
