@@ -33,6 +33,7 @@ from hypothesis.stateful import (
 
 from llmux.config import Config, ModelConfig, parse_config
 from llmux.core import events as ev
+from llmux.core import group as group_module
 from llmux.core.alive_check import AliveCheck
 from llmux.core.commands import ClearTimer, Grant, Observe, Refuse, Reply, RunHook, SetTimer
 from llmux.core.costs import SwitchCostTracker
@@ -759,7 +760,8 @@ def _bug5_policy_answers_trusted(monkeypatch):
     from llmux.core.policy_answers import Checked
 
     monkeypatch.setattr(
-        "llmux.core.group.checked_decision",
+        group_module,
+        "checked_decision",
         lambda policy, event, snapshot, models: Checked(policy.decide(event, snapshot)),
     )
 
@@ -793,7 +795,7 @@ def _bug7_evictions_trusted(monkeypatch):
             pass
         return chosen, problem
 
-    monkeypatch.setattr("llmux.core.group.checked_evictions", half_checked)
+    monkeypatch.setattr(group_module, "checked_evictions", half_checked)
 
 
 def _bug8_exit_waits_for_no_switch(monkeypatch):

@@ -125,3 +125,34 @@ async def test_a_cold_start_is_not_taken_for_a_warm_switch(tmp_path):
         metrics = (await client.get("/metrics")).text
         ema = metric_value(metrics, "llmux_switch_cost_ema_seconds", to="b", **{"from": "cold"})
         assert ema == cold
+
+
+SLOW = textwrap.dedent(
+    """
+    import time
+
+    from llmux.policy import FifoPolicy
+
+    class Slow(FifoPolicy):
+        '''Sleeps in decide: the whole group waits while it does.'''
+
+        def decide(self, event, snapshot):
+            time.sleep(0.3)
+            return super().decide(event, snapshot)
+    """
+)
+
+
+async def test_a_slow_policy_is_said_once(tmp_path, caplog):
+    """A policy runs in llmux's event loop; one that blocks it is named in a warning (once a
+    minute at most), so that an operator can tell why every request waits."""
+    (tmp_path / "slow.py").write_text(SLOW)
+    models = cmd_block("a", FAKE_SERVER) + cmd_block("b", FAKE_SERVER)
+    path = write_config(tmp_path, models, policy={"name": f"{tmp_path / 'slow.py'}:Slow"})
+    caplog.set_level(logging.INFO)
+    async with llmux_running(path) as (_, client):
+        for model in ("a", "b"):
+            response = await client.post("/v1/chat/completions", json=chat(model))
+            assert response.status_code == 200
+    slow = [r for r in caplog.records if getattr(r, "event", None) == "core_slow"]
+    assert len(slow) == 1 and "slow.py:Slow" in slow[0].getMessage()

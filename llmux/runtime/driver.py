@@ -45,6 +45,9 @@ from llmux.runtime.hooks import EXIT_CANNOT_START, HookResult
 
 log = logging.getLogger("llmux.switcher")
 
+SLOW_EVENT_SECS = 0.25  # an event the core takes longer than this to handle is said
+SLOW_EVENT_SAID_EVERY_SECS = 60.0  # at most once a minute
+
 LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -102,6 +105,7 @@ class GroupDriver:
         self._lifecycle_shown: tuple[object, ...] = ()
         self._shown: dict[str, tuple[ModelState, int, int]] = {}
         self._switch_labels: tuple[str, str] | None = None
+        self._slow_said_at = -math.inf
 
     # ----- running -----
 
@@ -116,7 +120,11 @@ class GroupDriver:
     def _feed(self, event: ev.Event) -> None:
         # The core never raises: a failure inside it is aborted through its own path, and the
         # commands it made are returned with the one that says so (`core_failed`).
+        began = time.perf_counter()
         commands = self.core.handle(event)
+        took = time.perf_counter() - began
+        if took > SLOW_EVENT_SECS:
+            self._slow_event(event, took)
         for command in commands:
             self._execute(command)
         self._show_state()
@@ -127,6 +135,19 @@ class GroupDriver:
             self._lifecycle_shown = lifecycle
             self._lifecycle_changed.set()
             self._lifecycle_changed = trio.Event()
+
+    def _slow_event(self, event: ev.Event, took: float) -> None:
+        """The core runs in the event loop: a slow policy holds every request meanwhile."""
+        now = time.monotonic()
+        if now - self._slow_said_at < SLOW_EVENT_SAID_EVERY_SECS:
+            return
+        self._slow_said_at = now
+        log_event(
+            log, "core_slow", f"group {self.core.group.name} took {took:.2f}s to decide on "
+            f"{type(event).__name__} (policy {self.core.config.policy.name}): every request of "
+            "the group waited meanwhile; a policy's decide must be quick", logging.WARNING,
+            group=self.core.group.name, seconds=took,
+        )  # fmt: skip
 
     def _execute(self, command: Command) -> None:
         if isinstance(command, Grant):
