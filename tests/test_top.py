@@ -190,10 +190,13 @@ async def test_status_reports_a_switch_in_progress(fakes, tmp_path):
     assert during["switch"]["from"] == "idle" and during["switch"]["to"] == "a"
     assert during["models"]["a"]["state"] == "waking"
     assert after["state"] == "active" and after["active_model"] == "a"
+    steps = after["models"]["a"].pop("steps")
     assert after["models"]["a"] == {
         "state": "active", "queue_depth": 0, "in_flight": 0, "last_alive": None, "port": a.port,
-        "group": "default", "aliases": [],
+        "group": "default", "aliases": [], "slept_level": None,
     }  # fmt: skip
+    assert steps["sleep"] == {} and list(steps["wake"]) == ["1"]  # woken from level 1, measured
+    assert 1.0 <= steps["wake"]["1"] < 5
     assert after["groups"] == {
         "default": {
             "capacity": None, "used": 1.0, "models": ["a"], "active_models": ["a"], "switch": None,

@@ -46,8 +46,13 @@ def held(snapshot: Snapshot, excluding: set[str]) -> float:
 
 
 def wake_cost(snapshot: Snapshot, name: str) -> float:
-    """What waking `name` again is expected to cost: its measured warm wake, else its wake from
-    idle, else its cold start, else the mean of measured switches to it, else a default."""
+    """What waking `name` again is expected to cost: its measured wake from the depth it would
+    be put to sleep at, else any measured warm wake, else its wake from idle, else its cold
+    start, else the mean of measured switches to it, else a default."""
+    view = snapshot.models.get(name)
+    level = view.sleep_level if view is not None else None
+    if level is not None and (name, level) in snapshot.wake_step_costs:
+        return snapshot.wake_step_costs[(name, level)]
     for measured in (snapshot.wake_costs, snapshot.idle_wake_costs, snapshot.cold_start_costs):
         if name in measured:
             return measured[name]

@@ -35,13 +35,16 @@ RETIRING_ENV = {"LLMUX_RETIRING": "1"}
 
 @dataclass(frozen=True)
 class RunHook:
-    """Run `hook` of `model` with `backend`'s commands and timeouts; answer `HookDone(job)`."""
+    """Run `hook` of `model` with `backend`'s commands and timeouts; answer `HookDone(job)`.
+    `level` is the sleep depth: the one to sleep at (a sleep), or the one the model slept at
+    (a wake: its wake path depends on it); None for an alive check."""
 
     job: int
     model: str
     hook: HookName
     backend: ModelConfig
     env: dict[str, str] = field(default_factory=dict)
+    level: int | None = None
 
 
 @dataclass(frozen=True)

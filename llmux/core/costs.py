@@ -26,15 +26,32 @@ class SwitchCostTracker:
         self.idle_wakes: dict[str, float] = {}
         self.cold_starts: dict[str, float] = {}
         self.wakes: dict[str, float] = {}
+        # Each step alone, per model and sleep depth: what a switch will cost is the sleeps of
+        # its victims at the depths they sleep at, plus its target's wake from its depth.
+        self.sleep_steps: dict[tuple[str, int], float] = {}
+        self.wake_steps: dict[tuple[str, int | str], float] = {}  # level "cold": it started
+
+    def observe_sleep(self, model: str, level: int, seconds: float) -> float:
+        """Fold one successful sleep of `model` at `level` in; the new estimate."""
+        return self._fold(self.sleep_steps, (model, level), seconds)
 
     def observe_switch(
-        self, from_model: str | None, to_model: str, wake_seconds: float, seconds: float, cold: bool
+        self,
+        from_model: str | None,
+        to_model: str,
+        wake_seconds: float,
+        seconds: float,
+        cold: bool,
+        level: int = 1,
     ) -> float:
         """Fold one switch in (`seconds` with nobody serving, of which `wake_seconds` were the
-        wake) and return the new estimate of its kind: cold, from idle, or for its pair."""
+        wake, from sleep depth `level`) and return the new estimate of its kind: cold, from
+        idle, or for its pair."""
         if cold:
+            self._fold(self.wake_steps, (to_model, COLD), wake_seconds)
             return self._fold(self.cold_starts, to_model, seconds)
         self._fold(self.wakes, to_model, wake_seconds)
+        self._fold(self.wake_steps, (to_model, level), wake_seconds)
         if from_model is None:
             return self._fold(self.idle_wakes, to_model, seconds)
         return self._fold(self.switches, (from_model, to_model), seconds)

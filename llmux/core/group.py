@@ -197,6 +197,10 @@ class GroupCore:
             self.group.room,
             self.costs.wakes,
             self.costs.idle_wakes,
+            sleep_costs=self.costs.sleep_steps,
+            wake_step_costs=self.costs.wake_steps,
+            sleep_levels={name: self.next_sleep_level(m) for name, m in self.models.items()},
+            demand={name: m.demand.rate(self.now) for name, m in self.models.items()},
         )
 
     def held(self, leaving_out: ModelRecord | None = None) -> float:
@@ -238,6 +242,7 @@ class GroupCore:
             self._out.append(Refuse(event.rid, refused))
             return
         model = self.models[event.model]
+        model.demand.arrived(self.now)
         request = Request(event.rid, event.model, self.now)
         self.requests[event.rid] = request
         if self._may_start_now(model):
@@ -573,8 +578,21 @@ class GroupCore:
     def run(self, model: ModelRecord, hook: HookName, env: dict[str, str] | None = None) -> int:
         job = next(self._jobs)
         self._running[job] = (model, hook)
-        self._out.append(RunHook(job, model.name, hook, model.config, env or {}))
+        level = None
+        if hook is HookName.SLEEP:
+            level = model.sleeping_at = self.sleep_depth(model)
+        elif hook is HookName.WAKE:
+            level = model.woken_from or model.config.sleep_level  # moved to WAKING just before
+        self._out.append(RunHook(job, model.name, hook, model.config, env or {}, level))
         return job
+
+    def sleep_depth(self, model: ModelRecord) -> int:
+        """The depth `model` is put to sleep at now: its configured `sleep_level`."""
+        return model.config.sleep_level
+
+    def next_sleep_level(self, model: ModelRecord) -> int | None:
+        """The depth `model` would sleep at, as a policy is told (None: chosen when it does)."""
+        return model.config.sleep_level
 
     def _on_hook_done(self, event: ev.HookDone) -> None:
         self._running.pop(event.job, None)
@@ -594,11 +612,20 @@ class GroupCore:
     # ----- states -----
 
     def move(self, model: ModelRecord, cause: Cause) -> None:
-        """The only way a model's state changes (rule 8)."""
+        """The only way a model's state changes (rule 8). The depth it sleeps at is known
+        from a sleep that succeeded until it is woken; a wake starts from that depth."""
         new = TRANSITIONS.get((model.state, cause))
         if new is None:
             raise IllegalTransition(f"{model.name}: {model.state} --{cause}--> ?")
         model.state = new
+        if cause is Cause.SLEEP_OK:
+            model.slept_level = model.sleeping_at
+        elif cause is Cause.WAKE_STARTED:
+            model.woken_from, model.slept_level = model.slept_level, None
+        elif new is not ModelState.ASLEEP and new is not ModelState.WAKING:
+            model.slept_level = None
+        elif cause is Cause.GONE:
+            model.slept_level = None  # it does not serve; how it went is not known
 
     def activate(self, model: ModelRecord) -> None:
         model.active_since = self.now
@@ -608,11 +635,17 @@ class GroupCore:
         model.server_running = True
         self.grant_waiting(model)
 
-    def slept(self, model: ModelRecord) -> None:
+    def slept(self, model: ModelRecord, seconds: float) -> None:
+        """Its sleep hook succeeded in `seconds`: measured per depth (what evicting it costs)."""
         self.move(model, Cause.SLEEP_OK)
         model.active_since = None
         if model.config.kind is None:
             model.server_running = False  # a plain `cmd` server sleeps by being stopped
+        level = model.slept_level or model.config.sleep_level
+        estimate = self.costs.observe_sleep(model.name, level, seconds)
+        self.observe_quietly(
+            "sleep_measured", model=model.name, level=level, seconds=seconds, estimate=estimate
+        )
 
     def serve_again(self, model: ModelRecord) -> None:
         """A drained model whose switch was called off serves on, unless its server exited
@@ -627,7 +660,12 @@ class GroupCore:
         self, model: ModelRecord, source: str | None, wake: ev.HookOutcome, cost: float
     ) -> float:
         """Fold a successful wake's cost in (a cold start apart); the new estimate."""
-        return self.costs.observe_switch(source, model.name, wake.duration, cost, wake.cold)
+        level = model.woken_from or model.config.sleep_level
+        self.observe_quietly(
+            "wake_measured", model=model.name, level="cold" if wake.cold else str(level),
+            seconds=wake.duration,
+        )  # fmt: skip
+        return self.costs.observe_switch(source, model.name, wake.duration, cost, wake.cold, level)
 
     def hold_unknown(self, record: ModelRecord) -> None:
         """Neither woken nor surely asleep (its wake and its sleep failed, and it has no alive
@@ -638,6 +676,7 @@ class GroupCore:
             return  # a reload retired it already: it is put to sleep as a retirement
         replacement = self._record(record.config)
         replacement.queue, record.queue = record.queue, deque()
+        replacement.demand = record.demand
         self.models[record.name] = replacement
         self._retire(record)
 
@@ -790,6 +829,7 @@ class GroupCore:
                 if awake and _needs_restart(record.config, cfg):
                     replacement = self._record(cfg)
                     replacement.queue, record.queue = record.queue, deque()
+                    replacement.demand = record.demand
                     self._retire(record)
                     record = replacement
                 else:

@@ -21,6 +21,11 @@ def snapshot_of(
     capacity: float = 1.0,
     wake_costs: Mapping[str, float] | None = None,
     idle_wake_costs: Mapping[str, float] | None = None,
+    *,
+    sleep_costs: Mapping[tuple[str, int], float] | None = None,
+    wake_step_costs: Mapping[tuple[str, int | str], float] | None = None,
+    sleep_levels: Mapping[str, int | None] | None = None,
+    demand: Mapping[str, float] | None = None,
 ) -> Snapshot:
     """The one way a snapshot is built, so that live and simulated policies see the same thing.
 
@@ -38,6 +43,8 @@ def snapshot_of(
             size=model.size,
             last_used=model.last_used,
             starts_cold=model.starts_cold,
+            slept_level=getattr(model, "slept_level", None),
+            sleep_level=(sleep_levels or {}).get(model.name, 1),
         )
     snapshot = Snapshot(
         now=now,
@@ -50,6 +57,9 @@ def snapshot_of(
         capacity=capacity,
         wake_costs=MappingProxyType(dict(wake_costs or {})),
         idle_wake_costs=MappingProxyType(dict(idle_wake_costs or {})),
+        sleep_costs=MappingProxyType(dict(sleep_costs or {})),
+        wake_step_costs=MappingProxyType(dict(wake_step_costs or {})),
+        demand=MappingProxyType(dict(demand or {})),
     )
     awake = [view.name for view in views.values() if view.state is ModelState.ACTIVE]
     waiting = oldest_waiting_model(snapshot)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -36,6 +37,10 @@ class ModelRecord:
     check_requested: bool = False  # the proxy could not connect: check it soon
     exited: bool = False  # its server exited (llmux started it): it serves nothing until woken
     server_running: bool = False  # a `cmd` server llmux started runs (asleep or awake)
+    slept_level: int | None = None  # the depth it was put to sleep at (None: not known)
+    sleeping_at: int | None = None  # the depth its running (or latest) sleep hook was asked for
+    woken_from: int | None = None  # the depth its running (or latest) wake starts from
+    demand: Demand = field(default_factory=lambda: Demand())
     retiring: bool = False
     name: str = field(init=False)  # a plain attribute: policies' snapshots read it often
 
@@ -47,6 +52,26 @@ class ModelRecord:
         """Its next wake starts its server: a `cmd` model whose server does not run. (A model
         woken by hooks never says: llmux cannot know what its wake hook starts.)"""
         return self.config.cmd is not None and not self.server_running
+
+
+DEMAND_WINDOW_SECS = 600.0  # how far back arrivals count (they fade with this time constant)
+
+
+@dataclass
+class Demand:
+    """A model's recent request rate: arrivals counted with an exponential fade, so that a
+    model asked for a minute ago counts more than one asked for an hour ago. It says how soon
+    a model put to sleep is likely to be wanted again (what a deep sleep's slow wake costs)."""
+
+    level: float = 0.0  # requests per second as of `at`
+    at: float = 0.0
+
+    def arrived(self, now: float) -> None:
+        self.level = self.rate(now) + 1.0 / DEMAND_WINDOW_SECS
+        self.at = now
+
+    def rate(self, now: float) -> float:
+        return self.level * math.exp(-max(0.0, now - self.at) / DEMAND_WINDOW_SECS)
 
 
 @dataclass(frozen=True)

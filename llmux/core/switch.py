@@ -150,7 +150,7 @@ class Switch(Operation):
         if self.phase == Phase.SLEEP:
             victim = self.victims[self.index]
             if outcome.ok:
-                group.slept(victim)
+                group.slept(victim, outcome.duration)
                 self.sleep_seconds += outcome.duration
                 self.index += 1
             elif victim.exited:  # its server is gone: nothing of it serves (rule 4)

@@ -9,6 +9,7 @@ import trio
 
 from llmux import __version__
 from llmux.config import Config
+from llmux.core.costs import SwitchCostTracker
 from llmux.core.records import SwitchView
 from llmux.core.states import ModelState
 from llmux.runtime.fleet import Fleet
@@ -56,6 +57,8 @@ def status_report(config: Config, fleet: Fleet, started_wall: float) -> dict[str
                 "port": model.config.port,
                 "group": model.config.group,
                 "aliases": list(model.config.aliases),
+                "slept_level": model.slept_level,
+                "steps": _steps(fleet.costs, name),
             }
             for name, model in models.items()
         },
@@ -79,3 +82,11 @@ def _switch(switch: SwitchView | None) -> dict[str, Any] | None:
         "evicting": list(switch.evicting),
         "elapsed_seconds": round(trio.current_time() - switch.started, 3),
     }
+
+
+def _steps(costs: SwitchCostTracker, model: str) -> dict[str, dict[str, float]]:
+    """A model's measured sleeps and wakes (EMA seconds), per sleep level ("cold": a wake that
+    started its server)."""
+    sleeps = {str(level): s for (name, level), s in costs.sleep_steps.items() if name == model}
+    wakes = {str(level): s for (name, level), s in costs.wake_steps.items() if name == model}
+    return {"sleep": sleeps, "wake": wakes}

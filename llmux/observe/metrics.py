@@ -55,6 +55,18 @@ class Metrics:
             "How long a model stayed active before being switched out",
             ["model"], buckets=DURATION_BUCKETS, registry=r,
         )  # fmt: skip
+        self.sleep_seconds = Histogram(
+            "llmux_sleep_seconds",
+            "Duration of each sleep that succeeded (hook or built-in step), per model and the "
+            "sleep level it was put to sleep at",
+            ["model", "level"], buckets=DURATION_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.wake_seconds = Histogram(
+            "llmux_wake_seconds",
+            "Duration of each wake that succeeded, per model and the sleep level it woke "
+            "from (level=cold: the wake started the model's server)",
+            ["model", "level"], buckets=DURATION_BUCKETS, registry=r,
+        )  # fmt: skip
         self.switch_cost_ema = Gauge(
             "llmux_switch_cost_ema_seconds",
             "EMA-smoothed estimated switch cost per (from, to) pair (sleep + wake hooks)",

@@ -173,7 +173,8 @@ class Dashboard:
         """The frame for a terminal `width` columns wide."""
         parts: list[RenderableType] = [self._header()]
         if self.current is not None:
-            parts += [self._model_table(width), self._cost_table(), self._event_lines()]
+            parts += [self._model_table(width), self._cost_table(), self._step_lines()]
+            parts.append(self._event_lines())
         return Group(*parts)
 
     def _header(self) -> Text:
@@ -302,6 +303,26 @@ class Dashboard:
             if any(cell != "·" for cell in cells):
                 table.add_row(_truncate(source, 12), *cells)
         return Group(Text("switch cost EMA: rows from, columns to", style="bold"), table)
+
+    def _step_lines(self) -> RenderableType:
+        """Each model's sleeps and wakes, the mean since llmux started, per sleep level: what
+        a switch costs is the victims' sleeps plus the target's wake."""
+        poll = self.current
+        assert poll is not None
+        lines = Text()
+        for model in poll.models():
+            parts = []
+            for step in ("sleep", "wake"):
+                means = _means(poll, f"llmux_{step}_seconds", model)
+                if means:
+                    levels = " ".join(f"{_level(level)} {_seconds(s)}" for level, s in means)
+                    parts.append(f"{step} {levels}")
+            if parts:
+                lines.append(f"{_truncate(model, 12):<12} {'   '.join(parts)}\n")
+        if not lines:
+            return Text()
+        lines.rstrip()
+        return Group(Text("sleeps and wakes, mean by level", style="bold"), lines)
 
     def _event_lines(self) -> RenderableType:
         if not self.events:
@@ -483,3 +504,23 @@ async def _quit_on_q(scope: trio.CancelScope) -> None:
                     return
     finally:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def _means(poll: Poll, histogram: str, model: str) -> list[tuple[str, float]]:
+    """A histogram's mean per `level` label for one model, levels in order (cold last)."""
+    counts = {
+        labels["level"]: count
+        for labels, count in poll.series(histogram + "_count")
+        if labels.get("model") == model and count
+    }
+    sums = {
+        labels["level"]: total
+        for labels, total in poll.series(histogram + "_sum")
+        if labels.get("model") == model and labels["level"] in counts
+    }
+    order = sorted(sums, key=lambda level: (level == "cold", level))
+    return [(level, sums[level] / counts[level]) for level in order]
+
+
+def _level(level: str) -> str:
+    return level if level == "cold" else f"L{level}"

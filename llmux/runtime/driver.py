@@ -367,6 +367,14 @@ class GroupDriver:
             labels = (str(fields["from"]), str(fields["to"]), str(fields["result"]))
             self.metrics.switch_total.labels(*labels).inc()
             self.metrics.switch_last_time.labels(*labels).set(time.time())
+        elif name == "sleep_measured":
+            self.metrics.sleep_seconds.labels(fields["model"], str(fields["level"])).observe(
+                fields["seconds"]
+            )
+        elif name == "wake_measured":
+            self.metrics.wake_seconds.labels(fields["model"], fields["level"]).observe(
+                fields["seconds"]
+            )
         elif name == "drain_measured":
             self.metrics.switch_drain_duration.labels(fields["model"]).observe(fields["seconds"])
         elif name == "model_active_duration":
