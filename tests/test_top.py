@@ -197,6 +197,7 @@ async def test_status_reports_a_switch_in_progress(fakes, tmp_path):
     assert after["groups"] == {
         "default": {
             "capacity": None, "used": 1.0, "models": ["a"], "active_models": ["a"], "switch": None,
+            "gpus": [], "gpu_free_gb": None, "gpu_total_gb": None,
         },
     }  # fmt: skip
     assert after["policy"]["name"] == "adaptive"
