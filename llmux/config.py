@@ -65,7 +65,8 @@ class ServerConfig:
     # Data-plane processes beside the controller (`llmux serve` only); 1: one process.
     workers: int = field(default_factory=lambda: default_workers())
     list_aliases: bool = False  # /v1/models lists aliases beside the models they name
-    # GiB to keep free on each GPU of a group beyond what a model takes (CUDA context, buffers).
+    # GiB a check of room before a wake leaves free on each GPU of the group beyond what the
+    # model takes (CUDA context, buffers). Nothing acts on it yet: llmux only reads GPU memory.
     gpu_margin_gb: float = 1.0
 
 
