@@ -222,9 +222,12 @@ def _check(args: argparse.Namespace) -> int:
         return EXIT_CONFIG_ERROR
     names = ", ".join(config.models)
     print(f"{config.path}: ok ({len(config.models)} models: {names}; policy {config.policy.name})")
-    if len(config.groups) > 1 or any(g.capacity is not None for g in config.groups.values()):
-        for group in config.groups.values():
+    groups = config.groups.values()
+    if len(groups) > 1 or any(g.capacity is not None or g.gpus for g in groups):
+        for group in groups:
             room = f"capacity {group.capacity:g}" if group.capacity else "one at a time"
+            if group.gpus:
+                room += f"; GPU {', '.join(map(str, group.gpus))}"
             print(f"  group {group.name} ({room}): {', '.join(group.models)}")
     return 0
 

@@ -65,6 +65,9 @@ class ServerConfig:
     # Data-plane processes beside the controller (`llmux serve` only); 1: one process.
     workers: int = field(default_factory=lambda: default_workers())
     list_aliases: bool = False  # /v1/models lists aliases beside the models they name
+    # GiB a check of room before a wake leaves free on each GPU of the group beyond what the
+    # model takes (CUDA context, buffers). Nothing acts on it yet: llmux only reads GPU memory.
+    gpu_margin_gb: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -172,11 +175,13 @@ class ModelConfig:
 class GroupConfig:
     """Models that share one GPU (or one set of GPUs): they switch among themselves, beside and
     independently of other groups. Without a capacity, one model of the group is awake at once;
-    with one, several are while their sizes fit."""
+    with one, several are while their sizes fit. `gpus` names its devices (NVML indices, as
+    nvidia-smi shows them), so that llmux can read how much memory they really have free."""
 
     name: str
     models: tuple[str, ...]
     capacity: float | None = None
+    gpus: tuple[int, ...] = ()
 
     def size_of(self, model: ModelConfig) -> float:
         """What a model takes of the capacity; one whole slot when the group has none."""
@@ -205,6 +210,11 @@ class Config:
         if not self.groups:  # built in code or tests: every model in the default group
             default = GroupConfig(DEFAULT_GROUP, tuple(self.models))
             object.__setattr__(self, "groups", {DEFAULT_GROUP: default})
+
+    @property
+    def gpus(self) -> tuple[int, ...]:
+        """Every GPU a group names, in index order."""
+        return tuple(sorted(gpu for group in self.groups.values() for gpu in group.gpus))
 
     @property
     def hook_dir(self) -> Path:
@@ -278,6 +288,7 @@ _SERVER_KEYS = {
     "max_connections": int,
     "listen_backlog": int,
     "workers": int,
+    "gpu_margin_gb": _NUMBER,
 }
 _AUTH_KEYS = {
     "api_keys": list,
@@ -301,7 +312,7 @@ _MODEL_KEYS = {
 }
 _INHERITED = {f.name: f for f in _MODEL_FIELDS if f.metadata["inherited"]}
 _DEFAULTS_KEYS = {name: f.metadata["toml"] for name, f in _INHERITED.items()}
-_GROUP_KEYS = {"capacity": _NUMBER, "models": list}
+_GROUP_KEYS = {"capacity": _NUMBER, "models": list, "gpus": list}
 
 
 def load_config(path: str | Path) -> Config:
@@ -395,6 +406,7 @@ def _parse_groups(
         raise ConfigError(checker.path, "groups", "must be a table of [groups.NAME] tables")
     groups: dict[str, GroupConfig] = {}
     member_of: dict[str, str] = {}
+    gpu_of: dict[int, str] = {}
     for name, table in raw.items():
         key = f"groups.{_quote(name)}"
         if not isinstance(table, dict):
@@ -418,7 +430,8 @@ def _parse_groups(
         capacity = table.get("capacity")
         if capacity is not None:
             checker.positive(capacity, f"{key}.capacity")
-        groups[name] = GroupConfig(name, tuple(listed), capacity)
+        gpus = _parse_gpus(checker, table.get("gpus", []), f"{key}.gpus", name, gpu_of)
+        groups[name] = GroupConfig(name, tuple(listed), capacity, gpus)
     unlisted = tuple(m for m in models if m not in member_of)
     if unlisted:
         default = groups.get(DEFAULT_GROUP, GroupConfig(DEFAULT_GROUP, ()))
@@ -441,6 +454,26 @@ def _parse_groups(
     return groups
 
 
+def _parse_gpus(
+    checker: _Checker, raw: list[Any], key: str, group: str, gpu_of: dict[int, str]
+) -> tuple[int, ...]:
+    """A group's GPUs: NVML indices, each in one group only (`gpu_of` records the owners)."""
+    for index, gpu in enumerate(raw):
+        if not _is_type(gpu, int) or gpu < 0:
+            problem = f"must be GPU indices (integers from 0, as nvidia-smi shows), got {gpu!r}"
+            raise ConfigError(checker.path, f"{key}[{index}]", problem)
+        if gpu_of.get(gpu) == group:
+            raise ConfigError(checker.path, f"{key}[{index}]", f"GPU {gpu} is listed twice")
+        if gpu in gpu_of:
+            problem = (
+                f"GPU {gpu} is already in group {gpu_of[gpu]!r}: groups switch independently, "
+                "so two groups on one GPU could both wake into the same free memory"
+            )
+            raise ConfigError(checker.path, f"{key}[{index}]", problem)
+        gpu_of[gpu] = group
+    return tuple(raw)
+
+
 def _parse_preload(checker: _Checker, raw: list[Any], models: dict[str, ModelConfig]) -> tuple:
     for index, name in enumerate(raw):
         if not isinstance(name, str) or name not in models:
@@ -459,7 +492,7 @@ def _parse_server(checker: _Checker, raw: Any, auth: AuthConfig) -> ServerConfig
         if key not in raw:
             continue
         value = raw[key]
-        if key == "shutdown_timeout_secs":
+        if key in ("shutdown_timeout_secs", "gpu_margin_gb"):
             value = checker.non_negative(value, f"server.{key}")
         elif kind in (int, _NUMBER):
             value = checker.positive(value, f"server.{key}")

@@ -27,9 +27,11 @@ from llmux.observe.metrics import Metrics
 from llmux.policies.interface import Policy
 from llmux.policies.loader import policy_factory
 from llmux.runtime.fleet import Fleet
+from llmux.runtime.gpus import GpuMemory, NvmlBackend
 from llmux.runtime.instance import BacklogCap, InstanceGuard, claim_instance, raise_backlog_cap
 from llmux.runtime.state_dir import StateDir, open_state_dir, state_dir_path
 from llmux.runtime.systemd import Notifier, raise_open_files_limit
+from llmux.testing.fake_nvml import fake_nvml_from_env
 from llmux.workers.supervisor import Supervisor
 
 log = logging.getLogger("llmux.server")
@@ -107,13 +109,15 @@ def _say_backlog_cap(cap: BacklogCap, backlog: int) -> None:
 
 
 def build_app(config: Config, policy: Policy | None, state: StateDir) -> LlmuxApp:
-    """Assemble llmux: the metrics, the cost estimates, the policy of each group, the fleet of
-    switchers with their backend drivers, and the edge that serves from them. An instance given
-    as `policy` (tests, embedding) is shared by every group."""
+    """Assemble llmux: the metrics, the cost estimates, the policy of each group, the reader of
+    GPU memory (NVML, or the file LLMUX_FAKE_NVML names, for tests), the fleet of switchers
+    with their backend drivers, and the edge that serves from them. An instance given as
+    `policy` (tests, embedding) is shared by every group."""
     metrics = Metrics(config.models)
     make_policy = (lambda: policy) if policy is not None else policy_factory(config)
     make_policy()  # fail here, before anything runs, if the policy cannot be built
-    fleet = Fleet(config, make_policy, metrics, SwitchCostTracker(), state)
+    gpus = GpuMemory(fake_nvml_from_env() or NvmlBackend(), metrics)
+    fleet = Fleet(config, make_policy, metrics, SwitchCostTracker(), state, gpus)
     return LlmuxApp(config, fleet, metrics)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import chat
+from tests.conftest import chat, metric_value
 
 BINARY = Path(os.environ.get("LLMUX_BINARY", Path(__file__).parents[1] / "dist" / "llmux"))
 
@@ -151,3 +151,30 @@ def test_demo_runs_without_python_on_path(tmp_path):
     finally:
         os.killpg(demo.pid, signal.SIGINT)
         assert demo.wait(timeout=20) == 0
+
+
+def test_the_binary_carries_nvml_and_reads_the_fake_file(tmp_path):
+    """nvidia-ml-py is inside the binary: with no driver it says NVML's own reason, never that
+    the package is missing; LLMUX_FAKE_NVML works through the binary as through Python."""
+    config = tmp_path / "config.toml"
+    config.write_text(
+        '[groups.g]\nmodels = ["a"]\ngpus = [1]\n'
+        '[models.a]\nport = 9\nwake = "true"\nsleep = "true"\n'
+    )
+    serve = ["serve", "-c", str(config), "--port", "0"]
+    bare = {k: v for k, v in os.environ.items() if k != "LLMUX_FAKE_NVML"}
+    llmux, line = _start(serve, "GPU memory", bare)
+    try:
+        assert "nvidia-ml-py" not in line, line
+        assert "(NVML: " in line or "through NVML" in line, line  # no driver here, or one
+    finally:
+        assert _stop(llmux) == 0
+    nvml = tmp_path / "gpus.json"
+    nvml.write_text('{"gpus": [{"total_gb": 80, "free_gb": 80}, {"total_gb": 24, "free_gb": 6}]}')
+    llmux, line = _start(serve, "listening on", {**bare, "LLMUX_FAKE_NVML": str(nvml)})
+    try:
+        url = line.strip().rsplit(" ", 1)[1]
+        metrics = httpx.get(url + "/metrics", timeout=10).text
+        assert metric_value(metrics, "llmux_gpu_free_bytes", gpu="1") == 6 * 1024**3
+    finally:
+        assert _stop(llmux) == 0

@@ -272,6 +272,55 @@ def test_unlisted_models_form_the_default_group(tmp_path):
     assert "group default (one at a time): a" in result.stdout
 
 
+def test_groups_name_their_gpus_and_the_default_group_may_too(tmp_path):
+    body = TWO_MODELS + '[groups.g]\ngpus = [1, 0]\nmodels = ["b"]\n[groups.default]\ngpus = [2]\n'
+    config = load_config(write(tmp_path, body))
+    assert config.groups["g"].gpus == (1, 0) and config.groups["default"].gpus == (2,)
+    assert config.groups["default"].models == ("a",)  # the unlisted model joined it
+    assert config.gpus == (0, 1, 2)
+    assert config.server.gpu_margin_gb == 1.0
+    result = _llmux("check", "-c", str(tmp_path / "config.toml"))
+    assert "group g (one at a time; GPU 1, 0): b" in result.stdout
+    assert "group default (one at a time; GPU 2): a" in result.stdout
+    plain = load_config(write(tmp_path, "[server]\ngpu_margin_gb = 0\n" + TWO_MODELS))
+    assert plain.gpus == () and plain.groups["default"].gpus == ()
+    assert plain.server.gpu_margin_gb == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "problem"),
+    [
+        ("gpus = [-1]", "groups.g.gpus[0]", "must be GPU indices (integers from 0"),
+        ("gpus = [0, true]", "groups.g.gpus[1]", "must be GPU indices"),
+        ("gpus = [1.0]", "groups.g.gpus[0]", "must be GPU indices"),
+        ('gpus = ["0"]', "groups.g.gpus[0]", "got '0'"),
+        ("gpus = 0", "groups.g.gpus", "must be an array, got an integer"),
+        ("gpus = [3, 1, 3]", "groups.g.gpus[2]", "GPU 3 is listed twice"),
+    ],
+)
+def test_bad_gpus_are_refused(tmp_path, text, key, problem):
+    body = TWO_MODELS + f'[groups.g]\nmodels = ["a"]\n{text}\n'
+    with pytest.raises(ConfigError, match=re.escape(problem)) as caught:
+        load_config(write(tmp_path, body))
+    assert caught.value.key == key
+    assert str(caught.value).startswith(f"{tmp_path / 'config.toml'}: {key}: ")
+
+
+def test_two_groups_cannot_share_a_gpu(tmp_path):
+    body = TWO_MODELS + '[groups.g]\nmodels = ["a"]\ngpus = [0, 1]\n'
+    body += "[groups.default]\ngpus = [1]\n"
+    with pytest.raises(ConfigError, match="GPU 1 is already in group 'g': groups switch") as caught:
+        load_config(write(tmp_path, body))
+    assert caught.value.key == "groups.default.gpus[0]"
+
+
+@pytest.mark.parametrize("value", ["-1", '"1"', "nan"])
+def test_a_bad_gpu_margin_is_refused(tmp_path, value):
+    with pytest.raises(ConfigError, match=r"server\.gpu_margin_gb: must be") as caught:
+        load_config(write(tmp_path, f"[server]\ngpu_margin_gb = {value}\n" + TWO_MODELS))
+    assert caught.value.key == "server.gpu_margin_gb"
+
+
 MODEL = '[models.a]\nport = 9\nwake = "true"\nsleep = "true"\n'
 # Files that once killed llmux on SIGHUP or made `llmux check` print a traceback.
 BAD_FILES = {
@@ -356,7 +405,8 @@ _VALUES = st.recursive(
 _VALID = {
     "port": 3000,
     "preload": ["a"],
-    "server": {"max_body_bytes": 1000, "state_dir": "state", "list_aliases": True},
+    "server": {"max_body_bytes": 1000, "state_dir": "state", "list_aliases": True,
+               "gpu_margin_gb": 1.5},
     "auth": {"api_keys": ["sk-1"], "admin_token": "0123456789abcdef"},
     "policy": {"name": "cost_aware", "request_timeout_secs": 5, "options": {"quantum_factor": 2}},
     "defaults": {"wake_timeout_secs": 5, "ttl_secs": 3},
@@ -366,7 +416,7 @@ _VALID = {
               "backend_api_key": "k"},
         "b": {"port": 9002, "wake": "true", "sleep": "true", "memory_gb": 2},
     },
-    "groups": {"g": {"capacity": 4, "models": ["a", "b"]}},
+    "groups": {"g": {"capacity": 4, "models": ["a", "b"], "gpus": [0, 1]}},
 }  # fmt: skip
 
 

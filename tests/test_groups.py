@@ -74,7 +74,7 @@ async def test_two_models_that_fit_serve_at_once_without_switching(fakes, tmp_pa
     assert status["active_models"] == ["a", "b"]
     assert status["groups"]["gpu0"] == {
         "capacity": 80, "used": 70, "models": ["a", "b"], "active_models": ["a", "b"],
-        "switch": None,
+        "switch": None, "gpus": [], "gpu_free_gb": None, "gpu_total_gb": None,
     }  # fmt: skip
     assert metric_value(metrics, "llmux_group_capacity", group="gpu0") == 80
     assert metric_value(metrics, "llmux_group_used", group="gpu0") == 70

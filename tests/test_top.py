@@ -14,6 +14,7 @@ import trio
 from rich.console import Console
 
 from llmux.observe.top import Dashboard, Poll, _quantile
+from llmux.testing.fake_nvml import FAKE_NVML_ENV, write_fake_nvml
 from tests.conftest import PYTHON, chat, fake_model_block, llmux_running, write_config
 
 
@@ -200,6 +201,7 @@ async def test_status_reports_a_switch_in_progress(fakes, tmp_path):
     assert after["groups"] == {
         "default": {
             "capacity": None, "used": 1.0, "models": ["a"], "active_models": ["a"], "switch": None,
+            "gpus": [], "gpu_free_gb": None, "gpu_total_gb": None,
         },
     }  # fmt: skip
     assert after["policy"]["name"] == "adaptive"
@@ -312,6 +314,27 @@ def test_groups_get_a_line_each_and_a_column():
     assert "gpu1 1/1  switching idle → d (5s)" in frame
     row = next(line for line in frame.splitlines() if line.lstrip().startswith("c "))
     assert "gpu1" in row and "asleep" in row
+
+
+async def test_group_lines_show_free_gpu_memory_read_from_a_real_llmux(
+    fakes, tmp_path, monkeypatch
+):
+    a, b = fakes.start("a", "b")
+    groups = '[groups.gpus01]\nmodels = ["a"]\ngpus = [0, 1]\n'
+    groups += '[groups.gpu2]\nmodels = ["b"]\ngpus = [2]\n'
+    path = write_config(tmp_path, fake_model_block(a) + fake_model_block(b) + groups)
+    nvml = tmp_path / "gpus.json"
+    write_fake_nvml(nvml, (80, 12.5), (80, 80))  # GPU 2 is unknown to the driver
+    monkeypatch.setenv(FAKE_NVML_ENV, str(nvml))
+    async with llmux_running(path) as (_, client):
+        assert (await client.post("/v1/chat/completions", json=chat("a"))).status_code == 200
+        text = (await client.get("/metrics")).text
+    dashboard = Dashboard("http://127.0.0.1:3000")
+    dashboard.update(Poll.parse(text, time.time()))
+    lines = render(dashboard).splitlines()
+    assert "gpus01 1/1  active a  GPU 92.5/160 GiB free" in lines
+    assert "gpu2 0/1  idle" in lines  # cannot tell: nothing said
+    assert max(len(line) for line in lines) <= 80
 
 
 def _busy_poll(at: float, requests: float, waits_fast: float, waits_slow: float) -> Poll:

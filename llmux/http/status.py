@@ -30,14 +30,20 @@ def status_report(config: Config, fleet: Fleet, started_wall: float) -> dict[str
         for source, target, seconds in fleet.costs.table()
     ]
     groups = {}
+    gpus = fleet.read_gpus()
     for name, group in config.groups.items():
         members = [models[m] for m in group.models if m in models]
+        reading = gpus.get(name)
         groups[name] = {
             "capacity": group.capacity,
             "used": sum(m.size for m in members if m.state is not ModelState.ASLEEP),
             "models": list(group.models),
             "active_models": [m.name for m in members if m.state is ModelState.ACTIVE],
             "switch": _switch(switches.get(name)),
+            "gpus": list(group.gpus),
+            # As the driver says now; null when no GPUs are named or they cannot be read.
+            "gpu_free_gb": None if reading is None else round(reading.free_gb, 3),
+            "gpu_total_gb": None if reading is None else round(reading.total_gb, 3),
         }
     return {
         "version": __version__,

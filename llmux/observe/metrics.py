@@ -158,6 +158,21 @@ class Metrics:
             "Capacity held now by the group's models that are not asleep",
             ["group"], registry=r,
         )  # fmt: skip
+        self.group_gpu = Gauge(
+            "llmux_group_gpu_info",
+            "Always 1: the GPUs (NVML indices) each group names",
+            ["group", "gpu"], registry=r,
+        )  # fmt: skip
+        self.gpu_free = Gauge(
+            "llmux_gpu_free_bytes",
+            "Free memory of a GPU a group names, as the driver (NVML) said at the latest read",
+            ["gpu"], registry=r,
+        )  # fmt: skip
+        self.gpu_total = Gauge(
+            "llmux_gpu_total_bytes",
+            "Total memory of a GPU a group names, as the driver (NVML) said at the latest read",
+            ["gpu"], registry=r,
+        )  # fmt: skip
         self.connections_open = Gauge(
             "llmux_connections_open", "Client connections open now", registry=r
         )
@@ -187,12 +202,26 @@ class Metrics:
             self.add_model(name)
 
     def describe_groups(self, config: Config) -> None:
-        """(Re)state which models belong to which group, and each group's capacity."""
-        self.group_model.clear()
+        """(Re)state which models and GPUs belong to which group, and each group's capacity.
+        GPU memory is dropped until the next read, which sets what the groups name now."""
+        for gauge in (self.group_model, self.group_gpu, self.gpu_free, self.gpu_total):
+            gauge.clear()
         for group in config.groups.values():
             self.group_capacity.labels(group.name).set(group.room)
             for model in group.models:
                 self.group_model.labels(group.name, model).set(1)
+            for gpu in group.gpus:
+                self.group_gpu.labels(group.name, str(gpu)).set(1)
+
+    def set_gpu_memory(self, gpu: int, total: int, free: int) -> None:
+        self.gpu_total.labels(str(gpu)).set(total)
+        self.gpu_free.labels(str(gpu)).set(free)
+
+    def forget_gpu(self, gpu: int) -> None:
+        """A GPU that could not be read has no figure: absent, not its last one (stale)."""
+        for gauge in (self.gpu_free, self.gpu_total):
+            with contextlib.suppress(KeyError):
+                gauge.remove(str(gpu))
 
     def add_model(self, name: str) -> None:
         """Create a model's gauges at zero, so dashboards see it before its first request."""

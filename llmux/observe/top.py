@@ -36,6 +36,7 @@ STATE_STYLES = {
     "asleep": "dim",
 }
 MAX_EVENTS = 5
+GIB = 1024**3
 WINDOW_SECS = 30.0  # rates, error share and wait percentiles cover this much of the recent past
 
 # The model table's columns in display order, each with its priority: when the terminal is
@@ -94,6 +95,20 @@ class Poll:
         for labels, _ in self.series("llmux_group_model_info"):
             groups.setdefault(labels["group"], []).append(labels["model"])
         return groups
+
+    def gpu_memory(self, group: str) -> tuple[float, float] | None:
+        """(free, total) GiB of the GPUs the group names, as last read; None if it names none
+        or one of them could not be read."""
+        gpus = [labels["gpu"] for labels, _ in self.series("llmux_group_gpu_info")
+                if labels["group"] == group]  # fmt: skip
+        free = total = 0.0
+        for gpu in gpus:
+            one_free = self.value("llmux_gpu_free_bytes", gpu=gpu)
+            one_total = self.value("llmux_gpu_total_bytes", gpu=gpu)
+            if one_free is None or one_total is None:
+                return None
+            free, total = free + one_free, total + one_total
+        return (free / GIB, total / GIB) if gpus else None
 
     def state_of(self, model: str) -> str:
         for labels, value in self.series("llmux_model_state"):
@@ -215,6 +230,9 @@ class Dashboard:
                 text.append(f"active {', '.join(active)}", style="bold green")
             else:
                 text.append("idle", style="dim")
+            memory = poll.gpu_memory(group)
+            if memory is not None:
+                text.append(f"  GPU {memory[0]:.1f}/{memory[1]:.0f} GiB free", style="cyan")
         return text
 
     def _model_table(self, width: int) -> RenderableType:

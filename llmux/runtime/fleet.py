@@ -25,6 +25,7 @@ from llmux.policies.interface import Policy
 from llmux.runtime.backends import PerModelDriver, ShellHooks
 from llmux.runtime.builtin_driver import BuiltinDriver
 from llmux.runtime.driver import GroupDriver, Slot
+from llmux.runtime.gpus import GpuMemory, GpuReading
 from llmux.runtime.hook_registry import HookRegistry
 from llmux.runtime.server_processes import ServerProcesses
 from llmux.runtime.state_dir import StateDir
@@ -44,10 +45,12 @@ class Fleet:
         metrics: Metrics,
         costs: SwitchCostTracker,
         state: StateDir,
+        gpus: GpuMemory,
     ) -> None:
         self.config = config
         self.costs = costs
         self.metrics = metrics
+        self.gpus = gpus  # the driver's figures of GPU memory, for the groups that name GPUs
         self.hook_registry = HookRegistry(state, config.path)
         self.servers = ServerProcesses(state, self.hook_registry, config.hook_dir)
         backends = PerModelDriver(
@@ -63,8 +66,10 @@ class Fleet:
     # ----- running -----
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Stop hooks a crashed llmux left running, then run every group's switcher."""
+        """Open NVML if a group names GPUs, stop hooks a crashed llmux left running, then run
+        every group's switcher."""
         async with trio.open_nursery() as nursery:
+            await nursery.start(self.gpus.keep_open, lambda: self.config.gpus)
             # Before any group asks its backends what is awake.
             await self.hook_registry.stop_survivors()
             await nursery.start(self.servers.run)
@@ -183,6 +188,11 @@ class Fleet:
             raise errors[0]
 
     # ----- state -----
+
+    def read_gpus(self) -> dict[str, GpuReading | None]:
+        """Each group's GPU memory now, and the gauges set to it (a scrape or a status asks);
+        None for a group that names no GPUs or whose GPUs cannot be read."""
+        return {name: self.gpus.read(group.gpus) for name, group in self.config.groups.items()}
 
     @property
     def models(self) -> dict[str, ModelRecord]:
