@@ -35,7 +35,16 @@ from llmux.config import Config, ModelConfig, parse_config
 from llmux.core import events as ev
 from llmux.core import group as group_module
 from llmux.core.alive_check import AliveCheck
-from llmux.core.commands import ClearTimer, Grant, Observe, Refuse, Reply, RunHook, SetTimer
+from llmux.core.commands import (
+    CancelHook,
+    ClearTimer,
+    Grant,
+    Observe,
+    Refuse,
+    Reply,
+    RunHook,
+    SetTimer,
+)
 from llmux.core.costs import SwitchCostTracker
 from llmux.core.group import GroupCore
 from llmux.core.policy_answers import checked_evictions
@@ -148,7 +157,8 @@ BAD_ANSWERS = st.sampled_from(
 BAD_EVICTIONS = st.sampled_from(
     [None] * 6
     + [
-        "raise", "duplicate", "unhashable", "unknown", "target", "asleep", "too little",
+        "raise", "duplicate", "duplicate", "unhashable", "unknown", "target", "asleep",
+        "too little",
         "not a list", "a string", "endless", "none", "base exception", "mutates the snapshot",
         "unhashable names",
     ]
@@ -170,6 +180,7 @@ class World:
     hooks: dict[int, RunHook] = field(default_factory=dict)
     timers: dict[str, float] = field(default_factory=dict)
     replies: set[int] = field(default_factory=set)
+    cancel_asked: set[int] = field(default_factory=set)  # wakes the core asked to stop
 
 
 @functools.lru_cache(maxsize=4096)
@@ -268,7 +279,7 @@ class CoreMachine(RuleBasedStateMachine):
 
     # ----- feeding the core, checking every command against the world -----
 
-    def _feed(self, event) -> None:
+    def _feed(self, event) -> list:
         self.fed += 1
         self.now = event.now
         fault_at, self.fault_at = self.fault_at, None
@@ -283,6 +294,7 @@ class CoreMachine(RuleBasedStateMachine):
             if isinstance(command, Observe) and command.name == "core_failed":
                 assert fired, f"the core failed with no fault injected: {command.message}"
             self._check(command)
+        return commands
 
     def _arm_fault(self, at: int) -> None:
         """Make the `at`-th state change of the next event raise, as a bug in the core would."""
@@ -339,6 +351,11 @@ class CoreMachine(RuleBasedStateMachine):
             world.timers[command.name] = command.at
         elif isinstance(command, ClearTimer):
             world.timers.pop(command.name, None)
+        elif isinstance(command, CancelHook):
+            hook = world.hooks.get(command.job)
+            assert hook is not None and hook.hook is HookName.WAKE, "only a running wake stops"
+            assert hook.backend.cmd, "only a cold start (a server llmux starts) is stopped"
+            world.cancel_asked.add(command.job)
         elif isinstance(command, Reply):
             assert command.reply in world.replies, f"reply {command.reply} never asked for"
             world.replies.discard(command.reply)
@@ -407,6 +424,8 @@ class CoreMachine(RuleBasedStateMachine):
                 world.woken.add(backend)
             elif not outcome.timed_out:
                 world.woken.discard(backend)
+        elif job in world.cancel_asked and how != "ok":  # ("ok": it was done before the stop)
+            outcome = ev.HookOutcome(ok=False, cancelled=True, duration=WARM_SECS)
         else:
             # A wake that had to start its server (only a `cmd` model's) takes far longer.
             cold = how == "cold" and command.hook is HookName.WAKE and command.backend.cmd
@@ -423,8 +442,17 @@ class CoreMachine(RuleBasedStateMachine):
                 if outcome.ok:
                     world.serving.discard(backend)
                     world.woken.discard(backend)
+        world.cancel_asked.discard(job)
         self.now += outcome.duration
-        self._feed(ev.HookDone(self.now, job, outcome))
+        done = self._feed(ev.HookDone(self.now, job, outcome))
+        if outcome.cancelled:  # no failure: nobody is refused for it, nothing is measured, and
+            # nothing is cleaned up (what was starting was stopped with the step)
+            assert not [c for c in done if isinstance(c, Refuse)], "a stopped start refused"
+            assert not [c for c in done if isinstance(c, Observe) and "measured" in c.name]
+            assert not [
+                c for c in done if isinstance(c, RunHook) and c.model == command.model
+                and c.hook is HookName.SLEEP
+            ], "a stopped start is put to sleep"  # fmt: skip
 
     @precondition(lambda self: self.world.serving)
     @rule(data=st.data(), noticed=st.booleans())
@@ -826,6 +854,19 @@ def _bug9_cold_start_counted_as_warm(monkeypatch):
     monkeypatch.setattr(SwitchCostTracker, "observe_switch", observe_switch)
 
 
+def _bug10_stopped_start_taken_for_a_failure(monkeypatch):
+    """A cold start stopped because nobody waited is handled as a failed wake: whoever asked
+    for the model meanwhile is refused 503, and a back-off follows."""
+    done = Switch.hook_done
+
+    def hook_done(self, group, job, outcome):
+        if outcome.cancelled:
+            outcome = ev.HookOutcome(ok=False, duration=outcome.duration, failure="stopped")
+        done(self, group, job, outcome)
+
+    monkeypatch.setattr(Switch, "hook_done", hook_done)
+
+
 MUTATIONS = {
     "1: a reload strands a waiting request": _bug1_grant_keeps_the_arrival_record,
     "2: a stuck model, then a wake beside it": _bug2_stuck_victim_then_wake_beside,
@@ -836,6 +877,7 @@ MUTATIONS = {
     "7: a policy's evictions are half checked": _bug7_evictions_trusted,
     "8: a server's exit waits while a switch is wanted": _bug8_exit_waits_for_no_switch,
     "9: a cold start is counted as a warm switch": _bug9_cold_start_counted_as_warm,
+    "10: a stopped cold start is taken for a failure": _bug10_stopped_start_taken_for_a_failure,
 }
 # Derandomized: the same examples every run, so whether each bug is caught never flakes.
 MUTATION_SETTINGS = settings(

@@ -48,6 +48,14 @@ class RunHook:
 
 
 @dataclass(frozen=True)
+class CancelHook:
+    """Stop the step running as `job` (a cold start nobody waits for any more); it ends with a
+    `HookDone(job)` whose outcome says `cancelled` (or ok, if it was done already)."""
+
+    job: int
+
+
+@dataclass(frozen=True)
 class SetTimer:
     """Send `TimerDue(name)` at `at` (replacing a timer of the same name)."""
 
@@ -78,4 +86,4 @@ class Observe:
     level: str = "info"
 
 
-Command = Grant | Refuse | RunHook | SetTimer | ClearTimer | Reply | Observe
+Command = Grant | Refuse | RunHook | CancelHook | SetTimer | ClearTimer | Reply | Observe

@@ -57,6 +57,7 @@ class HookOutcome:
     duration: float = 0.0
     failure: str = ""  # a short description for error messages (exit code, stderr tail)
     cold: bool = False  # a wake that had to start the model's server: a cold start
+    cancelled: bool = False  # stopped as the core asked (CancelHook): no failure, no cost
 
 
 @dataclass(frozen=True)

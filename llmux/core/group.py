@@ -71,6 +71,7 @@ from llmux.config import Config, GroupConfig, ModelConfig
 from llmux.core import events as ev
 from llmux.core.alive_check import AliveCheck
 from llmux.core.commands import (
+    CancelHook,
     ClearTimer,
     Command,
     Grant,
@@ -608,6 +609,10 @@ class GroupCore:
 
     def emit_reply(self, reply: int, error: LlmuxError | None) -> None:
         self._out.append(Reply(reply, error))
+
+    def cancel(self, job: int) -> None:
+        """Ask the executor to stop a running step; its HookDone still comes."""
+        self._out.append(CancelHook(job))
 
     # ----- states -----
 

@@ -41,6 +41,7 @@ class Cause(StrEnum):
     FOUND_DEAD = "found_dead"  # active, but its alive hook says it does not serve (or it exited)
     ABORTED = "aborted"  # the operation acting on it failed midway: its state is not known
     UNSURE = "unsure"  # an unknown model's sleep failed, and nothing says it does not serve
+    CANCELLED = "cancelled"  # its cold start was stopped: nobody waited for it any more
 
 
 _S = ModelState
@@ -49,6 +50,7 @@ TRANSITIONS: dict[tuple[ModelState, Cause], ModelState] = {
     (_S.ASLEEP, Cause.WAKE_STARTED): _S.WAKING,
     (_S.WAKING, Cause.WAKE_OK): _S.ACTIVE,
     (_S.WAKING, Cause.WAKE_FAILED): _S.SLEEPING,
+    (_S.WAKING, Cause.CANCELLED): _S.ASLEEP,
     (_S.ACTIVE, Cause.DRAIN): _S.DRAINING,
     (_S.ACTIVE, Cause.FOUND_DEAD): _S.DRAINING,
     (_S.DRAINING, Cause.DRAIN_CALLED_OFF): _S.ACTIVE,

@@ -42,6 +42,8 @@ class Switch(Operation):
     drain_seconds: float = 0.0
     sleep_seconds: float = 0.0
     wake_failure: str = ""
+    cold_wake: bool = False  # its wake starts the target's server (a cold start)
+    cancelling: bool = False  # the cold start was asked to stop: nobody waits for it
 
     @classmethod
     def begin(cls, group: Group, target: ModelRecord, victims: list[ModelRecord]) -> Switch:
@@ -82,6 +84,9 @@ class Switch(Operation):
 
     def step(self, group: Group) -> bool:
         if self.job is not None:
+            if self.phase == Phase.WAKE and self._nobody_waits_for_a_cold_start():
+                self.cancelling = True
+                group.cancel(self.job)
             return False  # a hook runs
         if self.phase == Phase.DRAIN:
             return self._drain(group)
@@ -109,11 +114,17 @@ class Switch(Operation):
                 )  # fmt: skip
                 self._end(group, ok=False)
                 return True
+            self.cold_wake = target.starts_cold
             group.move(target, Cause.WAKE_STARTED)
             target.last_alive = None  # an answer from before the wake says nothing about now
             self.job = group.run(target, HookName.WAKE, self.env())
             return False
         return False
+
+    def _nobody_waits_for_a_cold_start(self) -> bool:
+        """A cold start (tens of seconds of loading) is stopped once its last waiter has
+        left; a warm wake is short and completes, and the policy decides what comes next."""
+        return self.cold_wake and not self.cancelling and not self.target.queue
 
     def _drain(self, group: Group) -> bool:
         drained = all(v.in_flight == 0 for v in self.victims)
@@ -175,6 +186,8 @@ class Switch(Operation):
         elif self.phase == Phase.WAKE:
             if outcome.ok:
                 self._activated(group, outcome)
+            elif outcome.cancelled:
+                self._stopped(group)
             else:
                 self._wake_failed(group, outcome)
         elif self.phase == Phase.CLEANUP:
@@ -233,6 +246,20 @@ class Switch(Operation):
             drain_seconds=self.drain_seconds, estimate=estimate, cold=outcome.cold, **labels,
         )  # fmt: skip
         self._end(group, ok=True)
+
+    def _stopped(self, group: Group) -> None:
+        """The cold start nobody waited for was stopped: no failure (no back-off, no 503, no
+        cost sample); the target's server is not running."""
+        target = self.target
+        group.move(target, Cause.CANCELLED)
+        target.server_running = False
+        target.active_since = None
+        group.observe(
+            "switch_cancelled", f"cold start of {target.name} stopped: nobody waits for it any "
+            "more", **self.labels(),
+        )  # fmt: skip
+        group.observe_quietly("switch_result", result="cancelled", **self.labels())
+        self._end(group, ok=False)
 
     def _wake_failed(self, group: Group, outcome: ev.HookOutcome) -> None:
         group.observe(

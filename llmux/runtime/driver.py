@@ -22,6 +22,7 @@ import trio
 from llmux.config import Config, ModelConfig
 from llmux.core import events as ev
 from llmux.core.commands import (
+    CancelHook,
     ClearTimer,
     Command,
     Grant,
@@ -106,6 +107,7 @@ class GroupDriver:
         self._shown: dict[str, tuple[ModelState, int, int]] = {}
         self._switch_labels: tuple[str, str] | None = None
         self._slow_said_at = -math.inf
+        self._hook_scopes: dict[int, trio.CancelScope] = {}  # running hooks, by job
 
     # ----- running -----
 
@@ -163,6 +165,10 @@ class GroupDriver:
         elif isinstance(command, RunHook):
             assert self._nursery is not None
             self._nursery.start_soon(self._run_hook, command)
+        elif isinstance(command, CancelHook):
+            scope = self._hook_scopes.get(command.job)
+            if scope is not None:
+                scope.cancel()
         elif isinstance(command, SetTimer):
             self._timers[command.name] = command.at
             self._timers_changed.set()
@@ -179,8 +185,13 @@ class GroupDriver:
 
     async def _run_hook(self, command: RunHook) -> None:
         started = trio.current_time()
+        stop = self._hook_scopes[command.job] = trio.CancelScope()
+        env = command.env
+        if command.level is not None:
+            env = {**env, "LLMUX_SLEEP_LEVEL": str(command.level)}
         try:
-            result = await run_on(self.backends, command.hook, command.backend, command.env)
+            with stop:
+                result = await run_on(self.backends, command.hook, command.backend, env)
         except Exception as exc:  # a hook that cannot be run is a failed hook, not a crash
             log.exception("%s hook for %s could not run", command.hook, command.model)
             result = HookResult(
@@ -188,6 +199,11 @@ class GroupDriver:
                 timed_out=False, duration=trio.current_time() - started, stdout_tail="",
                 stderr_tail=repr(exc),
             )  # fmt: skip
+        finally:
+            self._hook_scopes.pop(command.job, None)
+        if stop.cancelled_caught:  # the core asked: nobody waits for this cold start
+            self._hook_cancelled(command, trio.current_time() - started)
+            return
         self.metrics.hook_duration.labels(command.model, command.hook.value).observe(
             result.duration
         )
@@ -201,6 +217,15 @@ class GroupDriver:
             failure="" if result.ok else result.describe_failure(),
             cold=result.cold_start,
         )
+        self._feed(ev.HookDone(trio.current_time(), command.job, outcome))
+
+    def _hook_cancelled(self, command: RunHook, took: float) -> None:
+        log_event(
+            log, "hook_cancelled", f"{command.hook} of {command.model} stopped after "
+            f"{took:.2f}s: nobody waits for it any more", model=command.model,
+            hook=command.hook.value, duration=took,
+        )  # fmt: skip
+        outcome = ev.HookOutcome(ok=False, duration=took, cancelled=True)
         self._feed(ev.HookDone(trio.current_time(), command.job, outcome))
 
     async def _keep_timers(self) -> None:
