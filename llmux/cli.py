@@ -104,6 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--sizes", default="", help="model sizes: name=size,... or uniform:LO-HI (seeded)"
     )
     sim.add_argument("--min-active", type=float, default=0.0, help="policy.min_active_secs")
+    sim.add_argument(
+        "--costs",
+        help="compare sleep depths instead: each step's cost per model and level from this "
+        "TOML file, or A / B (the shipped profiles of measured 8B-class models)",
+    )
+    sim.add_argument(
+        "--host-ram", type=float, help="with --costs: GiB level-1 sleepers may hold (unlimited)"
+    )
+    sim.add_argument(
+        "--ttl", type=float, default=0.0, help="with --costs: ttl_secs of every model (0: none)"
+    )
     sim.add_argument("--seed", type=int, default=1)
     sim.set_defaults(handler=_simulate)
 
@@ -120,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     fake.add_argument(
         "--boot-secs", type=float, default=0.0, help="seconds of loading before it listens"
     )
+    fake.add_argument(
+        "--weights-mb", type=int, default=0,
+        help="vllm: host RAM a level-1 sleep fills (its weights, copied out of the GPU)",
+    )  # fmt: skip
     fake.add_argument(
         "--api",
         default="fake",
@@ -336,6 +351,8 @@ def _simulate(args: argparse.Namespace) -> int:
     print(
         f"{len(requests)} requests, {len(models)} models, offered load {load:.2f} ({service.kind})"
     )
+    if args.costs is not None:
+        return _simulate_depths(args, requests, service)
     costs = simulate.cost_factory(args.switch_cost, folder, args.seed)
     try:
         layout = simulate.layout_from(
@@ -358,6 +375,43 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulate_depths(args: argparse.Namespace, requests: list, service: object) -> int:
+    """`--costs`: the four depth choices under the first policy named."""
+    from pathlib import Path
+
+    from llmux.policies.loader import PolicyLoadError, load_policy
+    from llmux.sim import simulate
+    from llmux.sim.simulator import StrandedRequests
+    from llmux.sim.tier_costs import CostsFileError, load_costs
+
+    if args.groups != 1:
+        print("llmux: --costs simulates one group (host RAM is the machine's)", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    try:
+        costs = load_costs(args.costs)
+        layout = simulate.layout_from(
+            simulate.by_demand(requests), 1, args.capacity, args.sizes, args.seed
+        )
+    except (CostsFileError, ValueError) as exc:
+        print(f"llmux: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    policy = args.policy[0]
+    try:
+        summaries = simulate.compare_depths(
+            requests, lambda: load_policy(policy, {}, Path(".")), costs, service,  # type: ignore[arg-type]
+            args.host_ram, args.ttl, args.min_active, layout,
+        )  # fmt: skip
+    except (PolicyLoadError, StrandedRequests) as exc:
+        print(f"llmux: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"policy {policy}, ttl {args.ttl:g} s, host RAM "
+        + ("unlimited" if args.host_ram is None else f"{args.host_ram:g} GiB")
+    )
+    print(simulate.render_depths(summaries, costs))
+    return 0
+
+
 def _fake_backend(args: argparse.Namespace) -> int:
     import signal
 
@@ -374,7 +428,7 @@ def _fake_backend(args: argparse.Namespace) -> int:
     if args.api == "ollama":
         backend: FakeBackend | FakeOllama = FakeOllama(args.name.split(","), **options)
     else:
-        backend = FakeBackend(args.name, api=args.api, **options)
+        backend = FakeBackend(args.name, api=args.api, weights_mb=args.weights_mb, **options)
 
     async def run() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

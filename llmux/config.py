@@ -65,8 +65,8 @@ class ServerConfig:
     # Data-plane processes beside the controller (`llmux serve` only); 1: one process.
     workers: int = field(default_factory=lambda: default_workers())
     list_aliases: bool = False  # /v1/models lists aliases beside the models they name
-    # GiB a check of room before a wake leaves free on each GPU of the group beyond what the
-    # model takes (CUDA context, buffers). Nothing acts on it yet: llmux only reads GPU memory.
+    # GiB the check of room before a switch's wake leaves free on each GPU of the group beyond
+    # what the model takes (CUDA context, buffers).
     gpu_margin_gb: float = 1.0
 
 
@@ -84,6 +84,15 @@ class AuthConfig:
 
 # The built-in policy that won the trace replays (README, "Switch policies").
 DEFAULT_POLICY = "adaptive"
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    """The box itself, beside its GPUs: the host RAM llmux may fill with the weights of models
+    asleep at level 1 (vLLM keeps them in host RAM to wake fast); None: the machine's RAM less
+    a reserve for the system (runtime/machine.py)."""
+
+    ram_gb: float | None = None
 
 
 @dataclass(frozen=True)
@@ -121,7 +130,12 @@ class ModelConfig:
     alive: str | None = _key(str, None)
     kind: str | None = _key(str, None)  # "vllm", "sglang", "ollama": llmux calls its API
     cmd: str | None = _key(str, None)  # a server llmux starts itself (${PORT}, ${MODEL})
-    sleep_level: int = _key(int, 1)  # vLLM: 1 offloads weights to CPU RAM, 2 discards them
+    # vLLM: 1 offloads weights to CPU RAM, 2 discards them; "auto" (auto_sleep_level): chosen
+    # at each sleep, `sleep_level` then being the level assumed before the first choice.
+    sleep_level: int = _key((int, str), 1)
+    auto_sleep_level: bool = False
+    # The host RAM a level-1 sleep holds (the weights): measured where llmux can, else this.
+    weights_gb: float | None = _key(_NUMBER, None)
     health_path: str | None = _key(str, None)  # ready when 200 (default per kind: READY_PATHS)
     wake_timeout_secs: float = _key(_NUMBER, 600.0, inherited="positive")
     sleep_timeout_secs: float = _key(_NUMBER, 120.0, inherited="positive")
@@ -204,6 +218,7 @@ class Config:
     models: dict[str, ModelConfig]
     auth: AuthConfig = AuthConfig()
     groups: dict[str, GroupConfig] = field(default_factory=dict)  # filled in by __post_init__
+    machine: MachineConfig = MachineConfig()
     preload: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -271,7 +286,9 @@ _TOP_KEYS = {
     "auth": dict,
     "groups": dict,
     "preload": list,
+    "machine": dict,
 }
+_MACHINE_KEYS = {"ram_gb": _NUMBER}
 _SERVER_KEYS = {
     "max_body_bytes": int,
     "shutdown_timeout_secs": _NUMBER,
@@ -378,9 +395,13 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
         for name in group.models:
             models[name] = replace(models[name], group=group.name)
     preload = _parse_preload(checker, raw.get("preload", []), models)
+    machine_raw = raw.get("machine", {})
+    checker.table(machine_raw, "machine", _MACHINE_KEYS)
+    ram = machine_raw.get("ram_gb")
+    machine = MachineConfig(None if ram is None else checker.positive(ram, "machine.ram_gb"))
     return Config(
         path=path, host=host, port=port, server=server, policy=policy, models=models,
-        auth=auth, groups=groups, preload=preload,
+        auth=auth, groups=groups, preload=preload, machine=machine,
     )  # fmt: skip
 
 
@@ -609,8 +630,17 @@ def _parse_driver(checker: _Checker, raw: dict[str, Any], key: str) -> dict[str,
     level = raw.get("sleep_level", 1)
     if "sleep_level" in raw and kind != "vllm":
         raise ConfigError(checker.path, f"{key}.sleep_level", 'only for kind = "vllm"')
-    if level not in SLEEP_LEVELS:
-        raise ConfigError(checker.path, f"{key}.sleep_level", f"must be 1 or 2, got {level!r}")
+    auto = level == "auto"
+    if auto:
+        level = 1
+    elif isinstance(level, bool) or level not in SLEEP_LEVELS:
+        problem = f'must be 1, 2 or "auto", got {level!r}'
+        raise ConfigError(checker.path, f"{key}.sleep_level", problem)
+    weights = raw.get("weights_gb")
+    if weights is not None:
+        if kind != "vllm":
+            raise ConfigError(checker.path, f"{key}.weights_gb", 'only for kind = "vllm"')
+        checker.non_negative(weights, f"{key}.weights_gb")
     health = raw.get("health_path")
     if health is not None and not _is_plain_path(health):
         problem = f"{health!r} must be a plain path such as /health"
@@ -620,6 +650,8 @@ def _parse_driver(checker: _Checker, raw: dict[str, Any], key: str) -> dict[str,
         "kind": kind,
         "cmd": cmd,
         "sleep_level": level,
+        "auto_sleep_level": auto,
+        "weights_gb": weights,
         "health_path": health,
     }
 
@@ -756,6 +788,8 @@ def _is_type(value: Any, expected: Any) -> bool:
 
 
 def _type_name(expected: Any) -> str:
+    if expected == (int, str):
+        return "an integer or a string"
     if isinstance(expected, tuple):
         return "a number"
     return {

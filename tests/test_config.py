@@ -130,7 +130,7 @@ def test_minimal_config_uses_documented_defaults(tmp_path):
         ('[models.a]\ncmd = "./nope.sh"\n', "models.a.cmd", "not found"),
         ('[models.a]\ncmd = "vllm serve"\nsleep_level = 2\n', "models.a.sleep_level", "vllm"),
         ('[models.a]\ncmd = "x"\nkind = "vllm"\nsleep_level = 3\n', "models.a.sleep_level",
-         "1 or 2"),
+         '1, 2 or "auto"'),
         ('[models.a]\ncmd = "x"\nhealth_path = "../admin"\n', "models.a.health_path",
          "plain path"),
         ('[models.a]\nport = 9\nwake = "t"\n', "models.a.sleep", "unless kind or cmd"),

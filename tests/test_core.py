@@ -40,13 +40,17 @@ from llmux.core.commands import (
     ClearTimer,
     Grant,
     Observe,
+    ReadGpuMemory,
     Refuse,
     Reply,
     RunHook,
     SetTimer,
 )
 from llmux.core.costs import SwitchCostTracker
+from llmux.core.depth import default_sleep_depth
 from llmux.core.group import GroupCore
+from llmux.core.host_ram import HostRam
+from llmux.core.operation import Phase as SwitchPhase
 from llmux.core.policy_answers import checked_evictions
 from llmux.core.states import TRANSITIONS, HookName, ModelState
 from llmux.core.switch import Switch
@@ -93,6 +97,7 @@ class ChaosPolicy:
         self.inner = inner
         self.next_bad: str | None = None
         self.next_bad_evict: str | None = None
+        self.next_bad_depth: str | None = None
 
     def decide(self, event, snapshot):
         bad, self.next_bad = self.next_bad, None
@@ -119,6 +124,16 @@ class ChaosPolicy:
         if bad == "not a decision":
             return "switch!"
         return self.inner.decide(event, snapshot)
+
+    def sleep_depth(self, model, waiting, snapshot):
+        bad = self.next_bad_depth
+        if bad == "raise":
+            raise RuntimeError("depth bug")
+        if bad == "base exception":
+            raise PluginExit("a plug-in that exits")
+        if bad is None:
+            return default_sleep_depth(model, waiting, snapshot)
+        return {"zero": 0, "three": 3, "true": True, "text": "1", "deep": 2, "shallow": 1}[bad]
 
     def evict(self, target, snapshot):
         bad = self.next_bad_evict
@@ -154,6 +169,9 @@ BAD_ANSWERS = st.sampled_from(
     + ["raise", "nan", "inf", "past", "text time", "unknown", "unhashable", "not a decision"]
     + ["base exception", "huge time", "unhashable name"]
 )
+BAD_DEPTHS = st.sampled_from(
+    [None] * 6 + ["raise", "base exception", "zero", "three", "true", "text", "deep", "shallow"]
+)
 BAD_EVICTIONS = st.sampled_from(
     [None] * 6
     + [
@@ -181,6 +199,9 @@ class World:
     timers: dict[str, float] = field(default_factory=dict)
     replies: set[int] = field(default_factory=set)
     cancel_asked: set[int] = field(default_factory=set)  # wakes the core asked to stop
+    ram: dict[Backend, float] = field(default_factory=dict)  # level-1 sleepers' host RAM
+    reads: dict[int, ReadGpuMemory] = field(default_factory=dict)  # GPU reads not answered
+    room_seen: bool = False  # the latest GPU read answered said the target fits
 
 
 @functools.lru_cache(maxsize=4096)
@@ -203,18 +224,23 @@ class CoreMachine(RuleBasedStateMachine):
         in_flight_limit=st.sampled_from([None, 1, 2]),
         policy=st.sampled_from(["fifo", "cost_aware", "adaptive"]),
         up=st.sampled_from([(), ("a",), ("b",), ("a", "b"), ("c",)]),
-        drivers=st.tuples(*(st.sampled_from(["hooks", "hooks", "cmd", "vllm"]),) * 3),
+        drivers=st.tuples(*(st.sampled_from(["hooks", "hooks", "cmd", "vllm", "vllm"]),) * 3),
+        levels=st.tuples(*(st.sampled_from([1, 2, "auto", "auto"]),) * 3),
+        ram=st.sampled_from([None, 1.5]),
+        gpus=st.booleans(),
     )
     def start(
         self, capacity, alive, ttl, preload, min_active, in_flight_limit, policy, up,
-        drivers=("hooks", "hooks", "hooks"),
+        drivers=("hooks", "hooks", "hooks"), levels=(1, 1, 1), ram=None, gpus=False,
     ):  # fmt: skip
         CoreMachine.started += 1
         self.now = 0.0
         self.capacity = capacity
+        self.ram = ram  # host RAM for level-1 sleepers (each vLLM model's weights: 1 GiB)
+        self.gpus = gpus and capacity is not None  # its GPU memory is read before a wake
         self.shapes = {
-            m: {"port": 9000 + i, "driver": driver, "version": 0, "level": 1}
-            for i, (m, driver) in enumerate(zip(MODELS, drivers, strict=True))
+            m: {"port": 9000 + i, "driver": driver, "version": 0, "level": level}
+            for i, (m, driver, level) in enumerate(zip(MODELS, drivers, levels, strict=True))
         }
         self.alive, self.ttl = set(alive), set(ttl)
         self.present = list(MODELS)
@@ -239,7 +265,7 @@ class CoreMachine(RuleBasedStateMachine):
         self.world.serving = {
             backend_of(config.models[m]) for m in up if config.models[m].has_alive
         }
-        self.core = GroupCore(config, self.policy, SwitchCostTracker())
+        self.core = GroupCore(config, self.policy, SwitchCostTracker(), HostRam(ram))
         self.next_rid = 1
         self.next_reply = 1
         self.fed = 0
@@ -260,7 +286,7 @@ class CoreMachine(RuleBasedStateMachine):
             else:
                 table["cmd"] = f"serve-{name}{suffix} --port ${{PORT}}"
                 if shape["driver"] == "vllm":
-                    table.update(kind="vllm", sleep_level=shape["level"])
+                    table.update(kind="vllm", sleep_level=shape["level"], weights_gb=1)
             if name in self.ttl:
                 table["ttl_secs"] = 3
             if self.capacity is not None:
@@ -275,6 +301,10 @@ class CoreMachine(RuleBasedStateMachine):
         }
         if self.capacity is not None:
             raw["groups"] = {"g": {"capacity": self.capacity, "models": list(self.present)}}
+            if self.gpus:
+                raw["groups"]["g"]["gpus"] = [0]  # type: ignore[index]
+        if self.ram is not None:
+            raw["machine"] = {"ram_gb": self.ram}
         return _parsed(repr(raw))
 
     # ----- feeding the core, checking every command against the world -----
@@ -294,7 +324,25 @@ class CoreMachine(RuleBasedStateMachine):
             if isinstance(command, Observe) and command.name == "core_failed":
                 assert fired, f"the core failed with no fault injected: {command.message}"
             self._check(command)
+        forgotten = any(isinstance(c, Observe) and c.name == "record_forgotten" for c in commands)
+        if isinstance(event, ev.Reloaded) or forgotten:
+            self._stop_servers_left_behind()
         return commands
+
+    def _stop_servers_left_behind(self) -> None:
+        """What the runtime does after a reload, and when a retired record is done with: the
+        `cmd` server of a model held asleep that its config would not start as it runs is
+        stopped, and what its level-1 sleep held with it (runtime/fleet.py)."""
+        core = self.core
+        records = [*core.models.values(), *core.retiring]
+        for backend in list(self.world.ram):
+            name = backend[0]
+            held = any(
+                r.name == name and (r.retiring or r.state is not ModelState.ASLEEP) for r in records
+            )
+            current = core.models.get(name)
+            if not held and (current is None or backend_of(current.config) != backend):
+                del self.world.ram[backend]
 
     def _arm_fault(self, at: int) -> None:
         """Make the `at`-th state change of the next event raise, as a bug in the core would."""
@@ -329,8 +377,18 @@ class CoreMachine(RuleBasedStateMachine):
             assert command.rid in world.waiting, f"refusal of {command.rid}, which does not wait"
             del world.waiting[command.rid]
             world.ended.add(command.rid)
+        elif isinstance(command, ReadGpuMemory):
+            world.reads[command.job] = command
+            world.room_seen = False
         elif isinstance(command, RunHook):
             backend = backend_of(command.backend)
+            op = self.core.op
+            if (
+                command.hook is HookName.WAKE and isinstance(op, Switch)
+                and self.core.gpu_room_needed(op.target) is not None
+            ):  # fmt: skip
+                assert world.room_seen, f"{command.model} woken without room on its GPUs"
+                world.room_seen = False
             if command.hook is HookName.WAKE:
                 others = self._held() - {backend}
                 room = 1.0 if self.capacity is None else self.capacity
@@ -341,6 +399,13 @@ class CoreMachine(RuleBasedStateMachine):
                 )
             if command.hook is HookName.SLEEP:
                 world.sleeping[backend] += 1
+                assert command.level in (1, 2), f"a sleep at level {command.level!r}"
+                if command.backend.kind == "vllm" and command.level == 1:
+                    world.ram[backend] = 1.0  # the weights are copied out as it runs
+            if command.hook is HookName.WAKE:  # back to the GPU, or a server started in
+                # place of one started otherwise (runtime/builtin_driver.py stops that first)
+                for other in [b for b in world.ram if b[0] == command.model]:
+                    del world.ram[other]
             world.hooks[command.job] = command
         elif isinstance(command, SetTimer):
             # Strictly in the future: so a timer that fires (at or after its time) can never
@@ -382,12 +447,16 @@ class CoreMachine(RuleBasedStateMachine):
 
     # ----- rules: requests -----
 
-    @rule(model=st.sampled_from(MODELS), bad=BAD_ANSWERS, bad_evict=BAD_EVICTIONS)
-    def request_arrives(self, model, bad, bad_evict=None):
+    @rule(
+        model=st.sampled_from(MODELS), bad=BAD_ANSWERS, bad_evict=BAD_EVICTIONS,
+        bad_depth=BAD_DEPTHS,
+    )  # fmt: skip
+    def request_arrives(self, model, bad, bad_evict=None, bad_depth=None):
         rid, self.next_rid = self.next_rid, self.next_rid + 1
         self.world.waiting[rid] = model
         self.policy.next_bad = bad
         self.policy.next_bad_evict = bad_evict
+        self.policy.next_bad_depth = bad_depth
         self._feed(ev.Arrived(self.now, rid, model))
 
     @precondition(lambda self: self.world.waiting)
@@ -442,17 +511,40 @@ class CoreMachine(RuleBasedStateMachine):
                 if outcome.ok:
                     world.serving.discard(backend)
                     world.woken.discard(backend)
+                else:
+                    world.ram.pop(backend, None)
         world.cancel_asked.discard(job)
         self.now += outcome.duration
         done = self._feed(ev.HookDone(self.now, job, outcome))
         if outcome.cancelled:  # no failure: nobody is refused for it, nothing is measured, and
             # nothing is cleaned up (what was starting was stopped with the step)
             assert not [c for c in done if isinstance(c, Refuse)], "a stopped start refused"
-            assert not [c for c in done if isinstance(c, Observe) and "measured" in c.name]
+            assert not [
+                c for c in done if isinstance(c, Observe) and "measured" in c.name
+                and c.fields.get("model") == command.model
+            ], "a stopped start is measured"  # fmt: skip
             assert not [
                 c for c in done if isinstance(c, RunHook) and c.model == command.model
                 and c.hook is HookName.SLEEP
             ], "a stopped start is put to sleep"  # fmt: skip
+
+    @precondition(lambda self: self.world.reads)
+    @rule(data=st.data(), free=st.sampled_from(["enough", "short", "short", "unknown"]))
+    def gpu_memory_read(self, data, free):
+        """The GPUs' free memory is read: enough for the switch's target, too little (a
+        sleeper kept its memory), or it cannot be told."""
+        job = data.draw(st.sampled_from(sorted(self.world.reads)))
+        self._answer_read(job, free)
+
+    def _answer_read(self, job: int, free: str) -> None:
+        del self.world.reads[job]
+        op = self.core.op
+        needed = self.core.gpu_room_needed(op.target) if isinstance(op, Switch) else None
+        value = None
+        if free != "unknown" and needed is not None:
+            value = needed + (0.5 if free == "enough" else -0.5)
+        self.world.room_seen = value is None or needed is None or value >= needed
+        self._feed(ev.GpuMemoryRead(self.now, job, value))
 
     @precondition(lambda self: self.world.serving)
     @rule(data=st.data(), noticed=st.booleans())
@@ -470,6 +562,7 @@ class CoreMachine(RuleBasedStateMachine):
         self.world.serving.discard(backend)
         self.world.woken.discard(backend)
         self.world.exited.add(backend)
+        self.world.ram.pop(backend, None)  # its process is gone, and its memory with it
         self._feed(ev.ServerExited(self.now, backend[0], backend[1]))
 
     @precondition(lambda self: self.world.granted)
@@ -486,9 +579,12 @@ class CoreMachine(RuleBasedStateMachine):
 
     # Hypothesis leaves a random subset of the rules out of each example (swarm testing): the
     # two rules that move things on appear twice, so that few examples lack both.
-    @rule(model=st.sampled_from(MODELS), bad=BAD_ANSWERS, bad_evict=BAD_EVICTIONS)
-    def another_request_arrives(self, model, bad, bad_evict):
-        self.request_arrives(model, bad, bad_evict)
+    @rule(
+        model=st.sampled_from(MODELS), bad=BAD_ANSWERS, bad_evict=BAD_EVICTIONS,
+        bad_depth=BAD_DEPTHS,
+    )  # fmt: skip
+    def another_request_arrives(self, model, bad, bad_evict, bad_depth):
+        self.request_arrives(model, bad, bad_evict, bad_depth)
 
     @precondition(lambda self: self.world.hooks)
     @rule(data=st.data(), how=st.sampled_from(["ok", "ok", "cold", "fail", "timeout"]))
@@ -536,7 +632,7 @@ class CoreMachine(RuleBasedStateMachine):
             elif change == "driver":
                 shape["driver"] = DRIVERS[(DRIVERS.index(shape["driver"]) + 1) % len(DRIVERS)]
             elif change == "sleep_level" and shape["driver"] == "vllm":
-                shape["level"] = 3 - shape["level"]
+                shape["level"] = {1: 2, 2: "auto", "auto": 1}[shape["level"]]
             shape["port"] += 100  # a new server, on a port of its own (see Backend)
         self._feed(ev.Reloaded(self.now, self._config()))
         assert all(m in self.present for m in self.world.waiting.values()), (
@@ -556,6 +652,12 @@ class CoreMachine(RuleBasedStateMachine):
         room = 1.0 if self.capacity is None else self.capacity
         held = sum(self._size(b) for b in self._held())
         assert held <= room + 1e-9, f"{sorted(self._held())} are up at once"
+
+    @invariant()
+    def within_host_ram(self):
+        if self.ram is not None:
+            held = sum(self.world.ram.values())
+            assert held <= self.ram + 1e-9, f"{sorted(self.world.ram)} hold host RAM at once"
 
     @invariant()
     def in_flight_matches_the_requests_granted(self):
@@ -601,9 +703,11 @@ class CoreMachine(RuleBasedStateMachine):
         timer runs, until nothing is left to do."""
         for _ in range(400):
             world = self.world
-            if not (world.waiting or world.replies or world.granted or world.hooks):
+            if not (world.waiting or world.replies or world.granted or world.hooks or world.reads):
                 break
-            if world.granted:
+            if world.reads:
+                self._answer_read(min(world.reads), "enough")
+            elif world.granted:
                 rid = min(world.granted)
                 del world.granted[rid]
                 self._feed(ev.Finished(self.now, rid))
@@ -640,7 +744,7 @@ class CoreMachine(RuleBasedStateMachine):
         not leave it refusing while a model of it can serve)."""
         if not hasattr(self, "core"):
             return
-        self.policy.next_bad = self.policy.next_bad_evict = None
+        self.policy.next_bad = self.policy.next_bad_evict = self.policy.next_bad_depth = None
         self.fault_at = None
         self._settle()
         assert not self.world.waiting, f"requests stuck: {self.world.waiting}"
@@ -867,6 +971,23 @@ def _bug10_stopped_start_taken_for_a_failure(monkeypatch):
     monkeypatch.setattr(Switch, "hook_done", hook_done)
 
 
+def _bug11_gpu_reading_ignored(monkeypatch):
+    """A switch wakes its target whatever the GPUs' free memory says (a sleeper that kept its
+    memory: the wake would OOM)."""
+
+    def gpu_read(self, group, job, free_gb):
+        if job == self.reading:
+            self.reading = None
+            self.phase = SwitchPhase.WAKE
+
+    monkeypatch.setattr(Switch, "gpu_read", gpu_read)
+
+
+def _bug12_host_ram_unbounded(monkeypatch):
+    """A level-1 sleep is chosen whatever the other sleepers hold in host RAM."""
+    monkeypatch.setattr(HostRam, "fits", lambda self, gb: True)
+
+
 MUTATIONS = {
     "1: a reload strands a waiting request": _bug1_grant_keeps_the_arrival_record,
     "2: a stuck model, then a wake beside it": _bug2_stuck_victim_then_wake_beside,
@@ -878,6 +999,8 @@ MUTATIONS = {
     "8: a server's exit waits while a switch is wanted": _bug8_exit_waits_for_no_switch,
     "9: a cold start is counted as a warm switch": _bug9_cold_start_counted_as_warm,
     "10: a stopped cold start is taken for a failure": _bug10_stopped_start_taken_for_a_failure,
+    "11: a wake ignores the GPUs' free memory": _bug11_gpu_reading_ignored,
+    "12: level-1 sleepers ignore host RAM": _bug12_host_ram_unbounded,
 }
 # Derandomized: the same examples every run, so whether each bug is caught never flakes.
 MUTATION_SETTINGS = settings(

@@ -20,7 +20,14 @@ from llmux.observe.metrics import Metrics
 from llmux.runtime import gpus as gpus_module
 from llmux.runtime.gpus import GIB, DeviceMemory, GpuMemory, GpuUnreadable, NvmlBackend
 from llmux.testing.fake_nvml import FAKE_NVML_ENV, FakeNvml, write_fake_nvml
-from tests.conftest import LlmuxProcess, fake_model_block, llmux_running, metric_value, write_config
+from tests.conftest import (
+    LlmuxProcess,
+    chat,
+    fake_model_block,
+    llmux_running,
+    metric_value,
+    write_config,
+)
 
 
 def _unreadable(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -292,3 +299,49 @@ def test_llmux_serve_reads_the_fake_file_named_in_its_environment(fakes, tmp_pat
         assert llmux.stop() == 0
     assert f"reading GPU memory through the fake NVML file {nvml}" in llmux.log
     assert "gpu_unreadable" not in llmux.log
+
+
+GPU_GROUP = '[groups.gpu0]\ncapacity = 60\nmodels = ["a", "b"]\ngpus = [0]\n'
+
+
+async def test_a_wake_waits_for_free_gpu_memory_and_names_the_sleeper_that_kept_it(
+    fakes, tmp_path, monkeypatch, caplog
+):
+    """The check before a switch's wake: too little free memory (a sleeper kept its own) holds
+    the wake, names the sleeper in a warning and a metric, and wakes once the memory is free;
+    never longer than the target's wake_timeout_secs, then a 503 that says why."""
+    a, b = fakes.start("a", "b")
+    models = fake_model_block(a, memory_gb=40) + fake_model_block(
+        b, memory_gb=40, wake_timeout_secs=1.5
+    )
+    path = write_config(tmp_path, models + GPU_GROUP, server={"gpu_margin_gb": 1})
+    nvml = tmp_path / "gpus.json"
+    write_fake_nvml(nvml, (80, 78))  # 2 of 80 taken by something else
+    monkeypatch.setenv(FAKE_NVML_ENV, str(nvml))
+    async with llmux_running(path) as (_, client):
+        assert (await client.post("/v1/chat/completions", json=chat("a"))).status_code == 200
+        write_fake_nvml(nvml, (80, 38))  # a took its 40
+        # a is put to sleep for b, but its memory stays taken: 38 free, 41 needed.
+        asked = trio.current_time()
+        answer = await client.post("/v1/chat/completions", json=chat("b"))
+        assert answer.status_code == 503
+        error = answer.json()["error"]["message"]
+        assert "not enough free GPU memory to wake b: 38.0 GiB free on GPUs 0" in error
+        assert "41.0 GiB needed; a did not free its memory when put to sleep" in error
+        assert trio.current_time() - asked >= 1.5  # it waited for the memory first
+        assert b.state()["state"] == "asleep", "b was never woken into a full GPU"
+        text = (await client.get("/metrics")).text
+        assert metric_value(text, "llmux_gpu_memory_not_freed_total", model="a") == 1
+        warned = [r for r in caplog.records if getattr(r, "event", "") == "gpu_memory_not_freed"]
+        assert len(warned) == 1 and "a did not free its memory" in warned[0].getMessage()
+
+        # The memory is freed while the next switch waits for it: b wakes then.
+        async def free_later() -> None:
+            await trio.sleep(0.5)
+            write_fake_nvml(nvml, (80, 78))
+
+        await trio.sleep(1.1)  # the back-off after the failed switch
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(free_later)
+            answer = await client.post("/v1/chat/completions", json=chat("b"))
+        assert answer.status_code == 200 and b.state()["state"] == "awake"

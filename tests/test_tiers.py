@@ -13,9 +13,12 @@ from llmux.config import parse_config
 from llmux.core import events as ev
 from llmux.core.commands import CancelHook, Refuse, RunHook, SetTimer
 from llmux.core.costs import SwitchCostTracker
+from llmux.core.depth import default_sleep_depth, depth_costs
 from llmux.core.group import GroupCore
+from llmux.core.host_ram import HostRam
+from llmux.core.policy_answers import checked_depth
 from llmux.core.states import HookName, ModelState
-from llmux.policy import FifoPolicy
+from llmux.policy import FifoPolicy, ModelView, Snapshot
 from tests.conftest import LLMUX, chat, llmux_running, metric_value, model_block, write_config
 
 FAKE_VLLM = (
@@ -126,3 +129,129 @@ async def test_a_client_that_leaves_a_cold_start_stops_the_server_it_was_startin
         assert metric_value(metrics, "llmux_switch_total", to="a", result="cancelled") == 1
         assert metric_value(metrics, "llmux_hook_failures_total", model="a", hook="wake") is None
         assert metric_value(metrics, "llmux_wake_seconds_count", model="a", level="cold") is None
+
+
+def _snapshot_with(costs: dict[int, tuple[float, float]], demand: float = 0.0) -> Snapshot:
+    sleeps = {("m", level): s for level, (s, _) in costs.items()}
+    wakes = {("m", level): w for level, (_, w) in costs.items()}
+    view = ModelView("m", ModelState.ACTIVE, 0, None, 0, sleep_level=None)
+    return Snapshot(
+        0.0, {"m": view}, "m", 0.0, False, {}, {}, sleep_costs=sleeps, wake_step_costs=wakes,
+        demand={"m": demand},
+    )  # fmt: skip
+
+
+def test_auto_chooses_the_depth_that_causes_least_waiting():
+    profile_a = {1: (10.57, 2.19), 2: (0.31, 6.53)}
+    quiet, busy = 0.002, 0.05  # requests per second: one every ~8 minutes, one every 20 s
+    # A switch keeps requests waiting through the sleep: level 2's short sleep wins.
+    assert default_sleep_depth("m", 1, _snapshot_with(profile_a, quiet)) == 2
+    # Nobody waits (an idle or admin sleep), the box is quiet and the model is wanted again:
+    # the quick wake is worth the long sleep.
+    assert default_sleep_depth("m", 0, _snapshot_with(profile_a, quiet)) == 1
+    # The same sleep on a busy box: someone would arrive during its 10 s and wait for it.
+    assert default_sleep_depth("m", 0, _snapshot_with(profile_a, busy)) == 2
+    # A small model (level 1 cheap both ways) stays at level 1 even with requests waiting.
+    small = {1: (0.2, 0.3), 2: (0.1, 0.9)}
+    assert default_sleep_depth("m", 1, _snapshot_with(small, busy)) == 1
+    # Not wanted lately: the next wake may be far off; nothing is worth holding host RAM for.
+    assert default_sleep_depth("m", 0, _snapshot_with(profile_a, 0.0)) == 2
+
+
+def test_auto_estimates_a_depth_it_has_not_measured_from_the_other():
+    only_two = {2: (0.3, 6.5)}
+    # Level 1's figures come from level 2's by the published ratios (its sleep ~34x level 2's,
+    # its wake a third), not from a blind try.
+    costs = depth_costs("m", _snapshot_with(only_two))
+    assert costs[1].sleep == pytest.approx(0.3 * 10.57 / 0.31) and not costs[1].measured
+    assert costs[1].wake == pytest.approx(6.5 * 2.19 / 6.53)
+    assert default_sleep_depth("m", 2, _snapshot_with(only_two, 0.05)) == 2
+    # Where the estimate wins, level 1 is chosen, and so measured.
+    assert default_sleep_depth("m", 0, _snapshot_with(only_two, 0.002)) == 1
+
+
+class AnswersDepth:
+    def __init__(self, answer) -> None:
+        self.answer = answer
+
+    def decide(self, event, snapshot):
+        return FifoPolicy().decide(event, snapshot)
+
+    def sleep_depth(self, model, waiting, snapshot):
+        if isinstance(self.answer, BaseException):
+            raise self.answer
+        return self.answer
+
+
+def test_a_policy_may_choose_the_depth_and_a_wrong_answer_falls_back():
+    snapshot = _snapshot_with({1: (10.57, 2.19), 2: (0.31, 6.53)}, 0.05)
+    assert checked_depth(AnswersDepth(1), "m", 3, snapshot) == (1, None)
+    for wrong in (0, 3, True, "1", 1.0, None, SystemExit(2)):
+        level, problem = checked_depth(AnswersDepth(wrong), "m", 3, snapshot)
+        assert level == 2 and problem is not None, wrong  # the default's answer
+
+
+def _vllm_core(ram_gb: float | None, **keys: object) -> GroupCore:
+    models = {
+        name: {"port": 9000 + i, "kind": "vllm", "weights_gb": 10, **keys}
+        for i, name in enumerate("abc")
+    }
+    config = parse_config({"models": models}, Path("ram.toml")).group_config("default")
+    core = GroupCore(config, FifoPolicy(), SwitchCostTracker(), HostRam(ram_gb))
+    for hook in [c for c in core.handle(ev.Started(0.0)) if isinstance(c, RunHook)]:
+        core.handle(ev.HookDone(0.0, hook.job, ev.HookOutcome(ok=False)))
+    return core
+
+
+def _serve_in_turn(core: GroupCore, models: str) -> list[RunHook]:
+    """Ask for each model in turn, every hook succeeding; the sleeps asked for."""
+    sleeps, now = [], 1.0
+    for rid, name in enumerate(models, 1):
+        pending = [c for c in core.handle(ev.Arrived(now, rid, name)) if isinstance(c, RunHook)]
+        while pending:
+            hook = pending.pop(0)
+            sleeps += [hook] if hook.hook is HookName.SLEEP else []
+            now += 1.0
+            done = core.handle(ev.HookDone(now, hook.job, ev.HookOutcome(ok=True, duration=1)))
+            pending += [c for c in done if isinstance(c, RunHook)]
+        core.handle(ev.Finished(now, rid))
+    return sleeps
+
+
+def test_a_level_1_sleep_that_would_not_fit_in_host_ram_sleeps_at_level_2():
+    core = _vllm_core(ram_gb=15)
+    sleeps = _serve_in_turn(core, "abc")
+    assert [(s.model, s.level) for s in sleeps] == [("a", 1), ("b", 2)], "10 + 10 > 15 GiB"
+    assert core.host_ram.held_gb() == 10
+    unlimited = _serve_in_turn(_vllm_core(ram_gb=None), "abc")
+    assert [s.level for s in unlimited] == [1, 1]
+
+
+async def test_host_ram_is_measured_and_a_sleep_that_would_not_fit_goes_deeper(tmp_path):
+    """Two vLLM fakes llmux starts, each filling 64 MiB of host RAM at a level-1 sleep, and
+    room for one sleeper's weights: llmux measures each level-1 sleep's weights (the server's
+    resident memory before and after), and when both would be asleep at level 1 it puts the
+    second to sleep at level 2, whose wake then reloads its weights (no garbage answers)."""
+    fat = f"{FAKE_VLLM} --weights-mb 64"
+    models = cmd_block("a", fat, kind="vllm") + cmd_block("b", fat, kind="vllm")
+    path = write_config(tmp_path, models, policy={"name": "fifo"}, top="[machine]\nram_gb = 0.1\n")
+    async with llmux_running(path) as (server, client):
+        for model in ("a", "b", "a", "b", "a"):
+            response = await client.post("/v1/chat/completions", json=chat(model))
+            assert response.status_code == 200, response.text
+            assert "garbage" not in response.text
+        metrics = (await client.get("/metrics")).text
+        status = (await client.get("/llmux/status")).json()
+        states = {
+            name: httpx.get(m.config.base_url + "/fake/state").json()
+            for name, m in server.app.fleet.models.items()
+        }
+
+    def sleeps(model: str, level: str) -> float | None:
+        return metric_value(metrics, "llmux_sleep_seconds_count", model=model, level=level)
+
+    assert sleeps("a", "1") == 1 and sleeps("a", "2") == 1, "a's second sleep did not fit"
+    assert sleeps("b", "1") == 2 and sleeps("b", "2") is None
+    assert 0.05 < status["machine"]["sleeping_weights_gb"] < 0.1  # b's 64 MiB, measured
+    assert metric_value(metrics, "llmux_host_ram_capacity_bytes") == pytest.approx(0.1 * 2**30)
+    assert all(state["garbage_answers"] == 0 for state in states.values())

@@ -56,6 +56,14 @@ class CancelHook:
 
 
 @dataclass(frozen=True)
+class ReadGpuMemory:
+    """Read the free memory of `gpus` (NVML) now; answer `GpuMemoryRead(job)`."""
+
+    job: int
+    gpus: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class SetTimer:
     """Send `TimerDue(name)` at `at` (replacing a timer of the same name)."""
 
@@ -86,4 +94,6 @@ class Observe:
     level: str = "info"
 
 
-Command = Grant | Refuse | RunHook | CancelHook | SetTimer | ClearTimer | Reply | Observe
+Command = (
+    Grant | Refuse | RunHook | CancelHook | ReadGpuMemory | SetTimer | ClearTimer | Reply | Observe
+)

@@ -58,6 +58,7 @@ class HookOutcome:
     failure: str = ""  # a short description for error messages (exit code, stderr tail)
     cold: bool = False  # a wake that had to start the model's server: a cold start
     cancelled: bool = False  # stopped as the core asked (CancelHook): no failure, no cost
+    host_gb: float | None = None  # a level-1 sleep: the host RAM it filled, if measured
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,16 @@ class HookDone:
     now: float
     job: int
     outcome: HookOutcome
+
+
+@dataclass(frozen=True)
+class GpuMemoryRead:
+    """What the read asked as `job` found: GiB free on the group's GPUs together (None: it
+    cannot be told, no driver or no NVML)."""
+
+    now: float
+    job: int
+    free_gb: float | None
 
 
 @dataclass(frozen=True)
@@ -121,5 +132,5 @@ class ShutdownBegun:
 
 Event = (
     Started | Arrived | Left | Finished | HookDone | TimerDue | Reloaded | SleepAsked
-    | Unreachable | ServerExited | ShutdownBegun
+    | Unreachable | ServerExited | ShutdownBegun | GpuMemoryRead
 )  # fmt: skip

@@ -76,6 +76,7 @@ from llmux.core.commands import (
     Command,
     Grant,
     Observe,
+    ReadGpuMemory,
     Refuse,
     Reply,
     RunHook,
@@ -83,8 +84,14 @@ from llmux.core.commands import (
 )
 from llmux.core.costs import SwitchCostTracker
 from llmux.core.group_view import snapshot_of
+from llmux.core.host_ram import HostRam
 from llmux.core.operation import Operation
-from llmux.core.policy_answers import Checked, checked_decision, checked_evictions
+from llmux.core.policy_answers import (
+    Checked,
+    checked_decision,
+    checked_depth,
+    checked_evictions,
+)
 from llmux.core.reconcile import Reconcile, Recovery
 from llmux.core.records import ModelRecord, ReloadSummary, Request, SwitchView
 from llmux.core.retreat import Retreat
@@ -119,6 +126,7 @@ ATTEMPTS_PER_EVENT = 3  # an event whose handling keeps failing is given up afte
 # Timer names.
 POLICY_TIMER = "policy"  # the policy's CallAt
 SWITCH_TIMER = "switch"  # a wanted switch may start (back-off or min_active_secs over)
+GPU_TIMER = "gpu"  # a switch whose target did not fit on its GPUs reads their memory again
 ALIVE_TIMER = "alive"  # an idle active model's periodic alive check is due
 TTL_TIMER = "ttl"  # an idle active model's ttl_secs is over
 RETRY_TIMER = "retry"  # a retired or unknown model that would not sleep is tried again
@@ -127,7 +135,13 @@ RETRY_TIMER = "retry"  # a retired or unknown model that would not sleep is trie
 class GroupCore:
     """The rules of one group (`config` narrowed to it by `Config.group_config`)."""
 
-    def __init__(self, config: Config, policy: Policy, costs: SwitchCostTracker) -> None:
+    def __init__(
+        self,
+        config: Config,
+        policy: Policy,
+        costs: SwitchCostTracker,
+        host_ram: HostRam | None = None,
+    ) -> None:
         self.config = config
         self.group: GroupConfig = next(iter(config.groups.values()))
         self.policy = policy
@@ -149,6 +163,8 @@ class GroupCore:
         self._running: dict[int, tuple[ModelRecord, HookName]] = {}  # job -> its model, hook
         self._policy_problems_told: set[tuple[str, str]] = set()
         self._out: list[Command] = []
+        self.host_ram = host_ram if host_ram is not None else HostRam()
+        self.host_ram.register(self.host_ram_held)
 
     def _record(self, config: ModelConfig) -> ModelRecord:
         return ModelRecord(config, size=self.group.size_of(config))
@@ -384,6 +400,8 @@ class GroupCore:
         switch_at = self._switch_may_start_at()
         if switch_at is not None and switch_at > self.now:
             wanted[SWITCH_TIMER] = switch_at
+        if isinstance(self.op, Switch) and self.op.read_again_at is not None:
+            wanted[GPU_TIMER] = self.op.read_again_at
         if self.op is None and self.ready and not self.closing:
             # A time already past is not armed: what it was for waits for a wanted switch
             # (which holds it up), and is looked at again when that ends (rule 6).
@@ -576,24 +594,74 @@ class GroupCore:
 
     # ----- hooks -----
 
-    def run(self, model: ModelRecord, hook: HookName, env: dict[str, str] | None = None) -> int:
+    def run(
+        self,
+        model: ModelRecord,
+        hook: HookName,
+        env: dict[str, str] | None = None,
+        waiting: int = 0,
+    ) -> int:
+        """Ask for `hook` of `model`; `waiting`: the requests a sleep keeps waiting (those of
+        the model that replaces it), which its depth is chosen by."""
         job = next(self._jobs)
         self._running[job] = (model, hook)
         level = None
         if hook is HookName.SLEEP:
-            level = model.sleeping_at = self.sleep_depth(model)
+            level = model.sleeping_at = self.sleep_depth(model, waiting)
         elif hook is HookName.WAKE:
             level = model.woken_from or model.config.sleep_level  # moved to WAKING just before
         self._out.append(RunHook(job, model.name, hook, model.config, env or {}, level))
         return job
 
-    def sleep_depth(self, model: ModelRecord) -> int:
-        """The depth `model` is put to sleep at now: its configured `sleep_level`."""
-        return model.config.sleep_level
+    def sleep_depth(self, model: ModelRecord, waiting: int = 0) -> int:
+        """The depth `model` is put to sleep at now: its configured `sleep_level`, or for
+        "auto" the policy's choice (core/depth.py); level 1 only if its weights fit in host RAM
+        beside the other sleepers' (core/host_ram.py), else level 2."""
+        config = model.config
+        if config.kind != "vllm":
+            return config.sleep_level  # only vLLM has depths; the label says what was asked
+        if model.retiring:
+            return 2  # its last sleep: nothing wakes it through this record, keep nothing
+        level = config.sleep_level
+        if config.auto_sleep_level:
+            level, problem = checked_depth(self.policy, model.name, waiting, self.snapshot())
+            if problem is not None:
+                self._policy_problem("sleep_depth", problem, "the default depth instead")
+        weights = self.weights_of(model)
+        if level == 1 and not self.host_ram.fits(weights):
+            held, room = self.host_ram.held_gb(), self.host_ram.capacity_gb
+            self._observe(
+                "sleep_deepened", f"{model.name} sleeps at level 2, not 1: its weights "
+                f"({weights:g} GiB) do not fit in host RAM beside the other sleepers' ({held:g} "
+                f"of {room:g} GiB)", model=model.name, weights_gb=weights,
+            )  # fmt: skip
+            level = 2
+        return level
 
     def next_sleep_level(self, model: ModelRecord) -> int | None:
         """The depth `model` would sleep at, as a policy is told (None: chosen when it does)."""
+        if model.config.kind == "vllm" and model.config.auto_sleep_level:
+            return None
         return model.config.sleep_level
+
+    def weights_of(self, model: ModelRecord) -> float:
+        """The host RAM (GiB) its level-1 sleep holds: measured, else configured, else 0."""
+        if model.host_gb is not None:
+            return model.host_gb
+        return model.config.weights_gb or 0.0
+
+    def host_ram_held(self) -> float:
+        """What this group's level-1 sleepers hold (from the start of their sleep: the
+        weights are copied out while it runs)."""
+        return sum(
+            self.weights_of(m)
+            for m in (*self.models.values(), *self.retiring)
+            if m.config.kind == "vllm"
+            and (
+                (m.state is ModelState.SLEEPING and m.sleeping_at == 1)
+                or (m.state is ModelState.ASLEEP and m.slept_level == 1)
+            )
+        )
 
     def _on_hook_done(self, event: ev.HookDone) -> None:
         self._running.pop(event.job, None)
@@ -614,6 +682,24 @@ class GroupCore:
         """Ask the executor to stop a running step; its HookDone still comes."""
         self._out.append(CancelHook(job))
 
+    def read_gpus(self) -> int:
+        """Ask for the free memory of the group's GPUs; a GpuMemoryRead answers `job`."""
+        job = next(self._jobs)
+        self._out.append(ReadGpuMemory(job, self.group.gpus))
+        return job
+
+    def gpu_room_needed(self, model: ModelRecord) -> float | None:
+        """GiB the group's GPUs must have free before `model` wakes: its memory_gb, plus the
+        margin on each GPU; None when nothing is checked (no GPUs named, no size given)."""
+        size = model.config.size
+        if not self.group.gpus or size is None:
+            return None
+        return size + self.config.server.gpu_margin_gb * len(self.group.gpus)
+
+    def _on_gpu_read(self, event: ev.GpuMemoryRead) -> None:
+        if isinstance(self.op, Switch):
+            self.op.gpu_read(self, event.job, event.free_gb)
+
     # ----- states -----
 
     def move(self, model: ModelRecord, cause: Cause) -> None:
@@ -631,6 +717,8 @@ class GroupCore:
             model.slept_level = None
         elif cause is Cause.GONE:
             model.slept_level = None  # it does not serve; how it went is not known
+        if new is not ModelState.SLEEPING and new is not ModelState.ASLEEP:
+            model.sleeping_at = None  # no sleep of it holds anything now
 
     def activate(self, model: ModelRecord) -> None:
         model.active_since = self.now
@@ -640,13 +728,17 @@ class GroupCore:
         model.server_running = True
         self.grant_waiting(model)
 
-    def slept(self, model: ModelRecord, seconds: float) -> None:
-        """Its sleep hook succeeded in `seconds`: measured per depth (what evicting it costs)."""
+    def slept(self, model: ModelRecord, outcome: ev.HookOutcome) -> None:
+        """Its sleep hook succeeded: measured per depth (what evicting it costs), and what its
+        level-1 sleep holds in host RAM, if the driver could tell."""
         self.move(model, Cause.SLEEP_OK)
         model.active_since = None
         if model.config.kind is None:
             model.server_running = False  # a plain `cmd` server sleeps by being stopped
         level = model.slept_level or model.config.sleep_level
+        if level == 1 and outcome.host_gb is not None:
+            model.host_gb = outcome.host_gb
+        seconds = outcome.duration
         estimate = self.costs.observe_sleep(model.name, level, seconds)
         self.observe_quietly(
             "sleep_measured", model=model.name, level=level, seconds=seconds, estimate=estimate
@@ -698,6 +790,8 @@ class GroupCore:
             return
         record.exited = True
         record.server_running = False
+        if record.state is ModelState.ASLEEP:
+            record.slept_level = None  # its process is gone, and what it held with it
         if self.op is not None and record in self.op.acts_on():
             self.op.server_exited(self, record)  # one model is moved by one code path
             return
@@ -840,6 +934,9 @@ class GroupCore:
                 else:
                     if _needs_restart(record.config, cfg):
                         record.server_running = False  # the next wake starts the new server
+                        # The old server is stopped (a `cmd` one) or no longer llmux's: what
+                        # its level-1 sleep held is not counted, nor taken for the new one's.
+                        record.slept_level = record.host_gb = None
                     record.config = cfg
                     record.size = self.group.size_of(cfg)
             records[name] = record
@@ -947,4 +1044,5 @@ _HANDLERS = {  # event type -> the method that applies it
     ev.Unreachable: "_on_unreachable",
     ev.ServerExited: "_on_server_exited",
     ev.ShutdownBegun: "_on_shutdown",
+    ev.GpuMemoryRead: "_on_gpu_read",
 }

@@ -3,12 +3,13 @@
 A policy is code the operator plugs in; whatever it answers, the core must stay whole. So each
 answer is checked here: `decide` must return Stay, a SwitchTo naming a model of the group, or a
 CallAt with a finite time; `evict` must name distinct, known, awake models other than the target
-that make enough room. Anything else is replaced by the default answer, and what was wrong is
-returned for the core to report. Nothing a policy does gets past this module: whatever it
-raises (BaseException subclasses included: a policy's SystemExit must not stop llmux), and
-whatever odd value it returns (a str subclass that cannot be hashed, an int too large for a
-float, an endless generator), is caught while it is looked at. The snapshot a policy sees is
-read-only (group_view.py), so it cannot change what its answer is checked against.
+that make enough room; `sleep_depth` must answer 1 or 2. Anything else is replaced by the
+default answer, and what was wrong is returned for the core to report. Nothing a policy does
+gets past this module: whatever it raises (BaseException subclasses included: a policy's
+SystemExit must not stop llmux), and whatever odd value it returns (a str subclass that cannot
+be hashed, an int too large for a float, an endless generator), is caught while it is looked
+at. The snapshot a policy sees is read-only (group_view.py), so it cannot change what its
+answer is checked against.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from llmux.core.capacity import default_evictions, held
+from llmux.core.depth import LEVELS, default_sleep_depth
 from llmux.core.snapshot import Snapshot
 from llmux.core.states import ModelState
 from llmux.policies.fifo import FifoPolicy
@@ -142,6 +144,27 @@ def _evictions_problem(
     if kept + views[target].size > snapshot.capacity + ROOM_EPSILON:
         return f"evict answered {chosen!r}, which does not make room for {target}", "too little"
     return None
+
+
+def checked_depth(
+    policy: Policy, model: str, waiting: int, snapshot: Snapshot
+) -> tuple[int, Checked | None]:
+    """The depth to put `model` to sleep at (`sleep_level = "auto"`): the policy's
+    `sleep_depth(model, waiting, snapshot)` if it has one and answers 1 or 2, else the
+    default (core/depth.py)."""
+    default = default_sleep_depth(model, waiting, snapshot)
+    choose = getattr(policy, "sleep_depth", None)
+    if choose is None:
+        return default, None
+    try:
+        answer = choose(model, waiting, snapshot)
+        if type(answer) is int and answer in LEVELS:
+            return answer, None
+        problem = f"sleep_depth answered {answer!r} for {model}, not 1 or 2"
+        return default, _instead(problem, "not a depth")
+    except BaseException as exc:  # whatever a plug-in raises, llmux stays up
+        problem = f"sleep_depth failed ({exc!r})"
+        return default, Checked(Stay(), problem, f"raised {type(exc).__name__}", "default", exc)
 
 
 def choose_evictions(policy: Policy, target: str, snapshot: Snapshot) -> list[str]:

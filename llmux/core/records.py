@@ -40,6 +40,7 @@ class ModelRecord:
     slept_level: int | None = None  # the depth it was put to sleep at (None: not known)
     sleeping_at: int | None = None  # the depth its running (or latest) sleep hook was asked for
     woken_from: int | None = None  # the depth its running (or latest) wake starts from
+    host_gb: float | None = None  # host RAM its level-1 sleep held, as measured (weights)
     demand: Demand = field(default_factory=lambda: Demand())
     retiring: bool = False
     name: str = field(init=False)  # a plain attribute: policies' snapshots read it often

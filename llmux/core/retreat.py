@@ -83,7 +83,7 @@ class Retreat(Operation):
         model = self.model
         if self.phase == Phase.SLEEP:
             if outcome.ok:
-                group.slept(model, outcome.duration)
+                group.slept(model, outcome)
                 self._done_with()
             elif self.purpose == "dead" or model.exited:
                 # Its alive hook already said it does not serve (rule 3), or its server exited.

@@ -4,6 +4,9 @@
       (everyone waiting for the target left: called off, the victims serve on)
     -> each victim SLEEPING while its sleep hook runs, one after another
       (a hook fails and the alive hook does not say "not serving": abandoned, victims serve on)
+    -> (a group naming GPUs) their free memory read until it covers the target's memory_gb
+      and margin; not within its wake_timeout_secs: the target's waiters get 503, back-off;
+      the sleepers that kept their memory are named
     -> target WAKING while its wake hook runs
       (fails: its sleep hook cleans up, its waiters get 503, back-off)
     -> target ACTIVE: its waiters are granted in arrival order.
@@ -25,9 +28,13 @@ from llmux.core.operation import (
     says_not_serving,
 )
 from llmux.core.records import ModelRecord, SwitchView
-from llmux.core.states import Cause, HookName
-from llmux.errors import LlmuxError
+from llmux.core.states import Cause, HookName, ModelState
+from llmux.errors import LlmuxError, ModelUnavailable
 from llmux.policies.interface import SwitchCompleted
+
+# Memory a sleeper frees late (CUDA teardown) is read again this often, for as long as the
+# target's wake_timeout_secs; then the switch fails rather than risk an OOM.
+GPU_READ_AGAIN_SECS = 1.0
 
 
 @dataclass(eq=False)
@@ -44,6 +51,10 @@ class Switch(Operation):
     wake_failure: str = ""
     cold_wake: bool = False  # its wake starts the target's server (a cold start)
     cancelling: bool = False  # the cold start was asked to stop: nobody waits for it
+    reading: int | None = None  # the GPU memory read it waits for
+    read_again_at: float | None = None  # when to read the GPUs' free memory again
+    room_since: float | None = None  # when it began to wait for room on the GPUs
+    room_short_told: bool = False
 
     @classmethod
     def begin(cls, group: Group, target: ModelRecord, victims: list[ModelRecord]) -> Switch:
@@ -83,6 +94,8 @@ class Switch(Operation):
     # ----- moving on -----
 
     def step(self, group: Group) -> bool:
+        if self.reading is not None:
+            return False  # the GPUs' memory is being read
         if self.job is not None:
             if self.phase == Phase.WAKE and self._nobody_waits_for_a_cold_start():
                 self.cancelling = True
@@ -92,7 +105,8 @@ class Switch(Operation):
             return self._drain(group)
         if self.phase == Phase.SLEEP:
             if self.index == len(self.victims):
-                self.phase = Phase.WAKE
+                room = group.gpu_room_needed(self.target)
+                self.phase = Phase.WAKE if room is None else Phase.ROOM
                 return True
             victim = self.victims[self.index]
             group.move(victim, Cause.SLEEP_STARTED)
@@ -101,18 +115,17 @@ class Switch(Operation):
                     "model_active_duration", model=victim.name,
                     seconds=group.now - victim.active_since,
                 )  # fmt: skip
-            self.job = group.run(victim, HookName.SLEEP, self.env(victim))
+            waiting = len(self.target.queue)  # they wait through this sleep
+            self.job = group.run(victim, HookName.SLEEP, self.env(victim), waiting)
             return False
+        if self.phase == Phase.ROOM:
+            return self._room(group)
         if self.phase == Phase.WAKE:
             target = self.target
             if group.models.get(target.name) is not target:
                 # A reload removed or replaced it meanwhile: wake nothing; the policy decides
                 # again (the replacement has its waiters).
-                group.observe(
-                    "switch_cancelled", f"switch to {target.name} called off: a reload "
-                    "changed it", **self.labels(),
-                )  # fmt: skip
-                self._end(group, ok=False)
+                self._called_off_before_the_wake(group, "a reload changed it")
                 return True
             self.cold_wake = target.starts_cold
             group.move(target, Cause.WAKE_STARTED)
@@ -120,6 +133,76 @@ class Switch(Operation):
             self.job = group.run(target, HookName.WAKE, self.env())
             return False
         return False
+
+    def _called_off_before_the_wake(self, group: Group, why: str) -> None:
+        """Its victims are asleep; wake nothing: the policy decides again."""
+        group.observe(
+            "switch_cancelled", f"switch to {self.target.name} called off: {why}",
+            **self.labels(),
+        )  # fmt: skip
+        self._end(group, ok=False)
+
+    def _room(self, group: Group) -> bool:
+        """Before the wake: read the GPUs' free memory (again, once it is time)."""
+        if not self.target.queue:  # everyone left while the memory was not free
+            self._called_off_before_the_wake(group, "nobody waits for it any more")
+            return True
+        if self.room_since is None:
+            self.room_since = group.now
+        if self.read_again_at is not None and group.now < self.read_again_at:
+            return False
+        self.read_again_at = None
+        self.reading = group.read_gpus()
+        return False
+
+    def gpu_read(self, group: Group, job: int, free_gb: float | None) -> None:
+        """The GPUs' free memory: enough (or unknown: nothing to check against) wakes the
+        target; too little names the sleepers that kept theirs, and reads again a second later
+        until the target's wake_timeout_secs have passed, then the switch fails: never an OOM."""
+        if job != self.reading:
+            return
+        self.reading = None
+        needed = group.gpu_room_needed(self.target)
+        if free_gb is None or needed is None or free_gb >= needed:
+            self.phase = Phase.WAKE
+            return
+        waited = group.now - (self.room_since if self.room_since is not None else group.now)
+        sleepers = [v.name for v in self.victims if v.state is ModelState.ASLEEP]
+        asleep = sorted(
+            m.name for m in group.models.values()
+            if m.state is ModelState.ASLEEP and m is not self.target
+        )  # fmt: skip
+        who = (
+            f"{', '.join(sleepers)} did not free {'its' if len(sleepers) == 1 else 'their'} "
+            "memory when put to sleep"
+            if sleepers
+            else "no model was put to sleep for it: another process"
+            + (f", or a sleeping model ({', '.join(asleep)}), holds it" if asleep else " holds it")
+        )
+        what = (
+            f"not enough free GPU memory to wake {self.target.name}: {free_gb:.1f} GiB free "
+            f"on GPUs {', '.join(map(str, group.group.gpus))}, {needed:.1f} GiB needed; {who}"
+        )
+        if not self.room_short_told:  # once per switch, where it is first seen
+            self.room_short_told = True
+            group.observe(
+                "gpu_memory_not_freed", what, level="warning", model=self.target.name,
+                free_gb=free_gb, needed_gb=needed, sleepers=sleepers,
+            )  # fmt: skip
+        if waited >= self.target.config.wake_timeout_secs:
+            group.observe(
+                "switch_failed", f"switch {self.labels()['from']} -> {self.target.name} failed: "
+                f"{what} after {waited:.0f} s", level="error", reason="gpu_memory",
+                **self.labels(),
+            )  # fmt: skip
+            self.target.active_since = None
+            group.observe_quietly("switch_result", result="failed", **self.labels())
+            group.retry_at = group.now + FAILED_SWITCH_BACKOFF_SECS
+            refusal = ModelUnavailable(f"model {self.target.name!r} unavailable: {what}")
+            group.fail_queue(self.target, refusal)
+            self._end(group, ok=False)
+            return
+        self.read_again_at = group.now + GPU_READ_AGAIN_SECS
 
     def _nobody_waits_for_a_cold_start(self) -> bool:
         """A cold start (tens of seconds of loading) is stopped once its last waiter has
@@ -161,7 +244,7 @@ class Switch(Operation):
         if self.phase == Phase.SLEEP:
             victim = self.victims[self.index]
             if outcome.ok:
-                group.slept(victim, outcome.duration)
+                group.slept(victim, outcome)
                 self.sleep_seconds += outcome.duration
                 self.index += 1
             elif victim.exited:  # its server is gone: nothing of it serves (rule 4)

@@ -54,6 +54,10 @@ def status_report(config: Config, fleet: Fleet, started_wall: float) -> dict[str
         "switch": _switch(next(iter(switches.values()), None)),
         "shutting_down": fleet.closing,
         "groups": groups,
+        "machine": {
+            "ram_gb": fleet.host_ram.capacity_gb,  # what level-1 sleepers may fill
+            "sleeping_weights_gb": round(fleet.host_ram.held_gb(), 3),
+        },
         "models": {
             name: {
                 "state": model.state.value,

@@ -67,6 +67,16 @@ class Metrics:
             "from (level=cold: the wake started the model's server)",
             ["model", "level"], buckets=DURATION_BUCKETS, registry=r,
         )  # fmt: skip
+        self.host_ram_held = Gauge(
+            "llmux_host_ram_sleeping_bytes",
+            "Host RAM held by the weights of models asleep at level 1 (or going to sleep at it)",
+            registry=r,
+        )
+        self.host_ram_capacity = Gauge(
+            "llmux_host_ram_capacity_bytes",
+            "Host RAM the weights of models asleep at level 1 may fill ([machine] ram_gb)",
+            registry=r,
+        )
         self.switch_cost_ema = Gauge(
             "llmux_switch_cost_ema_seconds",
             "EMA-smoothed estimated switch cost per (from, to) pair (sleep + wake hooks)",
@@ -172,6 +182,12 @@ class Metrics:
             "llmux_gpu_total_bytes",
             "Total memory of a GPU a group names, as the driver (NVML) said at the latest read",
             ["gpu"], registry=r,
+        )  # fmt: skip
+        self.gpu_memory_not_freed = Counter(
+            "llmux_gpu_memory_not_freed_total",
+            "Switches whose wake found too little free GPU memory after this model was put to "
+            "sleep for it (its sleep did not free its memory); the wake waits, then fails",
+            ["model"], registry=r,
         )  # fmt: skip
         self.connections_open = Gauge(
             "llmux_connections_open", "Client connections open now", registry=r

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import httpx
 import trio
@@ -38,12 +38,17 @@ from llmux.runtime.state_dir import StateDir
 
 log = logging.getLogger("llmux.hooks")
 
+GIB = 1024**3
+
 
 @dataclass
 class StepNotes:
-    """What a step learned on its way, for its result: whether it started the server."""
+    """What a step learned on its way, for its result: whether it started the server, and
+    what a level-1 sleep filled of host RAM (a vLLM server's resident memory grows by its
+    weights as it copies them out of the GPU)."""
 
     cold_start: bool = False
+    host_gb: float | None = None
 
 
 Step = Callable[[httpx.AsyncClient, ModelConfig, StepNotes], Awaitable[bool]]
@@ -58,6 +63,9 @@ class BuiltinDriver:
         return await self._step(HookName.WAKE, backend, self._wake)
 
     async def sleep(self, backend: ModelConfig, env: Mapping[str, str]) -> HookResult:
+        asked = env.get("LLMUX_SLEEP_LEVEL")
+        if backend.kind == "vllm" and asked in ("1", "2"):
+            backend = replace(backend, sleep_level=int(asked))  # the core chose it (auto)
         retiring = backend.cmd is not None and _retiring(env)
         return await self._step(HookName.SLEEP, backend, self._stop if retiring else self._sleep)
 
@@ -107,9 +115,14 @@ class BuiltinDriver:
         if backend.kind is None:
             return await self._stop(client, backend)
         engine = self._engine(backend)
+        measured = backend.kind == "vllm" and backend.sleep_level == 1 and backend.cmd is not None
+        before = self.processes.resident_bytes(backend.name) if measured else None
         if not await engine.asleep(client, backend):
             await engine.sleep(client, backend)
             await _until(lambda: engine.asleep(client, backend))
+        after = self.processes.resident_bytes(backend.name) if measured else None
+        if before is not None and after is not None:
+            notes.host_gb = max(0, after - before) / GIB
         return True
 
     async def _stop(
@@ -181,7 +194,7 @@ class BuiltinDriver:
         result = HookResult(
             hook=hook, model=backend.name, exit_code=exit_code, timed_out=timed_out,
             duration=time.monotonic() - started, stdout_tail="", stderr_tail=problem,
-            cold_start=notes.cold_start,
+            cold_start=notes.cold_start, host_gb=notes.host_gb,
         )  # fmt: skip
         _log(result, self._describe(backend))
         return result

@@ -13,7 +13,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -27,6 +27,7 @@ from llmux.core.commands import (
     Command,
     Grant,
     Observe,
+    ReadGpuMemory,
     Refuse,
     Reply,
     RunHook,
@@ -34,6 +35,7 @@ from llmux.core.commands import (
 )
 from llmux.core.costs import COLD, IDLE, SwitchCostTracker
 from llmux.core.group import GroupCore
+from llmux.core.host_ram import HostRam
 from llmux.core.records import ModelRecord, ReloadSummary, SwitchView
 from llmux.core.snapshot import Snapshot
 from llmux.core.states import HookName, ModelState
@@ -46,6 +48,7 @@ from llmux.runtime.hooks import EXIT_CANNOT_START, HookResult
 
 log = logging.getLogger("llmux.switcher")
 
+GIB = 1024**3
 SLOW_EVENT_SECS = 0.25  # an event the core takes longer than this to handle is said
 SLOW_EVENT_SAID_EVERY_SECS = 60.0  # at most once a minute
 
@@ -89,8 +92,9 @@ class GroupDriver:
         metrics: Metrics,
         costs: SwitchCostTracker,
         backends: BackendDriver,
+        host_ram: HostRam | None = None,
     ) -> None:
-        self.core = GroupCore(config, policy, costs)
+        self.core = GroupCore(config, policy, costs, host_ram)
         self.metrics = metrics
         self.backends = backends
         self._nursery: trio.Nursery | None = None
@@ -108,6 +112,10 @@ class GroupDriver:
         self._switch_labels: tuple[str, str] | None = None
         self._slow_said_at = -math.inf
         self._hook_scopes: dict[int, trio.CancelScope] = {}  # running hooks, by job
+        # Called when the core is done with a retired record: its server may be left behind.
+        self.on_record_forgotten: Callable[[], None] | None = None
+        # GiB free on some GPUs (runtime/gpus.py), for the check before a switch's wake.
+        self.read_gpu_free_gb: Callable[[Sequence[int]], float | None] | None = None
 
     # ----- running -----
 
@@ -169,6 +177,9 @@ class GroupDriver:
             scope = self._hook_scopes.get(command.job)
             if scope is not None:
                 scope.cancel()
+        elif isinstance(command, ReadGpuMemory):
+            assert self._nursery is not None
+            self._nursery.start_soon(self._read_gpus, command)
         elif isinstance(command, SetTimer):
             self._timers[command.name] = command.at
             self._timers_changed.set()
@@ -216,8 +227,16 @@ class GroupDriver:
             duration=result.duration,
             failure="" if result.ok else result.describe_failure(),
             cold=result.cold_start,
+            host_gb=result.host_gb,
         )
         self._feed(ev.HookDone(trio.current_time(), command.job, outcome))
+
+    async def _read_gpus(self, command: ReadGpuMemory) -> None:
+        """NVML's figure (microseconds; None without a reader), answered as an event of its
+        own: the core is not fed again from inside the carrying out of its commands."""
+        read = self.read_gpu_free_gb
+        free = read(command.gpus) if read is not None else None
+        self._feed(ev.GpuMemoryRead(trio.current_time(), command.job, free))
 
     def _hook_cancelled(self, command: RunHook, took: float) -> None:
         log_event(
@@ -377,6 +396,10 @@ class GroupDriver:
                 del self._shown[name]
                 self.metrics.forget_model(name)
         self.metrics.group_used.labels(core.group.name).set(core.held())
+        ram = core.host_ram
+        self.metrics.host_ram_held.set(ram.held_gb() * GIB)
+        if ram.capacity_gb is not None:
+            self.metrics.host_ram_capacity.set(ram.capacity_gb * GIB)
 
     def _observe(self, observed: Observe) -> None:
         fields = dict(observed.fields)
@@ -408,6 +431,11 @@ class GroupDriver:
             self.metrics.model_dead.labels(fields["model"]).inc()
         elif name == "policy_failed":
             self.metrics.policy_errors.labels(self.core.group.name, fields["answer"]).inc()
+        elif name == "gpu_memory_not_freed":
+            for sleeper in fields["sleepers"]:  # type: ignore[attr-defined]
+                self.metrics.gpu_memory_not_freed.labels(sleeper).inc()
+        elif name == "record_forgotten" and self.on_record_forgotten is not None:
+            self.on_record_forgotten()
         elif name == "model_activated" and estimate is not None:
             self._count_activation(fields, estimate)
         error = fields.pop("error", None)

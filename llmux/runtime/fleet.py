@@ -16,6 +16,7 @@ import trio
 
 from llmux.config import Config
 from llmux.core.costs import SwitchCostTracker
+from llmux.core.host_ram import HostRam
 from llmux.core.records import ModelRecord, ReloadSummary, SwitchView
 from llmux.core.states import ModelState
 from llmux.errors import LlmuxError
@@ -27,6 +28,7 @@ from llmux.runtime.builtin_driver import BuiltinDriver
 from llmux.runtime.driver import GroupDriver, Slot
 from llmux.runtime.gpus import GpuMemory, GpuReading
 from llmux.runtime.hook_registry import HookRegistry
+from llmux.runtime.machine import host_ram_gb
 from llmux.runtime.server_processes import ServerProcesses
 from llmux.runtime.state_dir import StateDir
 
@@ -57,10 +59,17 @@ class Fleet:
             ShellHooks(config.hook_dir, self.hook_registry), BuiltinDriver(state, self.servers)
         )
         backends.on_exit(self.report_exit)  # a `cmd` server died: it serves nothing from now
+        # One machine: the groups share its host RAM (level-1 sleepers' weights), not its GPUs.
+        self.host_ram = HostRam(host_ram_gb(config))
         self.switchers = {
-            name: GroupDriver(config.group_config(name), make_policy(), metrics, costs, backends)
+            name: GroupDriver(
+                config.group_config(name), make_policy(), metrics, costs, backends, self.host_ram
+            )
             for name in config.groups
         }
+        for switcher in self.switchers.values():
+            switcher.on_record_forgotten = self._stop_servers_left_behind
+            switcher.read_gpu_free_gb = self.gpus.free_gb
         metrics.describe_groups(config)
 
     # ----- running -----
@@ -101,6 +110,7 @@ class Fleet:
             for group, switcher in self.switchers.items()
         ]
         self.config = config
+        self.host_ram.capacity_gb = host_ram_gb(config)
         self.metrics.describe_groups(config)
         self._stop_servers_left_behind()
         return ReloadSummary(
@@ -110,11 +120,12 @@ class Fleet:
         )
 
     def _stop_servers_left_behind(self) -> None:
-        """After a reload, a `cmd` server of a model held asleep that the config would not
-        start as it runs (its model removed, or its command line, port or environment changed)
-        is stopped now: nothing wakes it as it is, and asleep it still holds memory (a level-1
-        vLLM keeps its weights in RAM). A server of a model not asleep, or whose record a reload
-        retired, is left to the core: its retirement drains it, then stops it."""
+        """After a reload (and when a retired record is done with), a `cmd` server of a model
+        held asleep that the config would not start as it runs (its model removed, or its
+        command line, port or environment changed) is stopped now: nothing wakes it as it is,
+        and asleep it still holds memory (a level-1 vLLM keeps its weights in RAM). A server of
+        a model not asleep, or whose record a reload retired, is left to the core: its
+        retirement drains it, then stops it."""
         held = {
             record.name
             for switcher in self.switchers.values()

@@ -52,6 +52,7 @@ class HookResult:
     stdout_tail: str
     stderr_tail: str
     cold_start: bool = False  # a wake that started the model's server (built-in `cmd` only)
+    host_gb: float | None = None  # a level-1 sleep: the host RAM it filled, if measured
 
     @property
     def ok(self) -> bool:

@@ -35,6 +35,7 @@ log = logging.getLogger("llmux.servers")
 
 STOP_GRACE_SECS = 10.0  # SIGTERM, then SIGKILL if the server still runs after this
 LOG_TAIL_BYTES = 2048
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 
 
 def server_command(backend: ModelConfig) -> str:
@@ -119,6 +120,26 @@ class ServerProcesses:
     def running_as(self, backend: ModelConfig) -> bool:
         """Whether the model's server runs as `backend` would start it (no `cmd`: none would)."""
         return backend.cmd is not None and self.launch(backend.name) == launch_of(backend)
+
+    def resident_bytes(self, model: str) -> int | None:
+        """The resident memory of the model's server and every process of its group (vLLM's
+        engine runs in a child), or None if none runs or /proc cannot tell."""
+        leader = self.pid(model)
+        if leader is None:
+            return None
+        total, found = 0, False
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = Path(entry.path, "stat").read_text()
+            except OSError:
+                continue  # gone meanwhile
+            fields = stat.rsplit(")", 1)[1].split()
+            if int(fields[2]) == leader:  # its process group
+                total += int(fields[21]) * PAGE_BYTES
+                found = True
+        return total if found else None
 
     def pid(self, model: str) -> int | None:
         """The pid (and process group) of the model's running server, if one runs."""

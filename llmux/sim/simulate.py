@@ -22,7 +22,8 @@ from llmux.policies.loader import load_policy
 from llmux.sim import traces
 from llmux.sim.onoff import on_off_requests
 from llmux.sim.sample_trace import sample_path
-from llmux.sim.simulator import Request, Result, ServiceModel, Simulator
+from llmux.sim.simulator import Request, Result, ServiceModel, Simulator, Tiers
+from llmux.sim.tier_costs import TierCosts
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ def run_layout(
     service: ServiceModel,
     min_active_secs: float,
     name: str,
+    tiers: Tiers | None = None,
 ) -> Result:
     """Simulate each group on its own GPU (groups share nothing) and merge the results."""
     models = sorted({r.model for r in requests})
@@ -97,11 +99,14 @@ def run_layout(
             continue
         simulator = Simulator(
             own, list(members), make_policy(), cost, service, min_active_secs, name,
-            capacity=capacity, sizes=layout.sizes,
+            capacity=capacity, sizes=layout.sizes, tiers=tiers,
         )  # fmt: skip
         results.append(simulator.run())
     served = [r for result in results for r in result.requests]
     start = min(r.arrival for r in served)
+    sleeps: Counter[int] = Counter()
+    for result in results:
+        sleeps.update(result.sleeps)
     return Result(
         policy=name,
         requests=served,
@@ -109,6 +114,9 @@ def run_layout(
         busy_time=sum(result.busy_time for result in results),
         span=max(r.finished or 0.0 for r in served) - start,
         gpus=len(results),
+        peak_host_ram_gb=max(result.peak_host_ram_gb for result in results),
+        sleeps=dict(sorted(sleeps.items())),
+        cold_starts=sum(result.cold_starts for result in results),
     )
 
 
@@ -266,3 +274,84 @@ def cost_factory(
     except ValueError:
         return lambda: traces.matrix_cost(Path(spec), default=10.0)
     return lambda: traces.constant_cost(seconds)
+
+
+# ----- sleep depths (`--costs`) -----
+
+DEPTHS = ("L1", "L2", "L1 fit", "auto")
+
+
+@dataclass(frozen=True)
+class DepthSummary:
+    choice: str
+    mean: float
+    p50: float
+    p99: float
+    switches: int
+    sleeps: dict[int, int]
+    peak_host_ram_gb: float
+    cold_starts: int
+    within_ram: bool
+
+
+def compare_depths(
+    requests: list[Request],
+    policy: Callable[[], Policy],
+    costs: TierCosts,
+    service: ServiceModel,
+    host_ram_gb: float | None,
+    ttl_secs: float,
+    min_active_secs: float = 0.0,
+    layout: Layout = Layout(),
+) -> list[DepthSummary]:
+    """Fixed level 1 (host RAM not limited: what it would need), fixed level 2, level 1 while
+    the weights fit in `host_ram_gb`, and "auto", on the same requests and step costs."""
+    choices = {
+        "L1": Tiers(costs, 1, None, ttl_secs),
+        "L2": Tiers(costs, 2, host_ram_gb, ttl_secs),
+        "L1 fit": Tiers(costs, 1, host_ram_gb, ttl_secs),
+        "auto": Tiers(costs, "auto", host_ram_gb, ttl_secs),
+    }
+    summaries = []
+    for choice, tiers in choices.items():
+        result = run_layout(
+            requests, layout, policy, traces.constant_cost(0.0), service, min_active_secs,
+            choice, tiers,
+        )  # fmt: skip
+        latencies = result.latencies()
+        summaries.append(
+            DepthSummary(
+                choice,
+                statistics.fmean(latencies),
+                percentile(latencies, 0.5),
+                percentile(latencies, 0.99),
+                len(result.switches),
+                result.sleeps,
+                result.peak_host_ram_gb,
+                result.cold_starts,
+                host_ram_gb is None or result.peak_host_ram_gb <= host_ram_gb + 1e-9,
+            )
+        )
+    return summaries
+
+
+def render_depths(summaries: Sequence[DepthSummary], costs: TierCosts) -> str:
+    lines = [
+        f"step costs: {costs.name} ({costs.source})"
+        if costs.source
+        else f"step costs: {costs.name}",
+        f"{'depth':<9}{'mean':>9}{'p50':>9}{'p99':>9}{'switches':>10}{'sleeps L1/L2':>14}"
+        f"{'host RAM peak':>15}{'cold':>6}",
+    ]
+    for s in summaries:
+        sleeps = f"{s.sleeps.get(1, 0)}/{s.sleeps.get(2, 0)}"
+        ram = f"{s.peak_host_ram_gb:g} GiB" + ("" if s.within_ram else " (over)")
+        lines.append(
+            f"{s.choice:<9}{s.mean:>9.1f}{s.p50:>9.1f}{s.p99:>9.1f}{s.switches:>10}{sleeps:>14}"
+            f"{ram:>15}{s.cold_starts:>6}"
+        )
+    lines.append(
+        "L1: fixed level 1, host RAM not limited (what it would need); L1 fit: level 1 while "
+        'the weights fit, else 2; auto: sleep_level = "auto"; latencies in seconds'
+    )
+    return "\n".join(lines)

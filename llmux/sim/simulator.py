@@ -6,6 +6,11 @@ forwards the request to a simulated GPU, a sleep hook takes no time, a wake hook
 switch cost C(from, to), a timer is an event on the clock. Only the clock and the backends are
 virtual. Deterministic for a given trace and cost function.
 
+With `tiers` (sim/tier_costs.py), the models are vLLM servers llmux starts: each step costs what
+the file says for its model and depth (a sleep at its level, a wake from the level it slept at,
+a first wake the cold start), the depth is the configured `sleep_level` (1, 2 or "auto", chosen
+per sleep by the live core's rule), and `host_ram_gb` bounds what level-1 sleepers hold.
+
 Capacity: with `capacity` and per-model `sizes`, several models are awake at once while their
 sizes fit, as in a live group with a capacity (the core wakes a model that fits without asking
 the policy, and evicts by `default_evictions` or the policy's `evict` otherwise). Evicting
@@ -31,13 +36,31 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmux.config import Config, GroupConfig, ModelConfig, PolicyConfig, ServerConfig
+from llmux.config import (
+    Config,
+    GroupConfig,
+    MachineConfig,
+    ModelConfig,
+    PolicyConfig,
+    ServerConfig,
+)
 from llmux.core import events as ev
-from llmux.core.commands import ClearTimer, Command, Grant, Observe, Refuse, RunHook, SetTimer
+from llmux.core.commands import (
+    CancelHook,
+    ClearTimer,
+    Command,
+    Grant,
+    Observe,
+    Refuse,
+    RunHook,
+    SetTimer,
+)
 from llmux.core.costs import IDLE, SwitchCostTracker
 from llmux.core.group import GroupCore
+from llmux.core.host_ram import HostRam
 from llmux.core.states import HookName
 from llmux.policies.interface import Policy
+from llmux.sim.tier_costs import TierCosts
 
 PREFILL_TOKENS_PER_SEC = 5000.0
 STEP_BASE_SECS = 0.020
@@ -111,6 +134,9 @@ class Result:
     span: float
     gpus: int = 1  # groups simulated side by side (utilization is per GPU)
     peak_held: float = 0.0  # the most capacity awake models ever held at once
+    peak_host_ram_gb: float = 0.0  # the most host RAM level-1 sleepers ever held at once
+    sleeps: dict[int, int] = field(default_factory=dict)  # sleeps per depth (with `tiers`)
+    cold_starts: int = 0
 
     def latencies(self, model: str | None = None) -> list[float]:
         return sorted(r.latency for r in self.requests if model is None or r.model == model)
@@ -128,10 +154,32 @@ class _Gpu:
 SIMULATED_GROUP = "simulated"
 
 
+@dataclass(frozen=True)
+class Tiers:
+    """Steps costed per model and depth (see the module's docstring); `sleep_level`: 1, 2 or
+    "auto"; `ttl_secs`: an idle model sleeps after this long (0: never)."""
+
+    costs: TierCosts
+    sleep_level: int | str = 1
+    host_ram_gb: float | None = None
+    ttl_secs: float = 0.0
+
+
 def simulated_config(
-    models: Sequence[str], capacity: float | None, sizes: dict[str, float] | None, min_active: float
+    models: Sequence[str],
+    capacity: float | None,
+    sizes: dict[str, float] | None,
+    min_active: float,
+    tiers: Tiers | None = None,
 ) -> Config:
     """The config of one simulated group: its models, their sizes, no limits of its own."""
+    vllm = {}
+    if tiers is not None:
+        auto = tiers.sleep_level == "auto"
+        vllm = {
+            "kind": "vllm", "cmd": "simulated", "ttl_secs": tiers.ttl_secs,
+            "sleep_level": 1 if auto else int(tiers.sleep_level), "auto_sleep_level": auto,
+        }  # fmt: skip
     configs = {
         name: ModelConfig(
             name=name,
@@ -145,6 +193,8 @@ def simulated_config(
             alive_interval_secs=math.inf,
             size=None if capacity is None else (sizes or {})[name],
             group=SIMULATED_GROUP,
+            weights_gb=None if tiers is None else tiers.costs.of(name).weights_gb,
+            **vllm,  # type: ignore[arg-type]
         )
         for name in models
     }
@@ -153,6 +203,7 @@ def simulated_config(
         path=Path("simulated.toml"), host="127.0.0.1", port=0,
         server=ServerConfig(max_queue_per_model=2**62), models=configs,
         policy=PolicyConfig(min_active_secs=min_active), groups={SIMULATED_GROUP: group},
+        machine=MachineConfig(ram_gb=None if tiers is None else tiers.host_ram_gb),
     )  # fmt: skip
     return config.group_config(SIMULATED_GROUP)
 
@@ -169,11 +220,19 @@ class Simulator:
         policy_name: str = "",
         capacity: float | None = None,
         sizes: dict[str, float] | None = None,
+        tiers: Tiers | None = None,
     ) -> None:
         self.requests = sorted((Request(**vars(r)) for r in requests), key=lambda r: r.arrival)
         self.costs = SwitchCostTracker()  # the live core's EMA, fed the simulated costs
-        config = simulated_config(models, capacity, sizes, min_active_secs)
-        self.core = GroupCore(config, policy, self.costs)
+        config = simulated_config(models, capacity, sizes, min_active_secs, tiers)
+        self.tiers = tiers
+        self.host_ram = HostRam(None if tiers is None else tiers.host_ram_gb)
+        self.core = GroupCore(config, policy, self.costs, self.host_ram)
+        self.started: set[str] = set()  # servers started (with `tiers`: a first wake is cold)
+        self._steps: dict[int, tuple[int, str, bool]] = {}  # running job: token, model, cold
+        self.peak_host_ram_gb = 0.0
+        self.sleeps: dict[int, int] = {}
+        self.cold_starts = 0
         self.gpu = _Gpu()
         self.switch_cost = switch_cost
         self.service = service
@@ -206,7 +265,8 @@ class Simulator:
         )
         return Result(
             self.policy_name, self.requests, self.switches, self.busy_time, span,
-            peak_held=self.peak_held,
+            peak_held=self.peak_held, peak_host_ram_gb=self.peak_host_ram_gb,
+            sleeps=dict(sorted(self.sleeps.items())), cold_starts=self.cold_starts,
         )  # fmt: skip
 
     def _at(self, time: float, kind: str, payload: object = None) -> None:
@@ -228,11 +288,16 @@ class Simulator:
         if isinstance(command, Grant):
             self._forward(self.requests[command.rid])
         elif isinstance(command, RunHook):
+            if self.tiers is not None:
+                return self._run_step(command, self.tiers.costs)
             return self._run_hook(command)
+        elif isinstance(command, CancelHook):
+            return self._cancel(command.job)
         elif isinstance(command, SetTimer):
             token = next(self._sequence)
             self._timer_tokens[command.name] = token
-            self._at(command.at, "timer", (command.name, token))
+            if math.isfinite(command.at):  # the alive checks of built-in drivers: never
+                self._at(command.at, "timer", (command.name, token))
         elif isinstance(command, ClearTimer):
             self._timer_tokens.pop(command.name, None)
         elif isinstance(command, Observe):
@@ -253,6 +318,48 @@ class Simulator:
     def _on_woken(self, job_and_cost: tuple[int, float]) -> None:
         job, cost = job_and_cost
         self._feed(ev.HookDone(self.now, job, ev.HookOutcome(ok=True, duration=cost)))
+
+    def _run_step(self, command: RunHook, costs: TierCosts) -> ev.Event | None:
+        """A step of a vLLM server llmux starts, costed by the file: it ends later."""
+        model = costs.of(command.model)
+        cold = False
+        if command.hook is HookName.SLEEP:
+            level = command.level or 1
+            seconds = model.sleep[level]
+            self.sleeps[level] = self.sleeps.get(level, 0) + 1
+            self.peak_host_ram_gb = max(self.peak_host_ram_gb, self.host_ram.held_gb())
+        elif command.hook is HookName.WAKE:
+            self.peak_held = max(self.peak_held, self.core.held())
+            cold = command.model not in self.started
+            seconds = model.cold_start if cold else model.wake[command.level or 1]
+            self.started.add(command.model)
+            self.cold_starts += cold
+        else:  # an alive check: a server llmux has not started does not answer
+            outcome = ev.HookOutcome(ok=command.model in self.started)
+            return ev.HookDone(self.now, command.job, outcome)
+        token = next(self._sequence)
+        self._steps[command.job] = (token, command.model, cold)
+        self._at(self.now + seconds, "step_done", (command.job, token, seconds))
+        return None
+
+    def _on_step_done(self, job_token_seconds: tuple[int, int, float]) -> None:
+        job, token, seconds = job_token_seconds
+        running = self._steps.get(job)
+        if running is None or running[0] != token:
+            return  # cancelled meanwhile
+        del self._steps[job]
+        outcome = ev.HookOutcome(ok=True, duration=seconds, cold=running[2])
+        self._feed(ev.HookDone(self.now, job, outcome))
+
+    def _cancel(self, job: int) -> ev.Event | None:
+        """A cold start nobody waits for is stopped: its server is not running."""
+        running = self._steps.pop(job, None)
+        if running is None:
+            return None  # done already: its HookDone went out
+        _, model, cold = running
+        if cold:
+            self.started.discard(model)
+        return ev.HookDone(self.now, job, ev.HookOutcome(ok=False, cancelled=True))
 
     def _on_timer(self, name_and_token: tuple[str, int]) -> None:
         name, token = name_and_token

@@ -57,6 +57,7 @@ class FakeBackend:
         token_interval: float = 0.02,
         awake: bool = False,
         api: str = "fake",
+        weights_mb: int = 0,
     ) -> None:
         if api not in CONTROL_APIS:
             raise ValueError(f"unknown control API {api!r}; known: {', '.join(CONTROL_APIS)}")
@@ -68,6 +69,8 @@ class FakeBackend:
         self.state = "awake" if awake else "asleep"
         self.stats = FakeStats()
         self.weights_loaded = True  # vLLM: false after a level-2 sleep until reload_weights
+        self.weights_mb = weights_mb  # vLLM: a level-1 sleep holds this much host RAM
+        self.weights_in_ram: bytes = b""
         self.parts_asleep: set[str] = set() if awake else {"weights", "kv_cache"}  # vLLM
         self.targets: Counter[str] = Counter()  # "METHOD /raw/path?query" -> times received
         self.header_names: Counter[str] = Counter()  # every header name that reached it
@@ -132,6 +135,7 @@ class FakeBackend:
         self.state = "waking"
         await trio.sleep(self.wake_delay)
         self.state = "awake"
+        self.weights_in_ram = b""  # back on the GPU
         self.stats.wakes += 1
 
     async def _sleep(self) -> None:
@@ -152,6 +156,8 @@ class FakeBackend:
         await self._sleep()
         if level == "2":
             self.weights_loaded = False  # level 2 discards the weights
+        elif self.weights_mb:
+            self.weights_in_ram = b"w" * (self.weights_mb * 2**20)  # copied out, resident
         return 200, {"status": "sleeping", "level": int(level)}
 
     async def _vllm_wake_up(self, scope: Scope, receive: Receive) -> tuple[int, dict[str, Any]]:
