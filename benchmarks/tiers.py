@@ -1,6 +1,6 @@
 """The sleep-depth grid: `sleep_level = "auto"` against the fixed depths, per cell.
 
-    python -m benchmarks.tiers [--traces-dir ../shared/data/traces] [--quick]
+    python -m benchmarks.tiers [--traces-dir ../shared/data/traces] [--quick [--check]]
 
 Each cell replays one trace through the live core in the simulator (llmux/sim/simulator.py),
 every model a vLLM server llmux starts whose steps cost what a profile says (sim/tier_costs.py:
@@ -53,6 +53,7 @@ QUICK = (
     ("alibaba", 8, "B", "sequential", 0.1, 10.0, "unlimited"),
 )
 MEAN_TARGET, P99_TARGET, GAIN_TARGET = 1.05, 1.10, 0.90
+CHECK_WORST_RATIO = 1.10  # --check: seeded runs, so a regression check, not a noisy one
 
 
 @dataclass(frozen=True)
@@ -200,6 +201,16 @@ def summary(cells: list[Cell]) -> list[str]:
         f"{len(within)} of {len(cells)} cells; worst mean {worst_mean:.2f}x, worst p99 "
         f"{worst_p99:.2f}x",
     ]
+    over = [
+        f"{c.name} {c.profile} {c.kind} {c.load} ttl {c.ttl:g} ({choice})"
+        for c in cells
+        for choice in ("L2", "L1 fit", "auto")
+        if not c.feasible(choice)
+    ]
+    lines.append(
+        f"cells where L2, L1 fit or auto held more host RAM than the cell has: {len(over)}"
+    )
+    lines.extend(f"  {cell}" for cell in over)
     if limited:
         fine = sum(1 for c in limited if c.vs_fit <= 1.0 + 1e-9)
         lines.append(
@@ -227,6 +238,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--traces-dir", default="../shared/data/traces")
     parser.add_argument("--quick", action="store_true", help="four cells")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help=f"exit 1 if auto is above {CHECK_WORST_RATIO}x the best fixed choice (mean or p99) "
+        "in a cell, or a choice within the limit held more host RAM than it",
+    )
     args = parser.parse_args()
     print(
         "| trace | profile | service | load | ttl (s) | host RAM | L1 mean / p99 (s) | L2 | "
@@ -249,6 +266,12 @@ def main() -> int:
     print()
     for line in summary(cells):
         print(line)
+    if args.check:
+        worst = max(max(c.ratio("mean"), c.ratio("p99")) for c in cells)
+        over = [c for c in cells for x in ("L2", "L1 fit", "auto") if not c.feasible(x)]
+        if worst > CHECK_WORST_RATIO or over:
+            print(f"FAIL: auto at {worst:.2f}x the best fixed choice; {len(over)} over RAM")
+            return 1
     return 0
 
 

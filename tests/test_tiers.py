@@ -255,3 +255,27 @@ async def test_host_ram_is_measured_and_a_sleep_that_would_not_fit_goes_deeper(t
     assert 0.05 < status["machine"]["sleeping_weights_gb"] < 0.1  # b's 64 MiB, measured
     assert metric_value(metrics, "llmux_host_ram_capacity_bytes") == pytest.approx(0.1 * 2**30)
     assert all(state["garbage_answers"] == 0 for state in states.values())
+
+
+async def test_auto_sleeps_a_switch_victim_at_level_2_and_wakes_it_the_level_2_way(tmp_path):
+    """`sleep_level = "auto"` through the live proxy: a switch's victim, with a request waiting
+    for the target, sleeps at level 2 (the short sleep: level 1's would keep that request
+    waiting ~10 s by the prior), and its next wake reloads its weights."""
+    models = cmd_block("a", FAKE_VLLM, kind="vllm", sleep_level="auto") + cmd_block(
+        "b", FAKE_VLLM, kind="vllm", sleep_level="auto"
+    )
+    path = write_config(tmp_path, models, policy={"name": "fifo"})
+    async with llmux_running(path) as (server, client):
+        for model in ("a", "b", "a"):
+            response = await client.post("/v1/chat/completions", json=chat(model))
+            assert response.status_code == 200 and "garbage" not in response.text
+        status = (await client.get("/llmux/status")).json()
+        metrics = (await client.get("/metrics")).text
+        states = {
+            name: httpx.get(m.config.base_url + "/fake/state").json()
+            for name, m in server.app.fleet.models.items()
+        }
+    assert status["models"]["b"]["slept_level"] == 2
+    assert metric_value(metrics, "llmux_sleep_seconds_count", model="a", level="2") == 1
+    assert metric_value(metrics, "llmux_wake_seconds_count", model="a", level="2") == 1
+    assert all(state["garbage_answers"] == 0 for state in states.values())
