@@ -4,8 +4,9 @@ by hooks, often several times a second in tests) and `--version` start fast."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from llmux import __version__
 from llmux.config import DEFAULT_POLICY
@@ -110,10 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
         "TOML file, or A / B (the shipped profiles of measured 8B-class models)",
     )
     sim.add_argument(
-        "--host-ram", type=float, help="with --costs: GiB level-1 sleepers may hold (unlimited)"
+        "--host-ram",
+        type=_finite(positive=True),
+        help="with --costs: GiB level-1 sleepers may hold (unlimited)",
     )
     sim.add_argument(
-        "--ttl", type=float, default=0.0, help="with --costs: ttl_secs of every model (0: none)"
+        "--ttl",
+        type=_finite(positive=False),
+        default=0.0,
+        help="with --costs: ttl_secs of every model (0: none)",
     )
     sim.add_argument("--seed", type=int, default=1)
     sim.set_defaults(handler=_simulate)
@@ -325,6 +331,23 @@ def _top(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finite(positive: bool) -> Callable[[str], float]:
+    """An argparse type: a finite number, > 0 or >= 0."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            raise argparse.ArgumentTypeError(
+                f"a finite number {'> 0' if positive else '>= 0'} is expected, not {text!r}"
+            )
+        return value
+
+    return parse
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -396,6 +419,9 @@ def _simulate_depths(args: argparse.Namespace, requests: list, service: object) 
         print(f"llmux: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     policy = args.policy[0]
+    strangers = sorted(set(costs.models) - {r.model for r in requests})
+    if strangers:
+        print(f"note: the costs file names models the trace does not have: {', '.join(strangers)}")
     try:
         summaries = simulate.compare_depths(
             requests, lambda: load_policy(policy, {}, Path(".")), costs, service,  # type: ignore[arg-type]

@@ -149,6 +149,7 @@ class ModelConfig:
     ttl_secs: float = _key(_NUMBER, 0.0, inherited="non_negative")
     # What it takes of its group's capacity, given as memory_gb or size (see SIZE_KEYS).
     size: float | None = _key(_NUMBER, None)
+    size_in_gib: bool = False  # given as memory_gb: GiB, which the GPU check compares with
     aliases: tuple[str, ...] = _key(list, ())  # other names clients may use for it
     upstream_model: str | None = _key(str, None)  # the `model` the backend is sent, if not `name`
     # Backend paths outside the route table that clients may reach as /upstream/NAME/PATH.
@@ -596,6 +597,7 @@ def _parse_model(
         port_chosen=port == 0,
         **driver,
         size=size,
+        size_in_gib=given == ["memory_gb"],
         aliases=tuple(dict.fromkeys(aliases)),
         upstream_model=upstream,
         passthrough_paths=_passthrough_paths(checker, raw.get("passthrough_paths", []), key),

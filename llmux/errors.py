@@ -153,6 +153,14 @@ class ModelUnavailable(LlmuxError):
     code = "model_unavailable"
 
 
+class GpuMemoryShort(ModelUnavailable):
+    """The model's GPUs did not have the memory to wake it, after waiting for it: a retry at
+    once would wait again for what a sleeper keeps (OpenAI's SDKs read the header)."""
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"x-should-retry", b"false")]
+
+
 class ShuttingDown(LlmuxError):
     status = 503
     error_type = "server_error"

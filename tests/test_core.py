@@ -542,8 +542,11 @@ class CoreMachine(RuleBasedStateMachine):
         needed = self.core.gpu_room_needed(op.target) if isinstance(op, Switch) else None
         value = None
         if free != "unknown" and needed is not None:
-            value = needed + (0.5 if free == "enough" else -0.5)
-        self.world.room_seen = value is None or needed is None or value >= needed
+            value = (needed + (0.5 if free == "enough" else -0.5),)
+        told = isinstance(op, Switch) and op.room_short_told  # unknown after short: still short
+        self.world.room_seen = needed is None or (
+            value[0] >= needed if value is not None else not told
+        )
         self._feed(ev.GpuMemoryRead(self.now, job, value))
 
     @precondition(lambda self: self.world.serving)

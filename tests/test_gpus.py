@@ -1,7 +1,9 @@
 """GPU memory read from the driver (llmux/runtime/gpus.py), here through the fake NVML file of
 llmux/testing/fake_nvml.py: sums over a group's GPUs, a file rewritten between reads, NVML
 absent or a GPU unknown (None, said once), opening in a thread without holding the start, and
-what /metrics and /llmux/status show, in process and from a real `llmux serve`."""
+what /metrics and /llmux/status show, in process and from a real `llmux serve`; and the check
+before a switch's wake: each GPU must hold its share of the target, else the wake waits, names
+the sleeper that kept its memory, and fails rather than OOM."""
 
 from __future__ import annotations
 
@@ -10,13 +12,20 @@ import os
 import sys
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
 import pytest
 import trio
 
+from llmux.config import parse_config
+from llmux.core import events as ev
+from llmux.core.commands import ReadGpuMemory, RunHook
+from llmux.core.costs import SwitchCostTracker
+from llmux.core.group import GroupCore
 from llmux.observe.metrics import Metrics
+from llmux.policy import FifoPolicy
 from llmux.runtime import gpus as gpus_module
 from llmux.runtime.gpus import GIB, DeviceMemory, GpuMemory, GpuUnreadable, NvmlBackend
 from llmux.testing.fake_nvml import FAKE_NVML_ENV, FakeNvml, write_fake_nvml
@@ -325,8 +334,9 @@ async def test_a_wake_waits_for_free_gpu_memory_and_names_the_sleeper_that_kept_
         asked = trio.current_time()
         answer = await client.post("/v1/chat/completions", json=chat("b"))
         assert answer.status_code == 503
+        assert answer.headers["x-should-retry"] == "false"  # a retry would wait again
         error = answer.json()["error"]["message"]
-        assert "not enough free GPU memory to wake b: 38.0 GiB free on GPUs 0" in error
+        assert "not enough free GPU memory to wake b: 38.0 GiB free on GPU 0" in error
         assert "41.0 GiB needed; a did not free its memory when put to sleep" in error
         assert trio.current_time() - asked >= 1.5  # it waited for the memory first
         assert b.state()["state"] == "asleep", "b was never woken into a full GPU"
@@ -345,3 +355,55 @@ async def test_a_wake_waits_for_free_gpu_memory_and_names_the_sleeper_that_kept_
             nursery.start_soon(free_later)
             answer = await client.post("/v1/chat/completions", json=chat("b"))
         assert answer.status_code == 200 and b.state()["state"] == "awake"
+
+
+def _two_gpu_core(size_key: str):
+    """A core whose group names GPUs 0 and 1: a (awake) and b of 20 each, in `size_key`."""
+    models = {
+        name: {"port": 9000 + i, "wake": "w", "sleep": "s", "alive": "a", size_key: 20}
+        for i, name in enumerate("ab")
+    }
+    raw = {"models": models, "groups": {"g": {"capacity": 20, "models": ["a", "b"],
+                                              "gpus": [0, 1]}}}  # fmt: skip
+    config = parse_config(raw, Path("gpus.toml")).group_config("g")
+    core = GroupCore(config, FifoPolicy(), SwitchCostTracker())
+    for hook in [c for c in core.handle(ev.Started(0.0)) if isinstance(c, RunHook)]:
+        core.handle(ev.HookDone(0.0, hook.job, ev.HookOutcome(ok=hook.model == "a")))
+    return core
+
+
+def _switch_to_b(core):
+    """Ask for b; end every hook; the commands up to the GPU read (if any)."""
+    pending = core.handle(ev.Arrived(1.0, 1, "b"))
+    while True:
+        hooks = [c for c in pending if isinstance(c, RunHook)]
+        reads = [c for c in pending if isinstance(c, ReadGpuMemory)]
+        if reads or not hooks or hooks[0].hook.value == "wake":
+            return pending
+        pending = core.handle(ev.HookDone(2.0, hooks[0].job, ev.HookOutcome(ok=True)))
+
+
+def test_each_gpu_must_hold_its_share_not_the_sum_of_them():
+    core = _two_gpu_core("memory_gb")
+    (read,) = [c for c in _switch_to_b(core) if isinstance(c, ReadGpuMemory)]
+    assert read.gpus == (0, 1)
+    # 23.5 GiB free in all, but GPU 0 cannot hold its 10 (+1 margin): no wake.
+    answer = core.handle(ev.GpuMemoryRead(3.0, read.job, (0.5, 23.0)))
+    assert not [c for c in answer if isinstance(c, RunHook)]
+    short = [c for c in answer if getattr(c, "name", "") == "gpu_memory_not_freed"]
+    assert "0.5 GiB free on GPU 0, 11.0 GiB needed on each" in short[0].message
+    # Unreadable after a short reading: still short, read again.
+    again = core.handle(ev.TimerDue(4.0, "gpu"))
+    (read,) = [c for c in again if isinstance(c, ReadGpuMemory)]
+    answer = core.handle(ev.GpuMemoryRead(4.0, read.job, None))
+    assert not [c for c in answer if isinstance(c, RunHook)]
+    again = core.handle(ev.TimerDue(5.0, "gpu"))
+    (read,) = [c for c in again if isinstance(c, ReadGpuMemory)]
+    answer = core.handle(ev.GpuMemoryRead(5.0, read.job, (11.0, 11.0)))
+    assert [c.model for c in answer if isinstance(c, RunHook)] == ["b"]
+
+
+def test_a_unitless_size_is_not_taken_for_gib():
+    commands = _switch_to_b(_two_gpu_core("size"))
+    assert not [c for c in commands if isinstance(c, ReadGpuMemory)]
+    assert [c.model for c in commands if isinstance(c, RunHook)] == ["b"]

@@ -193,7 +193,11 @@ def test_a_policy_may_choose_the_depth_and_a_wrong_answer_falls_back():
 
 def _vllm_core(ram_gb: float | None, **keys: object) -> GroupCore:
     models = {
-        name: {"port": 9000 + i, "kind": "vllm", "weights_gb": 10, **keys}
+        name: {
+            k: v
+            for k, v in {"port": 9000 + i, "kind": "vllm", "weights_gb": 10, **keys}.items()
+            if v is not None
+        }
         for i, name in enumerate("abc")
     }
     config = parse_config({"models": models}, Path("ram.toml")).group_config("default")
@@ -218,6 +222,39 @@ def _serve_in_turn(core: GroupCore, models: str) -> list[RunHook]:
     return sleeps
 
 
+def test_a_model_whose_weights_are_unknown_is_taken_for_the_largest_known():
+    core = _vllm_core(ram_gb=15, weights_gb=None)
+    core.handle(ev.Arrived(1.0, 1, "a"))
+    record = core.models["a"]
+    assert core.weights_of(record) == 0, "nothing known yet"
+    record.host_gb = 12.0  # a's level-1 sleep was measured
+    assert core.weights_of(core.models["b"]) == 12.0
+    sleeps = _serve_in_turn(_vllm_core(ram_gb=15, weights_gb=None), "abc")
+    assert [s.level for s in sleeps] == [1, 1], "no figure at all: nothing to hold them to"
+
+
+def test_a_reload_of_sleep_level_alone_keeps_what_the_sleeper_holds():
+    """The server keeps running asleep as it slept (a new sleep_level changes no launch), so
+    its level and its weights in host RAM are still counted; a new port is another server."""
+    core = _vllm_core(ram_gb=15)
+    _serve_in_turn(core, "ab")
+    assert (core.models["a"].slept_level, core.host_ram.held_gb()) == (1, 10)
+
+    def reload(**keys: object) -> None:
+        models = {
+            name: {"port": 9000 + i, "kind": "vllm", "weights_gb": 10}
+            for i, name in enumerate("abc")
+        }
+        models["a"].update(keys)
+        config = parse_config({"models": models}, Path("ram.toml")).group_config("default")
+        core.handle(ev.Reloaded(50.0, config))
+
+    reload(sleep_level=2)
+    assert (core.models["a"].slept_level, core.host_ram.held_gb()) == (1, 10)
+    reload(sleep_level=2, port=9100)
+    assert (core.models["a"].slept_level, core.host_ram.held_gb()) == (None, 0)
+
+
 def test_a_level_1_sleep_that_would_not_fit_in_host_ram_sleeps_at_level_2():
     core = _vllm_core(ram_gb=15)
     sleeps = _serve_in_turn(core, "abc")
@@ -228,15 +265,16 @@ def test_a_level_1_sleep_that_would_not_fit_in_host_ram_sleeps_at_level_2():
 
 
 async def test_host_ram_is_measured_and_a_sleep_that_would_not_fit_goes_deeper(tmp_path):
-    """Two vLLM fakes llmux starts, each filling 64 MiB of host RAM at a level-1 sleep, and
-    room for one sleeper's weights: llmux measures each level-1 sleep's weights (the server's
-    resident memory before and after), and when both would be asleep at level 1 it puts the
-    second to sleep at level 2, whose wake then reloads its weights (no garbage answers)."""
+    """Two vLLM fakes llmux starts, each filling 64 MiB of host RAM at a level-1 sleep, no
+    `weights_gb`, and room for one sleeper's weights: llmux measures a's level-1 sleep (the
+    server's resident memory before and after), takes b, not measured yet, for as large, and
+    so puts b to sleep at level 2 while a sleeps at level 1; b's wake then reloads its weights
+    (no garbage answers)."""
     fat = f"{FAKE_VLLM} --weights-mb 64"
     models = cmd_block("a", fat, kind="vllm") + cmd_block("b", fat, kind="vllm")
     path = write_config(tmp_path, models, policy={"name": "fifo"}, top="[machine]\nram_gb = 0.1\n")
     async with llmux_running(path) as (server, client):
-        for model in ("a", "b", "a", "b", "a"):
+        for model in ("a", "b", "a", "b"):
             response = await client.post("/v1/chat/completions", json=chat(model))
             assert response.status_code == 200, response.text
             assert "garbage" not in response.text
@@ -250,9 +288,9 @@ async def test_host_ram_is_measured_and_a_sleep_that_would_not_fit_goes_deeper(t
     def sleeps(model: str, level: str) -> float | None:
         return metric_value(metrics, "llmux_sleep_seconds_count", model=model, level=level)
 
-    assert sleeps("a", "1") == 1 and sleeps("a", "2") == 1, "a's second sleep did not fit"
-    assert sleeps("b", "1") == 2 and sleeps("b", "2") is None
-    assert 0.05 < status["machine"]["sleeping_weights_gb"] < 0.1  # b's 64 MiB, measured
+    assert sleeps("a", "1") == 2 and sleeps("a", "2") is None
+    assert sleeps("b", "2") == 1 and sleeps("b", "1") is None, "b's weights taken as a's"
+    assert 0.05 < status["machine"]["sleeping_weights_gb"] < 0.1  # a's 64 MiB, measured
     assert metric_value(metrics, "llmux_host_ram_capacity_bytes") == pytest.approx(0.1 * 2**30)
     assert all(state["garbage_answers"] == 0 for state in states.values())
 

@@ -72,12 +72,12 @@ class HookDone:
 
 @dataclass(frozen=True)
 class GpuMemoryRead:
-    """What the read asked as `job` found: GiB free on the group's GPUs together (None: it
-    cannot be told, no driver or no NVML)."""
+    """What the read asked as `job` found: GiB free on each of the group's GPUs, in its order
+    (None: it cannot be told, no driver or no NVML)."""
 
     now: float
     job: int
-    free_gb: float | None
+    free_gb: tuple[float, ...] | None
 
 
 @dataclass(frozen=True)

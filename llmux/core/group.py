@@ -645,10 +645,14 @@ class GroupCore:
         return model.config.sleep_level
 
     def weights_of(self, model: ModelRecord) -> float:
-        """The host RAM (GiB) its level-1 sleep holds: measured, else configured, else 0."""
-        if model.host_gb is not None:
-            return model.host_gb
-        return model.config.weights_gb or 0.0
+        """The host RAM (GiB) its level-1 sleep holds: measured, else configured, else as much
+        as the largest of the group's models known (a first sleep of a model with no
+        `weights_gb` is not let past the limit), else 0."""
+        known = _known_weights(model)
+        if known is not None:
+            return known
+        others = [w for m in self.models.values() if (w := _known_weights(m)) is not None]
+        return max(others, default=0.0)
 
     def host_ram_held(self) -> float:
         """What this group's level-1 sleepers hold (from the start of their sleep: the
@@ -689,12 +693,13 @@ class GroupCore:
         return job
 
     def gpu_room_needed(self, model: ModelRecord) -> float | None:
-        """GiB the group's GPUs must have free before `model` wakes: its memory_gb, plus the
-        margin on each GPU; None when nothing is checked (no GPUs named, no size given)."""
-        size = model.config.size
-        if not self.group.gpus or size is None:
+        """GiB each of the group's GPUs must have free before `model` wakes: its share of its
+        memory_gb (split evenly, as tensor parallelism does), plus the margin; None when
+        nothing is checked (no GPUs named, or a size not given as memory_gb)."""
+        gpus = self.group.gpus
+        if not gpus or model.config.size is None or not model.config.size_in_gib:
             return None
-        return size + self.config.server.gpu_margin_gb * len(self.group.gpus)
+        return model.config.size / len(gpus) + self.config.server.gpu_margin_gb
 
     def _on_gpu_read(self, event: ev.GpuMemoryRead) -> None:
         if isinstance(self.op, Switch):
@@ -932,10 +937,11 @@ class GroupCore:
                     self._retire(record)
                     record = replacement
                 else:
-                    if _needs_restart(record.config, cfg):
+                    if _server_moved(record.config, cfg):
                         record.server_running = False  # the next wake starts the new server
                         # The old server is stopped (a `cmd` one) or no longer llmux's: what
                         # its level-1 sleep held is not counted, nor taken for the new one's.
+                        # (A new sleep_level alone keeps the server, asleep as it slept.)
                         record.slept_level = record.host_gb = None
                     record.config = cfg
                     record.size = self.group.size_of(cfg)
@@ -1027,9 +1033,20 @@ def _needs_restart(old: ModelConfig, new: ModelConfig) -> bool:
     return _backend_identity(old) != _backend_identity(new)
 
 
+def _server_moved(old: ModelConfig, new: ModelConfig) -> bool:
+    """Whether a sleeping model's server is another one under the new config (the runtime
+    stops a `cmd` server started otherwise; runtime/server_processes.py)."""
+    return (old.port, old.kind, old.cmd) != (new.port, new.kind, new.cmd)
+
+
 def _backend_identity(config: ModelConfig) -> tuple[object, ...]:
     """What decides where a model's server is and how it is woken and put to sleep."""
     return (config.port, config.wake, config.sleep, config.kind, config.cmd, config.sleep_level)
+
+
+def _known_weights(model: ModelRecord) -> float | None:
+    """What its level-1 sleep was measured to hold, or its configured `weights_gb`."""
+    return model.host_gb if model.host_gb is not None else model.config.weights_gb
 
 
 _HANDLERS = {  # event type -> the method that applies it

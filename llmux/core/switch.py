@@ -5,7 +5,7 @@
     -> each victim SLEEPING while its sleep hook runs, one after another
       (a hook fails and the alive hook does not say "not serving": abandoned, victims serve on)
     -> (a group naming GPUs) their free memory read until it covers the target's memory_gb
-      and margin; not within its wake_timeout_secs: the target's waiters get 503, back-off;
+      and margin; not within 30 s (or its wake_timeout_secs): its waiters get 503, back-off;
       the sleepers that kept their memory are named
     -> target WAKING while its wake hook runs
       (fails: its sleep hook cleans up, its waiters get 503, back-off)
@@ -29,12 +29,14 @@ from llmux.core.operation import (
 )
 from llmux.core.records import ModelRecord, SwitchView
 from llmux.core.states import Cause, HookName, ModelState
-from llmux.errors import LlmuxError, ModelUnavailable
+from llmux.errors import GpuMemoryShort, LlmuxError
 from llmux.policies.interface import SwitchCompleted
 
-# Memory a sleeper frees late (CUDA teardown) is read again this often, for as long as the
-# target's wake_timeout_secs; then the switch fails rather than risk an OOM.
+# Memory a sleeper frees late (CUDA teardown: seconds) is read again this often, for at most
+# GPU_ROOM_WAIT_SECS (or the target's wake_timeout_secs if shorter); then the switch fails
+# rather than risk an OOM.
 GPU_READ_AGAIN_SECS = 1.0
+GPU_ROOM_WAIT_SECS = 30.0
 
 
 @dataclass(eq=False)
@@ -155,15 +157,26 @@ class Switch(Operation):
         self.reading = group.read_gpus()
         return False
 
-    def gpu_read(self, group: Group, job: int, free_gb: float | None) -> None:
-        """The GPUs' free memory: enough (or unknown: nothing to check against) wakes the
-        target; too little names the sleepers that kept theirs, and reads again a second later
-        until the target's wake_timeout_secs have passed, then the switch fails: never an OOM."""
+    def gpu_read(self, group: Group, job: int, free_gb: tuple[float, ...] | None) -> None:
+        """Each GPU's free memory (in the group's order): enough on every one (or unknown:
+        nothing to check against) wakes the target; too little on one names the sleepers that
+        kept theirs, and reads again a second later for GPU_ROOM_WAIT_SECS at most, then the
+        switch fails: never an OOM. A GPU that cannot be read after a short reading is taken
+        to be short still."""
         if job != self.reading:
             return
         self.reading = None
         needed = group.gpu_room_needed(self.target)
-        if free_gb is None or needed is None or free_gb >= needed:
+        if needed is None or (free_gb is None and not self.room_short_told):
+            self.phase = Phase.WAKE
+            return
+        gpus = group.group.gpus
+        short = (
+            [(gpu, f) for gpu, f in zip(gpus, free_gb, strict=False) if f < needed]
+            if free_gb is not None
+            else []
+        )
+        if free_gb is not None and not short:
             self.phase = Phase.WAKE
             return
         waited = group.now - (self.room_since if self.room_since is not None else group.now)
@@ -179,17 +192,23 @@ class Switch(Operation):
             else "no model was put to sleep for it: another process"
             + (f", or a sleeping model ({', '.join(asleep)}), holds it" if asleep else " holds it")
         )
+        where = (
+            ", ".join(f"{f:.1f} GiB free on GPU {gpu}" for gpu, f in short)
+            if short
+            else f"GPU {', '.join(map(str, gpus))} could not be read since"
+        )
+        each = " on each" if len(gpus) > 1 else ""
         what = (
-            f"not enough free GPU memory to wake {self.target.name}: {free_gb:.1f} GiB free "
-            f"on GPUs {', '.join(map(str, group.group.gpus))}, {needed:.1f} GiB needed; {who}"
+            f"not enough free GPU memory to wake {self.target.name}: {where}, {needed:.1f} GiB "
+            f"needed{each}; {who}"
         )
         if not self.room_short_told:  # once per switch, where it is first seen
             self.room_short_told = True
             group.observe(
                 "gpu_memory_not_freed", what, level="warning", model=self.target.name,
-                free_gb=free_gb, needed_gb=needed, sleepers=sleepers,
+                free_gb=[f for _, f in short], needed_gb=needed, sleepers=sleepers,
             )  # fmt: skip
-        if waited >= self.target.config.wake_timeout_secs:
+        if waited >= min(GPU_ROOM_WAIT_SECS, self.target.config.wake_timeout_secs):
             group.observe(
                 "switch_failed", f"switch {self.labels()['from']} -> {self.target.name} failed: "
                 f"{what} after {waited:.0f} s", level="error", reason="gpu_memory",
@@ -198,7 +217,7 @@ class Switch(Operation):
             self.target.active_since = None
             group.observe_quietly("switch_result", result="failed", **self.labels())
             group.retry_at = group.now + FAILED_SWITCH_BACKOFF_SECS
-            refusal = ModelUnavailable(f"model {self.target.name!r} unavailable: {what}")
+            refusal = GpuMemoryShort(f"model {self.target.name!r} unavailable: {what}")
             group.fail_queue(self.target, refusal)
             self._end(group, ok=False)
             return

@@ -115,7 +115,7 @@ class GroupDriver:
         # Called when the core is done with a retired record: its server may be left behind.
         self.on_record_forgotten: Callable[[], None] | None = None
         # GiB free on some GPUs (runtime/gpus.py), for the check before a switch's wake.
-        self.read_gpu_free_gb: Callable[[Sequence[int]], float | None] | None = None
+        self.read_gpu_free_gb: Callable[[Sequence[int]], tuple[float, ...] | None] | None = None
 
     # ----- running -----
 
@@ -235,7 +235,11 @@ class GroupDriver:
         """NVML's figure (microseconds; None without a reader), answered as an event of its
         own: the core is not fed again from inside the carrying out of its commands."""
         read = self.read_gpu_free_gb
-        free = read(command.gpus) if read is not None else None
+        free = None
+        try:
+            free = read(command.gpus) if read is not None else None
+        except Exception:  # a driver's odd answer must not take the switching down
+            log.exception("reading the memory of GPUs %s failed", list(command.gpus))
         self._feed(ev.GpuMemoryRead(trio.current_time(), command.job, free))
 
     def _hook_cancelled(self, command: RunHook, took: float) -> None:

@@ -69,7 +69,7 @@ class Fleet:
         }
         for switcher in self.switchers.values():
             switcher.on_record_forgotten = self._stop_servers_left_behind
-            switcher.read_gpu_free_gb = self.gpus.free_gb
+            switcher.read_gpu_free_gb = self.gpus.free_gb_each
         metrics.describe_groups(config)
 
     # ----- running -----

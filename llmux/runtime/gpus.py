@@ -186,6 +186,13 @@ class GpuMemory:
         reading = self.read(gpus)
         return None if reading is None else reading.free_gb
 
+    def free_gb_each(self, gpus: Sequence[int]) -> tuple[float, ...] | None:
+        """GiB free on each of `gpus`, in their order; None when that cannot be told."""
+        reading = self.read(gpus)
+        if reading is None:
+            return None
+        return tuple(reading.devices[gpu].free / GIB for gpu in gpus)
+
     def _say(self, reason: str) -> None:
         if reason in self._said:
             return

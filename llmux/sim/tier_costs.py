@@ -20,12 +20,14 @@ Profiles A and B of measured 8B-class models ship with llmux (`profile_path`).
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 LEVELS = (1, 2)
 PROFILES = ("A", "B")
+MOST = 1e6  # seconds or GiB: beyond this a figure is a typo, and would stall the simulation
 
 
 class CostsFileError(ValueError):
@@ -62,17 +64,25 @@ def load_costs(spec: str | Path) -> TierCosts:
     """A costs file, or the name of a shipped profile."""
     path = profile_path(str(spec)) if str(spec).upper() in PROFILES else Path(spec)
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise CostsFileError(f"cannot read costs file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise CostsFileError(f"{path}: not UTF-8 text ({exc.reason})") from exc
     except tomllib.TOMLDecodeError as exc:
         raise CostsFileError(f"{path}: not valid TOML: {exc}") from exc
+    unknown = set(raw) - {"name", "source", "default", "models"}
+    if unknown:
+        raise CostsFileError(f"{path}: unknown key {sorted(unknown)[0]!r}")
     if "default" not in raw:
         raise CostsFileError(f"{path}: no [default] table (sleep, wake, cold_start, weights_gb)")
     default = _step_costs(raw["default"], None, f"{path}: default")
+    tables = raw.get("models", {})
+    if not isinstance(tables, dict):
+        raise CostsFileError(f"{path}: models: [models.NAME] tables are expected")
     models = {
         name: _step_costs(table, default, f"{path}: models.{name}")
-        for name, table in raw.get("models", {}).items()
+        for name, table in tables.items()
     }
     return TierCosts(str(raw.get("name", path.stem)), str(raw.get("source", "")), default, models)
 
@@ -106,6 +116,11 @@ def _per_level(table: object, where: str) -> dict[int, float]:
 
 
 def _seconds(value: object, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-        raise CostsFileError(f"{where}: a number >= 0 is expected, not {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or not 0 <= value <= MOST
+    ):
+        raise CostsFileError(f"{where}: a number from 0 to {MOST:g} is expected, not {value!r}")
     return float(value)
