@@ -47,7 +47,7 @@ def examples_to_catch(mutation: str, cap: int) -> int | None:
             ),
         )  # fmt: skip
         return None
-    except Exception:
+    except (Exception, test_core.PluginExit):  # a mutation may let a plug-in's exit escape
         return test_core.CoreMachine.started
     finally:
         test_core.CoreMachine.started = started
