@@ -170,9 +170,8 @@ class Switch(Operation):
         if needed is None or (free_gb is None and not self.room_short_told):
             self.phase = Phase.WAKE
             return
-        gpus = group.group.gpus
         short = (
-            [(gpu, f) for gpu, f in zip(gpus, free_gb, strict=False) if f < needed]
+            [(gpu, f) for gpu, f in zip(group.group.gpus, free_gb, strict=False) if f < needed]
             if free_gb is not None
             else []
         )
@@ -181,6 +180,22 @@ class Switch(Operation):
             return
         waited = group.now - (self.room_since if self.room_since is not None else group.now)
         sleepers = [v.name for v in self.victims if v.state is ModelState.ASLEEP]
+        what = self._short_of_room(group, short, needed, sleepers)
+        if not self.room_short_told:  # once per switch, where it is first seen
+            self.room_short_told = True
+            group.observe(
+                "gpu_memory_not_freed", what, level="warning", model=self.target.name,
+                free_gb=[f for _, f in short], needed_gb=needed, sleepers=sleepers,
+            )  # fmt: skip
+        if waited >= min(GPU_ROOM_WAIT_SECS, self.target.config.wake_timeout_secs):
+            self._no_room(group, f"{what} after {waited:.0f} s", what)
+            return
+        self.read_again_at = group.now + GPU_READ_AGAIN_SECS
+
+    def _short_of_room(
+        self, group: Group, short: list[tuple[int, float]], needed: float, sleepers: list[str]
+    ) -> str:
+        """What is short where, and who is likely to hold it, for the log and the 503."""
         asleep = sorted(
             m.name for m in group.models.values()
             if m.state is ModelState.ASLEEP and m is not self.target
@@ -192,36 +207,30 @@ class Switch(Operation):
             else "no model was put to sleep for it: another process"
             + (f", or a sleeping model ({', '.join(asleep)}), holds it" if asleep else " holds it")
         )
+        gpus = group.group.gpus
         where = (
             ", ".join(f"{f:.1f} GiB free on GPU {gpu}" for gpu, f in short)
             if short
-            else f"GPU {', '.join(map(str, gpus))} could not be read since"
+            else f"GPUs {', '.join(map(str, gpus))} could not be read since a short reading"
         )
         each = " on each" if len(gpus) > 1 else ""
-        what = (
+        return (
             f"not enough free GPU memory to wake {self.target.name}: {where}, {needed:.1f} GiB "
             f"needed{each}; {who}"
         )
-        if not self.room_short_told:  # once per switch, where it is first seen
-            self.room_short_told = True
-            group.observe(
-                "gpu_memory_not_freed", what, level="warning", model=self.target.name,
-                free_gb=[f for _, f in short], needed_gb=needed, sleepers=sleepers,
-            )  # fmt: skip
-        if waited >= min(GPU_ROOM_WAIT_SECS, self.target.config.wake_timeout_secs):
-            group.observe(
-                "switch_failed", f"switch {self.labels()['from']} -> {self.target.name} failed: "
-                f"{what} after {waited:.0f} s", level="error", reason="gpu_memory",
-                **self.labels(),
-            )  # fmt: skip
-            self.target.active_since = None
-            group.observe_quietly("switch_result", result="failed", **self.labels())
-            group.retry_at = group.now + FAILED_SWITCH_BACKOFF_SECS
-            refusal = GpuMemoryShort(f"model {self.target.name!r} unavailable: {what}")
-            group.fail_queue(self.target, refusal)
-            self._end(group, ok=False)
-            return
-        self.read_again_at = group.now + GPU_READ_AGAIN_SECS
+
+    def _no_room(self, group: Group, logged: str, answered: str) -> None:
+        """The wait for GPU memory is over: the target's waiters get 503, back-off."""
+        group.observe(
+            "switch_failed", f"switch {self.labels()['from']} -> {self.target.name} failed: "
+            f"{logged}", level="error", reason="gpu_memory", **self.labels(),
+        )  # fmt: skip
+        self.target.active_since = None
+        group.observe_quietly("switch_result", result="failed", **self.labels())
+        group.retry_at = group.now + FAILED_SWITCH_BACKOFF_SECS
+        refusal = GpuMemoryShort(f"model {self.target.name!r} unavailable: {answered}")
+        group.fail_queue(self.target, refusal)
+        self._end(group, ok=False)
 
     def _nobody_waits_for_a_cold_start(self) -> bool:
         """A cold start (tens of seconds of loading) is stopped once its last waiter has
