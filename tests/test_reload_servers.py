@@ -174,3 +174,31 @@ async def test_the_server_of_a_removed_model_is_stopped(state, tmp_path, caplog)
         assert await answer(client, "b") == "b"
         response = await client.post("/v1/chat/completions", json=chat("a"))
         assert response.status_code == 404
+
+
+async def test_a_server_whose_sleep_a_reload_overtook_is_stopped_once_it_sleeps(tmp_path, caplog):
+    """A reload that moves a model while its level-1 sleep runs retires that record; once the
+    sleep ends and the record is done with, the old server (holding its weights in host RAM)
+    is stopped at once, not left until the model's next wake."""
+    caplog.set_level(logging.INFO, logger="llmux.servers")
+    port, new_port, b_port = free_port(), free_port(), free_port()
+    slow = fake_vllm("a").replace("--sleep-delay 0.05", "--sleep-delay 1.0")
+    b = model_block("b", b_port, kind="vllm", cmd=fake_vllm("b"))
+
+    def config(a_port: int) -> None:
+        a = model_block("a", a_port, kind="vllm", cmd=slow, sleep_level=1)
+        write_config(tmp_path, a + b, defaults=DEFAULTS)
+
+    config(port)
+    async with llmux_running(tmp_path / "config.toml") as (server, client):
+        fleet = server.app.fleet
+        assert await answer(client, "a") == "a"
+        (pid,) = started_pids(caplog, "a")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(answer, client, "b")  # a is put to sleep for b: 1 s
+            with trio.fail_after(5):
+                while fleet.models["a"].state is not ModelState.SLEEPING:
+                    await trio.sleep(0.005)
+            config(new_port)
+            assert await server.reload()
+        await until_gone(pid)  # no request for a needed
