@@ -264,7 +264,7 @@ def test_a_level_1_sleep_that_would_not_fit_in_host_ram_sleeps_at_level_2():
     assert [s.level for s in unlimited] == [1, 1]
 
 
-async def test_host_ram_is_measured_and_a_sleep_that_would_not_fit_goes_deeper(tmp_path):
+async def test_host_ram_is_measured_and_a_sleep_that_would_not_fit_goes_deeper(tmp_path, caplog):
     """Two vLLM fakes llmux starts, each filling 64 MiB of host RAM at a level-1 sleep, no
     `weights_gb`, and room for one sleeper's weights: llmux measures a's level-1 sleep (the
     server's resident memory before and after), takes b, not measured yet, for as large, and
@@ -284,12 +284,17 @@ async def test_host_ram_is_measured_and_a_sleep_that_would_not_fit_goes_deeper(t
             name: httpx.get(m.config.base_url + "/fake/state").json()
             for name, m in server.app.fleet.models.items()
         }
+        # A reload that lowers ram_gb under what a holds: said, nothing evicted.
+        path.write_text(path.read_text().replace("ram_gb = 0.1", "ram_gb = 0.01"))
+        assert await server.reload()
 
     def sleeps(model: str, level: str) -> float | None:
         return metric_value(metrics, "llmux_sleep_seconds_count", model=model, level=level)
 
     assert sleeps("a", "1") == 2 and sleeps("a", "2") is None
     assert sleeps("b", "2") == 1 and sleeps("b", "1") is None, "b's weights taken as a's"
+    over = [r for r in caplog.records if getattr(r, "event", None) == "host_ram_over"]
+    assert len(over) == 1 and "more than [machine] ram_gb = 0.01" in over[0].getMessage()
     assert 0.05 < status["machine"]["sleeping_weights_gb"] < 0.1  # a's 64 MiB, measured
     assert metric_value(metrics, "llmux_host_ram_capacity_bytes") == pytest.approx(0.1 * 2**30)
     assert all(state["garbage_answers"] == 0 for state in states.values())

@@ -111,6 +111,7 @@ class Fleet:
         ]
         self.config = config
         self.host_ram.capacity_gb = host_ram_gb(config)
+        self._say_if_host_ram_is_over()
         self.metrics.describe_groups(config)
         self._stop_servers_left_behind()
         return ReloadSummary(
@@ -118,6 +119,17 @@ class Fleet:
             removed=[n for s in summaries for n in s.removed],
             changed=[n for s in summaries for n in s.changed],
         )
+
+    def _say_if_host_ram_is_over(self) -> None:
+        """A reload that lowers `ram_gb` under what sleepers hold evicts nothing (they sleep
+        on as they are); new level-1 sleeps go to level 2 until the rest fits again."""
+        held, room = self.host_ram.held_gb(), self.host_ram.capacity_gb
+        if room is not None and held > room:
+            log_event(
+                log, "host_ram_over", f"models asleep at level 1 hold {held:.3g} GiB of host "
+                f"RAM, more than [machine] ram_gb = {room:g}: they sleep on; new sleeps go to "
+                "level 2 until theirs fit", logging.WARNING, held_gb=held, ram_gb=room,
+            )  # fmt: skip
 
     def _stop_servers_left_behind(self) -> None:
         """After a reload (and when a retired record is done with), a `cmd` server of a model
