@@ -54,4 +54,10 @@ Decision = Stay | SwitchTo | CallAt
 
 
 class Policy(Protocol):
+    """What a switch policy must answer. Two methods are optional, looked up on the object:
+    `evict(target, snapshot) -> list[str]` (the models to put to sleep for `target`) and
+    `sleep_depth(model, waiting, snapshot) -> int` (1 or 2, for a `sleep_level = "auto"`
+    model; `waiting`: the requests its sleep keeps waiting). Every answer is checked
+    (core/policy_answers.py); a bad one is replaced by llmux's own."""
+
     def decide(self, event: Event, snapshot: Snapshot) -> Decision: ...
