@@ -189,6 +189,39 @@ def test_a_policy_may_choose_the_depth_and_a_wrong_answer_falls_back():
     for wrong in (0, 3, True, "1", 1.0, None, SystemExit(2)):
         level, problem = checked_depth(AnswersDepth(wrong), "m", 3, snapshot)
         assert level == 2 and problem is not None, wrong  # the default's answer
+    level, problem = checked_depth(AnswersDepth(UnshowableError(None)), "m", 3, snapshot)
+    assert level == 2 and "repr fails" in problem.problem
+    assert checked_depth(LookupFails(), "m", 3, snapshot) == (2, None), "taken as absent"
+
+
+class UnshowableError(Exception):
+    def __repr__(self):  # returns no string: repr() itself raises TypeError
+        return self.args[0]
+
+
+class LookupFails:
+    def decide(self, event, snapshot):
+        return FifoPolicy().decide(event, snapshot)
+
+    @property
+    def sleep_depth(self):
+        raise RuntimeError("attribute boom")
+
+
+def test_a_depth_policy_that_cannot_even_be_shown_does_not_stop_the_group():
+    """A sleep_depth raising an exception whose repr fails: the sleep goes on at the default
+    depth and the group serves on (it used to abort the switch and wait for a sleep never
+    asked for)."""
+    models = {
+        n: {"port": 9000 + i, "kind": "vllm", "sleep_level": "auto"} for i, n in enumerate("ab")
+    }
+    config = parse_config({"models": models}, Path("d.toml")).group_config("default")
+    core = GroupCore(config, AnswersDepth(UnshowableError(None)), SwitchCostTracker())
+    for hook in [c for c in core.handle(ev.Started(0.0)) if isinstance(c, RunHook)]:
+        core.handle(ev.HookDone(0.0, hook.job, ev.HookOutcome(ok=False)))
+    sleeps = _serve_in_turn(core, "aba")
+    assert [s.level for s in sleeps] == [2, 2]
+    assert {m.name: m.state for m in core.models.values()}["a"] is ModelState.ACTIVE
 
 
 def _vllm_core(ram_gb: float | None, **keys: object) -> GroupCore:
@@ -229,6 +262,9 @@ def test_a_model_whose_weights_are_unknown_is_taken_for_the_largest_known():
     assert core.weights_of(record) == 0, "nothing known yet"
     record.host_gb = 12.0  # a's level-1 sleep was measured
     assert core.weights_of(core.models["b"]) == 12.0
+    # Across groups too: they share one machine's RAM.
+    other = GroupCore(core.config, FifoPolicy(), SwitchCostTracker(), core.host_ram)
+    assert other.weights_of(other.models["c"]) == 12.0
     sleeps = _serve_in_turn(_vllm_core(ram_gb=15, weights_gb=None), "abc")
     assert [s.level for s in sleeps] == [1, 1], "no figure at all: nothing to hold them to"
 

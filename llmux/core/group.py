@@ -164,7 +164,7 @@ class GroupCore:
         self._policy_problems_told: set[tuple[str, str]] = set()
         self._out: list[Command] = []
         self.host_ram = host_ram if host_ram is not None else HostRam()
-        self.host_ram.register(self.host_ram_held)
+        self.host_ram.register(self.host_ram_held, self._largest_known_weights)
 
     def _record(self, config: ModelConfig) -> ModelRecord:
         return ModelRecord(config, size=self.group.size_of(config))
@@ -603,13 +603,13 @@ class GroupCore:
     ) -> int:
         """Ask for `hook` of `model`; `waiting`: the requests a sleep keeps waiting (those of
         the model that replaces it), which its depth is chosen by."""
-        job = next(self._jobs)
-        self._running[job] = (model, hook)
         level = None
         if hook is HookName.SLEEP:
             level = model.sleeping_at = self.sleep_depth(model, waiting)
         elif hook is HookName.WAKE:
             level = model.woken_from or model.config.sleep_level  # moved to WAKING just before
+        job = next(self._jobs)  # only now: a hook that is not asked for is not waited for
+        self._running[job] = (model, hook)
         self._out.append(RunHook(job, model.name, hook, model.config, env or {}, level))
         return job
 
@@ -646,13 +646,14 @@ class GroupCore:
 
     def weights_of(self, model: ModelRecord) -> float:
         """The host RAM (GiB) its level-1 sleep holds: measured, else configured, else as much
-        as the largest of the group's models known (a first sleep of a model with no
-        `weights_gb` is not let past the limit), else 0."""
+        as the largest known of any group's (so a first sleep of a model with no `weights_gb`
+        is not let past the limit once one is known), else 0."""
         known = _known_weights(model)
-        if known is not None:
-            return known
-        others = [w for m in self.models.values() if (w := _known_weights(m)) is not None]
-        return max(others, default=0.0)
+        return known if known is not None else self.host_ram.largest_known_gb()
+
+    def _largest_known_weights(self) -> float:
+        known = [w for m in self.models.values() if (w := _known_weights(m)) is not None]
+        return max(known, default=0.0)
 
     def host_ram_held(self) -> float:
         """What this group's level-1 sleepers hold (from the start of their sleep: the

@@ -25,10 +25,17 @@ class HostRam:
     def __init__(self, capacity_gb: float | None = None) -> None:
         self.capacity_gb = capacity_gb
         self._holders: list[Callable[[], float]] = []
+        self._known: list[Callable[[], float]] = []
 
-    def register(self, holder: Callable[[], float]) -> None:
-        """`holder()` says how many GiB a group's level-1 sleepers hold now."""
+    def register(self, holder: Callable[[], float], known: Callable[[], float]) -> None:
+        """`holder()` says how many GiB a group's level-1 sleepers hold now, `known()` the
+        largest weights it has measured or been told of (0: none)."""
         self._holders.append(holder)
+        self._known.append(known)
+
+    def largest_known_gb(self) -> float:
+        """What a model whose weights are not known yet is taken to hold at level 1."""
+        return max((known() for known in self._known), default=0.0)
 
     def held_gb(self) -> float:
         return sum(holder() for holder in self._holders)

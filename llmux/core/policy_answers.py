@@ -15,7 +15,7 @@ answer is checked against.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -56,7 +56,7 @@ def checked_decision(
     except BaseException as exc:  # whatever a plug-in raises, llmux stays up
         fifo = FifoPolicy().decide(event, snapshot)
         kind = f"raised {type(exc).__name__}"
-        return Checked(fifo, f"failed ({exc!r})", kind, "fifo", exc)
+        return Checked(fifo, f"failed ({_shown(exc)})", kind, "fifo", exc)
 
 
 def _checked(decision: object, models: Collection[str]) -> Checked:
@@ -84,7 +84,7 @@ def checked_evictions(
     """The models to put to sleep so that `target` fits: the policy's `evict(target, snapshot)`
     if it has one and its answer is sound, else the default (with what was wrong)."""
     default = default_evictions(target, snapshot)
-    evict = getattr(policy, "evict", None)
+    evict = _method(policy, "evict")
     if evict is None or not default:
         return default, None
     try:
@@ -103,7 +103,7 @@ def checked_evictions(
             return default, _instead(problem, "not names")
         found = _evictions_problem(chosen, target, snapshot)  # type: ignore[arg-type]
     except BaseException as exc:  # whatever a plug-in raises, llmux stays up
-        problem = f"evict failed ({exc!r})"
+        problem = f"evict failed ({_shown(exc)})"
         return default, Checked(Stay(), problem, f"raised {type(exc).__name__}", "default", exc)
     if found is not None:
         return default, _instead(*found)
@@ -153,7 +153,7 @@ def checked_depth(
     `sleep_depth(model, waiting, snapshot)` if it has one and answers 1 or 2, else the
     default (core/depth.py)."""
     default = default_sleep_depth(model, waiting, snapshot)
-    choose = getattr(policy, "sleep_depth", None)
+    choose = _method(policy, "sleep_depth")
     if choose is None:
         return default, None
     try:
@@ -163,8 +163,26 @@ def checked_depth(
         problem = f"sleep_depth answered {answer!r} for {model}, not 1 or 2"
         return default, _instead(problem, "not a depth")
     except BaseException as exc:  # whatever a plug-in raises, llmux stays up
-        problem = f"sleep_depth failed ({exc!r})"
+        problem = f"sleep_depth failed ({_shown(exc)})"
         return default, Checked(Stay(), problem, f"raised {type(exc).__name__}", "default", exc)
+
+
+def _method(policy: Policy, name: str) -> Callable[..., object] | None:
+    """A policy's optional method; one whose lookup raises counts as absent."""
+    try:
+        found = getattr(policy, name, None)
+    except BaseException:  # a property or __getattr__ of a plug-in's that fails
+        return None
+    return found  # type: ignore[no-any-return]
+
+
+def _shown(thing: object) -> str:
+    """repr() of what a plug-in raised or answered, whatever its __repr__ does."""
+    try:
+        shown = repr(thing)
+    except BaseException:
+        return f"<a {type(thing).__name__} whose repr fails>"
+    return shown if isinstance(shown, str) else f"<a {type(thing).__name__}>"
 
 
 def choose_evictions(policy: Policy, target: str, snapshot: Snapshot) -> list[str]:

@@ -146,6 +146,9 @@ class Switch(Operation):
 
     def _room(self, group: Group) -> bool:
         """Before the wake: read the GPUs' free memory (again, once it is time)."""
+        if group.models.get(self.target.name) is not self.target:
+            self._called_off_before_the_wake(group, "a reload changed it")
+            return True
         if not self.target.queue:  # everyone left while the memory was not free
             self._called_off_before_the_wake(group, "nobody waits for it any more")
             return True
@@ -200,13 +203,21 @@ class Switch(Operation):
             m.name for m in group.models.values()
             if m.state is ModelState.ASLEEP and m is not self.target
         )  # fmt: skip
-        who = (
-            f"{', '.join(sleepers)} did not free {'its' if len(sleepers) == 1 else 'their'} "
-            "memory when put to sleep"
-            if sleepers
-            else "no model was put to sleep for it: another process"
-            + (f", or a sleeping model ({', '.join(asleep)}), holds it" if asleep else " holds it")
-        )
+        itself = self.target.server_running and self.target.slept_level is not None
+        if sleepers:
+            who = (
+                f"{', '.join(sleepers)} did not free {'its' if len(sleepers) == 1 else 'their'} "
+                "memory when put to sleep"
+            )
+        elif itself:  # vLLM has been seen to keep memory asleep: its own, to wake into
+            who = (
+                f"no model was put to sleep for it; {self.target.name}'s own server, asleep, "
+                "may hold it (restart that server to free it)"
+            )
+        else:
+            who = "no model was put to sleep for it: another process" + (
+                f", or a sleeping model ({', '.join(asleep)}), holds it" if asleep else " holds it"
+            )
         gpus = group.group.gpus
         where = (
             ", ".join(f"{f:.1f} GiB free on GPU {gpu}" for gpu, f in short)

@@ -38,7 +38,7 @@ class FakeNvml:
         try:
             total, free = gpus[gpu]["total_gb"], gpus[gpu]["free_gb"]
             return DeviceMemory(total=round(total * GIB), free=round(free * GIB))
-        except (KeyError, TypeError, ValueError) as error:
+        except (KeyError, TypeError, ValueError, OverflowError) as error:
             problem = f"fake NVML: GPU {gpu} is not total_gb and free_gb: {error!r}"
             raise GpuUnreadable(problem) from None
 
