@@ -323,6 +323,7 @@ _POLICY_KEYS = {
     "options": dict,
 }
 _MODEL_FIELDS = [f for f in fields(ModelConfig) if "toml" in f.metadata]
+GIB = 1024**3  # the unit of every *_gb key (memory_gb, weights_gb, ram_gb, ...)
 SIZE_KEYS = ("memory_gb", "size")  # two spellings of the `size` field
 _MODEL_KEYS = {
     **{f.name: f.metadata["toml"] for f in _MODEL_FIELDS if f.name != "size"},

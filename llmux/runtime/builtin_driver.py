@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 import httpx
 import trio
 
-from llmux.config import ModelConfig
+from llmux.config import GIB, ModelConfig
 from llmux.core.commands import RETIRING_ENV
 from llmux.core.states import HookName
 from llmux.observe.logs import log_event
@@ -37,8 +37,6 @@ from llmux.runtime.server_processes import STOP_GRACE_SECS, ServerProcesses, lau
 from llmux.runtime.state_dir import StateDir
 
 log = logging.getLogger("llmux.hooks")
-
-GIB = 1024**3
 
 
 @dataclass

@@ -48,7 +48,6 @@ from llmux.runtime.hooks import EXIT_CANNOT_START, HookResult
 
 log = logging.getLogger("llmux.switcher")
 
-GIB = 1024**3
 SLOW_EVENT_SECS = 0.25  # an event the core takes longer than this to handle is said
 SLOW_EVENT_SAID_EVERY_SECS = 60.0  # at most once a minute
 
@@ -400,10 +399,6 @@ class GroupDriver:
                 del self._shown[name]
                 self.metrics.forget_model(name)
         self.metrics.group_used.labels(core.group.name).set(core.held())
-        ram = core.host_ram
-        self.metrics.host_ram_held.set(ram.held_gb() * GIB)
-        if ram.capacity_gb is not None:
-            self.metrics.host_ram_capacity.set(ram.capacity_gb * GIB)
 
     def _observe(self, observed: Observe) -> None:
         fields = dict(observed.fields)

@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from llmux.config import Config
+from llmux.config import GIB, Config
 from llmux.core.costs import SwitchCostTracker
 from llmux.core.host_ram import HostRam
 from llmux.core.records import ModelRecord, ReloadSummary, SwitchView
@@ -216,6 +216,14 @@ class Fleet:
         """Each group's GPU memory now, and the gauges set to it (a scrape or a status asks);
         None for a group that names no GPUs or whose GPUs cannot be read."""
         return {name: self.gpus.read(group.gpus) for name, group in self.config.groups.items()}
+
+    def show_host_ram(self) -> None:
+        """The host RAM gauges, set when a scrape asks (it changes only with sleeps and wakes,
+        not worth a sum over every model on each request's events)."""
+        ram = self.host_ram
+        self.metrics.host_ram_held.set(ram.held_gb() * GIB)
+        if ram.capacity_gb is not None:
+            self.metrics.host_ram_capacity.set(ram.capacity_gb * GIB)
 
     @property
     def models(self) -> dict[str, ModelRecord]:

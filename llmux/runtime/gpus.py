@@ -27,12 +27,12 @@ from typing import Protocol
 
 import trio
 
+from llmux.config import GIB
 from llmux.observe.logs import log_event
 from llmux.observe.metrics import Metrics
 
 log = logging.getLogger("llmux.gpus")
 
-GIB = 1024**3
 START_WAIT_SECS = 5.0  # llmux starts serving after this even if NVML has not opened yet
 RETRY_OPEN_SECS = 60.0  # NVML that could not open is tried again this often (a late driver)
 

@@ -30,6 +30,7 @@ from llmux.observe.logs import log_event
 from llmux.runtime.instance import config_digest
 from llmux.runtime.state_dir import StateDir
 
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 log = logging.getLogger("llmux.hooks")
 
 STOP_GRACE_SECS = 5.0
@@ -165,6 +166,17 @@ def group_members(pgid: int) -> Iterator[int]:
         fields = _stat_fields(process_stat)
         if fields is not None and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
             yield int(process_stat.parent.name)
+
+
+def group_resident_bytes(pgid: int) -> int | None:
+    """The resident memory of a group's running processes together (None: none runs)."""
+    total, found = 0, False
+    for pid in group_members(pgid):
+        fields = _stat_fields(Path(f"/proc/{pid}/stat"))
+        if fields is not None:
+            total += int(fields[21]) * PAGE_BYTES  # rss, in pages
+            found = True
+    return total if found else None
 
 
 def _start_time(pid: int) -> str | None:

@@ -6,11 +6,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from llmux.config import Config
+from llmux.config import GIB, Config
 
 log = logging.getLogger("llmux.machine")
 
-GIB = 1024**3
 RESERVE_FRACTION = 0.2  # left to the system, the servers' own processes and llmux
 RESERVE_MIN_GB = 4.0
 

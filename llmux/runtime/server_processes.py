@@ -27,7 +27,7 @@ import trio
 from llmux.config import ModelConfig
 from llmux.core.states import HookName
 from llmux.observe.logs import log_event
-from llmux.runtime.hook_registry import HookRegistry, stop_group
+from llmux.runtime.hook_registry import HookRegistry, group_resident_bytes, stop_group
 from llmux.runtime.hooks import hook_environment
 from llmux.runtime.state_dir import StateDir, model_file
 
@@ -35,7 +35,6 @@ log = logging.getLogger("llmux.servers")
 
 STOP_GRACE_SECS = 10.0  # SIGTERM, then SIGKILL if the server still runs after this
 LOG_TAIL_BYTES = 2048
-PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 
 
 def server_command(backend: ModelConfig) -> str:
@@ -125,21 +124,7 @@ class ServerProcesses:
         """The resident memory of the model's server and every process of its group (vLLM's
         engine runs in a child), or None if none runs or /proc cannot tell."""
         leader = self.pid(model)
-        if leader is None:
-            return None
-        total, found = 0, False
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = Path(entry.path, "stat").read_text()
-            except OSError:
-                continue  # gone meanwhile
-            fields = stat.rsplit(")", 1)[1].split()
-            if int(fields[2]) == leader:  # its process group
-                total += int(fields[21]) * PAGE_BYTES
-                found = True
-        return total if found else None
+        return None if leader is None else group_resident_bytes(leader)
 
     def pid(self, model: str) -> int | None:
         """The pid (and process group) of the model's running server, if one runs."""
