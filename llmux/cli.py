@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_log_level(serve)
     serve.set_defaults(handler=_serve)
 
+    schema = commands.add_parser(
+        "config-schema", help="print the config file's JSON Schema (for editors: #:schema FILE)"
+    )
+    schema.set_defaults(handler=_config_schema)
+
     check = commands.add_parser("check", help="validate a config file without starting")
     check.add_argument("-c", "--config", required=True, help="path to config.toml")
     check.set_defaults(handler=_check)
@@ -218,7 +223,8 @@ def _load(path: str):  # type: ignore[no-untyped-def]
         config = load_config(path)
         policy = load_policy(config.policy.name, config.policy.options, config.hook_dir)
     except ConfigError as exc:
-        print(f"llmux: config error: {exc}", file=sys.stderr)
+        for problem in exc.problems:  # every problem of the file, one line each
+            print(f"llmux: config error: {problem}", file=sys.stderr)
         return None
     except PolicyLoadError as exc:
         print(f"llmux: config error: {path}: policy.name: {exc}", file=sys.stderr)
@@ -227,6 +233,13 @@ def _load(path: str):  # type: ignore[no-untyped-def]
         print(f"llmux: config error: {path}: cannot use this file: {exc!r}", file=sys.stderr)
         return None
     return config, policy
+
+
+def _config_schema(args: argparse.Namespace) -> int:
+    from llmux.config_schema import schema_text
+
+    sys.stdout.write(schema_text())
+    return 0
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -6,16 +6,24 @@ can refuse a bad file before anything binds a port.
 
 from __future__ import annotations
 
-import math
 import os
-import re
-import shlex
 import socket
 import tomllib
-from dataclasses import MISSING, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from llmux.config_checker import Checker, ConfigError, is_type, type_name
+from llmux.config_keys import (
+    NON_NEGATIVE,
+    NUMBER,
+    PORT,
+    POSITIVE,
+    UNSET,
+    KeySpec,
+    Table,
+    config_key,
+)
 from llmux.core.states import HookName
 from llmux.errors import InvalidPath
 from llmux.request_target import check_path
@@ -23,20 +31,6 @@ from llmux.request_target import check_path
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 3000
 DEFAULT_GROUP = "default"  # the group of every model no [groups.NAME] table lists
-
-
-_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
-
-
-class ConfigError(Exception):
-    """A config problem, worded for the person who wrote the file."""
-
-    def __init__(self, path: Path | str, key: str, problem: str) -> None:
-        self.path = str(path)
-        self.key = key
-        self.problem = problem
-        where = f"{self.path}: {key}: " if key else f"{self.path}: "
-        super().__init__(where + problem)
 
 
 MAX_DEFAULT_WORKERS = 8
@@ -49,40 +43,101 @@ def default_workers() -> int:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    max_body_bytes: int = 32 * 1024 * 1024
-    shutdown_timeout_secs: float = 30.0
-    expose_hook_errors: bool = True  # default: on, unless [auth] api_keys are set
-    access_log: bool = True
-    max_queue_per_model: int = 256
-    max_in_flight_per_model: int | None = None  # None: no limit
-    request_head_timeout_secs: float = 75.0  # also how long an idle keep-alive connection lives
-    request_body_timeout_secs: float = 60.0
-    max_header_bytes: int = 16 * 1024
-    state_dir: str | None = None  # llmux's locks and hook record; see state_dir
-    client_send_timeout_secs: float = 60.0  # a client that takes nothing this long is cut
-    max_connections: int = 4096  # beyond it, new connections get 503 and are closed
-    listen_backlog: int = 2048  # connections the kernel queues before llmux accepts them
-    # Data-plane processes beside the controller (`llmux serve` only); 1: one process.
-    workers: int = field(default_factory=lambda: default_workers())
-    list_aliases: bool = False  # /v1/models lists aliases beside the models they name
-    # GiB the check of room before a switch's wake leaves free on each GPU of the group beyond
-    # what the model takes (CUDA context, buffers).
-    gpu_margin_gb: float = 1.0
+    """[server]: how llmux serves clients."""
+
+    max_body_bytes: int = config_key(
+        int,
+        32 * 1024 * 1024,
+        "Larger request bodies get 413 before reaching a model.",
+        rule=POSITIVE,
+    )
+    shutdown_timeout_secs: float = config_key(
+        NUMBER, 30.0, "On SIGTERM or SIGINT, how long in-flight requests get to finish.",
+        rule=NON_NEGATIVE,
+    )  # fmt: skip
+    expose_hook_errors: bool = config_key(
+        bool, True, "Show a failed hook's last stderr lines in the 503 it causes.",
+        note="true, unless [auth] api_keys are set (a hook's stderr can carry secrets)",
+        example=True,
+    )  # fmt: skip
+    access_log: bool = config_key(
+        bool, True, "One log line per request: method, path, model, status, queue wait, duration."
+    )
+    max_queue_per_model: int = config_key(
+        int, 256, "Requests that may wait for one model; beyond it 503 with Retry-After.",
+        rule=POSITIVE,
+    )  # fmt: skip
+    max_in_flight_per_model: int | None = config_key(
+        int, None, "Requests one model serves at once; beyond it they queue for a free slot.",
+        rule=POSITIVE, example=64, note="no limit",
+    )  # fmt: skip
+    request_head_timeout_secs: float = config_key(
+        NUMBER, 75.0, "A request head, and an idle keep-alive connection, must arrive within this.",
+        rule=POSITIVE,
+    )  # fmt: skip
+    request_body_timeout_secs: float = config_key(
+        NUMBER, 60.0, "A request body must arrive within this, or 408 (no slow-loris).",
+        rule=POSITIVE,
+    )  # fmt: skip
+    max_header_bytes: int = config_key(
+        int, 16 * 1024, "A larger request head is refused.", rule=POSITIVE
+    )
+    state_dir: str | None = config_key(
+        str, None, "Instance locks, running hooks, server and hook logs; must be llmux's own.",
+        example="/run/llmux",
+        note="$RUNTIME_DIRECTORY, else $XDG_RUNTIME_DIR/llmux, else <tmp>/llmux-<uid> (0700)",
+    )  # fmt: skip
+    list_aliases: bool = config_key(bool, False, "/v1/models also lists each model's aliases.")
+    client_send_timeout_secs: float = config_key(
+        NUMBER, 60.0, "A client that takes no bytes this long is cut, its model slot freed.",
+        rule=POSITIVE,
+    )  # fmt: skip
+    max_connections: int = config_key(
+        int, 4096, "Open client connections; beyond it 503 with Retry-After, then close.",
+        rule=POSITIVE,
+    )  # fmt: skip
+    listen_backlog: int = config_key(
+        int, 2048, "Connections the kernel queues until llmux accepts them (capped by "
+        "net.core.somaxconn, which llmux raises when it may).", rule=POSITIVE,
+    )  # fmt: skip
+    workers: int = config_key(
+        int, doc="Data-plane processes beside the controller (`llmux serve`; 1: one process). "
+        "Read at start, not on reload.", rule=POSITIVE, factory=lambda: default_workers(),
+        note="the cores, up to 8", example=2,
+    )  # fmt: skip
+    gpu_margin_gb: float = config_key(
+        NUMBER, 1.0, "GiB left free on each GPU a group names beyond a model's memory_gb "
+        "(CUDA context, buffers), checked before a switch wakes it.", rule=NON_NEGATIVE,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
 class AuthConfig:
-    api_keys: tuple[str, ...] = ()  # inline keys plus those of api_keys_file
-    public_metrics: bool = False  # with api_keys: may /metrics be read without a key?
-    public_status: bool = False  # likewise for /llmux/status
-    admin_token: str | None = None  # the admin API is served only when this is set
+    """[auth]: who may use llmux. Without api_keys, anyone who reaches the port may."""
+
+    api_keys: tuple[str, ...] = config_key(
+        list, (), "Clients send `Authorization: Bearer <key>` or `x-api-key: <key>`.",
+        items=str, example=["sk-local-1"],
+    )  # fmt: skip
+    api_keys_file: str | None = config_key(
+        str, None, "One key per line (# comments), relative to this file, re-read on reload.",
+        example="keys.txt",
+    )  # fmt: skip
+    public_metrics: bool = config_key(bool, False, "With api_keys: serve /metrics without a key.")
+    public_status: bool = config_key(
+        bool, False, "With api_keys: serve /llmux/status without a key."
+    )
+    admin_token: str | None = config_key(
+        str, None, "Enables the admin API (wake, sleep) for whoever sends it.",
+        min_length=16, example="at least 16 characters",
+    )  # fmt: skip
 
     @property
     def required(self) -> bool:
         return bool(self.api_keys)
 
 
-# The built-in policy that won the trace replays (README, "Switch policies").
+# The built-in policy that won the trace replays (docs, "Switch policies").
 DEFAULT_POLICY = "adaptive"
 
 
@@ -92,69 +147,149 @@ class MachineConfig:
     asleep at level 1 (vLLM keeps them in host RAM to wake fast); None: the machine's RAM less
     a reserve for the system (runtime/machine.py)."""
 
-    ram_gb: float | None = None
+    ram_gb: float | None = config_key(
+        NUMBER, None, "Host RAM (GiB) the weights of models asleep at level 1 may fill, shared "
+        "by every group; a level-1 sleep that would not fit sleeps at level 2.", rule=POSITIVE,
+        example=200, note="the machine's RAM less max(4 GiB, 20%)",
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    name: str = DEFAULT_POLICY
-    request_timeout_secs: float | None = None
-    drain_before_switch: bool = True
-    min_active_secs: float = 0.0
-    options: dict[str, Any] = field(default_factory=dict)
+    """[policy]: when to switch."""
 
+    name: str = config_key(
+        str, DEFAULT_POLICY, 'The switch policy: "adaptive", "fifo", "exhaustive", "cost_aware", '
+        '"package.module:Class" or "/path/to/file.py:Class".',
+    )  # fmt: skip
+    request_timeout_secs: float | None = config_key(
+        NUMBER, None, "A queued request waits at most this long, then gets 504.", rule=POSITIVE,
+        example=300, note="waits as long as it takes",
+    )  # fmt: skip
+    drain_before_switch: bool = config_key(
+        bool, True, "Let in-flight requests (streams included) finish before the sleep."
+    )
+    min_active_secs: float = config_key(
+        NUMBER, 0.0, "Keep a freshly woken model serving at least this long (stops thrashing).",
+        rule=NON_NEGATIVE,
+    )  # fmt: skip
+    options: dict[str, Any] = config_key(
+        dict, doc="Keyword arguments for the policy class ([policy.options]; fifo takes none).",
+        factory=dict,
+    )  # fmt: skip
 
-_NUMBER = (int, float)
 
 KINDS = ("vllm", "sglang", "ollama")  # engines whose sleep/wake API llmux drives itself
 READY_PATHS = {"ollama": "/api/version"}  # where a server's readiness is asked, if not /health
 SLEEP_LEVELS = (1, 2)
-
-
-def _key(toml: Any, default: Any = MISSING, *, inherited: str | None = None) -> Any:
-    """A per-model key, declared once: its TOML type(s) and default; `inherited` ("positive"
-    or "non_negative") also lets [defaults] set it, checked so."""
-    return field(default=default, metadata={"toml": toml, "inherited": inherited})
+_INHERIT = {"inherited": True}
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """One [models.NAME] table. Each field declared with `_key` is a key of that table; the
+    """One [models.NAME] table. Each field declared with `key` is a key of that table; the
     parser, its known-keys check and [defaults] are derived from these declarations."""
 
     name: str
-    port: int = _key(int, 0)  # required unless `cmd` is set (then a free one is chosen)
+    port: int = config_key(
+        int, 0, "The backend listens on http://127.0.0.1:PORT (models may share a port).",
+        rule=PORT, example=8001, required="unless cmd is set (then a free port is chosen)",
+    )  # fmt: skip
     # Shell hooks, or a built-in driver (`kind`, `cmd`): a model uses one or the other.
-    wake: str | None = _key(str, None)
-    sleep: str | None = _key(str, None)
-    alive: str | None = _key(str, None)
-    kind: str | None = _key(str, None)  # "vllm", "sglang", "ollama": llmux calls its API
-    cmd: str | None = _key(str, None)  # a server llmux starts itself (${PORT}, ${MODEL})
+    wake: str | None = config_key(
+        str, None, "Hook: make the model serve; exit only once it does.",
+        example="./scripts/wake-llama.sh", required="unless kind or cmd is set",
+    )  # fmt: skip
+    sleep: str | None = config_key(
+        str, None, "Hook: release the GPU (llmux has drained the model first).",
+        example="./scripts/sleep-llama.sh", required="unless kind or cmd is set",
+    )  # fmt: skip
+    alive: str | None = config_key(
+        str, None, "Hook: exit 0 only if the model serves now (vLLM: /is_sleeping, not /health).",
+        example="./scripts/serving-llama.sh",
+    )  # fmt: skip
+    kind: str | None = config_key(
+        str, None, "A built-in driver: llmux calls the engine's own sleep and wake API.",
+        choices=KINDS, example="vllm",
+    )  # fmt: skip
+    cmd: str | None = config_key(
+        str, None, "A server llmux starts itself, under sh -c in the config's folder; ${PORT} "
+        "and ${MODEL} are filled in. Without kind it is stopped to sleep and started to wake.",
+        example="vllm serve Qwen/Qwen2.5-7B-Instruct --port ${PORT} --enable-sleep-mode",
+    )  # fmt: skip
     # vLLM: 1 offloads weights to CPU RAM, 2 discards them; "auto" (auto_sleep_level): chosen
     # at each sleep, `sleep_level` then being the level assumed before the first choice.
-    sleep_level: int = _key((int, str), 1)
+    sleep_level: int = config_key(
+        (int, str), 1, 'kind = "vllm": 1 offloads the weights to host RAM (fast wake), 2 '
+        'discards them (reloaded on wake), "auto" chooses at each sleep.', choices=(1, 2, "auto"),
+    )  # fmt: skip
     auto_sleep_level: bool = False
-    # The host RAM a level-1 sleep holds (the weights): measured where llmux can, else this.
-    weights_gb: float | None = _key(_NUMBER, None)
-    health_path: str | None = _key(str, None)  # ready when 200 (default per kind: READY_PATHS)
-    wake_timeout_secs: float = _key(_NUMBER, 600.0, inherited="positive")
-    sleep_timeout_secs: float = _key(_NUMBER, 120.0, inherited="positive")
-    alive_timeout_secs: float = _key(_NUMBER, 10.0, inherited="positive")
-    alive_interval_secs: float = _key(_NUMBER, 10.0, inherited="positive")
+    weights_gb: float | None = config_key(
+        NUMBER, None, 'kind = "vllm": host RAM (GiB) its level-1 sleep fills, until llmux has '
+        "measured it.", rule=NON_NEGATIVE, example=16,
+    )  # fmt: skip
+    health_path: str | None = config_key(
+        str, None, "The model's server is ready once this path answers 200.", example="/health",
+        note="/health (ollama: /api/version)",
+    )  # fmt: skip
+    wake_timeout_secs: float = config_key(
+        NUMBER, 600.0, "How long a wake may take (a cold start of a large model takes minutes).",
+        rule=POSITIVE, **_INHERIT,
+    )  # fmt: skip
+    sleep_timeout_secs: float = config_key(
+        NUMBER, 120.0, "How long a sleep may take.", rule=POSITIVE, **_INHERIT
+    )
+    alive_timeout_secs: float = config_key(
+        NUMBER, 10.0, "How long an alive check may take.", rule=POSITIVE, **_INHERIT
+    )
+    alive_interval_secs: float = config_key(
+        NUMBER, 10.0, "How often an idle active model is checked to still serve.", rule=POSITIVE,
+        **_INHERIT,
+    )  # fmt: skip
     # The backend's answer: its first byte within this (vLLM sends a non-streamed answer's
     # first byte only when generation ends), then no gap longer than idle_timeout_secs.
-    first_byte_timeout_secs: float = _key(_NUMBER, 600.0, inherited="positive")
-    idle_timeout_secs: float = _key(_NUMBER, 300.0, inherited="positive")
-    # Idle this long while awake: put to sleep (0: never).
-    ttl_secs: float = _key(_NUMBER, 0.0, inherited="non_negative")
+    first_byte_timeout_secs: float = config_key(
+        NUMBER, 600.0, "The backend's first byte must come within this, else 504 (vLLM sends "
+        "a non-streamed answer's only when it is done).", rule=POSITIVE, **_INHERIT,
+    )  # fmt: skip
+    idle_timeout_secs: float = config_key(
+        NUMBER, 300.0, "Then no gap between bytes longer than this, or the answer is cut.",
+        rule=POSITIVE, **_INHERIT,
+    )  # fmt: skip
+    ttl_secs: float = config_key(
+        NUMBER, 0.0, "An awake model idle this long is put to sleep (0: never).",
+        rule=NON_NEGATIVE, **_INHERIT,
+    )  # fmt: skip
     # What it takes of its group's capacity, given as memory_gb or size (see SIZE_KEYS).
-    size: float | None = _key(_NUMBER, None)
+    size: float | None = config_key(
+        NUMBER, None, "What it takes of its group's capacity, unitless (or give memory_gb).",
+        rule=POSITIVE, example=1,
+        also=(
+            KeySpec(
+                "memory_gb", NUMBER, UNSET, "What it takes of its group's capacity, in GiB "
+                "(the GPU check compares it with free memory); or give size.", rule=POSITIVE,
+                example=20,
+            ),
+        ),
+    )  # fmt: skip
     size_in_gib: bool = False  # given as memory_gb: GiB, which the GPU check compares with
-    aliases: tuple[str, ...] = _key(list, ())  # other names clients may use for it
-    upstream_model: str | None = _key(str, None)  # the `model` the backend is sent, if not `name`
-    # Backend paths outside the route table that clients may reach as /upstream/NAME/PATH.
-    passthrough_paths: tuple[str, ...] = _key(list, ())
-    backend_api_key: str | None = _key(str, None)  # sent to the backend as its bearer token
+    aliases: tuple[str, ...] = config_key(
+        list, (), "Other names clients may use for this model.", items=str,
+        example=["gpt-4o-mini"],
+    )  # fmt: skip
+    upstream_model: str | None = config_key(
+        str, None, "The `model` the backend is sent.", example="meta-llama/Llama-3.1-8B-Instruct",
+        note="the model's name",
+    )  # fmt: skip
+    passthrough_paths: tuple[str, ...] = config_key(
+        list, (), "Backend paths outside llmux's route table that clients may reach as "
+        "/upstream/NAME/PATH (never list /sleep or /wake_up).", items=str,
+        example=["/tokenize"],
+    )  # fmt: skip
+    backend_api_key: str | None = config_key(
+        str, None, "Sent to the backend as `Authorization: Bearer ...` (the client's key never "
+        "is).", example="...",
+    )  # fmt: skip
     group: str = DEFAULT_GROUP  # set from [groups], not a key of the model's table
     port_chosen: bool = False  # no port was given: llmux chose a free one for `cmd`
 
@@ -194,9 +329,18 @@ class GroupConfig:
     nvidia-smi shows them), so that llmux can read how much memory they really have free."""
 
     name: str
-    models: tuple[str, ...]
-    capacity: float | None = None
-    gpus: tuple[int, ...] = ()
+    models: tuple[str, ...] = config_key(
+        list, (), "The group's models; a model is in one group at most.", items=str,
+        example=["llama"], required="except in [groups.default]",
+    )  # fmt: skip
+    capacity: float | None = config_key(
+        NUMBER, None, "Room for models awake at once, in the unit of their memory_gb (or size).",
+        rule=POSITIVE, example=80, note="one model awake at a time",
+    )  # fmt: skip
+    gpus: tuple[int, ...] = config_key(
+        list, (), "Its GPUs, as nvidia-smi numbers them: llmux reads their free memory before "
+        "a wake. A GPU is in one group at most.", items=int, example=[0],
+    )  # fmt: skip
 
     def size_of(self, model: ModelConfig) -> float:
         """What a model takes of the capacity; one whole slot when the group has none."""
@@ -211,16 +355,23 @@ class GroupConfig:
 
 @dataclass(frozen=True)
 class Config:
+    """The whole file. Its top-level keys are declared here; its tables in TABLES."""
+
     path: Path
-    host: str
-    port: int
-    server: ServerConfig
-    policy: PolicyConfig
-    models: dict[str, ModelConfig]
+    host: str = config_key(
+        str, DEFAULT_HOST, "Listen address: keep loopback unless a proxy or firewall guards it."
+    )
+    port: int = config_key(int, DEFAULT_PORT, "Listen port (--port overrides).", rule=PORT)
+    server: ServerConfig = ServerConfig()
+    policy: PolicyConfig = PolicyConfig()
+    models: dict[str, ModelConfig] = field(default_factory=dict)
     auth: AuthConfig = AuthConfig()
     groups: dict[str, GroupConfig] = field(default_factory=dict)  # filled in by __post_init__
     machine: MachineConfig = MachineConfig()
-    preload: tuple[str, ...] = ()
+    preload: tuple[str, ...] = config_key(
+        list, (), "Wake these at start-up, in order, while their groups have room.", items=str,
+        example=["llama"],
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if not self.groups:  # built in code or tests: every model in the default group
@@ -275,67 +426,55 @@ class Config:
         )
 
 
-# Allowed keys per table, with the types a value may have. bool is checked before int because
-# TOML booleans are Python ints.
-_TOP_KEYS = {
-    "host": str,
-    "port": int,
-    "server": dict,
-    "policy": dict,
-    "defaults": dict,
-    "models": dict,
-    "auth": dict,
-    "groups": dict,
-    "preload": list,
-    "machine": dict,
-}
-_MACHINE_KEYS = {"ram_gb": _NUMBER}
-_SERVER_KEYS = {
-    "max_body_bytes": int,
-    "shutdown_timeout_secs": _NUMBER,
-    "expose_hook_errors": bool,
-    "access_log": bool,
-    "max_queue_per_model": int,
-    "max_in_flight_per_model": int,
-    "request_head_timeout_secs": _NUMBER,
-    "request_body_timeout_secs": _NUMBER,
-    "max_header_bytes": int,
-    "state_dir": str,
-    "list_aliases": bool,
-    "client_send_timeout_secs": _NUMBER,
-    "max_connections": int,
-    "listen_backlog": int,
-    "workers": int,
-    "gpu_margin_gb": _NUMBER,
-}
-_AUTH_KEYS = {
-    "api_keys": list,
-    "api_keys_file": str,
-    "public_metrics": bool,
-    "public_status": bool,
-    "admin_token": str,
-}
-_POLICY_KEYS = {
-    "name": str,
-    "request_timeout_secs": _NUMBER,
-    "drain_before_switch": bool,
-    "min_active_secs": _NUMBER,
-    "options": dict,
-}
-_MODEL_FIELDS = [f for f in fields(ModelConfig) if "toml" in f.metadata]
 GIB = 1024**3  # the unit of every *_gb key (memory_gb, weights_gb, ram_gb, ...)
 SIZE_KEYS = ("memory_gb", "size")  # two spellings of the `size` field
-_MODEL_KEYS = {
-    **{f.name: f.metadata["toml"] for f in _MODEL_FIELDS if f.name != "size"},
-    **dict.fromkeys(SIZE_KEYS, _NUMBER),
-}
-_INHERITED = {f.name: f for f in _MODEL_FIELDS if f.metadata["inherited"]}
-_DEFAULTS_KEYS = {name: f.metadata["toml"] for name, f in _INHERITED.items()}
-_GROUP_KEYS = {"capacity": _NUMBER, "models": list, "gpus": list}
+
+
+def _sub_table(name: str, doc: str) -> KeySpec:
+    return KeySpec(name, dict, UNSET, doc)
+
+
+# The file's tables, in the order the reference and the example show them.
+TABLES = (
+    Table(
+        "", Config, "The top level: where llmux listens and what it wakes at start-up.",
+        extra=(
+            _sub_table("server", "[server]: how llmux serves clients."),
+            _sub_table("auth", "[auth]: who may use llmux."),
+            _sub_table("policy", "[policy]: when to switch."),
+            _sub_table("defaults", "[defaults]: what every model inherits."),
+            _sub_table("models", "[models.NAME]: one table per model."),
+            _sub_table("groups", "[groups.NAME]: models that share a GPU."),
+            _sub_table("machine", "[machine]: the box itself."),
+        ),
+    ),
+    Table("server", ServerConfig, "How llmux serves clients."),
+    Table("auth", AuthConfig, "Who may use llmux: without api_keys, anyone who reaches the port."),
+    Table("policy", PolicyConfig, "When to switch (see Switch policies)."),
+    Table(
+        "defaults", ModelConfig, "What every model inherits, each model may override.",
+        inherited_only=True,
+    ),
+    Table(
+        "models.NAME", ModelConfig, "One table per model; NAME is what clients put in `model` "
+        '(quote names with / or .: [models."Qwen/Qwen2.5-7B"]). A model has hooks (wake, sleep, '
+        "alive) or a built-in driver (kind and/or cmd), not both.",
+    ),
+    Table(
+        "groups.NAME", GroupConfig, "Models that share a GPU switch among themselves; groups "
+        'switch in parallel. Every model no group lists is in the group "default", where one '
+        "model is awake at a time. With a capacity, several are while their sizes fit.",
+    ),
+    Table(
+        "machine", MachineConfig, "The box itself: the host RAM of models asleep at level 1.",
+    ),
+)  # fmt: skip
+_TABLE = {table.name: table for table in TABLES}
+_INHERITED = {spec.name: spec for spec in _TABLE["defaults"].keys}
 
 
 def load_config(path: str | Path) -> Config:
-    """Parse and validate a config file; raise ConfigError naming the key on any problem."""
+    """Parse and validate a config file; raise ConfigError naming the key of every problem."""
     path = Path(path).resolve()
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -351,110 +490,108 @@ def load_config(path: str | Path) -> Config:
 
 
 def parse_config(raw: dict[str, Any], path: Path) -> Config:
-    """Validate an already-parsed TOML document (separate from I/O so tests can feed dicts)."""
-    checker = _Checker(path)
-    checker.table(raw, "", _TOP_KEYS)
+    """Validate an already-parsed TOML document (separate from I/O so tests can feed dicts).
+    Each table and each model is checked even after a problem elsewhere, and every problem is
+    raised at once; a part that failed is left out of later checks (no problem counted twice)."""
+    checker = Checker(path)
+    raw = checker.table(raw, "", _TABLE[""].allowed)
+    top = _values(checker, raw, _TABLE[""])
+    port = top.get("port", DEFAULT_PORT)
 
-    host = raw.get("host", DEFAULT_HOST)
-    port = checker.port(raw.get("port", DEFAULT_PORT), "port")
-
-    auth = _parse_auth(checker, raw.get("auth", {}))
-    server = _parse_server(checker, raw.get("server", {}), auth)
-
-    policy_raw = raw.get("policy", {})
-    checker.table(policy_raw, "policy", _POLICY_KEYS)
-    timeout = policy_raw.get("request_timeout_secs")
-    policy = PolicyConfig(
-        name=policy_raw.get("name", DEFAULT_POLICY),
-        request_timeout_secs=None
-        if timeout is None
-        else checker.positive(timeout, "policy.request_timeout_secs"),
-        drain_before_switch=policy_raw.get("drain_before_switch", True),
-        min_active_secs=checker.non_negative(
-            policy_raw.get("min_active_secs", 0.0), "policy.min_active_secs"
-        ),
-        options=dict(policy_raw.get("options", {})),
-    )
-
-    defaults_raw = raw.get("defaults", {})
-    checker.table(defaults_raw, "defaults", _DEFAULTS_KEYS)
-    defaults = {name: f.default for name, f in _INHERITED.items()} | defaults_raw
-    for name, f in _INHERITED.items():
-        checker.check(f.metadata["inherited"], defaults[name], f"defaults.{name}")
+    auth = AuthConfig()
+    with checker.section():
+        auth = _parse_auth(checker, raw.get("auth", {}))
+    server = ServerConfig()
+    with checker.section():
+        server = _parse_server(checker, raw.get("server", {}), auth)
+    policy = PolicyConfig()
+    with checker.section():
+        policy = PolicyConfig(**_values(checker, raw.get("policy", {}), _TABLE["policy"]))
+    defaults = {name: spec.default for name, spec in _INHERITED.items()}
+    with checker.section():
+        defaults |= _values(checker, raw.get("defaults", {}), _TABLE["defaults"])
 
     models_raw = raw.get("models", {})
     if not models_raw:
-        raise ConfigError(
-            path, "models", "no models configured: add at least one [models.NAME] table"
-        )
+        problem = "no models configured: add at least one [models.NAME] table"
+        checker.problems.append(ConfigError(path, "models", problem))
     models: dict[str, ModelConfig] = {}
     for name, model_raw in models_raw.items():
-        models[name] = _parse_model(checker, name, model_raw, defaults, own_port=port)
-    _check_aliases(checker, models)
+        with checker.section():
+            models[name] = _parse_model(checker, name, model_raw, defaults, own_port=port)
+    with checker.section():
+        _check_aliases(checker, models)
     choose_ports(models, {port} | {m.port for m in models.values()})
-    groups = _parse_groups(checker, raw.get("groups", {}), models)
+    names = set(models_raw)  # a model whose table failed still exists for the checks below
+    groups: dict[str, GroupConfig] = {}
+    with checker.section():
+        groups = _parse_groups(checker, raw.get("groups", {}), models, names)
     for group in groups.values():
         for name in group.models:
-            models[name] = replace(models[name], group=group.name)
-    preload = _parse_preload(checker, raw.get("preload", []), models)
-    machine_raw = raw.get("machine", {})
-    checker.table(machine_raw, "machine", _MACHINE_KEYS)
-    ram = machine_raw.get("ram_gb")
-    machine = MachineConfig(None if ram is None else checker.positive(ram, "machine.ram_gb"))
+            if name in models:
+                models[name] = replace(models[name], group=group.name)
+    preload: tuple[str, ...] = ()
+    with checker.section():
+        preload = _parse_preload(checker, top.get("preload", ()), names)
+    machine = MachineConfig()
+    with checker.section():
+        machine = MachineConfig(**_values(checker, raw.get("machine", {}), _TABLE["machine"]))
+    checker.finish()
     return Config(
-        path=path, host=host, port=port, server=server, policy=policy, models=models,
-        auth=auth, groups=groups, preload=preload, machine=machine,
+        path=path, host=top.get("host", DEFAULT_HOST), port=port, server=server, policy=policy,
+        models=models, auth=auth, groups=groups, preload=preload, machine=machine,
     )  # fmt: skip
 
 
-def _check_aliases(checker: _Checker, models: dict[str, ModelConfig]) -> None:
+def _values(checker: Checker, raw: Any, table: Table) -> dict[str, Any]:
+    """The keys of `table` that `raw` gives, each checked by its declaration (the sub-tables
+    of the top level are left to their own parsers). Every problem is kept, none raised."""
+    prefix = table.name
+    raw = checker.table(raw, prefix, table.allowed)
+    values = {}
+    for spec in table.keys:
+        if spec.name not in raw or (spec.toml is dict and table.name == ""):
+            continue
+        where = f"{prefix}.{spec.name}" if prefix else spec.name
+        with checker.section():
+            value = checker.spec(spec, raw[spec.name], where)
+            values[spec.name] = tuple(value) if isinstance(value, list) else value
+    return values
+
+
+def _check_aliases(checker: Checker, models: dict[str, ModelConfig]) -> None:
     """An alias names exactly one model and is not itself a model's name."""
     owner: dict[str, str] = {}
     for model in models.values():
         for alias in model.aliases:
             key = f"models.{_quote(model.name)}.aliases"
             if alias in models:
-                raise ConfigError(checker.path, key, f"{alias!r} is already a model's name")
-            if alias in owner:
+                checker.problems.append(checker.error(key, f"{alias!r} is already a model's name"))
+            elif alias in owner:
                 other = owner[alias]
-                raise ConfigError(checker.path, key, f"{alias!r} is also an alias of {other!r}")
-            owner[alias] = model.name
+                problem = f"{alias!r} is also an alias of {other!r}"
+                checker.problems.append(checker.error(key, problem))
+            owner.setdefault(alias, model.name)
 
 
 def _parse_groups(
-    checker: _Checker, raw: Any, models: dict[str, ModelConfig]
+    checker: Checker, raw: Any, models: dict[str, ModelConfig], names: set[str]
 ) -> dict[str, GroupConfig]:
     """[groups.NAME] tables; every model no group lists joins the group named "default"."""
     if not isinstance(raw, dict):
-        raise ConfigError(checker.path, "groups", "must be a table of [groups.NAME] tables")
+        raise checker.error("groups", "must be a table of [groups.NAME] tables")
     groups: dict[str, GroupConfig] = {}
     member_of: dict[str, str] = {}
     gpu_of: dict[int, str] = {}
+    allowed = _TABLE["groups.NAME"].allowed
     for name, table in raw.items():
         key = f"groups.{_quote(name)}"
         if not isinstance(table, dict):
-            raise ConfigError(checker.path, key, "must be a table ([groups.NAME])")
-        checker.table(table, key, _GROUP_KEYS)
-        listed = table.get("models", [])
-        if name != DEFAULT_GROUP and not listed:
-            raise ConfigError(checker.path, f"{key}.models", "missing: list the group's models")
-        for index, model in enumerate(listed):
-            if not isinstance(model, str):
-                problem = f"must be model names (strings), got {_type_name(type(model))}"
-                raise ConfigError(checker.path, f"{key}.models[{index}]", problem)
-            if model not in models:
-                known = ", ".join(models)
-                problem = f"{model!r} is not a configured model (known: {known})"
-                raise ConfigError(checker.path, f"{key}.models", problem)
-            if model in member_of:
-                problem = f"{model!r} is already in group {member_of[model]!r}"
-                raise ConfigError(checker.path, f"{key}.models", problem)
-            member_of[model] = name
-        capacity = table.get("capacity")
-        if capacity is not None:
-            checker.positive(capacity, f"{key}.capacity")
-        gpus = _parse_gpus(checker, table.get("gpus", []), f"{key}.gpus", name, gpu_of)
-        groups[name] = GroupConfig(name, tuple(listed), capacity, gpus)
+            checker.problems.append(checker.error(key, "must be a table ([groups.NAME])"))
+            continue
+        table = checker.table(table, key, allowed)
+        with checker.section():
+            groups[name] = _parse_group(checker, name, table, names, member_of, gpu_of)
     unlisted = tuple(m for m in models if m not in member_of)
     if unlisted:
         default = groups.get(DEFAULT_GROUP, GroupConfig(DEFAULT_GROUP, ()))
@@ -464,134 +601,169 @@ def _parse_groups(
         if group.capacity is None:
             continue
         for name in group.models:
+            if name not in models:
+                continue
             size = models[name].size
             key = f"models.{_quote(name)}"
             if size is None:
                 problem = f"group {group.name!r} has a capacity: give the model memory_gb or size"
-                raise ConfigError(checker.path, key, problem)
-            if size > group.capacity:
+                checker.problems.append(checker.error(key, problem))
+            elif size > group.capacity:
                 problem = (
                     f"size {size:g} exceeds the capacity {group.capacity:g} of group {group.name!r}"
                 )
-                raise ConfigError(checker.path, key, problem)
+                checker.problems.append(checker.error(key, problem))
     return groups
 
 
+def _parse_group(
+    checker: Checker,
+    name: str,
+    table: dict[str, Any],
+    names: set[str],
+    member_of: dict[str, str],
+    gpu_of: dict[int, str],
+) -> GroupConfig:
+    key = f"groups.{_quote(name)}"
+    listed = table.get("models", [])
+    if name != DEFAULT_GROUP and not listed:
+        raise checker.error(f"{key}.models", "missing: list the group's models")
+    for index, model in enumerate(listed):
+        if not isinstance(model, str):
+            problem = f"must be model names (strings), got {type_name(type(model))}"
+            raise checker.error(f"{key}.models[{index}]", problem)
+        if model not in names:
+            known = ", ".join(sorted(names))
+            problem = f"{model!r} is not a configured model (known: {known})"
+            raise checker.error(f"{key}.models", problem)
+        if model in member_of:
+            problem = f"{model!r} is already in group {member_of[model]!r}"
+            raise checker.error(f"{key}.models", problem)
+        member_of[model] = name
+    capacity = table.get("capacity")
+    if capacity is not None:
+        checker.positive(capacity, f"{key}.capacity")
+    gpus = _parse_gpus(checker, table.get("gpus", []), f"{key}.gpus", name, gpu_of)
+    return GroupConfig(name, tuple(listed), capacity, gpus)
+
+
 def _parse_gpus(
-    checker: _Checker, raw: list[Any], key: str, group: str, gpu_of: dict[int, str]
+    checker: Checker, raw: list[Any], key: str, group: str, gpu_of: dict[int, str]
 ) -> tuple[int, ...]:
     """A group's GPUs: NVML indices, each in one group only (`gpu_of` records the owners)."""
     for index, gpu in enumerate(raw):
-        if not _is_type(gpu, int) or gpu < 0:
+        if not is_type(gpu, int) or gpu < 0:
             problem = f"must be GPU indices (integers from 0, as nvidia-smi shows), got {gpu!r}"
-            raise ConfigError(checker.path, f"{key}[{index}]", problem)
+            raise checker.error(f"{key}[{index}]", problem)
         if gpu_of.get(gpu) == group:
-            raise ConfigError(checker.path, f"{key}[{index}]", f"GPU {gpu} is listed twice")
+            raise checker.error(f"{key}[{index}]", f"GPU {gpu} is listed twice")
         if gpu in gpu_of:
             problem = (
                 f"GPU {gpu} is already in group {gpu_of[gpu]!r}: groups switch independently, "
                 "so two groups on one GPU could both wake into the same free memory"
             )
-            raise ConfigError(checker.path, f"{key}[{index}]", problem)
+            raise checker.error(f"{key}[{index}]", problem)
         gpu_of[gpu] = group
     return tuple(raw)
 
 
-def _parse_preload(checker: _Checker, raw: list[Any], models: dict[str, ModelConfig]) -> tuple:
+def _parse_preload(checker: Checker, raw: tuple[Any, ...], names: set[str]) -> tuple:
     for index, name in enumerate(raw):
-        if not isinstance(name, str) or name not in models:
-            known = ", ".join(models)
+        if not isinstance(name, str) or name not in names:
+            known = ", ".join(sorted(names))
             problem = f"{name!r} is not a configured model (known: {known})"
-            raise ConfigError(checker.path, f"preload[{index}]", problem)
+            raise checker.error(f"preload[{index}]", problem)
         if raw.index(name) != index:
-            raise ConfigError(checker.path, f"preload[{index}]", f"{name!r} is listed twice")
+            raise checker.error(f"preload[{index}]", f"{name!r} is listed twice")
     return tuple(raw)
 
 
-def _parse_server(checker: _Checker, raw: Any, auth: AuthConfig) -> ServerConfig:
-    checker.table(raw, "server", _SERVER_KEYS)
-    values: dict[str, Any] = {}
-    for key, kind in _SERVER_KEYS.items():
-        if key not in raw:
-            continue
-        value = raw[key]
-        if key in ("shutdown_timeout_secs", "gpu_margin_gb"):
-            value = checker.non_negative(value, f"server.{key}")
-        elif kind in (int, _NUMBER):
-            value = checker.positive(value, f"server.{key}")
-        values[key] = value
+def _parse_server(checker: Checker, raw: Any, auth: AuthConfig) -> ServerConfig:
+    values = _values(checker, raw, _TABLE["server"])
     # A hook's stderr can carry secrets: keep it out of answers when clients are strangers.
     values.setdefault("expose_hook_errors", not auth.required)
     return ServerConfig(**values)
 
 
-def _parse_auth(checker: _Checker, raw: Any) -> AuthConfig:
-    checker.table(raw, "auth", _AUTH_KEYS)
-    keys = list(raw.get("api_keys", []))
-    for index, key in enumerate(keys):
-        if not isinstance(key, str) or not key.strip():
-            raise ConfigError(checker.path, f"auth.api_keys[{index}]", "must be a non-empty string")
-    if "api_keys_file" in raw:
-        keys_path = checker.path.parent / raw["api_keys_file"]
-        try:
-            lines = keys_path.read_text(encoding="utf-8").splitlines()
-        except OSError as exc:
-            problem = f"cannot read {keys_path}: {exc.strerror}"
-            raise ConfigError(checker.path, "auth.api_keys_file", problem) from None
-        except UnicodeDecodeError as exc:
-            problem = f"{keys_path} is not UTF-8 text (byte {exc.start})"
-            raise ConfigError(checker.path, "auth.api_keys_file", problem) from None
-        except ValueError:  # a NUL in the name
-            problem = f"{raw['api_keys_file']!r} is not a file name"
-            raise ConfigError(checker.path, "auth.api_keys_file", problem) from None
-        keys += [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-    token = raw.get("admin_token")
-    if token is not None and len(token) < 16:
-        raise ConfigError(checker.path, "auth.admin_token", "must be at least 16 characters")
-    return AuthConfig(
-        api_keys=tuple(keys),
-        public_metrics=raw.get("public_metrics", False),
-        public_status=raw.get("public_status", False),
-        admin_token=token,
-    )
+def _parse_auth(checker: Checker, raw: Any) -> AuthConfig:
+    values = _values(checker, raw, _TABLE["auth"])
+    keys = list(values.get("api_keys", ()))
+    for index, api_key in enumerate(keys):
+        if not api_key.strip():
+            raise checker.error(f"auth.api_keys[{index}]", "must be a non-empty string")
+    if "api_keys_file" in values:
+        keys += _read_keys_file(checker, values["api_keys_file"])
+    return AuthConfig(**values | {"api_keys": tuple(keys)})
+
+
+def _read_keys_file(checker: Checker, name: str) -> list[str]:
+    keys_path = checker.path.parent / name
+    try:
+        lines = keys_path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        problem = f"cannot read {keys_path}: {exc.strerror}"
+        raise checker.error("auth.api_keys_file", problem) from None
+    except UnicodeDecodeError as exc:
+        problem = f"{keys_path} is not UTF-8 text (byte {exc.start})"
+        raise checker.error("auth.api_keys_file", problem) from None
+    except ValueError:  # a NUL in the name
+        raise checker.error("auth.api_keys_file", f"{name!r} is not a file name") from None
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
 
 
 def _parse_model(
-    checker: _Checker, name: str, raw: Any, defaults: dict[str, Any], own_port: int
+    checker: Checker, name: str, raw: Any, defaults: dict[str, Any], own_port: int
 ) -> ModelConfig:
+    """One model's table; its independent checks each run, and all its problems are raised
+    together (the model is then left out)."""
     key = f"models.{_quote(name)}"
     if not isinstance(raw, dict):
-        raise ConfigError(checker.path, key, "must be a table ([models.NAME])")
-    checker.table(raw, key, _MODEL_KEYS)
-    driver = _parse_driver(checker, raw, key)
+        raise checker.error(key, "must be a table ([models.NAME])")
+    before = len(checker.problems)
+    raw = checker.table(raw, key, _TABLE["models.NAME"].allowed)
+    driver: dict[str, Any] = {}
+    with checker.section():
+        driver = _parse_driver(checker, raw, key)
+    port = 0  # chosen by parse_config, once every model's port is known
     if "port" in raw:
-        port = checker.port(raw["port"], f"{key}.port")
-        if port == own_port:
-            raise ConfigError(checker.path, f"{key}.port", f"{port} is llmux's own port")
-    elif driver["cmd"] is not None:
-        port = 0  # chosen by parse_config, once every model's port is known
-    else:
-        raise ConfigError(checker.path, f"{key}.port", "missing (required unless cmd is set)")
-    inherited = {
-        name: checker.check(f.metadata["inherited"], raw.get(name, defaults[name]), f"{key}.{name}")
-        for name, f in _INHERITED.items()
-    }
+        with checker.section():
+            port = checker.port(raw["port"], f"{key}.port")
+            if port == own_port:
+                raise checker.error(f"{key}.port", f"{port} is llmux's own port")
+    elif driver and driver["cmd"] is None:
+        checker.problems.append(
+            checker.error(f"{key}.port", "missing (required unless cmd is set)")
+        )
+    inherited = {}
+    for field_name, spec in _INHERITED.items():
+        with checker.section():
+            value = raw.get(field_name, defaults[field_name])
+            inherited[field_name] = checker.spec(spec, value, f"{key}.{field_name}")
     given = [k for k in SIZE_KEYS if k in raw]
-    if len(given) > 1:
-        raise ConfigError(checker.path, key, "give memory_gb or size, not both")
     size = raw[given[0]] if given else None
-    if size is not None:
-        checker.positive(size, f"{key}.{given[0]}")
+    with checker.section():
+        if len(given) > 1:
+            raise checker.error(key, "give memory_gb or size, not both")
+        if size is not None:
+            checker.positive(size, f"{key}.{given[0]}")
     aliases = raw.get("aliases", [])
     for index, alias in enumerate(aliases):
         if not isinstance(alias, str) or not alias.strip():
-            raise ConfigError(checker.path, f"{key}.aliases[{index}]", "must be a non-empty string")
+            problem = "must be a non-empty string"
+            checker.problems.append(checker.error(f"{key}.aliases[{index}]", problem))
     upstream = raw.get("upstream_model")
     if upstream is not None and not upstream.strip():
-        raise ConfigError(checker.path, f"{key}.upstream_model", "must not be empty")
+        checker.problems.append(checker.error(f"{key}.upstream_model", "must not be empty"))
     backend_key = raw.get("backend_api_key")
     if backend_key is not None and (not backend_key.strip() or not backend_key.isprintable()):
-        raise ConfigError(checker.path, f"{key}.backend_api_key", "must be a printable key")
+        checker.problems.append(checker.error(f"{key}.backend_api_key", "must be a printable key"))
+    passthrough: tuple[str, ...] = ()
+    with checker.section():
+        passthrough = _passthrough_paths(checker, raw.get("passthrough_paths", []), key)
+    if len(checker.problems) > before:
+        problems = checker.problems[before:]
+        del checker.problems[before:]
+        raise ConfigError.of(problems)
     return ModelConfig(
         name=name,
         port=port,
@@ -601,53 +773,53 @@ def _parse_model(
         size_in_gib=given == ["memory_gb"],
         aliases=tuple(dict.fromkeys(aliases)),
         upstream_model=upstream,
-        passthrough_paths=_passthrough_paths(checker, raw.get("passthrough_paths", []), key),
+        passthrough_paths=passthrough,
         backend_api_key=backend_key,
         **inherited,
     )
 
 
-def _parse_driver(checker: _Checker, raw: dict[str, Any], key: str) -> dict[str, Any]:
+def _parse_driver(checker: Checker, raw: dict[str, Any], key: str) -> dict[str, Any]:
     """How the model is woken and put to sleep: its shell hooks, or `kind` and/or `cmd`."""
     hooks = {hook.value: raw.get(hook.value) for hook in HookName}
     kind, cmd = raw.get("kind"), raw.get("cmd")
     given = [hook for hook, command in hooks.items() if command is not None]
     if (kind is not None or cmd is not None) and given:
         problem = f"{', '.join(given)} given with kind or cmd: give hooks or kind/cmd, not both"
-        raise ConfigError(checker.path, f"{key}.{given[0]}", problem)
+        raise checker.error(f"{key}.{given[0]}", problem)
     for hook in given:
         checker.hook(hooks[hook], f"{key}.{hook}")
     if kind is not None and kind not in KINDS:
         problem = f"unknown kind {kind!r} (known: {', '.join(KINDS)}; or give hooks)"
-        raise ConfigError(checker.path, f"{key}.kind", problem)
+        raise checker.error(f"{key}.kind", problem)
     if cmd is not None:
         checker.hook(cmd, f"{key}.cmd")
         if kind == "ollama":
             problem = "an Ollama server holds several models: run `ollama serve` as its own service"
-            raise ConfigError(checker.path, f"{key}.cmd", problem)
+            raise checker.error(f"{key}.cmd", problem)
     if kind is None and cmd is None:
         for required in (HookName.WAKE.value, HookName.SLEEP.value):
             if hooks[required] is None:
                 problem = "missing (required unless kind or cmd is set)"
-                raise ConfigError(checker.path, f"{key}.{required}", problem)
+                raise checker.error(f"{key}.{required}", problem)
     level = raw.get("sleep_level", 1)
     if "sleep_level" in raw and kind != "vllm":
-        raise ConfigError(checker.path, f"{key}.sleep_level", 'only for kind = "vllm"')
+        raise checker.error(f"{key}.sleep_level", 'only for kind = "vllm"')
     auto = level == "auto"
     if auto:
         level = 1
     elif isinstance(level, bool) or level not in SLEEP_LEVELS:
         problem = f'must be 1, 2 or "auto", got {level!r}'
-        raise ConfigError(checker.path, f"{key}.sleep_level", problem)
+        raise checker.error(f"{key}.sleep_level", problem)
     weights = raw.get("weights_gb")
     if weights is not None:
         if kind != "vllm":
-            raise ConfigError(checker.path, f"{key}.weights_gb", 'only for kind = "vllm"')
+            raise checker.error(f"{key}.weights_gb", 'only for kind = "vllm"')
         checker.non_negative(weights, f"{key}.weights_gb")
     health = raw.get("health_path")
     if health is not None and not _is_plain_path(health):
         problem = f"{health!r} must be a plain path such as /health"
-        raise ConfigError(checker.path, f"{key}.health_path", problem)
+        raise checker.error(f"{key}.health_path", problem)
     return {
         **hooks,
         "kind": kind,
@@ -681,15 +853,15 @@ def choose_ports(models: dict[str, ModelConfig], taken: set[int]) -> None:
             sock.close()
 
 
-def _passthrough_paths(checker: _Checker, raw: list[Any], key: str) -> tuple[str, ...]:
+def _passthrough_paths(checker: Checker, raw: list[Any], key: str) -> tuple[str, ...]:
     """Path prefixes of a backend that /upstream/NAME/... may reach: plain paths only."""
     for index, prefix in enumerate(raw):
         where = f"{key}.passthrough_paths[{index}]"
         if not isinstance(prefix, str):
-            raise ConfigError(checker.path, where, "must be a string")
+            raise checker.error(where, "must be a string")
         if not _is_plain_path(prefix):
             problem = f"{prefix!r} must be a plain path such as /tokenize (no .., no %, no ?)"
-            raise ConfigError(checker.path, where, problem)
+            raise checker.error(where, problem)
     return tuple(raw)
 
 
@@ -706,100 +878,3 @@ def _is_plain_path(path: str) -> bool:
 
 def _quote(name: str) -> str:
     return name if name.replace("-", "").replace("_", "").isalnum() else f'"{name}"'
-
-
-class _Checker:
-    """Small validators that raise ConfigError with the file and key filled in."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def table(self, value: Any, key: str, allowed: dict[str, Any]) -> None:
-        if not isinstance(value, dict):
-            raise ConfigError(self.path, key, "must be a table")
-        for name, item in value.items():
-            full = f"{key}.{name}" if key else name
-            if name not in allowed:
-                if isinstance(item, dict) and key.startswith("models."):
-                    raise ConfigError(
-                        self.path, full, "a model name with dots must be quoted: "
-                        f'[models."{key.removeprefix("models.")}.{name}"]',
-                    )  # fmt: skip
-                hint = ", ".join(sorted(allowed))
-                raise ConfigError(self.path, full, f"unknown key (known here: {hint})")
-            expected = allowed[name]
-            if not _is_type(item, expected):
-                raise ConfigError(
-                    self.path, full, f"must be {_type_name(expected)}, got {_type_name(type(item))}"
-                )
-
-    def port(self, value: Any, key: str) -> int:
-        if not _is_type(value, int) or not 0 < value < 65536:
-            raise ConfigError(self.path, key, f"must be a port number 1-65535, got {value!r}")
-        return value
-
-    def positive(self, value: Any, key: str) -> Any:
-        if not _is_type(value, _NUMBER) or not math.isfinite(value) or value <= 0:
-            raise ConfigError(self.path, key, f"must be a positive number, got {value!r}")
-        return value
-
-    def non_negative(self, value: Any, key: str) -> Any:
-        if not _is_type(value, _NUMBER) or not math.isfinite(value) or value < 0:
-            raise ConfigError(self.path, key, f"must be zero or a positive number, got {value!r}")
-        return value
-
-    def check(self, rule: str, value: Any, key: str) -> Any:
-        """Check `value` by a rule named in a key's declaration ("positive", "non_negative")."""
-        return self.positive(value, key) if rule == "positive" else self.non_negative(value, key)
-
-    def hook(self, command: str, key: str) -> None:
-        """Reject empty hooks and scripts named by path that do not exist next to the config."""
-        if not command.strip():
-            raise ConfigError(self.path, key, "empty hook command")
-        try:
-            words = hook_words(command)
-        except ValueError as exc:
-            raise ConfigError(self.path, key, f"cannot parse shell command: {exc}") from None
-        program = words[0] if words else ""
-        if "\0" in command:
-            raise ConfigError(self.path, key, "a hook command cannot hold a NUL character")
-        if "/" in program:
-            try:
-                script = (self.path.parent / program).resolve()
-                found = script.exists()
-            except OSError as exc:
-                raise ConfigError(self.path, key, f"cannot look at {program}: {exc}") from None
-            if not found:
-                raise ConfigError(
-                    self.path, key, f"hook script {program} not found (looked at {script})"
-                )
-
-
-def hook_words(command: str) -> list[str]:
-    """A hook's words from its program on: leading `NAME=value` assignments are skipped
-    (`MODEL=/m.gguf ./start.sh` runs ./start.sh). ValueError if the shell could not parse it."""
-    words = shlex.split(command, comments=True)
-    while words and _ASSIGNMENT.match(words[0]):
-        words.pop(0)
-    return words
-
-
-def _is_type(value: Any, expected: Any) -> bool:
-    if isinstance(value, bool):
-        return expected is bool or (isinstance(expected, tuple) and bool in expected)
-    return isinstance(value, expected)
-
-
-def _type_name(expected: Any) -> str:
-    if expected == (int, str):
-        return "an integer or a string"
-    if isinstance(expected, tuple):
-        return "a number"
-    return {
-        str: "a string",
-        int: "an integer",
-        float: "a number",
-        bool: "true or false",
-        dict: "a table",
-        list: "an array",
-    }.get(expected, getattr(expected, "__name__", str(expected)))

@@ -12,7 +12,8 @@ import os
 import shutil
 from pathlib import Path
 
-from llmux.config import Config, ConfigError, hook_words
+from llmux.config import Config, ConfigError
+from llmux.config_checker import hook_words
 from llmux.core.states import HookName
 
 # POSIX sh builtins and keywords a hook may start with; they are never looked up on PATH.

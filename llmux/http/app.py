@@ -134,9 +134,10 @@ class LlmuxApp:
                 new.with_listen(self.config.host, self.config.port), make_policy
             )
         except (ConfigError, PolicyLoadError, GroupsChanged) as exc:
+            said = "; ".join(map(str, exc.problems)) if isinstance(exc, ConfigError) else str(exc)
             log_event(
-                log, "config_rejected", f"reload rejected, the old config stays in force: {exc}",
-                logging.ERROR, path=str(path), error=str(exc),
+                log, "config_rejected", f"reload rejected, the old config stays in force: {said}",
+                logging.ERROR, path=str(path), error=said,
             )  # fmt: skip
             return None
         except Exception as exc:  # a bug of ours: a reload must never stop the server

@@ -1,0 +1,176 @@
+"""The config's declarations are the one source of its reference page, example and JSON Schema:
+these tests fail when a generated file is stale, when a key the parser accepts is missing from
+them, or when the schema and the parser disagree on a value."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import tomllib
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from llmux import config_docs
+from llmux.config import TABLES, ConfigError, load_config, parse_config
+from llmux.config_schema import config_schema
+from tests.conftest import PYTHON
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_generated_files_are_fresh():
+    for path, text in config_docs.generated().items():
+        assert (ROOT / path).read_text(encoding="utf-8") == text, (
+            f"{path} is stale: run `python -m llmux.config_docs --write`"
+        )
+    assert config_docs.main([]) == 0
+
+
+def test_the_check_fails_on_a_stale_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(config_docs, "ROOT", tmp_path)
+    assert config_docs.main([]) == 1
+    assert "stale" in capsys.readouterr().err
+    assert config_docs.main(["--write"]) == 0
+    assert config_docs.main([]) == 0
+    (tmp_path / config_docs.EXAMPLE).write_text("# edited by hand\n")
+    assert config_docs.main([]) == 1
+
+
+def _all_keys() -> set[tuple[str, str]]:
+    return {(table.name, spec.name) for table in TABLES for spec in table.keys}
+
+
+def test_every_key_is_in_the_example_the_reference_and_the_schema(tmp_path):
+    example = (ROOT / config_docs.EXAMPLE).read_text()
+    reference = (ROOT / config_docs.REFERENCE).read_text()
+    schema = config_schema()
+    for table, name in _all_keys():
+        header = {"models.NAME": "models.llama", "groups.NAME": "groups.gpu0"}.get(table, table)
+        if table and name not in ("options",):
+            section = example.split(f"[{header}]", 1)[1]
+            assert re.search(rf"^#? ?{name} = ", section, re.M), (table, name)
+        elif not table:
+            assert re.search(rf"^#? ?{name} = |^#? ?\[{name}[.\]]", example, re.M), name
+        assert re.search(rf"\| `{name}` \||^## \[{name}[.\]]", reference, re.M), (table, name)
+        if table in ("", "models.NAME"):
+            properties = schema["properties"]
+            if table:
+                properties = properties["models"]["additionalProperties"]["properties"]
+            assert name in properties, (table, name)
+
+
+def test_the_example_loads_and_every_table_parses_each_key_it_declares(tmp_path):
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    for name in ("wake-llama.sh", "sleep-llama.sh", "serving-llama.sh"):
+        (scripts / name).write_text("#!/bin/sh\n")
+    copy = tmp_path / "config.toml"
+    copy.write_text((ROOT / config_docs.EXAMPLE).read_text())
+    config = load_config(copy)
+    assert config.models["llama"].alive == "./scripts/serving-llama.sh"
+    assert config.policy.options["guard_factor"] == 2.0
+    # Uncommenting every commented key of the example still parses (but the model's hooks,
+    # which exclude `kind` and `cmd`): what the example shows is what the parser accepts.
+    lines = []
+    for line in copy.read_text().splitlines():
+        if re.match(r"^# (\[[a-z0-9.]+\]$|[a-z_]+ = )", line) and not re.match(r"^# (kind|cmd) = ", line):
+            line = line[2:]
+        lines.append(line)
+    text = "\n".join(lines).replace("\nsleep_level = 1\n", "\n")  # vLLM's only
+    text = text.replace("\nweights_gb = 16\n", "\n").replace("\nsize = 1\n", "\n")
+    text = text.replace(
+        'admin_token = "at least 16 characters"', 'admin_token = "0123456789abcdef"'
+    )
+    (tmp_path / "keys.txt").write_text("sk-2\n")
+    copy.write_text(text)
+    config = load_config(copy)
+    assert config.groups["gpu0"].gpus == (0,) and config.machine.ram_gb == 200
+    assert config.auth.api_keys == ("sk-local-1", "sk-2") and config.server.workers == 2
+
+
+def test_the_schema_accepts_the_example_and_rejects_what_the_parser_rejects(tmp_path):
+    validator = jsonschema.Draft202012Validator(config_schema())
+    jsonschema.Draft202012Validator.check_schema(config_schema())
+    example = tomllib.loads((ROOT / config_docs.EXAMPLE).read_text())
+    assert list(validator.iter_errors(example)) == []
+    bad_documents = [
+        {"port": 70000},
+        {"server": {"max_queue_per_model": 0}},
+        {"server": {"max_queue_per_modle": 5}},
+        {"auth": {"admin_token": "short"}},
+        {"policy": {"min_active_secs": -1}},
+        {"defaults": {"ttl_secs": "never"}},
+        {"machine": {"ram_gb": 0}},
+    ]
+    model = {"port": 8001, "wake": "true", "sleep": "true"}
+    bad_models = [{"kind": "tgi"}, {"sleep_level": 3}, {"aliases": [1]}, {"memory_gb": -1}]
+    for bad in bad_documents + [{"models": {"a": model | extra}} for extra in bad_models]:
+        document = {"models": {"a": model}} | bad
+        assert list(validator.iter_errors(document)), bad
+        with pytest.raises(ConfigError):
+            parse_config(document, tmp_path / "c.toml")
+
+
+def test_config_schema_command_prints_the_schema_file():
+    result = subprocess.run(
+        [PYTHON, "-m", "llmux", "config-schema"], capture_output=True, text=True, timeout=20
+    )
+    assert result.returncode == 0
+    assert json.loads(result.stdout) == config_schema()
+    assert result.stdout == (ROOT / config_docs.SCHEMA).read_text()
+
+
+BROKEN = """
+port = 99999
+colour = "blue"
+
+[server]
+max_queue_per_model = 0
+access_log = "yes"
+
+[models.a]
+port = 8001
+wake = "true"
+sleep = "true"
+ttl_secs = -5
+typo = 1
+
+[models.b]
+cmd = "serve --port ${PORT}"
+sleep_level = 2
+
+[models.c]
+port = 8003
+wake = "true"
+sleep = "true"
+
+[groups.g]
+models = ["b", "nobody"]
+
+[machine]
+ram_gb = 0
+"""
+
+
+def test_check_names_every_problem_of_a_file_at_once(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text(BROKEN)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    keys = [problem.key for problem in caught.value.problems]
+    assert keys == [
+        "colour", "port", "server.access_log", "server.max_queue_per_model", "models.a.typo",
+        "models.a.ttl_secs", "models.b.sleep_level", "groups.g.models", "machine.ram_gb",
+    ]  # fmt: skip
+    result = subprocess.run(
+        [PYTHON, "-m", "llmux", "check", "-c", str(path)], capture_output=True, text=True,
+        timeout=20,
+    )  # fmt: skip
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == len(keys)
+    for line, key in zip(lines, keys, strict=True):
+        assert line.startswith(f"llmux: config error: {path}: {key}: "), line
