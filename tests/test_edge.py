@@ -131,7 +131,7 @@ async def _http2_prior_knowledge(url: str, target: bytes) -> list[h2.events.Even
 
 
 async def test_http2_without_tls_is_refused_at_once_and_reaches_no_backend(fakes, tmp_path):
-    """llmux speaks HTTP/1.1 only (SECURITY.md, "Protocol"): HTTP/2 with prior knowledge gets
+    """llmux speaks HTTP/1.1 only (docs/security.md, "Protocol"): HTTP/2 with prior knowledge gets
     HTTP/2's own refusal, GOAWAY with HTTP_1_1_REQUIRED, and `Upgrade: h2c` is ignored. Over
     HTTP/2 the query of `:path` could hold a space or any byte, sent on to the backend."""
     (a,) = fakes.start("a", wake_delay=0.05)

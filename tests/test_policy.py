@@ -151,16 +151,16 @@ async def test_live_switcher_drives_a_custom_policy(fakes, tmp_path):
     assert "a>b" in events[-1]["costs"], "measured switch costs must reach the policy"
 
 
-def _readme_block(first_line: str) -> str:
-    """The fenced code block of the README that starts with `first_line`."""
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+def _docs_block(first_line: str) -> str:
+    """The fenced code block of the policies page that starts with `first_line`."""
+    readme = (Path(__file__).parents[1] / "docs" / "policies.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.DOTALL)
     return next(block for block in blocks if block.startswith(first_line))
 
 
 def test_the_readme_example_policy_and_its_test_work_as_printed(tmp_path):
-    (tmp_path / "delayed.py").write_text(_readme_block("# delayed.py"))
-    (tmp_path / "test_delayed.py").write_text(_readme_block("# test_delayed.py"))
+    (tmp_path / "delayed.py").write_text(_docs_block("# delayed.py"))
+    (tmp_path / "test_delayed.py").write_text(_docs_block("# test_delayed.py"))
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_delayed.py"],
         cwd=tmp_path,
@@ -171,7 +171,7 @@ def test_the_readme_example_policy_and_its_test_work_as_printed(tmp_path):
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "1 passed" in run.stdout
-    # ... and it replays beside the built-ins, as the README says.
+    # ... and it replays beside the built-ins, as the policies page says.
     trace = tmp_path / "trace.csv"
     trace.write_text("arrival,model,service\n0,a,1\n0.5,b,1\n1,a,1\n4,b,1\n")
     command = [sys.executable, "-m", "llmux", "simulate", "--trace", str(trace)]

@@ -19,7 +19,7 @@ And one refusal: each connection speaks HTTP/1.1 only, where hypercorn would swi
 HTTP/2 (h2c) on `Upgrade: h2c` or on the HTTP/2 preface. llmux's bounds are built for HTTP/1.1
 (`max_connections` counts connections, which HTTP/2 multiplexes; `client_send_timeout_secs`
 watches socket writes, which HTTP/2 flow control can stall per stream), and an upgrade passed on
-by a front tunnels past the front's rules; SECURITY.md ("Protocol") says more. So `Upgrade: h2c`
+by a front tunnels past the front's rules (docs/security.md, "Protocol"). So `Upgrade: h2c`
 is ignored (RFC 9110 §7.8 lets a server) and the preface gets HTTP/2's own refusal, GOAWAY with
 HTTP_1_1_REQUIRED, then the connection closes. A request that does not parse as HTTP/1.1 gets its
 400 (or 431) in OpenAI's shape, not hypercorn's empty one.
