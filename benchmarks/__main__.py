@@ -1,6 +1,6 @@
 """llmux's benchmark: what the proxy costs, side by side with the backend direct (and nginx).
 
-    python -m benchmarks            # the full run; prints the table the README shows
+    python -m benchmarks            # the full run; prints the table docs/performance.md shows
     python -m benchmarks --quick    # a short run (CI); add --check to fail below the floors
 
 Everything runs on loopback: a lean asyncio backend (benchmarks/lean_backend.py, faster than

@@ -137,7 +137,7 @@ class AuthConfig:
         return bool(self.api_keys)
 
 
-# The built-in policy that won the trace replays (docs, "Switch policies").
+# The built-in policy that won the trace replays (docs/policies.md).
 DEFAULT_POLICY = "adaptive"
 
 

@@ -221,7 +221,7 @@ TEST_WORKERS = int(os.environ.get("LLMUX_TEST_WORKERS", "1"))
 
 
 def one_process_only(reason: str) -> pytest.MarkDecorator:
-    """For a test of what differs with workers (README, "Processes"): skipped with them."""
+    """For a test of what differs with workers (docs/operations/running.md): skipped with them."""
     return pytest.mark.skipif(TEST_WORKERS > 1, reason=f"with workers: {reason}")
 
 

@@ -48,7 +48,7 @@ START_TIMEOUT_SECS = 30.0  # a worker says it accepts within this long of its st
 ACK_TIMEOUT_SECS = 5.0  # a reload waits this long for each worker's acknowledgement
 FLUSH_TIMEOUT_SECS = 1.0  # a scrape waits this long for each worker's counts
 # After the drain: time for workers to exit. The second left of the 5 s that SIGTERM promises
-# (README) kills what is left and lets the controller exit.
+# (docs/operations/running.md) kills what is left and lets the controller exit.
 EXIT_GRACE_SECS = 4.0
 FLUSHED_FIRST = ("/metrics", "/llmux/status")  # answers that read the workers' counts
 
