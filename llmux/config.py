@@ -68,6 +68,8 @@ class ServerConfig:
     # GiB the check of room before a switch's wake leaves free on each GPU of the group beyond
     # what the model takes (CUDA context, buffers).
     gpu_margin_gb: float = 1.0
+    # A stream waiting for its model gets its head and SSE comments saying why (wait_notice.py).
+    stream_wait_notice: bool = False
 
 
 @dataclass(frozen=True)
@@ -307,6 +309,7 @@ _SERVER_KEYS = {
     "listen_backlog": int,
     "workers": int,
     "gpu_margin_gb": _NUMBER,
+    "stream_wait_notice": bool,
 }
 _AUTH_KEYS = {
     "api_keys": list,
