@@ -9,6 +9,7 @@ import logging
 import pytest
 import trio
 
+from llmux.core.waiting import WaitView
 from llmux.http import wait_notice
 from tests.conftest import (
     chat,
@@ -149,3 +150,16 @@ async def test_failures_after_the_head_are_error_events_counted_as_themselves(
         assert metric_value(metrics, "llmux_requests_total", model=model, status="200") is None
     requests = [r.fields for r in caplog.records if getattr(r, "event", None) == "request"]
     assert sorted((r["model"], r["status"]) for r in requests) == [("a", 503), ("b", 503)]
+
+
+def test_the_words_of_a_notice():
+    def said(model: str = "qwen", position: int = 1, **view: object) -> str:
+        defaults: dict = {"awake": False, "cold": False, "seconds": None}
+        return wait_notice.notice_text(WaitView(model, position, **{**defaults, **view}))
+
+    assert said(position=2, seconds=6.6) == "waiting for qwen to wake, 2nd in line, about 7 s"
+    assert said(position=11) == "waiting for qwen to wake, 11th in line"  # nothing measured
+    assert said(position=23, seconds=0.4) == "waiting for qwen to wake, 23rd in line"  # late
+    assert said(cold=True, seconds=40) == "waiting for qwen to start, 1st in line, about 40 s"
+    assert said(position=3, awake=True) == "waiting for a free slot on qwen, 3rd in line"
+    assert said("two\nlines") == "waiting for two lines to wake, 1st in line"  # one SSE line

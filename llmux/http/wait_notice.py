@@ -23,6 +23,7 @@ import trio
 from llmux.core.waiting import WaitView
 from llmux.errors import error_body
 from llmux.http.asgi import Send
+from llmux.http.listener import current_connection
 from llmux.runtime.driver import WaitTicket
 
 WAIT_NOTICE_AFTER_SECS = 1.0  # a wait shorter than this is not told: the answer comes as usual
@@ -95,6 +96,7 @@ class StreamWaitNotice:
         self._where = where
         self._scope = trio.CancelScope()
         self._sending = trio.Lock()
+        self._connection = current_connection.get()
 
     async def run(self) -> None:
         with self._scope:
@@ -106,6 +108,8 @@ class StreamWaitNotice:
                         # Never cut midway: the stream's next bytes would follow half a line.
                         with trio.CancelScope(shield=True):
                             await self._say(notice_text(view))
+                if self._connection is not None and self._connection.send_timed_out:
+                    return  # cut by client_send_timeout_secs: nobody reads what follows
                 await trio.sleep(WAIT_NOTICE_EVERY_SECS)
 
     async def _say(self, text: str) -> None:
