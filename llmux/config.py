@@ -109,6 +109,11 @@ class ServerConfig:
         NUMBER, 1.0, "GiB left free on each GPU a group names beyond a model's memory_gb "
         "(CUDA context, buffers), checked before a switch wakes it.", rule=NON_NEGATIVE,
     )  # fmt: skip
+    stream_wait_notice: bool = config_key(
+        bool, False, "A streaming request that waits over a second for its model gets its "
+        "head and an SSE comment every 3 s saying why (`: waiting for qwen to wake, 2nd in "
+        "line, about 7 s`), so idle timeouts keep the connection.",
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -523,7 +523,8 @@ class GroupCore:
         if not self.room_can_be_made(target, victims):
             return False  # rule 2: wait until it can
         self.switch_wanted = None
-        self.op = Switch.begin(self, target, victims)
+        estimate = self.snapshot().estimated_cost(target.name)
+        self.op = Switch.begin(self, target, victims, estimate)
         return True
 
     # ----- capacity -----

@@ -57,11 +57,18 @@ class Switch(Operation):
     read_again_at: float | None = None  # when to read the GPUs' free memory again
     room_since: float | None = None  # when it began to wait for room on the GPUs
     room_short_told: bool = False
+    estimate: float | None = None  # its measured cost when it began (None: not measured yet)
 
     @classmethod
-    def begin(cls, group: Group, target: ModelRecord, victims: list[ModelRecord]) -> Switch:
+    def begin(
+        cls,
+        group: Group,
+        target: ModelRecord,
+        victims: list[ModelRecord],
+        estimate: float | None = None,
+    ) -> Switch:
         """Start draining the victims for `target`."""
-        op = cls(target, victims, group.now, drain_started=group.now)
+        op = cls(target, victims, group.now, drain_started=group.now, estimate=estimate)
         labels = op.labels()
         evicting = (
             f" (putting {', '.join(v.name for v in victims)} to sleep)" if len(victims) > 1 else ""
@@ -82,6 +89,13 @@ class Switch(Operation):
         source = self.source.name if self.source else None
         evicting = tuple(v.name for v in self.victims)
         return SwitchView(source, self.target.name, evicting, self.started)
+
+    def remaining(self, now: float) -> float | None:
+        """About how long until the target serves, from the cost measured before: all of it
+        while the victims drain (a cost leaves the drain out), then less the time since."""
+        if self.estimate is None or self.phase == Phase.DRAIN:
+            return self.estimate
+        return max(0.0, self.estimate - (now - self.drain_started - self.drain_seconds))
 
     def labels(self) -> dict[str, str]:
         return {"from": self.source.name if self.source else IDLE, "to": self.target.name}

@@ -61,6 +61,13 @@ from llmux.http.routes import (
 )
 from llmux.http.status import status_report
 from llmux.http.upstream import UpstreamClosed, UpstreamProtocolError, UpstreamResponse
+from llmux.http.wait_notice import (
+    MAX_ERROR_BODY_BYTES,
+    StreamWaitNotice,
+    asks_to_stream,
+    backend_error_event,
+    error_event,
+)
 from llmux.http.watchdog import Watchdog
 from llmux.observe.logs import log_event
 from llmux.observe.metrics import UNKNOWN_MODEL
@@ -80,6 +87,12 @@ class _Outcome:
     headers_sent: bool = False
     complete: bool = False
     queue_wait: float = 0.0
+    notice: StreamWaitNotice | None = None  # a stream's wait notices (stream_wait_notice)
+
+    @property
+    def notice_began(self) -> bool:
+        """The wait notices sent the answer's head: what follows goes as stream events."""
+        return self.notice is not None and self.notice.head_sent
 
 
 class LlmuxApp:
@@ -364,7 +377,10 @@ class LlmuxApp:
             outcome.status, outcome.error = error.status, error
         except Exception as exc:  # a bug of ours: a JSON 500 (or a cut answer), counted, logged
             outcome.status, outcome.error = 500, self._internal_error(exc, scope, model_label)
-        if outcome.error is not None and not outcome.headers_sent:
+        if outcome.error is not None and outcome.notice_began:
+            event = error_event(outcome.error.body())
+            await send({"type": "http.response.body", "body": event, "more_body": False})
+        elif outcome.error is not None and not outcome.headers_sent:
             # A body that did not come in time is not waited for again.
             timed_out = isinstance(outcome.error, RequestTimeout)
             if reader is not None and reader.unread and not timed_out:
@@ -499,8 +515,11 @@ class LlmuxApp:
         themselves (not in an ExceptionGroup) and `outcome` says whether the answer had begun.
         The final empty body message is sent by the caller, outside the cancel scope the
         disconnect watcher controls (cancelling around it breaks hypercorn's keep-alive)."""
+        outcome.notice = self._wait_notice(request, send)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+            if outcome.notice is not None:
+                nursery.start_soon(outcome.notice.run)
             try:
                 await self._stream_from_backend(request, scope, send, started, outcome)
             except LlmuxError as error:
@@ -511,6 +530,12 @@ class LlmuxApp:
             finally:
                 nursery.cancel_scope.cancel()
 
+    def _wait_notice(self, request: _UpstreamRequest, send: Send) -> StreamWaitNotice | None:
+        """Wait notices for a request that asked to stream, if llmux is to send them."""
+        if not self.config.server.stream_wait_notice or request.form:
+            return None
+        return StreamWaitNotice(send, self.fleet.where) if asks_to_stream(request.body) else None
+
     async def _stream_from_backend(
         self,
         request: _UpstreamRequest,
@@ -519,8 +544,10 @@ class LlmuxApp:
         started: float,
         outcome: _Outcome,
     ) -> None:
-        model = request.model
-        async with self.fleet.serving(model) as slot:
+        model, notice = request.model, outcome.notice
+        async with self.fleet.serving(model, notice.ticket if notice else None) as slot:
+            if notice is not None:
+                await notice.stop()
             outcome.queue_wait = slot.waited
             if request.sent_as != _upstream_name(slot.backend):  # a reload renamed it meanwhile
                 request.prepare(_upstream_name(slot.backend))
@@ -534,19 +561,23 @@ class LlmuxApp:
                     slot.backend.port, scope["method"], request.target, headers, request.sent,
                     slot.backend.first_byte_timeout_secs,
                 ) as response:  # fmt: skip
-                    await send(
-                        {
-                            "type": "http.response.start",
-                            "status": response.status,
-                            "headers": forwarded_response_headers(response.headers),
-                        }
-                    )
+                    if not outcome.notice_began:
+                        await send(
+                            {
+                                "type": "http.response.start",
+                                "status": response.status,
+                                "headers": forwarded_response_headers(response.headers),
+                            }
+                        )
                     outcome.headers_sent = True
                     outcome.status = response.status
                     self.metrics.request_duration.labels(model).observe(
                         trio.current_time() - started
                     )
-                    await self._relay_body(response, slot.backend, send, outcome)
+                    if outcome.notice_began and not 200 <= response.status < 300:
+                        await self._relay_error_event(response, slot.backend, send, outcome)
+                    else:
+                        await self._relay_body(response, slot.backend, send, outcome)
             except BackendConnectFailed:
                 self.fleet.report_unreachable(model)
                 raise
@@ -561,6 +592,24 @@ class LlmuxApp:
             log, "backend_timeout", f"backend for {model} sent nothing for {limit:g}s {where}",
             logging.WARNING, model=model, phase=phase,
         )  # fmt: skip
+
+    async def _relay_error_event(
+        self, response: UpstreamResponse, backend: ModelConfig, send: Send, outcome: _Outcome
+    ) -> None:
+        """A backend's error answer (a prompt too long, a 5xx) to a stream whose head the wait
+        notices sent: its status cannot reach the client, so its error goes as an event."""
+        body = b""
+        with trio.move_on_after(backend.idle_timeout_secs):
+            try:
+                async for chunk in response.body():
+                    body += chunk
+                    if len(body) > MAX_ERROR_BODY_BYTES:
+                        break
+            except _BACKEND_BROKE:
+                pass  # what came is told
+        event = backend_error_event(response.status, body[:MAX_ERROR_BODY_BYTES])
+        await send({"type": "http.response.body", "body": event, "more_body": True})
+        outcome.complete = True
 
     async def _relay_body(
         self, response: UpstreamResponse, backend: ModelConfig, send: Send, outcome: _Outcome

@@ -39,6 +39,7 @@ from llmux.core.host_ram import HostRam
 from llmux.core.records import ModelRecord, ReloadSummary, SwitchView
 from llmux.core.snapshot import Snapshot
 from llmux.core.states import HookName, ModelState
+from llmux.core.waiting import WaitView, where_waiting
 from llmux.errors import LlmuxError, QueueTimeout
 from llmux.observe.logs import log_event
 from llmux.observe.metrics import Metrics
@@ -65,6 +66,15 @@ class Slot:
 
     waited: float
     backend: ModelConfig
+
+
+@dataclass(eq=False)
+class WaitTicket:
+    """Handed to `serving()` by whoever wants to ask, while the request waits, where it stands
+    in line (a waiting stream's notices): `serving()` fills it in as the request joins."""
+
+    model: str = ""
+    rid: int | None = None
 
 
 @dataclass(eq=False)
@@ -271,9 +281,11 @@ class GroupDriver:
     # ----- requests -----
 
     @asynccontextmanager
-    async def serving(self, name: str) -> AsyncIterator[Slot]:
+    async def serving(self, name: str, ticket: WaitTicket | None = None) -> AsyncIterator[Slot]:
         """Hold an in-flight slot on `name` for the body of the block."""
         rid = next(self._ids)
+        if ticket is not None:
+            ticket.model, ticket.rid = name, rid
         waiter = _Waiter()
         self._waiters[rid] = waiter
         self._feed(ev.Arrived(trio.current_time(), rid, name))
@@ -307,6 +319,10 @@ class GroupDriver:
 
     def refusal(self, name: str) -> LlmuxError | None:
         return self.core.refusal(name)
+
+    def where(self, rid: int) -> WaitView | None:
+        """Where request `rid` waits (None: it does not)."""
+        return where_waiting(self.core, rid, trio.current_time())
 
     def report_unreachable(self, name: str) -> None:
         self._feed(ev.Unreachable(trio.current_time(), name))

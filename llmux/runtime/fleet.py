@@ -19,13 +19,14 @@ from llmux.core.costs import SwitchCostTracker
 from llmux.core.host_ram import HostRam
 from llmux.core.records import ModelRecord, ReloadSummary, SwitchView
 from llmux.core.states import ModelState
+from llmux.core.waiting import WaitView
 from llmux.errors import LlmuxError
 from llmux.observe.logs import log_event
 from llmux.observe.metrics import Metrics
 from llmux.policies.interface import Policy
 from llmux.runtime.backends import PerModelDriver, ShellHooks
 from llmux.runtime.builtin_driver import BuiltinDriver
-from llmux.runtime.driver import GroupDriver, Slot
+from llmux.runtime.driver import GroupDriver, Slot, WaitTicket
 from llmux.runtime.gpus import GpuMemory, GpuReading
 from llmux.runtime.hook_registry import HookRegistry
 from llmux.runtime.machine import host_ram_gb
@@ -160,10 +161,18 @@ class Fleet:
         return self.switchers[self.config.models[model].group]
 
     @asynccontextmanager
-    async def serving(self, model: str) -> AsyncIterator[Slot]:
+    async def serving(self, model: str, ticket: WaitTicket | None = None) -> AsyncIterator[Slot]:
         group = self._group_holding(model)
-        async with self.switchers[group].serving(model) as slot:
+        async with self.switchers[group].serving(model, ticket) as slot:
             yield slot
+
+    async def where(self, ticket: WaitTicket) -> WaitView | None:
+        """Where the request `ticket` was handed to `serving()` with waits (None: it does not).
+        Asked with an await, as a worker asks the controller (workers/slots.py)."""
+        await trio.lowlevel.checkpoint()
+        if ticket.rid is None:
+            return None
+        return self.switchers[self._group_holding(ticket.model)].where(ticket.rid)
 
     def _group_holding(self, model: str) -> str:
         cfg = self.config.models.get(model)

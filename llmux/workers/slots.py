@@ -5,9 +5,11 @@ holds the fleet's own `serving()` slot until the worker says `release` (finished
 (its client went away while waiting): so queues, drains, timeouts and the in-flight counts
 work exactly as for a request of the controller's own. When the channel closes (the worker
 exited or died), every task it had is cancelled: its waiting requests leave the queues and its
-slots are released, and no drain waits for a worker that is gone.
+slots are released, and no drain waits for a worker that is gone. A worker may also ask
+`where` one of its requests waits (its place in line, the wake's time), for a waiting stream's
+notices (http/wait_notice.py): one question at a time per stream, so the channel stays bounded.
 
-The worker side, `RemoteFleet`, offers the same `serving()`, `report_unreachable()` and
+The worker side, `RemoteFleet`, offers the same `serving()`, `where()`, `report_unreachable()` and
 `closing` as the fleet, so the proxy code is the same in both processes.
 """
 
@@ -17,14 +19,15 @@ import itertools
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import trio
 
 from llmux.config import ModelConfig
+from llmux.core.waiting import WaitView
 from llmux.errors import LlmuxError
-from llmux.runtime.driver import Slot
+from llmux.runtime.driver import Slot, WaitTicket
 from llmux.runtime.fleet import Fleet
 from llmux.workers.channel import Channel, ChannelClosed
 
@@ -70,6 +73,7 @@ def relayed(error: dict[str, Any]) -> RelayedError:
 class _Hold:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     released: trio.Event = field(default_factory=trio.Event)
+    ticket: WaitTicket = field(default_factory=WaitTicket)  # where it waits, asked by `where`
 
 
 class SlotService:
@@ -101,6 +105,8 @@ class SlotService:
                         holds[rid].released.set()
                     elif op == "leave" and rid in holds:
                         holds[rid].scope.cancel()
+                    elif op == "where":
+                        nursery.start_soon(self._where, channel, rid, holds.get(message.get("of")))
                     elif op == "unreachable":
                         self.fleet.report_unreachable(message["model"])
                     elif op == "control" and self._answer is not None:
@@ -118,6 +124,13 @@ class SlotService:
         with suppress(ChannelClosed):
             await channel.send({"id": rid, "control": answer})
 
+    async def _where(self, channel: Channel, rid: int, hold: _Hold | None) -> None:
+        """Where a request of the worker's waits. A worker asks this for a waiting stream's
+        notice, each time once the last answer came: so few of these are ever on the way."""
+        view = await self.fleet.where(hold.ticket) if hold is not None else None
+        with suppress(ChannelClosed):
+            await channel.send({"id": rid, "where": None if view is None else asdict(view)})
+
     async def _hold(
         self, channel: Channel, rid: int, model: str, hold: _Hold, holds: dict[int, _Hold]
     ) -> None:
@@ -125,7 +138,7 @@ class SlotService:
         try:
             with hold.scope:
                 try:
-                    async with self.fleet.serving(model) as slot:
+                    async with self.fleet.serving(model, hold.ticket) as slot:
                         backend = {name: getattr(slot.backend, name) for name in GRANTED_FIELDS}
                         await channel.send({"id": rid, "granted": backend, "waited": slot.waited})
                         await hold.released.wait()
@@ -217,11 +230,21 @@ class RemoteFleet:
     def send_soon(self, message: dict[str, Any]) -> None:
         self._outbox.send_nowait(message)
 
+    async def where(self, ticket: WaitTicket) -> WaitView | None:
+        """Where the request `ticket` was handed to `serving()` with waits, as the controller
+        knows (None: it does not wait, or the controller is gone)."""
+        if ticket.rid is None:
+            return None
+        view = (await self.ask({"op": "where", "of": ticket.rid})).get("where")
+        return None if view is None else WaitView(**view)
+
     @asynccontextmanager
-    async def serving(self, model: str) -> AsyncIterator[Slot]:
+    async def serving(self, model: str, ticket: WaitTicket | None = None) -> AsyncIterator[Slot]:
         if self.closing:
             raise ControllerGone("llmux is shutting down")
         rid = next(self._ids)
+        if ticket is not None:
+            ticket.model, ticket.rid = model, rid
         reply = self._pending[rid] = _Reply()
         try:
             await self._channel.send({"op": "acquire", "id": rid, "model": model})
