@@ -498,7 +498,8 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
     """Validate an already-parsed TOML document (separate from I/O so tests can feed dicts).
     Each table and each model is checked even after a problem elsewhere, and every problem is
     raised at once; a part that failed is left out of later checks (no problem counted twice)."""
-    checker = Checker(path)
+    top_keys = frozenset(spec.name for spec in _TABLE[""].keys if spec.toml is not dict)
+    checker = Checker(path, top_keys)
     raw = checker.table(raw, "", _TABLE[""].allowed)
     top = _values(checker, raw, _TABLE[""])
     port = top.get("port", DEFAULT_PORT)

@@ -44,8 +44,9 @@ class ConfigError(Exception):
 class Checker:
     """Validators that name the file and key; `section` records a problem and goes on."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, top_keys: frozenset[str] = frozenset()) -> None:
         self.path = path
+        self.top_keys = top_keys  # keys of the top level: one found in a table was misplaced
         self.problems: list[ConfigError] = []
 
     def error(self, key: str, problem: str) -> ConfigError:
@@ -86,6 +87,11 @@ class Checker:
         if isinstance(item, dict) and key.startswith("models."):
             model = key.removeprefix("models.")
             return f'a model name with dots must be quoted: [models."{model}.{name}"]'
+        if key and name in self.top_keys and not isinstance(item, dict):
+            return (
+                f"{name} is a top-level key: write it above the first [table] header (TOML "
+                f"puts a key into the table whose header comes before it, here [{key}])"
+            )
         hint = ", ".join(sorted(allowed))
         return f"unknown key (known here: {hint})"
 

@@ -175,3 +175,14 @@ def test_check_names_every_problem_of_a_file_at_once(tmp_path):
     assert len(lines) == len(keys)
     for line, key in zip(lines, keys, strict=True):
         assert line.startswith(f"llmux: config error: {path}: {key}: "), line
+
+
+def test_a_top_level_key_written_under_a_table_says_where_it_belongs(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text(
+        '[server]\naccess_log = true\nport = 4000\n[models.a]\nport = 9\nwake = "t"\nsleep = "t"\n'
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.key == "server.port"
+    assert "port is a top-level key: write it above the first [table] header" in str(caught.value)
