@@ -18,6 +18,7 @@ from typing import Any
 
 from llmux.core.states import HookName
 from llmux.errors import InvalidPath
+from llmux.model_names import model_name_problem
 from llmux.request_target import check_path
 
 DEFAULT_HOST = "127.0.0.1"
@@ -389,6 +390,8 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
         )
     models: dict[str, ModelConfig] = {}
     for name, model_raw in models_raw.items():
+        if problem := model_name_problem(name):
+            raise ConfigError(path, "models", problem)
         models[name] = _parse_model(checker, name, model_raw, defaults, own_port=port)
     _check_aliases(checker, models)
     choose_ports(models, {port} | {m.port for m in models.values()})
@@ -586,6 +589,8 @@ def _parse_model(
     for index, alias in enumerate(aliases):
         if not isinstance(alias, str) or not alias.strip():
             raise ConfigError(checker.path, f"{key}.aliases[{index}]", "must be a non-empty string")
+        if problem := model_name_problem(alias):
+            raise ConfigError(checker.path, f"{key}.aliases[{index}]", problem)
     upstream = raw.get("upstream_model")
     if upstream is not None and not upstream.strip():
         raise ConfigError(checker.path, f"{key}.upstream_model", "must not be empty")
