@@ -503,8 +503,8 @@ def _haproxy(args: argparse.Namespace) -> int:
     for name, url in specs.items():
         try:
             boxes.append(fetch_box(name, url, key))
-        except (httpx.HTTPError, ValueError, KeyError) as exc:
-            print(f"llmux: {name} ({url}): cannot read /llmux/status: {exc}", file=sys.stderr)
+        except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            print(f"llmux: {name} ({url}): cannot read what it serves: {exc}", file=sys.stderr)
             return EXIT_CONFIG_ERROR
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ from llmux.config_keys import (
 )
 from llmux.core.states import HookName
 from llmux.errors import InvalidPath
+from llmux.model_names import model_name_problem
 from llmux.request_target import check_path
 
 DEFAULT_HOST = "127.0.0.1"
@@ -524,6 +525,8 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
     models: dict[str, ModelConfig] = {}
     for name, model_raw in models_raw.items():
         with checker.section():
+            if problem := model_name_problem(name):
+                raise checker.error("models", problem)
             models[name] = _parse_model(checker, name, model_raw, defaults, own_port=port)
     with checker.section():
         _check_aliases(checker, models)
@@ -756,6 +759,8 @@ def _parse_model(
     for index, alias in enumerate(aliases):
         if not isinstance(alias, str) or not alias.strip():
             problem = "must be a non-empty string"
+            checker.problems.append(checker.error(f"{key}.aliases[{index}]", problem))
+        elif problem := model_name_problem(alias):
             checker.problems.append(checker.error(f"{key}.aliases[{index}]", problem))
     upstream = raw.get("upstream_model")
     if upstream is not None and not upstream.strip():

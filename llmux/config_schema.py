@@ -10,6 +10,7 @@ from typing import Any
 
 from llmux.config import TABLES
 from llmux.config_keys import NON_NEGATIVE, NUMBER, PORT, POSITIVE, UNSET, KeySpec, Table
+from llmux.model_names import MAX_MODEL_NAME_CHARS
 
 _JSON_TYPES = {str: "string", int: "integer", bool: "boolean", list: "array", dict: "object"}
 
@@ -26,6 +27,9 @@ def config_schema() -> dict[str, Any]:
                 "description": spec.doc,
                 "additionalProperties": _object(named),
             }
+            if spec.name == "models":  # printable, no whitespace (llmux/model_names.py)
+                pattern = f"^[^\\s\\x00-\\x1f\\x7f-\\x9f]{{1,{MAX_MODEL_NAME_CHARS}}}$"
+                properties[spec.name]["propertyNames"] = {"pattern": pattern}
         else:
             properties[spec.name] = _object(tables[spec.name])
     properties["policy"]["properties"]["options"] |= {"additionalProperties": True}

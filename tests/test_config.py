@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -187,6 +188,39 @@ def test_unquoted_dotted_model_name_gets_a_hint(tmp_path):
     path = write(tmp_path, '[models.qwen2.5-7b]\nport = 9\nwake = "t"\nsleep = "t"\n')
     with pytest.raises(ConfigError, match=r'must be quoted: \[models."qwen2.5-7b"\]'):
         load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("two words", "whitespace"),
+        ("evil\nbackend x", "whitespace"),
+        ("tab\there", "whitespace"),
+        ("bell\x07", "control"),
+        ("zero\u200bwidth", "control"),
+        ("m" * 201, "at most 200"),
+    ],
+)
+def test_a_model_name_or_alias_that_is_not_one_printable_word_is_refused(tmp_path, name, problem):
+    """Such a name would split a line of the front's map or config (see llmux/model_names.py)."""
+    hooks = 'port = 9\nwake = "t"\nsleep = "t"\n'
+    as_model = write(tmp_path, f"[models.{json.dumps(name)}]\n{hooks}")
+    with pytest.raises(ConfigError) as info:
+        load_config(as_model)
+    assert info.value.key == "models" and problem in info.value.problem
+    assert "\n" not in str(info.value)  # one line, the name shown escaped
+    as_alias = write(tmp_path, f"[models.a]\n{hooks}aliases = [{json.dumps(name)}]\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(as_alias)
+    assert info.value.key == "models.a.aliases[0]" and problem in info.value.problem
+
+
+def test_names_with_dots_slashes_and_unicode_still_load(tmp_path):
+    hooks = 'port = 9\nwake = "t"\nsleep = "t"\n'
+    text = f'[models."a.b"]\n{hooks}aliases = ["org/m:q4", "modèle"]\n'
+    config = load_config(write(tmp_path, text + f'[models."{"m" * 200}"]\n{hooks}'))
+    assert list(config.models) == ["a.b", "m" * 200]
+    assert config.resolve("org/m:q4") == "a.b" and config.resolve("modèle") == "a.b"
 
 
 def test_hook_scripts_are_found_after_env_assignments(tmp_path):

@@ -108,6 +108,8 @@ def test_the_schema_accepts_the_example_and_rejects_what_the_parser_rejects(tmp_
     ]
     model = {"port": 8001, "wake": "true", "sleep": "true"}
     bad_models = [{"kind": "tgi"}, {"sleep_level": 3}, {"aliases": [1]}, {"memory_gb": -1}]
+    bad_documents += [{"models": {"a b": model}}, {"models": {"a\x01": model}}]
+    bad_documents += [{"models": {"a" * 201: model}}]
     for bad in bad_documents + [{"models": {"a": model | extra}} for extra in bad_models]:
         document = {"models": {"a": model}} | bad
         assert list(validator.iter_errors(document)), bad

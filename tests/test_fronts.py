@@ -4,6 +4,8 @@ itself when it is installed)."""
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -66,15 +68,93 @@ def test_the_haproxy_config_routes_every_model_and_alias_to_the_boxes_serving_it
     assert "box2" not in qwen and "GET /health/Qwen/Qwen2.5-7B" in qwen
     assert "retry-on 503 conn-failure empty-response" in config
     assert "option redispatch 1" in config and "option http-buffer-request" in config
+    _haproxy_accepts(tmp_path, config, mapping)
+
+
+def _haproxy_accepts(folder: Path, config: str, mapping: str) -> None:
+    """`haproxy -c` finds the config valid, warnings included (the map at folder/m.map)."""
     haproxy = shutil.which("haproxy") or shutil.which("/usr/sbin/haproxy")
     if haproxy is None:
         pytest.skip("haproxy is not installed: the config was not checked by it")
-    (tmp_path / "m.map").write_text(mapping)
-    (tmp_path / "haproxy.cfg").write_text(config)
+    (folder / "m.map").write_text(mapping)
+    (folder / "haproxy.cfg").write_text(config)
     checked = subprocess.run(
-        [haproxy, "-c", "-f", str(tmp_path / "haproxy.cfg")], capture_output=True, text=True
+        [haproxy, "-c", "-f", str(folder / "haproxy.cfg")], capture_output=True, text=True
     )
     assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "WARNING" not in checked.stdout + checked.stderr, checked.stdout + checked.stderr
+
+
+# Valid model names (one printable word) holding every character HAProxy's config, its map
+# files, its log-format strings, URL paths or JSON treat specially.
+HOSTILE = "#it's\"a\\b$c%d,(e)f;g{h}[i]/j:k?l&m=n+o~é"
+HOSTILE_ALIAS = "#%[var(txn.model)]'\\"
+
+
+def test_a_hostile_but_valid_name_is_escaped_wherever_it_is_written(tmp_path):
+    boxes = [
+        Box("box1", "http://10.0.0.1:3000", {HOSTILE: (HOSTILE_ALIAS,), "llama": ()}, True),
+        Box("box2", "http://10.0.0.2:3000", {HOSTILE: ()}),
+    ]
+    config, mapping = haproxy_config(boxes, map_path=str(tmp_path / "m.map"))
+    # One map line per name: a key (indented when it starts with `#`) and its backend.
+    lines = mapping.splitlines()
+    assert len(lines) == 3 and all(len(line.split()) == 2 for line in lines)
+    routes = dict(line.split() for line in lines)
+    assert routes[HOSTILE] == routes[HOSTILE_ALIAS] != routes["llama"]
+    assert all(line.startswith(" #") for line in lines if "#" in line)
+    # One config line per entry: two model backends and llmux_any, each body one line.
+    assert config.count("\nbackend ") == 3
+    assert "GET /health/%23it%27s%22a%5Cb%24c%25d%2C%28e%29f%3Bg%7Bh%7D%5Bi%5D/j:k%3Fl" in config
+    bodies = _bodies(config)
+    assert len(bodies) == 8 + 2 + 2  # HAProxy's own errors, the front's two, one 503 a model
+    listing = bodies["http-response return status 200"]
+    assert [m["id"] for m in listing["data"]] == [HOSTILE, HOSTILE_ALIAS, "llama"]
+    assert listing["data"][1]["llmux"]["alias_of"] == HOSTILE
+    not_found = bodies["http-response return status 404"]["error"]["message"]
+    assert not_found == f"model 'ASKED' is not served here; known models: {HOSTILE}, llama"
+    _haproxy_accepts(tmp_path, config, mapping)
+
+
+def _bodies(config: str) -> dict[str, dict]:
+    """Every JSON body in the config, by the words that come before it on its line, read as
+    HAProxy reads a quoted word (a log-format's `%%` and its one sample made plain)."""
+    bodies = {}
+    for line in config.splitlines():
+        found = re.search(
+            r"^ +(.*?) content-type application/json (lf-)?string ('.*?')( if |$)", line
+        )
+        if found is None:
+            continue
+        text = found.group(3)[1:-1].replace("'\\''", "'")
+        if found.group(2):
+            text = re.sub(r"%\[[^\]]*\]", "ASKED", text).replace("%%", "%")
+        key = found.group(1) if found.group(1) not in bodies else line
+        bodies[key] = json.loads(text)
+        if "error" in bodies[key]:
+            assert set(bodies[key]["error"]) == {"message", "type", "code", "param"}
+    return bodies
+
+
+@pytest.mark.parametrize("name", ["two words", "line\nbreak", "bell\x07", "m" * 201])
+def test_a_box_that_reports_a_name_no_map_line_can_hold_is_refused(name):
+    boxes = [Box("box1", "http://10.0.0.1:3000", {"llama": (name,)})]
+    with pytest.raises(ValueError, match="box1 serves a name the front cannot route"):
+        haproxy_config(boxes, map_path="/m.map")
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("bind", ":80 ssl"), ("check_interval", "1s\nbackend x"), ("map_path", "/a b/m.map"),
+     ("map_path", "/m.map),x("), ("timeout", "10m#")],
+)  # fmt: skip
+def test_an_operator_value_haproxy_would_misread_is_refused(option, value):
+    boxes = [Box("box1", "http://10.0.0.1:3000", {"llama": ()})]
+    arguments = {"map_path": "/m.map", option: value}
+    with pytest.raises(ValueError, match="HAProxy's config would misread"):
+        haproxy_config(boxes, **arguments)
+    with pytest.raises(ValueError, match="letters, digits"):
+        haproxy_config([Box("box 1", "http://10.0.0.1:3000", {})], map_path="/m.map")
 
 
 def test_llmux_haproxy_says_which_box_it_cannot_read(tmp_path):

@@ -1,7 +1,9 @@
 """Several llmux boxes behind HAProxy (Debian's package), configured by `llmux haproxy`, end to
 end: each model goes to one box that serves it while all are up; a box that drains (SIGTERM)
 or dies (SIGKILL) hands its models to the next box that serves them; nothing is lost but the
-requests in flight on the box that was killed."""
+requests in flight on the box that was killed. The front speaks for every box, in OpenAI's
+JSON: /v1/models lists all their models, an unknown model's 404 names them all, and with no box
+up HAProxy's own 503 is an error the SDK reads."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import time
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 from tests.conftest import PYTHON, LlmuxProcess, chat, fake_model_block, free_port, write_config
@@ -23,6 +26,7 @@ HAPROXY = shutil.which("haproxy") or (
 pytestmark = pytest.mark.skipif(HAPROXY is None, reason="needs haproxy (apt-get install haproxy)")
 
 HOSTS = {"box1": ("m1", "m2", "m3"), "box2": ("m2", "m3", "m4"), "box3": ("m3", "m4", "m5")}
+ALIASES = {"m1": ["m1-alias"]}  # on box1, which lists aliases in /v1/models
 CHECK = "300ms"  # health-check interval (HAProxy time); down after 2 failed checks
 
 
@@ -84,10 +88,14 @@ def test_several_boxes_behind_haproxy_route_by_model_and_fail_over(fakes, tmp_pa
             folder.mkdir()
             started = fakes.start(*models, wake_delay=0.05, token_interval=0.05)
             fakes_of[box] = {fake.name: fake for fake in started}
-            blocks = "".join(fake_model_block(fake) for fake in started)
-            boxes[box] = LlmuxProcess(write_config(folder, blocks))
+            blocks = "".join(
+                fake_model_block(fake, aliases=ALIASES.get(fake.name)) for fake in started
+            )
+            lists = {"list_aliases": True} if box == "box1" else None
+            boxes[box] = LlmuxProcess(write_config(folder, blocks, server=lists))
         front = Front(tmp_path, boxes)
         wait_for(lambda: _answers(front.url))
+        _the_front_speaks_for_all_boxes(front.url)
 
         # A long prompt whose `model` comes after `messages` routes too (beyond 16 KB).
         long = {"messages": [{"role": "user", "content": "x" * 40_000}], "model": "m5"}
@@ -159,11 +167,51 @@ def test_several_boxes_behind_haproxy_route_by_model_and_fail_over(fakes, tmp_pa
             failures += answer.status_code != 200
         print(f"kill failover: {time.monotonic() - began:.2f}s, {failures} failed")
         assert failures == 0  # nothing was in flight there: retry-on conn-failure moved them
+
+        # Every box gone: HAProxy answers itself, in JSON the SDK reads.
+        for llmux in boxes.values():
+            llmux.stop()
+        _with_no_box_up_the_front_answers_json(front.url)
     finally:
         if front is not None:
             front.stop()
         for llmux in boxes.values():
             llmux.stop()
+
+
+def _sdk(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+def _the_front_speaks_for_all_boxes(url: str) -> None:
+    """/v1/models and an unknown model's 404 are the front's: every box's models, not the
+    list of the one box that took the request; the SDK's error carries llmux's message."""
+    every = ["m1", "m1-alias", "m2", "m3", "m4", "m5"]  # box1 lists its aliases, and only it
+    assert sorted(model.id for model in _sdk(url).models.list()) == every
+    listed = httpx.get(url + "/v1/models", timeout=10).json()["data"]
+    assert {m["id"]: m["llmux"]["boxes"] for m in listed}["m3"] == ["box1", "box2", "box3"]
+    assert set(listed[0]) == {"id", "object", "created", "owned_by", "llmux"}
+    assert httpx.get(url + "/v1/models/m5", timeout=10).json()["id"] == "m5"  # on box3 only
+    assert ask(url, "m1-alias").status_code == 200
+    with pytest.raises(openai.NotFoundError) as missing:
+        _sdk(url).chat.completions.create(model="nope", messages=[])
+    known = "known models: m1, m2, m3, m4, m5"
+    assert f"model 'nope' is not served here; {known}" in str(missing.value)
+    assert missing.value.code == "model_not_found"
+    by_path = httpx.get(url + "/v1/models/nope%2Fx", timeout=10)
+    assert by_path.status_code == 404 and known in by_path.json()["error"]["message"]
+
+
+def _with_no_box_up_the_front_answers_json(url: str) -> None:
+    wait_for(lambda: ask(url, "m1").status_code == 503)
+    with pytest.raises(openai.InternalServerError) as down:
+        _sdk(url).chat.completions.create(model="m1", messages=[])
+    assert down.value.status_code == 503 and down.value.code == "model_unavailable"
+    assert "no box that serves model 'm1' is up (box1: down or draining)" in str(down.value)
+    listing = httpx.get(url + "/v1/models", timeout=10)
+    assert listing.status_code == 503
+    assert listing.headers["content-type"] == "application/json"
+    assert listing.json()["error"]["message"] == "no llmux box is up to take this request"
 
 
 def _stream_outcome(url: str, model: str) -> str:
