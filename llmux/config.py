@@ -221,6 +221,7 @@ class Config:
     groups: dict[str, GroupConfig] = field(default_factory=dict)  # filled in by __post_init__
     machine: MachineConfig = MachineConfig()
     preload: tuple[str, ...] = ()
+    created: dict[str, int] = field(default_factory=dict, compare=False)  # see http/app.py dated
 
     def __post_init__(self) -> None:
         if not self.groups:  # built in code or tests: every model in the default group
