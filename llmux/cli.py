@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from llmux import __version__
 from llmux.config import DEFAULT_POLICY
 from llmux.core.states import HookName
+
+if TYPE_CHECKING:
+    from llmux.config import Config, ConfigError
+    from llmux.policies.interface import Policy
 
 EXIT_CONFIG_ERROR = 2
 TOKEN_ENV = "LLMUX_TOKEN"  # the bearer token `llmux top` sends, when --token is not given
@@ -214,25 +220,32 @@ def _ignore_late_signals() -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
-def _load(path: str):  # type: ignore[no-untyped-def]
-    """Load config and policy; print the problem and return None when either is invalid."""
+def _load_config(path: str) -> Config | None:
+    """The config; None, its problem printed, when the file cannot be used."""
     from llmux.config import ConfigError, load_config
-    from llmux.policies.loader import PolicyLoadError, load_policy
 
     try:
-        config = load_config(path)
-        policy = load_policy(config.policy.name, config.policy.options, config.hook_dir)
+        return load_config(path)
     except ConfigError as exc:
         for problem in exc.problems:  # every problem of the file, one line each
             print(f"llmux: config error: {problem}", file=sys.stderr)
-        return None
-    except PolicyLoadError as exc:
-        print(f"llmux: config error: {path}: policy.name: {exc}", file=sys.stderr)
-        return None
     except Exception as exc:  # a file we failed to foresee: still one line, still exit 2
-        print(f"llmux: config error: {path}: cannot use this file: {exc!r}", file=sys.stderr)
-        return None
-    return config, policy
+        where = os.path.abspath(path)
+        print(f"llmux: config error: {where}: cannot use this file: {exc!r}", file=sys.stderr)
+    return None
+
+
+def _load_policy(config: Config) -> tuple[Policy | None, ConfigError | None]:
+    """The config's policy, or the problem that keeps it from being built."""
+    from llmux.config import ConfigError
+    from llmux.policies.loader import PolicyLoadError, load_policy
+
+    try:
+        return load_policy(config.policy.name, config.policy.options, config.hook_dir), None
+    except PolicyLoadError as exc:
+        return None, ConfigError(config.path, "policy.name", str(exc))
+    except Exception as exc:  # the operator's code: whatever it raises, one line
+        return None, ConfigError(config.path, "policy.name", f"cannot use it: {exc!r}")
 
 
 def _config_schema(args: argparse.Namespace) -> int:
@@ -245,11 +258,12 @@ def _config_schema(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     from llmux.hook_check import hook_problems
 
-    loaded = _load(args.config)
-    if loaded is None:
+    config = _load_config(args.config)
+    if config is None:
         return EXIT_CONFIG_ERROR
-    config, _ = loaded
-    problems = hook_problems(config)
+    _, policy_problem = _load_policy(config)
+    problems = [policy_problem] if policy_problem else []
+    problems += hook_problems(config)
     for problem in problems:
         print(f"llmux: config error: {problem}", file=sys.stderr)
     if problems:
@@ -266,6 +280,21 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warn_of_hook_problems(config: Config) -> None:
+    """What `llmux check` refuses, `serve` only says: a program may appear after llmux starts
+    (a venv installed later, a mount not up yet), and one that is still missing fails its
+    model's wake with its own message."""
+    import logging
+
+    from llmux.hook_check import hook_problems
+    from llmux.observe.logs import log_event
+
+    log = logging.getLogger("llmux.config")
+    for problem in hook_problems(config):
+        log_event(log, "config_warning", f"config warning: {problem}", logging.WARNING,
+                  key=problem.key)  # fmt: skip
+
+
 def _serve(args: argparse.Namespace) -> int:
     from functools import partial
 
@@ -277,14 +306,18 @@ def _serve(args: argparse.Namespace) -> int:
     from llmux.server import serve_forever, start_instance
 
     _setup_logging(args)
-    loaded = _load(args.config)
-    if loaded is None:
+    config = _load_config(args.config)
+    if config is None:
         return EXIT_CONFIG_ERROR
-    config, policy = loaded
+    policy, policy_problem = _load_policy(config)
+    if policy_problem is not None:
+        print(f"llmux: config error: {policy_problem}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     if args.port is not None and args.port in {m.port for m in config.models.values()}:
         err = ConfigError(config.path, "--port", f"{args.port} is a model's backend port")
         print(f"llmux: config error: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    _warn_of_hook_problems(config)
     config = config.with_listen(args.host, args.port)
     try:
         # The state folder, both instance locks and the port, before anything runs.
@@ -320,7 +353,6 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _top(args: argparse.Namespace) -> int:
-    import os
     import shutil
 
     import trio
@@ -486,7 +518,6 @@ def _fake_backend(args: argparse.Namespace) -> int:
 
 
 def _haproxy(args: argparse.Namespace) -> int:
-    import os
     from pathlib import Path
 
     import httpx

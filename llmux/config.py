@@ -378,6 +378,7 @@ class Config:
         list, (), "Wake these at start-up, in order, while their groups have room.", items=str,
         example=["llama"],
     )  # fmt: skip
+    created: dict[str, int] = field(default_factory=dict, compare=False)  # see http/app.py dated
 
     def __post_init__(self) -> None:
         if not self.groups:  # built in code or tests: every model in the default group

@@ -1,14 +1,23 @@
-"""What `llmux check` looks at beyond parsing: that each hook's program can run at all.
+"""What `llmux check` looks at beyond parsing: that each hook's program can run at all, and
+that it is given the model's port and name the way llmux passes them.
 
-Parsing already refuses a script named by path that does not exist. Here, for `llmux check` only
-(a hook may be installed after a reload is validated), each hook's first word is looked up the
-way `sh -c` will: a builtin, a path relative to the hook folder (it must be executable), or a
-command on PATH; for `sh`/`bash`/`python` the script they are given must exist too.
+Parsing already refuses a script named by path that does not exist. Here each hook's first word
+is looked up the way `sh -c` will: a builtin, a path relative to the hook folder (it must be
+executable), or a command on PATH; for `sh`/`bash`/`python` the script they are given must exist
+too. `llmux check` refuses a config with any of these problems, all of them listed at once;
+`llmux serve` only warns of them, since a program may appear after llmux starts (a venv
+installed later, a mount not up yet) and a server that cannot start fails its wake anyway.
+
+The placeholders: llmux writes the port and name into a `cmd` where it says `${PORT}` and
+`${MODEL}` (braces and `$` both), and gives hooks `$LLMUX_PORT` and `$LLMUX_MODEL` in their
+environment. Anything else (`{PORT}`, `$PORT`, or `${PORT}` in a hook) reaches the program as
+the text itself or as an empty string, and the mistake shows only at the first request.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -81,20 +90,49 @@ _COMMAND_KEYS = (*(hook.value for hook in HookName), "cmd")
 
 
 def hook_problems(config: Config) -> list[ConfigError]:
-    """One error per hook (or `cmd`) whose program or script will not be found or cannot run."""
+    """Every problem of every model's hooks and `cmd`, in the file's order: one look shows
+    all there is to mend."""
     problems = []
     for name, model in config.models.items():
         for key in _COMMAND_KEYS:
             command = getattr(model, key)
             if command is None:
                 continue
-            problem = _problem(command, config.hook_dir)
-            if problem:
-                problems.append(ConfigError(config.path, f"models.{name}.{key}", problem))
+            found = [
+                _program_problem(command, config.hook_dir),
+                *_placeholder_problems(command, key),
+            ]
+            where = f"models.{name}.{key}"
+            problems += [ConfigError(config.path, where, problem) for problem in found if problem]
     return problems
 
 
-def _problem(command: str, hook_dir: Path) -> str | None:
+# `${PORT}`, `{PORT}` (no `$`) and `$PORT` (no braces); the same for MODEL.
+_PLACEHOLDER = re.compile(r"\$\{(PORT|MODEL)\}|(?<!\$)\{(PORT|MODEL)\}|\$(PORT|MODEL)(?!\w)")
+_MEANS = {"PORT": "the port", "MODEL": "the model's name"}
+
+
+def _placeholder_problems(command: str, key: str) -> list[str]:
+    """The port or name written in a way llmux does not fill in (see the module's docstring)."""
+    problems = []
+    for written in dict.fromkeys(m.group(0) for m in _PLACEHOLDER.finditer(command)):
+        word = written.strip("${}")
+        right = f"${{{word}}}" if key == "cmd" else f"${{LLMUX_{word}}}"
+        if written == right:
+            continue
+        if not written.startswith("$"):
+            why = f"reaches the program as written, not as {_MEANS[word]}"
+        elif re.search(rf"(?<!\w){word}=", command):
+            continue  # a shell variable the command sets itself
+        elif key == "cmd":
+            why = "is a shell variable, empty unless llmux's environment has it"
+        else:
+            why = "is empty in a hook, unless llmux's environment has it (only `cmd` gets it)"
+        problems.append(f"{written} {why}; write {right}")
+    return problems
+
+
+def _program_problem(command: str, hook_dir: Path) -> str | None:
     try:
         words = hook_words(command)
     except ValueError:
@@ -105,7 +143,7 @@ def _problem(command: str, hook_dir: Path) -> str | None:
     if not program or program in _SHELL_WORDS:
         return None
     if "/" in program:
-        path = hook_dir / program
+        path = (hook_dir / program).resolve()
         if not path.is_file():
             return f"{program} not found (looked at {path})"
         if not os.access(path, os.X_OK):
@@ -114,8 +152,8 @@ def _problem(command: str, hook_dir: Path) -> str | None:
         return f"{program!r} is not a shell builtin and is not on PATH ({os.environ.get('PATH')})"
     if Path(program).name in _INTERPRETERS:
         script = _script_of(words[1:])
-        if script is not None and not (hook_dir / script).is_file():
-            path = hook_dir / script
+        path = (hook_dir / script).resolve() if script is not None else None
+        if path is not None and not path.is_file():
             return f"{program} is given {script}, which is not found (looked at {path})"
     return None
 

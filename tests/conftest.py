@@ -13,6 +13,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ import pytest
 import trio
 
 from llmux.config import Config, load_config
+from llmux.runtime.instance import config_digest
+from llmux.runtime.state_dir import state_dir_path
 from llmux.server import RunningServer, running_controller, running_server, start_instance
 
 PYTHON = sys.executable
@@ -138,12 +141,27 @@ class FakeFleet:
             fake.stop()
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """A Ctrl-C inside trio.run reaches pytest wrapped in the test's exception group, which
+    pytest counts as one failed test before it runs on: raise it bare, so that one Ctrl-C stops
+    the run as it does any other."""
+    try:
+        return (yield)
+    except BaseExceptionGroup as group:
+        interrupt, _ = group.split(KeyboardInterrupt)
+        if interrupt is None:
+            raise
+        raise KeyboardInterrupt from group
+
+
 @pytest.fixture(scope="session", autouse=True)
 def private_state_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Every llmux a test starts (in process or as a child) keeps its locks and hook records in
-    one folder of this test run, not in the user's runtime folder."""
-    import os
-
+    """Every llmux a test starts (in process or as a child, which inherits the environment)
+    keeps its locks, hook records and logs in one folder of this test run, not in the user's
+    own state folder; at the end, the run fails if one of its llmux instances wrote there."""
+    real = state_dir_path(None, Path.cwd())  # where llmux would go without the line below
+    started = time.time()
     folder = tmp_path_factory.mktemp("llmux-state")
     folder.chmod(0o700)
     before = os.environ.get("RUNTIME_DIRECTORY")
@@ -153,6 +171,22 @@ def private_state_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[P
         os.environ.pop("RUNTIME_DIRECTORY", None)
     else:
         os.environ["RUNTIME_DIRECTORY"] = before
+    leaked = instances_that_wrote(real, started, tmp_path_factory.getbasetemp())
+    assert not leaked, f"tests ran llmux on the user's state folder {real}: {leaked}"
+
+
+def instances_that_wrote(folder: Path, since: float, configs_under: Path) -> list[str]:
+    """The files of `folder` that an llmux on a config under `configs_under` locked or wrote
+    since `since`. Every instance takes its config's lock (`config-DIGEST.lock`) in its state
+    folder: matching the digests of this run's own configs tells its leftovers apart from
+    those of an llmux someone else runs on this machine meanwhile."""
+    digests = {config_digest(path.resolve()) for path in configs_under.rglob("*.toml")}
+    found = []
+    for entry in folder.glob("*-*.*") if folder.is_dir() else ():
+        digest = entry.name.rsplit(".", 1)[0].rsplit("-", 1)[-1]
+        if digest in digests and entry.stat().st_mtime >= since:
+            found.append(entry.name)
+    return sorted(found)
 
 
 @pytest.fixture

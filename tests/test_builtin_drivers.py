@@ -252,11 +252,15 @@ async def test_a_cmd_that_fails_to_start_answers_503_with_its_output(tmp_path):
         assert response.status_code == 503
         message = response.json()["error"]["message"]
         assert "exited with code 3" in message and "CUDA out of memory" in message
+        # No hook ran: the step is named for what llmux did, with no exit code of a hook's.
+        assert "crash could not be woken: starting its server failed: server on port" in message
+        assert "hook" not in message and "code 1" not in message
         await trio.sleep(2.1)  # the back-off after a failed wake
         again = await client.post("/v1/chat/completions", json=chat("crash"))
         assert again.json()["error"]["message"].count("CUDA out of memory") == 1, "this start's"
         response = await client.post("/v1/chat/completions", json=chat("hang"))
         assert response.status_code == 503
+        assert "starting its server failed: server on port" in response.json()["error"]["message"]
         assert "no answer within 2s" in response.json()["error"]["message"]
         assert not server.app.fleet.servers.running("hang"), "a server not ready in time is stopped"
 
@@ -310,3 +314,49 @@ async def test_a_health_path_that_answers_plain_text_counts_as_ready(tmp_path):
         # http.server refuses POST itself (501): the wake succeeded and the request reached it.
         assert response.status_code == 501, response.text
         assert app.app.fleet.models["web"].state == "active"
+
+
+async def test_a_failed_engine_step_is_named_for_what_it_is_not_a_hook(nursery, tmp_path):
+    """A vLLM (no hooks) whose wake_up fails: the 503 and the log say "vLLM's wake_up", not a
+    "wake hook" that "exited with code 1"."""
+    import logging
+
+    import hypercorn.trio
+    from hypercorn.config import Config as HypercornConfig
+
+    from llmux.http.asgi import answer_lifespan, send_bytes
+
+    async def vllm_that_cannot_wake(scope, receive, send):
+        if scope["type"] == "lifespan":
+            await answer_lifespan(receive, send)
+            return
+        answers = {"/is_sleeping": (200, b'{"is_sleeping": true}'), "/wake_up": (500, b"no GPU")}
+        status, body = answers.get(scope["path"], (200, b"{}"))
+        await send_bytes(send, status, body, b"application/json")
+
+    config = HypercornConfig()
+    config.bind = ["127.0.0.1:0"]
+    (url,) = await nursery.start(
+        lambda task_status: hypercorn.trio.serve(
+            vllm_that_cannot_wake, config, task_status=task_status
+        )
+    )
+    port = int(url.rsplit(":", 1)[1])
+    path = write_config(tmp_path, model_block("a", port, kind="vllm"))
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger("llmux").addHandler(handler)
+    try:
+        async with llmux_running(path) as (_, client):
+            response = await client.post("/v1/chat/completions", json=chat("a"))
+    finally:
+        logging.getLogger("llmux").removeHandler(handler)
+    assert response.status_code == 503
+    message = response.json()["error"]["message"]
+    assert f"a could not be woken: vLLM's wake_up failed: vllm on port {port}: " in message
+    assert "POST /wake_up answered 500: no GPU" in message and "hook" not in message
+    lines = [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+    assert any(line.startswith("wake of a: vLLM's wake_up failed: ") for line in lines), lines
+    assert any("wake of a failed; putting it to sleep to clean up" in line for line in lines)
+    assert not [line for line in lines if "hook" in line], lines

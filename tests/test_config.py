@@ -509,3 +509,78 @@ def test_check_looks_at_the_program_of_a_cmd(tmp_path):
     result = _llmux("check", "-c", str(config))
     assert result.returncode == 2
     assert "models.a.cmd: 'no-such-server-here' is not a shell builtin" in result.stderr
+
+
+def test_check_lists_every_problem_of_every_model_and_the_policy_at_once(tmp_path):
+    """A port written `{PORT}` reaches the server as that text and fails only at the first
+    request; in a hook, even `${PORT}` is empty. All of it, and the policy, in one run."""
+    config = tmp_path / "all.toml"
+    config.write_text(
+        '[policy]\nname = "missing_policy.py:P"\n'
+        '[models.a]\ncmd = "no-such-server-here --port {PORT} --name {MODEL}"\n'
+        '[models.b]\ncmd = "true --port $PORT --name ${MODEL}"\n'
+        '[models.c]\nport = 9003\nwake = "curl -sf http://127.0.0.1:${PORT}/wake"\n'
+        'sleep = "curl -sf http://127.0.0.1:{PORT}/sleep"\n'
+        'alive = "PORT=9003; curl -sf http://127.0.0.1:$PORT/health ${LLMUX_MODEL}"\n'
+    )
+    result = _llmux("check", "-c", str(config))
+    assert result.returncode == 2, result.stdout
+    lines = result.stderr.strip().splitlines()
+    expected = [
+        "policy.name: policy file ",
+        "models.a.cmd: 'no-such-server-here' is not a shell builtin",
+        "models.a.cmd: {PORT} reaches the program as written, not as the port; write ${PORT}",
+        "models.a.cmd: {MODEL} reaches the program as written, not as the model's name; "
+        "write ${MODEL}",
+        "models.b.cmd: $PORT is a shell variable, empty unless llmux's environment has it; "
+        "write ${PORT}",
+        "models.c.wake: ${PORT} is empty in a hook",
+        "models.c.sleep: {PORT} reaches the program as written, not as the port; "
+        "write ${LLMUX_PORT}",
+    ]
+    assert len(lines) == len(expected), lines
+    for line, start in zip(lines, expected, strict=True):
+        assert line.startswith(f"llmux: config error: {config}: {start}"), (line, start)
+
+
+def test_every_path_in_check_and_serve_errors_is_absolute(tmp_path):
+    """The config named by a relative path: the policy's error named it as typed."""
+    folder = tmp_path / "conf"
+    folder.mkdir()
+    (folder / "c.toml").write_text(
+        '[policy]\nname = "nope.py:P"\n[models.a]\nport = 9\nwake = "../w.sh"\nsleep = "t"\n'
+        'alive = "sh ../missing.sh"\n'
+    )
+    (tmp_path / "w.sh").touch()  # found by parsing; not executable
+    for command in (["check"], ["serve", "--port", "0"]):
+        result = subprocess.run(
+            [PYTHON, "-m", "llmux", *command, "-c", "c.toml"],
+            cwd=folder, capture_output=True, text=True, timeout=20,
+        )  # fmt: skip
+        assert result.returncode == 2 and result.stderr, result.stderr
+        for line in result.stderr.splitlines():
+            assert line.startswith(f"llmux: config error: {folder / 'c.toml'}: "), line
+            for path in re.findall(r"(?:policy file|looked at|chmod \+x) (\S+?)[)\s]", line):
+                assert path.startswith(str(tmp_path)), line
+
+
+def test_serve_warns_of_hook_problems_and_starts(tmp_path):
+    """A program may appear after llmux starts (a venv installed later): serve says each
+    problem check would refuse, and serves on."""
+    from tests.conftest import LlmuxProcess
+
+    config = tmp_path / "warn.toml"
+    config.write_text(
+        '[models.a]\ncmd = "no-such-server-here --port {PORT}"\n'
+        '[models.b]\ncmd = "no-such-server-either --port ${PORT}"\n'
+    )
+    llmux = LlmuxProcess(config)
+    try:
+        assert llmux.url
+    finally:
+        assert llmux.stop() == 0
+    warnings = [line for line in llmux.lines if "WARNING llmux.config: config warning" in line]
+    assert len(warnings) == 3, llmux.log
+    assert f"{config}: models.a.cmd: 'no-such-server-here' is not a shell builtin" in warnings[0]
+    assert "models.a.cmd: {PORT} reaches the program as written" in warnings[1]
+    assert "models.b.cmd: 'no-such-server-either'" in warnings[2]

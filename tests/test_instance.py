@@ -109,7 +109,10 @@ def test_any_bind_failure_is_one_line_and_exit_2(fakes, tmp_path, host):
     assert result.returncode == 2
     line = _one_line(result)
     if host == "127.0.0.1":
-        assert line == f"llmux: port {port} is in use (another llmux on this config?)"
+        assert line == (
+            f"llmux: cannot listen on 127.0.0.1:{port}: the port is in use by another program; "
+            f"`ss -ltnp 'sport = :{port}'` shows which, or listen on another one with --port"
+        )
     else:
         assert line.startswith(f"llmux: cannot listen on {host}:{port}: "), line
     assert a.state()["wakes"] == 0

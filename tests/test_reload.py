@@ -167,3 +167,32 @@ async def test_reload_applies_a_new_capacity_and_refuses_to_regroup(fakes, tmp_p
     assert "groups were added or removed: restart llmux" in caplog.text
     assert list(status["groups"]) == ["gpu0"] and status["groups"]["gpu0"]["capacity"] == 80
     assert a.state()["sleeps"] == 1 and b.state()["sleeps"] == 0
+
+
+async def test_models_are_dated_when_configured_and_keep_their_date_while_unchanged(
+    fakes, tmp_path
+):
+    """`created` in /v1/models: when the config holding the model was loaded; a reload dates
+    only the models it adds or changes (an unchanged one is the same model served the same
+    way)."""
+    import time
+
+    a, b, c = fakes.start("a", "b", "c")
+    path = write_config(tmp_path, fake_model_block(a) + fake_model_block(b))
+    before = int(time.time())
+    async with llmux_running(path) as (server, client):
+
+        async def created() -> dict[str, int]:
+            models = (await client.get("/v1/models")).json()["data"]
+            return {m["id"]: m["created"] for m in models}
+
+        first = await created()
+        assert set(first) == {"a", "b"}
+        assert before <= first["a"] == first["b"] <= int(time.time())
+        await trio.sleep(1.1)  # `created` counts whole seconds
+        changed_b = fake_model_block(b, alive=f"true; {b.ctl('alive')}")
+        write_config(tmp_path, fake_model_block(a) + changed_b + fake_model_block(c))
+        assert await server.reload()
+        second = await created()
+    assert second["a"] == first["a"], "unchanged: the date it was first configured"
+    assert second["b"] == second["c"] > first["a"], "changed or added: the reload's date"

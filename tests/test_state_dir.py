@@ -23,6 +23,9 @@ def test_where_the_folder_is(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/7")
     assert state_dir_path("st", tmp_path) == tmp_path / "st"
     assert state_dir_path(None, tmp_path) == Path("/run/a")
+    monkeypatch.setenv("RUNTIME_DIRECTORY", "relative/state")
+    assert state_dir_path(None, tmp_path) == Path.cwd() / "relative/state"
+    monkeypatch.setenv("RUNTIME_DIRECTORY", "/run/a:/run/b")
     monkeypatch.delenv("RUNTIME_DIRECTORY")
     assert state_dir_path(None, tmp_path) == Path("/run/user/7/llmux")
     monkeypatch.delenv("XDG_RUNTIME_DIR")

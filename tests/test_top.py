@@ -287,8 +287,15 @@ async def test_token_is_sent_from_flag_or_environment(nursery, tmp_path):
         ]
         return subprocess.run(args, capture_output=True, text=True, timeout=30, env=env)
 
-    refused = await trio.to_thread.run_sync(top)
-    assert refused.returncode == 1 and "HTTP 401" in refused.stdout
+    without = {k: v for k, v in os.environ.items() if k != "LLMUX_TOKEN"}
+    refused = await trio.to_thread.run_sync(lambda: top(env=without))
+    assert refused.returncode == 1, refused.stdout
+    assert refused.stdout == (
+        f"llmux top: {urls[0]} wants one of its API keys (HTTP 401): give it with --token or "
+        "$LLMUX_TOKEN\n"
+    )
+    wrong = await trio.to_thread.run_sync(lambda: top("--token", "guess", env=without))
+    assert "refuses the API key top sent (HTTP 401; from --token or $LLMUX_TOKEN)" in wrong.stdout
     by_flag = await trio.to_thread.run_sync(top, "--token", "s3cret")
     assert by_flag.returncode == 0 and "idle" in by_flag.stdout
     by_env = await trio.to_thread.run_sync(lambda: top(env={**os.environ, "LLMUX_TOKEN": "s3cret"}))

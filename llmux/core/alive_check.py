@@ -41,13 +41,14 @@ class AliveCheck(Operation):
         if outcome.timed_out:
             group.end_op()
             group.observe(
-                "alive_timeout", f"alive hook for {model.name} timed out; it stays active",
+                "alive_timeout", f"{model.step(HookName.ALIVE)} for {model.name} timed out; "
+                "it stays active",
                 level="warning", model=model.name,
             )  # fmt: skip
             return
         model.last_alive = False
         group.observe(
-            "model_dead", f"{model.name} is active but its alive hook fails: draining it and "
-            "putting it to sleep", level="error", model=model.name,
+            "model_dead", f"{model.name} is active but its {model.step(HookName.ALIVE)} fails: "
+            "draining it and putting it to sleep", level="error", model=model.name,
         )  # fmt: skip
         group.end_op(then=Retreat("dead", deque([model])))

@@ -77,7 +77,7 @@ class Reconcile(Operation):
                 continue  # retired: put to sleep as a retirement
             group.move(model, Cause.DRAIN)  # held, never granted to: it is put to sleep next
             why = (
-                "may be serving (its alive hook timed out)"
+                f"may be serving (its {model.step(HookName.ALIVE)} timed out)"
                 if model in self.unknown
                 else ("is also serving at start-up")
             )

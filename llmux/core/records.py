@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from llmux.config import ModelConfig
 from llmux.core.costs import IDLE
-from llmux.core.states import ModelState
+from llmux.core.states import HookName, ModelState
 
 
 @dataclass(eq=False)
@@ -53,6 +53,13 @@ class ModelRecord:
         """Its next wake starts its server: a `cmd` model whose server does not run. (A model
         woken by hooks never says: llmux cannot know what its wake hook starts.)"""
         return self.config.cmd is not None and not self.server_running
+
+    def step(self, hook: HookName) -> str:
+        """How a log line names its `hook`: a model llmux drives itself (a `kind`, a `cmd`)
+        has no hook, only the step llmux carries out in its place."""
+        if not self.config.built_in:
+            return f"{hook} hook"
+        return "alive check" if hook is HookName.ALIVE else str(hook)
 
 
 DEMAND_WINDOW_SECS = 600.0  # how far back arrivals count (they fade with this time constant)

@@ -313,12 +313,14 @@ class Switch(Operation):
             victim.last_alive = outcome.ok
             if says_not_serving(outcome) or victim.exited:
                 group.observe(
-                    "sleep_failed_not_serving", f"sleep hook for {victim.name} failed but it "
-                    "no longer serves; continuing", level="warning", model=victim.name,
+                    "sleep_failed_not_serving", f"{victim.step(HookName.SLEEP)} for "
+                    f"{victim.name} failed but it no longer serves; continuing",
+                    level="warning", model=victim.name,
                 )  # fmt: skip
                 self._gone(group, victim)
             else:
-                self.abandon(group, self.wake_failure, "its alive hook still passes")
+                still = f"its {victim.step(HookName.ALIVE)} still passes"
+                self.abandon(group, self.wake_failure, still)
         elif self.phase == Phase.WAKE:
             if outcome.ok:
                 self._activated(group, outcome)
@@ -398,9 +400,11 @@ class Switch(Operation):
         self._end(group, ok=False)
 
     def _wake_failed(self, group: Group, outcome: ev.HookOutcome) -> None:
+        built_in = self.target.config.built_in
+        cleanup = "putting it to sleep" if built_in else "running its sleep hook"
         group.observe(
-            "switch_failed", f"wake of {self.target.name} failed; running its sleep hook to "
-            "clean up", level="error", reason="wake_failed", **self.labels(),
+            "switch_failed", f"wake of {self.target.name} failed; {cleanup} to clean up",
+            level="error", reason="wake_failed", **self.labels(),
         )  # fmt: skip
         self.wake_failure = outcome.failure
         group.move(self.target, Cause.WAKE_FAILED)

@@ -80,6 +80,25 @@ access_log = logging.getLogger("llmux.access")
 CLIENT_CLOSED = 499  # nginx's status for "the client went away before the answer was complete"
 
 
+def dated(config: Config, before: Config | None) -> Config:
+    """`config` with the Unix time each model was configured (`created` in /v1/models): when
+    the config holding it was loaded. A reload keeps the earlier time of a model whose entry
+    is unchanged, since it is the same model served the same way (a client that caches the
+    list by `created` sees a change only where there is one); a new or changed entry gets
+    the reload's time. A config dated already (a worker's, from its controller) is kept."""
+    if all(name in config.created for name in config.models):
+        return config
+    now = int(time.time())
+    earlier = before.created if before is not None else {}
+    created = {
+        name: earlier[name]
+        if name in earlier and before is not None and before.models.get(name) == model
+        else now
+        for name, model in config.models.items()
+    }
+    return dataclasses.replace(config, created=created)
+
+
 @dataclass
 class _Outcome:
     status: int = 0
@@ -101,7 +120,7 @@ class LlmuxApp:
 
     def __init__(self, config: Config, fleet: Any, metrics: Any) -> None:
         self.fleet = fleet
-        self.config = config
+        self.config = dated(config, None)
         self.metrics = metrics
         self.upstream = UpstreamClient()
         self.watchdog = Watchdog()  # bounds the backends' silences mid-answer; run by the server
@@ -167,7 +186,7 @@ class LlmuxApp:
         return dataclasses.replace(summary, policy_replaced=make_policy is not None)
 
     def apply_config(self, config: Config) -> None:
-        self.config = config
+        self.config = dated(config, self.config)
         self.routes = RouteTable(ROUTES, admin=self.config.auth.admin_token is not None)
 
     def log_reload(self, summary: ReloadSummary) -> None:
@@ -344,7 +363,10 @@ class LlmuxApp:
             "in_flight": model.in_flight,
             "group": model.config.group,
         }
-        return {"id": name, "object": "model", "created": 0, "owned_by": "llmux", "llmux": about}
+        created = self.config.created.get(name, int(self.started_wall))
+        return {
+            "id": name, "object": "model", "created": created, "owned_by": "llmux", "llmux": about
+        }  # fmt: skip
 
     # ----- proxying -----
 

@@ -154,8 +154,9 @@ class Dashboard:
         """The poll the window's figures are measured from (None until there are two)."""
         return self.history[0] if len(self.history) > 1 else None
 
-    def unreachable(self, reason: str) -> None:
-        self.error = reason
+    def unreachable(self, trouble: str) -> None:
+        """`trouble` follows llmux's URL: "is unreachable (connection refused)"."""
+        self.error = trouble
 
     def _record_events(self) -> None:
         assert self.current is not None
@@ -197,8 +198,8 @@ class Dashboard:
         text.append("llmux top ", style="bold")
         text.append(self.url)
         if self.error is not None or self.current is None:
-            reason = self.error or "no data yet"
-            text.append(f"\nunreachable, retrying ({reason})", style="bold red")
+            trouble = self.error or "has sent no data yet"
+            text.append(f"\n{trouble}; retrying", style="bold red")
             return text
         poll = self.current
         started = poll.value("llmux_start_time_seconds")
@@ -445,15 +446,21 @@ async def poll_once(client: httpx.AsyncClient, url: str, dashboard: Dashboard) -
         response.raise_for_status()
         dashboard.update(Poll.parse(response.text, time.time()))
     except (httpx.HTTPError, ValueError) as exc:
-        dashboard.unreachable(_reason(exc))
+        dashboard.unreachable(_trouble(exc, sent_key="authorization" in client.headers))
 
 
-def _reason(exc: Exception) -> str:
+def _trouble(exc: Exception, sent_key: bool) -> str:
+    """What went wrong, said after llmux's URL; a refusal says how to give the key."""
     if isinstance(exc, httpx.HTTPStatusError):
-        return f"HTTP {exc.response.status_code}"
+        status = exc.response.status_code
+        if status == 401 and sent_key:
+            return f"refuses the API key top sent (HTTP 401; from --token or ${TOKEN_ENV})"
+        if status == 401:
+            return f"wants one of its API keys (HTTP 401): give it with --token or ${TOKEN_ENV}"
+        return f"is unreachable (HTTP {status})"
     if isinstance(exc, httpx.ConnectError):
-        return "connection refused"
-    return type(exc).__name__
+        return "is unreachable (connection refused)"
+    return f"is unreachable ({type(exc).__name__})"
 
 
 def _client(token: str | None) -> httpx.AsyncClient:
@@ -467,7 +474,7 @@ async def print_once(url: str, interval: float, token: str | None, console: Cons
     async with _client(token) as client:
         await poll_once(client, url, dashboard)
         if dashboard.current is None:  # one line: there is no frame to show
-            console.print(f"llmux top: {url} is unreachable ({dashboard.error})")
+            console.print(f"llmux top: {url} {dashboard.error}", soft_wrap=True)
             return False
         await trio.sleep(interval)
         await poll_once(client, url, dashboard)

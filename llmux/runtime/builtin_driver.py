@@ -41,10 +41,12 @@ log = logging.getLogger("llmux.hooks")
 
 @dataclass
 class StepNotes:
-    """What a step learned on its way, for its result: whether it started the server, and
-    what a level-1 sleep filled of host RAM (a vLLM server's resident memory grows by its
-    weights as it copies them out of the GPU)."""
+    """What a step learned on its way, for its result: what it was doing last (a failure is
+    named by it: "starting its server", "vLLM's wake_up"; there is no hook to name), whether
+    it started the server, and what a level-1 sleep filled of host RAM (a vLLM server's
+    resident memory grows by its weights as it copies them out of the GPU)."""
 
+    doing: str
     cold_start: bool = False
     host_gb: float | None = None
 
@@ -87,8 +89,10 @@ class BuiltinDriver:
     ) -> bool:
         engine = self._engine(backend)
         if self._not_started(backend) and self.processes.running(backend.name):
+            notes.doing = "stopping the server a reload replaced"
             await self._replace(backend)  # a reload changed it while the model slept
         if self._not_started(backend):
+            notes.doing = "starting its server"
             notes.cold_start = True
             engine.started(backend)
             await self.processes.start(backend)
@@ -99,8 +103,10 @@ class BuiltinDriver:
                     await self.processes.stop(backend.name, grace=STOP_GRACE_SECS)
                 raise
         else:
+            notes.doing = "waiting for its server to be ready"
             await self._until_ready(client, backend)  # a server still loading after a boot
         if not await engine.serving(client, backend):
+            notes.doing = engine.wake_step
             await engine.wake(client, backend)
             await _until(lambda: engine.serving(client, backend))
         return True
@@ -111,8 +117,9 @@ class BuiltinDriver:
         if self._not_started(backend):
             return True  # nothing runs, nothing holds memory
         if backend.kind is None:
-            return await self._stop(client, backend)
+            return await self._stop(client, backend, notes)
         engine = self._engine(backend)
+        notes.doing = engine.sleep_step
         measured = backend.kind == "vllm" and backend.sleep_level == 1 and backend.cmd is not None
         before = self.processes.resident_bytes(backend.name) if measured else None
         if not await engine.asleep(client, backend):
@@ -124,10 +131,11 @@ class BuiltinDriver:
         return True
 
     async def _stop(
-        self, client: httpx.AsyncClient, backend: ModelConfig, notes: StepNotes | None = None
+        self, client: httpx.AsyncClient, backend: ModelConfig, notes: StepNotes
     ) -> bool:
         """Stop the model's server if it runs as `backend` says (another one is not ours to
         stop here: it may be the one a reload's new config started)."""
+        notes.doing = "stopping its server"
         if not self._not_started(backend):
             # SIGKILL comes early enough for the stop to end within the sleep's own timeout.
             grace = min(STOP_GRACE_SECS, backend.sleep_timeout_secs / 2)
@@ -179,7 +187,7 @@ class BuiltinDriver:
         exit_code: int | None = 1
         problem = ""
         timed_out = False
-        notes = StepNotes()
+        notes = StepNotes(doing=_FIRST_STEP[hook])
         try:
             async with httpx.AsyncClient(trust_env=False) as client:
                 with trio.fail_after(timeout):
@@ -192,7 +200,7 @@ class BuiltinDriver:
         result = HookResult(
             hook=hook, model=backend.name, exit_code=exit_code, timed_out=timed_out,
             duration=time.monotonic() - started, stdout_tail="", stderr_tail=problem,
-            cold_start=notes.cold_start, host_gb=notes.host_gb,
+            cold_start=notes.cold_start, host_gb=notes.host_gb, step=notes.doing,
         )  # fmt: skip
         _log(result, self._describe(backend))
         return result
@@ -201,6 +209,14 @@ class BuiltinDriver:
     def _describe(backend: ModelConfig) -> str:
         what = backend.kind or "server"
         return f"{what} on port {backend.port}"
+
+
+# What a step is doing before it knows more (see StepNotes).
+_FIRST_STEP = {
+    HookName.WAKE: "waking it",
+    HookName.SLEEP: "putting it to sleep",
+    HookName.ALIVE: "asking whether it serves",
+}
 
 
 def _this_start(log_tail: str) -> list[str]:
@@ -236,5 +252,5 @@ def _log(result: HookResult, where: str) -> None:
         log_event(log, "hook_completed", message, exit_code=0, **fields)
     else:
         event = "hook_timeout" if result.timed_out else "hook_failed"
-        log_event(log, event, f"{result.hook} of {result.model} failed: {result.stderr_tail}",
-                  logging.WARNING, **fields)  # fmt: skip
+        message = f"{result.hook} of {result.model}: {result.describe_failure()}"
+        log_event(log, event, message, logging.WARNING, **fields)

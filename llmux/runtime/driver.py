@@ -213,7 +213,7 @@ class GroupDriver:
             with stop:
                 result = await run_on(self.backends, command.hook, command.backend, env)
         except Exception as exc:  # a hook that cannot be run is a failed hook, not a crash
-            log.exception("%s hook for %s could not run", command.hook, command.model)
+            log.exception("%s of %s could not run", command.hook, command.model)
             result = HookResult(
                 hook=command.hook, model=command.model, exit_code=EXIT_CANNOT_START,
                 timed_out=False, duration=trio.current_time() - started, stdout_tail="",

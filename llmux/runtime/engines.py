@@ -42,6 +42,10 @@ class EngineError(Exception):
 
 
 class Engine(Protocol):
+    # How its wake and its sleep are named in errors and logs: there is no hook to name.
+    wake_step: str
+    sleep_step: str
+
     async def wake(self, client: httpx.AsyncClient, backend: ModelConfig) -> None: ...
 
     async def sleep(self, client: httpx.AsyncClient, backend: ModelConfig) -> None: ...
@@ -97,6 +101,9 @@ async def answers(client: httpx.AsyncClient, backend: ModelConfig, path: str) ->
 class PlainServer:
     """A `cmd` server without a kind: up means serving."""
 
+    wake_step = "waiting for its server to serve"
+    sleep_step = "stopping its server"
+
     async def wake(self, client: httpx.AsyncClient, backend: ModelConfig) -> None:
         """Started and ready is awake: nothing more to ask."""
 
@@ -114,6 +121,9 @@ class PlainServer:
 
 
 class Vllm:
+    wake_step = "vLLM's wake_up"
+    sleep_step = "vLLM's sleep"
+
     def __init__(self, state: StateDir) -> None:
         self.state = state
 
@@ -172,6 +182,9 @@ class Vllm:
 
 
 class Sglang:
+    wake_step = "SGLang's resume_memory_occupation"
+    sleep_step = "SGLang's release_memory_occupation"
+
     def __init__(self, state: StateDir) -> None:
         self.state = state
 
@@ -213,6 +226,9 @@ class Sglang:
 
 
 class Ollama:
+    wake_step = "Ollama's load of the model"
+    sleep_step = "Ollama's unload of the model"
+
     @staticmethod
     def name(backend: ModelConfig) -> str:
         return backend.upstream_model or backend.name

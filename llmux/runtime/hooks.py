@@ -53,6 +53,9 @@ class HookResult:
     stderr_tail: str
     cold_start: bool = False  # a wake that started the model's server (built-in `cmd` only)
     host_gb: float | None = None  # a level-1 sleep: the host RAM it filled, if measured
+    # What llmux itself was doing in the hook's place (a built-in driver's step, e.g. "starting
+    # its server"): there is no hook to name then, nor an exit code of its own.
+    step: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -60,7 +63,9 @@ class HookResult:
 
     def describe_failure(self, max_lines: int = 10) -> str:
         """A short human explanation: exit code or timeout, and the last lines of stderr."""
-        if self.timed_out:
+        if self.step is not None:
+            head = f"{self.step} failed"
+        elif self.timed_out:
             head = f"{self.hook} hook for {self.model} timed out after {self.duration:.1f}s"
         else:
             head = f"{self.hook} hook for {self.model} exited with code {self.exit_code}"

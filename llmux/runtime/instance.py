@@ -119,15 +119,20 @@ def bind_listener(host: str, port: int, backlog: int) -> socket.socket:
         sock.listen(backlog)
     except OSError as exc:
         sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise InstanceError(
-                f"port {port} is in use (another llmux on this config?)"
-                if port
-                else f"cannot listen on {host}: {exc.strerror}"
-            ) from None
+        if exc.errno == errno.EADDRINUSE and port:
+            raise InstanceError(_port_in_use(host, port)) from None
         raise InstanceError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     sock.setblocking(False)
     return sock
+
+
+def _port_in_use(host: str, port: int) -> str:
+    """Bound by someone else, and not by an llmux of this state folder: its port lock, taken
+    first, would have named it. Only the system knows who."""
+    return (
+        f"cannot listen on {host}:{port}: the port is in use by another program; "
+        f"`ss -ltnp 'sport = :{port}'` shows which, or listen on another one with --port"
+    )
 
 
 @dataclass(frozen=True)

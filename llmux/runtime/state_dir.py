@@ -68,8 +68,8 @@ def state_dir_path(configured: str | None, config_folder: Path) -> Path:
     if configured:
         return config_folder / configured
     runtime = os.environ.get("RUNTIME_DIRECTORY")
-    if runtime:
-        return Path(runtime.split(":")[0])
+    if runtime:  # made absolute: systemd's is, but one set by hand may not be
+        return Path(os.path.abspath(runtime.split(":")[0]))
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg and os.path.isabs(xdg):
         return Path(xdg) / "llmux"
