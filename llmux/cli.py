@@ -256,14 +256,21 @@ def _config_schema(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from llmux.config import ConfigError, load_config
     from llmux.hook_check import hook_problems
 
-    config = _load_config(args.config)
-    if config is None:
-        return EXIT_CONFIG_ERROR
-    _, policy_problem = _load_policy(config)
-    problems = [policy_problem] if policy_problem else []
-    problems += hook_problems(config)
+    problems: list[ConfigError] = []
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        # Every problem at once: the file's, then the hooks and policy of what did parse.
+        problems, config = list(exc.problems), exc.partial
+    except Exception:
+        return _load_config(args.config) and EXIT_CONFIG_ERROR  # prints the one line
+    if config is not None:
+        _, policy_problem = _load_policy(config)
+        problems += [policy_problem] if policy_problem else []
+        problems += hook_problems(config)
     for problem in problems:
         print(f"llmux: config error: {problem}", file=sys.stderr)
     if problems:

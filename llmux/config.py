@@ -524,11 +524,16 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
         problem = "no models configured: add at least one [models.NAME] table"
         checker.problems.append(ConfigError(path, "models", problem))
     models: dict[str, ModelConfig] = {}
+    flawed: dict[str, ModelConfig] = {}  # models with problems, as far as they parsed
     for name, model_raw in models_raw.items():
-        with checker.section():
-            if problem := model_name_problem(name):
-                raise checker.error("models", problem)
+        if problem := model_name_problem(name):
+            checker.problems.append(checker.error("models", problem))
+        try:
             models[name] = _parse_model(checker, name, model_raw, defaults, own_port=port)
+        except ConfigError as exc:
+            checker.problems.extend(exc.problems)
+            if exc.partial is not None:
+                flawed[name] = exc.partial
     with checker.section():
         _check_aliases(checker, models)
     choose_ports(models, {port} | {m.port for m in models.values()})
@@ -546,11 +551,16 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
     machine = MachineConfig()
     with checker.section():
         machine = MachineConfig(**_values(checker, raw.get("machine", {}), _TABLE["machine"]))
-    checker.finish()
-    return Config(
+    config = Config(
         path=path, host=top.get("host", DEFAULT_HOST), port=port, server=server, policy=policy,
         models=models, auth=auth, groups=groups, preload=preload, machine=machine,
     )  # fmt: skip
+    if checker.problems:
+        error = ConfigError.of(checker.problems)
+        # What did parse, flawed models too: `llmux check` looks at their hooks as well.
+        error.partial = replace(config, models=models | flawed)
+        raise error
+    return config
 
 
 def _values(checker: Checker, raw: Any, table: Table) -> dict[str, Any]:
@@ -772,23 +782,26 @@ def _parse_model(
     passthrough: tuple[str, ...] = ()
     with checker.section():
         passthrough = _passthrough_paths(checker, raw.get("passthrough_paths", []), key)
-    if len(checker.problems) > before:
-        problems = checker.problems[before:]
-        del checker.problems[before:]
-        raise ConfigError.of(problems)
-    return ModelConfig(
+    model = ModelConfig(
         name=name,
         port=port,
         port_chosen=port == 0,
         **driver,
         size=size,
         size_in_gib=given == ["memory_gb"],
-        aliases=tuple(dict.fromkeys(aliases)),
+        aliases=tuple(dict.fromkeys(a for a in aliases if isinstance(a, str))),
         upstream_model=upstream,
         passthrough_paths=passthrough,
         backend_api_key=backend_key,
         **inherited,
     )
+    if len(checker.problems) > before:  # the model is left out, but its hooks still checked
+        problems = checker.problems[before:]
+        del checker.problems[before:]
+        error = ConfigError.of(problems)
+        error.partial = model
+        raise error
+    return model
 
 
 def _parse_driver(checker: Checker, raw: dict[str, Any], key: str) -> dict[str, Any]:
@@ -814,24 +827,17 @@ def _parse_driver(checker: Checker, raw: dict[str, Any], key: str) -> dict[str, 
             if hooks[required] is None:
                 problem = "missing (required unless kind or cmd is set)"
                 raise checker.error(f"{key}.{required}", problem)
-    level = raw.get("sleep_level", 1)
-    if "sleep_level" in raw and kind != "vllm":
-        raise checker.error(f"{key}.sleep_level", 'only for kind = "vllm"')
-    auto = level == "auto"
-    if auto:
-        level = 1
-    elif isinstance(level, bool) or level not in SLEEP_LEVELS:
-        problem = f'must be 1, 2 or "auto", got {level!r}'
-        raise checker.error(f"{key}.sleep_level", problem)
+    level, auto = _sleep_level(checker, raw, key, kind)
     weights = raw.get("weights_gb")
     if weights is not None:
-        if kind != "vllm":
-            raise checker.error(f"{key}.weights_gb", 'only for kind = "vllm"')
-        checker.non_negative(weights, f"{key}.weights_gb")
+        with checker.section():
+            if kind != "vllm":
+                raise checker.error(f"{key}.weights_gb", 'only for kind = "vllm"')
+            checker.non_negative(weights, f"{key}.weights_gb")
     health = raw.get("health_path")
     if health is not None and not _is_plain_path(health):
         problem = f"{health!r} must be a plain path such as /health"
-        raise checker.error(f"{key}.health_path", problem)
+        checker.problems.append(checker.error(f"{key}.health_path", problem))
     return {
         **hooks,
         "kind": kind,
@@ -841,6 +847,24 @@ def _parse_driver(checker: Checker, raw: dict[str, Any], key: str) -> dict[str, 
         "weights_gb": weights,
         "health_path": health,
     }
+
+
+def _sleep_level(
+    checker: Checker, raw: dict[str, Any], key: str, kind: str | None
+) -> tuple[int, bool]:
+    """The level a vLLM model sleeps at and whether it is chosen per sleep ("auto"); a
+    problem is kept (the level then 1), so the rest of the model is still checked."""
+    level = raw.get("sleep_level", 1)
+    if "sleep_level" in raw and kind != "vllm":
+        checker.problems.append(checker.error(f"{key}.sleep_level", 'only for kind = "vllm"'))
+        return 1, False
+    if level == "auto":
+        return 1, True
+    if isinstance(level, bool) or level not in SLEEP_LEVELS:
+        problem = f'must be 1, 2 or "auto", got {level!r}'
+        checker.problems.append(checker.error(f"{key}.sleep_level", problem))
+        return 1, False
+    return level, False
 
 
 def choose_ports(models: dict[str, ModelConfig], taken: set[int]) -> None:

@@ -26,6 +26,7 @@ class ConfigError(Exception):
         self.key = key
         self.problem = problem
         self.problems: list[ConfigError] = [self]
+        self.partial: Any = None  # the Config of what did parse, when there is one
         where = f"{self.path}: {key}: " if key else f"{self.path}: "
         super().__init__(where + problem)
 
@@ -59,10 +60,6 @@ class Checker:
             yield
         except ConfigError as exc:
             self.problems.extend(exc.problems)
-
-    def finish(self) -> None:
-        if self.problems:
-            raise ConfigError.of(self.problems)
 
     def table(self, value: Any, key: str, allowed: dict[str, Any]) -> dict[str, Any]:
         """The entries of a table whose keys are known and types right; each other entry is a

@@ -142,7 +142,7 @@ ttl_secs = -5
 typo = 1
 
 [models.b]
-cmd = "serve --port ${PORT}"
+cmd = "true --port {PORT}"
 sleep_level = 2
 
 [models.c]
@@ -173,10 +173,13 @@ def test_check_names_every_problem_of_a_file_at_once(tmp_path):
         timeout=20,
     )  # fmt: skip
     assert result.returncode == 2
+    # `check` also looks at the programs of the models, those with problems included.
+    keys.append("models.b.cmd")
     lines = result.stderr.splitlines()
     assert len(lines) == len(keys)
     for line, key in zip(lines, keys, strict=True):
         assert line.startswith(f"llmux: config error: {path}: {key}: "), line
+    assert "write ${PORT}" in lines[-1]
 
 
 def test_a_top_level_key_written_under_a_table_says_where_it_belongs(tmp_path):
