@@ -23,7 +23,7 @@ from typing import Any
 import trio
 
 from llmux.config import ModelConfig
-from llmux.errors import LlmuxError
+from llmux.errors import LlmuxError, ShuttingDown
 from llmux.runtime.driver import Slot
 from llmux.runtime.fleet import Fleet
 from llmux.workers.channel import Channel, ChannelClosed
@@ -144,10 +144,8 @@ class _Reply:
     message: dict[str, Any] = field(default_factory=dict)
 
 
-class ControllerGone(LlmuxError):
-    status = 503
-    error_type = "server_error"
-    code = "shutting_down"
+class ControllerGone(ShuttingDown):
+    """The controller is gone or stopping: so is this worker (Retry-After as for any shutdown)."""
 
 
 class RemoteFleet:
