@@ -1047,7 +1047,7 @@ def _bug12_host_ram_unbounded(monkeypatch):
 def _bug13_start_backoff_ignored(monkeypatch):
     """A `cmd` server that failed to start is started again for the next request (each OpenAI
     SDK call started a broken command three times: two retries of a 503)."""
-    monkeypatch.setattr(GroupCore, "start_refusal", lambda self, model: None)
+    monkeypatch.setattr(GroupCore, "start_refusal", lambda self, model, now=None: None)
 
 
 MUTATIONS = {

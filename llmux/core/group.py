@@ -246,8 +246,9 @@ class GroupCore:
         records = [*self.retiring, self.models.get(name)]
         return sum(m.in_flight for m in records if m is not None and m.name == name)
 
-    def refusal(self, name: str) -> LlmuxError | None:
-        """Why a request for `name` would be refused at once, if it would."""
+    def refusal(self, name: str, now: float | None = None) -> LlmuxError | None:
+        """Why a request for `name` would be refused at once, if it would, at `now` (the
+        runtime asks before the request's own event: the latest event's time is stale)."""
         model = self.models.get(name)
         if model is None:
             return ModelNotFound(f"model {name!r} is no longer configured")
@@ -255,7 +256,7 @@ class GroupCore:
             return ShuttingDown("llmux is shutting down")
         if self._may_start_now(model):
             return None
-        backed_off = self.start_refusal(model)
+        backed_off = self.start_refusal(model, self.now if now is None else now)
         if backed_off is not None:
             return backed_off
         limit = self.config.server.max_queue_per_model
@@ -350,12 +351,15 @@ class GroupCore:
         )
         self.fail_queue(current, refusal)
 
-    def start_refusal(self, model: ModelRecord) -> ServerNotStarted | None:
+    def start_refusal(
+        self, model: ModelRecord, now: float | None = None
+    ) -> ServerNotStarted | None:
         """Why `model` is not woken now: its server failed to start and its back-off holds."""
+        now = self.now if now is None else now
         backoff = model.start_backoff
-        if model.state is ModelState.ACTIVE or not backoff.holds(self.now):
+        if model.state is ModelState.ACTIVE or not backoff.holds(now):
             return None
-        left = math.ceil(backoff.left(self.now))
+        left = math.ceil(backoff.left(now))
         n = backoff.failures
         failures = "1 failed start" if n == 1 else f"{n} failed starts in a row"
         return ServerNotStarted(

@@ -306,7 +306,7 @@ class GroupDriver:
             self._feed(ev.Finished(trio.current_time(), rid))
 
     def refusal(self, name: str) -> LlmuxError | None:
-        return self.core.refusal(name)
+        return self.core.refusal(name, trio.current_time())
 
     def report_unreachable(self, name: str) -> None:
         self._feed(ev.Unreachable(trio.current_time(), name))
