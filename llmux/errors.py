@@ -146,25 +146,61 @@ class BackendTimeout(LlmuxError):
 
 
 class ModelUnavailable(LlmuxError):
-    """The model could not be made active (a hook failed, or a switch was abandoned)."""
+    """The model could not be made active (a hook failed, or a switch was abandoned).
+
+    A client is told whether to try again: `retry_after` seconds (Retry-After) when a retry may
+    well succeed by then; `retry=False` (x-should-retry: false, which OpenAI's SDKs obey) when
+    a retry within seconds cannot help, so that an SDK's automatic retries do not repeat a slow
+    failure."""
 
     status = 503
     error_type = "server_error"
     code = "model_unavailable"
+    retry = True
+
+    def __init__(self, message: str, retry_after: int | None = None, retry: bool | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+        if retry is not None:
+            self.retry = retry
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        headers = []
+        if self.retry_after is not None:
+            headers.append((b"retry-after", str(self.retry_after).encode()))
+        if not self.retry:
+            headers.append((b"x-should-retry", b"false"))
+        return headers
 
 
 class GpuMemoryShort(ModelUnavailable):
     """The model's GPUs did not have the memory to wake it, after waiting for it: a retry at
-    once would wait again for what a sleeper keeps (OpenAI's SDKs read the header)."""
+    once would wait again for what a sleeper keeps."""
 
-    def headers(self) -> list[tuple[bytes, bytes]]:
-        return [(b"x-should-retry", b"false")]
+    retry = False
+
+
+class ServerNotStarted(ModelUnavailable):
+    """The model's `cmd` server failed to start, and is not started again before its back-off
+    ends (core/start_backoff.py): a retry sooner is refused the same way, a retry later starts
+    it once more. Retry-After says when."""
+
+    retry = False
+
+
+SHUTDOWN_RETRY_AFTER_SECS = 5  # a restarted llmux (or another at that address) serves by then
 
 
 class ShuttingDown(LlmuxError):
+    """llmux stops taking requests (a restart, a deploy): transient for a client, which may try
+    again in a few seconds."""
+
     status = 503
     error_type = "server_error"
     code = "shutting_down"
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"retry-after", str(SHUTDOWN_RETRY_AFTER_SECS).encode())]
 
 
 class QueueTimeout(LlmuxError):

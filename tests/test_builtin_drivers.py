@@ -13,6 +13,7 @@ from functools import partial
 import httpx
 import trio
 
+from llmux.core import start_backoff
 from llmux.runtime.hook_registry import group_runs
 from tests.conftest import (
     LLMUX,
@@ -242,7 +243,8 @@ async def test_a_cmd_server_that_dies_is_known_at_once_and_restarted_on_demand(t
         assert server.app.fleet.servers.pid("a") != pid
 
 
-async def test_a_cmd_that_fails_to_start_answers_503_with_its_output(tmp_path):
+async def test_a_cmd_that_fails_to_start_answers_503_with_its_output(tmp_path, monkeypatch):
+    monkeypatch.setattr(start_backoff, "FIRST_SECS", 1.0)  # tests/test_start_backoff.py
     crash = "echo 'CUDA out of memory' >&2; exit 3"
     hang = f"exec {LLMUX} fake-backend --awake --boot-secs 60 --port ${{PORT}}"
     blocks = cmd_block("crash", crash) + cmd_block("hang", hang, wake_timeout_secs=2)
@@ -255,7 +257,7 @@ async def test_a_cmd_that_fails_to_start_answers_503_with_its_output(tmp_path):
         # No hook ran: the step is named for what llmux did, with no exit code of a hook's.
         assert "crash could not be woken: starting its server failed: server on port" in message
         assert "hook" not in message and "code 1" not in message
-        await trio.sleep(2.1)  # the back-off after a failed wake
+        await trio.sleep(2.1)  # the back-offs after a failed wake, and a failed start
         again = await client.post("/v1/chat/completions", json=chat("crash"))
         assert again.json()["error"]["message"].count("CUDA out of memory") == 1, "this start's"
         response = await client.post("/v1/chat/completions", json=chat("hang"))

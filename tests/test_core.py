@@ -52,8 +52,11 @@ from llmux.core.group import GroupCore
 from llmux.core.host_ram import HostRam
 from llmux.core.operation import Phase as SwitchPhase
 from llmux.core.policy_answers import checked_evictions
+from llmux.core.start_backoff import MAX_SECS as START_BACKOFF_MAX_SECS
+from llmux.core.start_backoff import pause_after
 from llmux.core.states import TRANSITIONS, HookName, ModelState
 from llmux.core.switch import Switch
+from llmux.errors import ServerNotStarted
 from llmux.policy import (
     AdaptivePolicy,
     CallAt,
@@ -183,6 +186,10 @@ BAD_EVICTIONS = st.sampled_from(
 )  # fmt: skip
 
 
+# How a hook ends; "start fails": a `cmd` server that exits as it starts (other hooks: "fail").
+HOW_HOOKS_END = st.sampled_from(["ok", "ok", "cold", "fail", "timeout", "start fails"])
+
+
 @dataclass
 class World:
     """What really happens, read from the commands the core issues and the answers it gets."""
@@ -202,6 +209,9 @@ class World:
     ram: dict[Backend, float] = field(default_factory=dict)  # level-1 sleepers' host RAM
     reads: dict[int, ReadGpuMemory] = field(default_factory=dict)  # GPU reads not answered
     room_seen: bool = False  # the latest GPU read answered said the target fits
+    # model -> the config whose `cmd` server failed to start, failures in a row, and until when
+    # it is not started again (core/start_backoff.py)
+    backed_off: dict[str, tuple[ModelConfig, int, float]] = field(default_factory=dict)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -258,7 +268,7 @@ class CoreMachine(RuleBasedStateMachine):
         self.world = World()
         self.fault_at: int | None = None  # the core fails at this state change of next event
         self.faults_injected = 0
-        config = self._config()
+        config = self.config = self._config()
         if capacity is None:
             up = up[:1]  # one server fits at a time
         # A server that is up at start-up that llmux cannot ask about is one it cannot know of.
@@ -375,6 +385,10 @@ class CoreMachine(RuleBasedStateMachine):
             world.served.add(command.rid)
         elif isinstance(command, Refuse):
             assert command.rid in world.waiting, f"refusal of {command.rid}, which does not wait"
+            if isinstance(command.error, ServerNotStarted):  # no SDK retries it before its end
+                headers = dict(command.error.headers())
+                assert headers[b"x-should-retry"] == b"false"
+                assert int(headers[b"retry-after"]) >= 1
             del world.waiting[command.rid]
             world.ended.add(command.rid)
         elif isinstance(command, ReadGpuMemory):
@@ -390,6 +404,10 @@ class CoreMachine(RuleBasedStateMachine):
                 assert world.room_seen, f"{command.model} woken without room on its GPUs"
                 world.room_seen = False
             if command.hook is HookName.WAKE:
+                until = self._backed_off_until(command.model, command.backend)
+                assert self.now >= until, (
+                    f"{command.model} woken {until - self.now:g}s before its start back-off ends"
+                )
                 others = self._held() - {backend}
                 room = 1.0 if self.capacity is None else self.capacity
                 size = SIZES[command.model] if self.capacity is not None else 1.0
@@ -425,6 +443,29 @@ class CoreMachine(RuleBasedStateMachine):
             assert command.reply in world.replies, f"reply {command.reply} never asked for"
             world.replies.discard(command.reply)
 
+    def _backed_off_until(self, model: str, config: ModelConfig | None) -> float:
+        """Until when `model`, as `config` says, is not started: its `cmd` server failed to
+        start with that config (-inf: it may be)."""
+        entry = self.world.backed_off.get(model)
+        return entry[2] if entry is not None and entry[0] == config else -math.inf
+
+    def _wake_ended(self, command: RunHook, outcome: ev.HookOutcome) -> None:
+        """What a wake's end says of the model's start back-off: a start that failed (not
+        stopped on purpose) backs off the model configured as it was, one more time in a row;
+        a wake (or an alive answer) that says it serves ends it."""
+        world = self.world
+        entry = world.backed_off.get(command.model)
+        same = entry is not None and entry[0] == command.backend
+        if outcome.ok and same and command.hook is not HookName.SLEEP:
+            del world.backed_off[command.model]
+        failed_start = command.hook is HookName.WAKE and outcome.cold and not outcome.ok
+        if failed_start and not outcome.cancelled:
+            if self.config.models.get(command.model) != command.backend:
+                return  # a reload changed it meanwhile: the new config is tried as it comes
+            failures = entry[1] + 1 if same and entry is not None else 1
+            until = self.now + pause_after(failures)
+            world.backed_off[command.model] = (command.backend, failures, until)
+
     def _size(self, backend: Backend) -> float:
         return 1.0 if self.capacity is None else SIZES[backend[0]]
 
@@ -457,7 +498,10 @@ class CoreMachine(RuleBasedStateMachine):
         self.policy.next_bad = bad
         self.policy.next_bad_evict = bad_evict
         self.policy.next_bad_depth = bad_depth
-        self._feed(ev.Arrived(self.now, rid, model))
+        done = self._feed(ev.Arrived(self.now, rid, model))
+        if self.now < self._backed_off_until(model, self.config.models.get(model)):
+            refused = [c for c in done if isinstance(c, Refuse) and c.rid == rid]
+            assert refused, f"a request for {model} waits through its start back-off"
 
     @precondition(lambda self: self.world.waiting)
     @rule(data=st.data())
@@ -479,7 +523,7 @@ class CoreMachine(RuleBasedStateMachine):
     # ----- rules: hooks and servers -----
 
     @precondition(lambda self: self.world.hooks)
-    @rule(data=st.data(), how=st.sampled_from(["ok", "ok", "cold", "fail", "timeout"]))
+    @rule(data=st.data(), how=HOW_HOOKS_END)
     def hook_ends(self, data, how):
         job = data.draw(st.sampled_from(sorted(self.world.hooks)))
         command = self.world.hooks.pop(job)
@@ -495,6 +539,9 @@ class CoreMachine(RuleBasedStateMachine):
                 world.woken.discard(backend)
         elif job in world.cancel_asked and how != "ok":  # ("ok": it was done before the stop)
             outcome = ev.HookOutcome(ok=False, cancelled=True, duration=WARM_SECS)
+        elif how == "start fails" and command.hook is HookName.WAKE and command.backend.cmd:
+            # Its `cmd` server exits at once (a broken command line): nothing serves.
+            outcome = ev.HookOutcome(ok=False, duration=WARM_SECS, cold=True, failure="exit 1")
         else:
             # A wake that had to start its server (only a `cmd` model's) takes far longer.
             cold = how == "cold" and command.hook is HookName.WAKE and command.backend.cmd
@@ -516,6 +563,7 @@ class CoreMachine(RuleBasedStateMachine):
         world.cancel_asked.discard(job)
         self.now += outcome.duration
         done = self._feed(ev.HookDone(self.now, job, outcome))
+        self._wake_ended(command, outcome)
         if outcome.cancelled:  # no failure: nobody is refused for it, nothing is measured, and
             # nothing is cleaned up (what was starting was stopped with the step)
             assert not [c for c in done if isinstance(c, Refuse)], "a stopped start refused"
@@ -590,7 +638,7 @@ class CoreMachine(RuleBasedStateMachine):
         self.request_arrives(model, bad, bad_evict, bad_depth)
 
     @precondition(lambda self: self.world.hooks)
-    @rule(data=st.data(), how=st.sampled_from(["ok", "ok", "cold", "fail", "timeout"]))
+    @rule(data=st.data(), how=HOW_HOOKS_END)
     def another_hook_ends(self, data, how):
         self.hook_ends(data, how)
 
@@ -637,7 +685,11 @@ class CoreMachine(RuleBasedStateMachine):
             elif change == "sleep_level" and shape["driver"] == "vllm":
                 shape["level"] = {1: 2, 2: "auto", "auto": 1}[shape["level"]]
             shape["port"] += 100  # a new server, on a port of its own (see Backend)
-        self._feed(ev.Reloaded(self.now, self._config()))
+        self.config = self._config()
+        for name, (config, _, _) in list(self.world.backed_off.items()):
+            if self.config.models.get(name) != config:  # a new config (or none) ends it
+                del self.world.backed_off[name]
+        self._feed(ev.Reloaded(self.now, self.config))
         assert all(m in self.present for m in self.world.waiting.values()), (
             "a removed model's waiters are refused at once"
         )
@@ -732,6 +784,7 @@ class CoreMachine(RuleBasedStateMachine):
                 self.now += WARM_SECS
                 outcome = ev.HookOutcome(ok=ok, duration=WARM_SECS)
                 self._feed(ev.HookDone(self.now, job, outcome))
+                self._wake_ended(command, outcome)
             elif world.timers:
                 name, at = min(world.timers.items(), key=lambda item: item[1])
                 del world.timers[name]
@@ -755,7 +808,7 @@ class CoreMachine(RuleBasedStateMachine):
         if self.core.closing:
             return
         for model in self.present:
-            self.now += 60.0  # past every back-off
+            self.now += START_BACKOFF_MAX_SECS + 60.0  # past every back-off
             rid, self.next_rid = self.next_rid, self.next_rid + 1
             self.world.waiting[rid] = model
             self._feed(ev.Arrived(self.now, rid, model))
@@ -991,6 +1044,12 @@ def _bug12_host_ram_unbounded(monkeypatch):
     monkeypatch.setattr(HostRam, "fits", lambda self, gb: True)
 
 
+def _bug13_start_backoff_ignored(monkeypatch):
+    """A `cmd` server that failed to start is started again for the next request (each OpenAI
+    SDK call started a broken command three times: two retries of a 503)."""
+    monkeypatch.setattr(GroupCore, "start_refusal", lambda self, model, now=None: None)
+
+
 MUTATIONS = {
     "1: a reload strands a waiting request": _bug1_grant_keeps_the_arrival_record,
     "2: a stuck model, then a wake beside it": _bug2_stuck_victim_then_wake_beside,
@@ -1004,6 +1063,7 @@ MUTATIONS = {
     "10: a stopped cold start is taken for a failure": _bug10_stopped_start_taken_for_a_failure,
     "11: a wake ignores the GPUs' free memory": _bug11_gpu_reading_ignored,
     "12: level-1 sleepers ignore host RAM": _bug12_host_ram_unbounded,
+    "13: a server that failed to start is started again at once": _bug13_start_backoff_ignored,
 }
 # Derandomized: the same examples every run, so whether each bug is caught never flakes.
 MUTATION_SETTINGS = settings(

@@ -61,6 +61,9 @@ async def test_wake_failure_cleans_up_answers_503_and_retries_later(fakes, tmp_p
         for response in (first, second):
             assert response.status_code == 503
             assert "CUDA out of memory" in response.json()["error"]["message"]
+            # A retry may succeed once the group's back-off is over (a wake hook, no `cmd`).
+            assert response.headers["retry-after"] == "2"
+            assert "x-should-retry" not in response.headers
         assert cleanup.exists(), "the target's sleep hook must run after a failed wake"
         models = (await client.get("/v1/models")).json()["data"]
         assert models[0]["llmux"]["state"] == "asleep"
@@ -105,6 +108,7 @@ async def test_wake_timeout_kills_hook_and_answers_503(fakes, tmp_path):
         response = await client.post("/v1/chat/completions", json=chat("a"))
         assert response.status_code == 503
         assert "timed out" in response.json()["error"]["message"]
+        assert response.headers["x-should-retry"] == "false", "a retry would wait as long"
     pid = int(pidfile.read_text())
     assert not process_running(pid)
 

@@ -194,7 +194,7 @@ async def test_status_reports_a_switch_in_progress(fakes, tmp_path):
     steps = after["models"]["a"].pop("steps")
     assert after["models"]["a"] == {
         "state": "active", "queue_depth": 0, "in_flight": 0, "last_alive": None, "port": a.port,
-        "group": "default", "aliases": [], "slept_level": None,
+        "group": "default", "aliases": [], "slept_level": None, "start_backoff": None,
     }  # fmt: skip
     assert steps["sleep"] == {} and list(steps["wake"]) == ["1"]  # woken from level 1, measured
     assert 1.0 <= steps["wake"]["1"] < 5
@@ -321,6 +321,19 @@ def test_groups_get_a_line_each_and_a_column():
     assert "gpu1 1/1  switching idle → d (5s)" in frame
     row = next(line for line in frame.splitlines() if line.lstrip().startswith("c "))
     assert "gpu1" in row and "asleep" in row
+
+
+def test_a_model_whose_server_failed_to_start_shows_its_back_off():
+    text = "".join(
+        f'llmux_model_state{{model="{m}",state="asleep"}} 1\n'
+        f'llmux_model_start_backoff_seconds{{model="{m}"}} {left}\n'
+        for m, left in [("a", 7.2), ("b", 0)]
+    )
+    dashboard = Dashboard("u")
+    dashboard.update(Poll.parse(text + "llmux_start_time_seconds 100\n", 200))
+    rows = {line.split(" ")[0]: line for line in render(dashboard).splitlines()}
+    assert "backoff 8s" in rows["a"], "refused until then: its state alone would not say why"
+    assert "asleep" in rows["b"] and "backoff" not in rows["b"]
 
 
 async def test_group_lines_show_free_gpu_memory_read_from_a_real_llmux(

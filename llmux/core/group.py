@@ -27,6 +27,12 @@ switch is over, the models it will put to sleep have been active `min_active_sec
 target still has someone waiting. A server that exits (`ServerExited`) stops serving at once,
 whatever is wanted or waiting: it drains and is put to sleep before anything else starts.
 
+A model whose `cmd` server failed to start (a wake that had to start it failed) is backed off
+on its own (core/start_backoff.py): not woken again until the pause is over, a success or a
+reload that changes its config ends it; its waiters, and requests that come meanwhile, are
+refused at once, told when to come back (ServerNotStarted). The group's short back-off after
+any failed switch is another thing: it only delays the next switch.
+
 When handling an event raises (a bug: the stateful test is there so that it does not), the core
 aborts the running operation through one path (`_abort`): the models it acted on are held
 UNKNOWN (they keep their room and get no request), grants of that event to them are taken
@@ -58,6 +64,8 @@ Rules
 9. A record is not woken while a retired record of the same server is not asleep (a sleep
    that failed on a model never known to serve, a model removed and added back): the
    retirement's sleep would otherwise reach the server the new record serves from.
+10. A model is not woken while its start back-off holds, and no request waits for it then:
+   each is refused at once (a switch wanted for it ends, its waiters answered).
 """
 
 from __future__ import annotations
@@ -85,7 +93,7 @@ from llmux.core.commands import (
 from llmux.core.costs import SwitchCostTracker
 from llmux.core.group_view import snapshot_of
 from llmux.core.host_ram import HostRam
-from llmux.core.operation import Operation
+from llmux.core.operation import FAILED_SWITCH_BACKOFF_SECS, Operation
 from llmux.core.policy_answers import (
     Checked,
     checked_decision,
@@ -96,6 +104,7 @@ from llmux.core.reconcile import Reconcile, Recovery
 from llmux.core.records import ModelRecord, ReloadSummary, Request, SwitchView
 from llmux.core.retreat import Retreat
 from llmux.core.snapshot import Snapshot
+from llmux.core.start_backoff import StartBackoff
 from llmux.core.states import TRANSITIONS, Cause, HookName, IllegalTransition, ModelState
 from llmux.core.switch import Switch
 from llmux.errors import (
@@ -103,6 +112,7 @@ from llmux.errors import (
     ModelNotFound,
     ModelUnavailable,
     QueueFull,
+    ServerNotStarted,
     ShuttingDown,
 )
 from llmux.policies.interface import (
@@ -122,6 +132,9 @@ MIN_TIMER_SECS = 0.001  # the soonest a policy's CallAt fires
 BAD_ANSWER_RETRY_SECS = 1.0  # a policy that answered nonsense is asked again after this
 ROOM_EPSILON = 1e-9
 ATTEMPTS_PER_EVENT = 3  # an event whose handling keeps failing is given up after this
+# Retry-After of a refusal a retry may get past: once the group's back-off after a failed switch
+# is over, the switch is tried again.
+RETRY_AFTER_FAILED_SWITCH = math.ceil(FAILED_SWITCH_BACKOFF_SECS)
 
 # Timer names.
 POLICY_TIMER = "policy"  # the policy's CallAt
@@ -233,8 +246,9 @@ class GroupCore:
         records = [*self.retiring, self.models.get(name)]
         return sum(m.in_flight for m in records if m is not None and m.name == name)
 
-    def refusal(self, name: str) -> LlmuxError | None:
-        """Why a request for `name` would be refused at once, if it would."""
+    def refusal(self, name: str, now: float | None = None) -> LlmuxError | None:
+        """Why a request for `name` would be refused at once, if it would, at `now` (the
+        runtime asks before the request's own event: the latest event's time is stale)."""
         model = self.models.get(name)
         if model is None:
             return ModelNotFound(f"model {name!r} is no longer configured")
@@ -242,6 +256,9 @@ class GroupCore:
             return ShuttingDown("llmux is shutting down")
         if self._may_start_now(model):
             return None
+        backed_off = self.start_refusal(model, self.now if now is None else now)
+        if backed_off is not None:
+            return backed_off
         limit = self.config.server.max_queue_per_model
         if len(model.queue) >= limit:
             estimate = self.snapshot().estimated_cost(name) or DEFAULT_RETRY_AFTER_SECS
@@ -321,14 +338,54 @@ class GroupCore:
             del self.requests[request.rid]
             self._out.append(Refuse(request.rid, error))
 
-    def fail_waiters_of(self, woken: ModelRecord, failure: str) -> None:
+    def fail_waiters_of(self, woken: ModelRecord, failure: str, timed_out: bool = False) -> None:
         """The wake of `woken` failed: its model's waiters get 503, unless a reload gave the
-        model a new backend meanwhile (its waiters then wait for that one to be tried)."""
+        model a new backend meanwhile (its waiters then wait for that one to be tried). A start
+        that failed says how long its back-off holds; a wake that timed out, that a retry would
+        wait as long again."""
         current = self.models.get(woken.name)
         if current is None or (current is not woken and current.config != woken.config):
             return
-        what = f"{woken.name} could not be woken"
-        self.fail_queue(current, self.hook_error(woken, what, failure))
+        refusal = self.start_refusal(current) or self.hook_error(
+            woken, f"{woken.name} could not be woken", failure, retry=not timed_out
+        )
+        self.fail_queue(current, refusal)
+
+    def start_refusal(
+        self, model: ModelRecord, now: float | None = None
+    ) -> ServerNotStarted | None:
+        """Why `model` is not woken now: its server failed to start and its back-off holds."""
+        now = self.now if now is None else now
+        backoff = model.start_backoff
+        if model.state is ModelState.ACTIVE or not backoff.holds(now):
+            return None
+        left = math.ceil(backoff.left(now))
+        n = backoff.failures
+        failures = "1 failed start" if n == 1 else f"{n} failed starts in a row"
+        return ServerNotStarted(
+            f"{backoff.message}; not started again for {left}s (back-off after {failures}; "
+            "a config reload that changes the model ends it)",
+            retry_after=max(1, left),
+        )
+
+    def _note_start(self, woken: ModelRecord, outcome: ev.HookOutcome) -> None:
+        """A wake that had to start the model's `cmd` server failed (not stopped on purpose):
+        the model as configured now is backed off, if it is configured as the one that failed
+        (a reload since has a new config tried as it comes)."""
+        if outcome.ok or outcome.cancelled or not outcome.cold or woken.config.cmd is None:
+            return
+        current = self.models.get(woken.name)
+        if current is None or current.config != woken.config:
+            return
+        what = f"{woken.name} could not be woken"  # the failure names the step: its start
+        backoff = current.start_backoff
+        pause = backoff.failed(self.now, self._unavailable(woken, what, outcome.failure))
+        self._observe(
+            "start_backoff", f"the server of {woken.name} could not start ({backoff.failures} "
+            f"in a row): not started again for {pause:g}s, and requests for it are refused "
+            "until then", level="warning", model=woken.name, failures=backoff.failures,
+            seconds=pause,
+        )  # fmt: skip
 
     def waiting(self) -> list[ModelRecord]:
         return [m for m in self.models.values() if m.queue and m.state is not ModelState.ACTIVE]
@@ -490,7 +547,10 @@ class GroupCore:
         """A wanted switch whose target is gone, serves already, or has nobody waiting ends."""
         target = self.models.get(self.switch_wanted or "")
         if target is not None and target.queue and target.state is not ModelState.ACTIVE:
-            return False
+            backed_off = self.start_refusal(target)
+            if backed_off is None:
+                return False
+            self.fail_queue(target, backed_off)  # no timer would wake them for its end (rule 10)
         name = self.switch_wanted
         self.switch_wanted = None
         if name is not None:
@@ -670,16 +730,29 @@ class GroupCore:
         )
 
     def _on_hook_done(self, event: ev.HookDone) -> None:
-        self._running.pop(event.job, None)
+        ran = self._running.pop(event.job, None)
+        if ran is not None and ran[1] is HookName.WAKE:
+            self._note_start(ran[0], event.outcome)  # whichever operation ran it, first
         op = self.op
         if op is None or event.job not in op.jobs():
             return  # not a job of the running operation (cannot happen; ignored, not trusted)
         op.hook_done(self, event.job, event.outcome)
 
-    def hook_error(self, model: ModelRecord, what: str, failure: str) -> ModelUnavailable:
+    def hook_error(
+        self, model: ModelRecord, what: str, failure: str, retry: bool = True
+    ) -> ModelUnavailable:
+        """A hook's failure as a client is told it: worth a retry once the group's back-off
+        is over, or (`retry` false) not within seconds."""
+        message = self._unavailable(model, what, failure)
+        if retry:
+            return ModelUnavailable(message, retry_after=RETRY_AFTER_FAILED_SWITCH)
+        return ModelUnavailable(message, retry=False)
+
+    def _unavailable(self, model: ModelRecord, what: str, failure: str) -> str:
+        """What went wrong, with the hook's own words if server.expose_hook_errors allows."""
         if self.config.server.expose_hook_errors and failure:
-            return ModelUnavailable(f"model {model.name!r} unavailable: {what}: {failure}")
-        return ModelUnavailable(f"model {model.name!r} unavailable: {what} (see llmux's log)")
+            return f"model {model.name!r} unavailable: {what}: {failure}"
+        return f"model {model.name!r} unavailable: {what} (see llmux's log)"
 
     def emit_reply(self, reply: int, error: LlmuxError | None) -> None:
         self._out.append(Reply(reply, error))
@@ -733,6 +806,7 @@ class GroupCore:
         model.idle_since = self.now
         model.exited = False
         model.server_running = True
+        model.start_backoff = StartBackoff()  # it serves: whatever failed before is over
         self.grant_waiting(model)
 
     def slept(self, model: ModelRecord, outcome: ev.HookOutcome) -> None:
@@ -781,6 +855,7 @@ class GroupCore:
         replacement = self._record(record.config)
         replacement.queue, record.queue = record.queue, deque()
         replacement.demand = record.demand
+        replacement.start_backoff = record.start_backoff  # the same config, as broken
         self.models[record.name] = replacement
         self._retire(record)
 
@@ -831,7 +906,10 @@ class GroupCore:
     def _abort(self, event: ev.Event, error: Exception) -> None:
         """The one path out of a failure while handling `event` (see the theory above)."""
         op, self.op = self.op, None
-        problem = ModelUnavailable("a switch failed inside llmux (see its log); try again")
+        problem = ModelUnavailable(
+            "a switch failed inside llmux (see its log); try again",
+            retry_after=RETRY_AFTER_FAILED_SWITCH,
+        )
         doubted: set[ModelRecord] = set()
         if op is not None:
             try:
@@ -947,6 +1025,7 @@ class GroupCore:
                         record.slept_level = record.host_gb = None
                     record.config = cfg
                     record.size = self.group.size_of(cfg)
+                    record.start_backoff = StartBackoff()  # the new config may well start
             records[name] = record
         removed = [record for name, record in old.items() if name not in config.models]
         for record in removed:

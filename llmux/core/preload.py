@@ -21,6 +21,7 @@ class Preload(Operation):
     phase: Phase = Phase.NEXT  # then WAKE (CLEANUP, CLEANUP_CHECK) per model
     job: int | None = None
     failure: str = ""
+    timed_out: bool = False
 
     def acts_on(self) -> set[ModelRecord]:
         return set() if self.model is None else {self.model}
@@ -73,7 +74,7 @@ class Preload(Operation):
                 )  # fmt: skip
                 self.phase = Phase.NEXT
                 return
-            self.failure = outcome.failure
+            self.failure, self.timed_out = outcome.failure, outcome.timed_out
             group.move(model, Cause.WAKE_FAILED)
             self.phase = Phase.CLEANUP
             self.job = group.run(model, HookName.SLEEP, _env(model))
@@ -103,7 +104,7 @@ class Preload(Operation):
         model = self.model
         assert model is not None
         group.retry_at = group.now + FAILED_SWITCH_BACKOFF_SECS
-        group.fail_waiters_of(model, self.failure)
+        group.fail_waiters_of(model, self.failure, self.timed_out)
         self.phase = Phase.NEXT
 
     def aborted(self, group: Group, error: LlmuxError) -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from llmux.config import ModelConfig
 from llmux.core.costs import IDLE
+from llmux.core.start_backoff import StartBackoff
 from llmux.core.states import HookName, ModelState
 
 
@@ -42,6 +43,7 @@ class ModelRecord:
     woken_from: int | None = None  # the depth its running (or latest) wake starts from
     host_gb: float | None = None  # host RAM its level-1 sleep held, as measured (weights)
     demand: Demand = field(default_factory=lambda: Demand())
+    start_backoff: StartBackoff = field(default_factory=StartBackoff)  # its `cmd` would not start
     retiring: bool = False
     name: str = field(init=False)  # a plain attribute: policies' snapshots read it often
 

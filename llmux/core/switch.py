@@ -8,7 +8,8 @@
       and margin; not within 30 s (or its wake_timeout_secs): its waiters get 503, back-off;
       the sleepers that kept their memory are named
     -> target WAKING while its wake hook runs
-      (fails: its sleep hook cleans up, its waiters get 503, back-off)
+      (fails: its sleep hook cleans up, its waiters get 503, back-off; a `cmd` server that
+      failed to start backs its model off too: core/start_backoff.py)
     -> target ACTIVE: its waiters are granted in arrival order.
 
 When it may start, and which victims it takes, the group decides (core/group.py).
@@ -51,6 +52,7 @@ class Switch(Operation):
     drain_seconds: float = 0.0
     sleep_seconds: float = 0.0
     wake_failure: str = ""
+    wake_timed_out: bool = False  # a retry would wait as long again
     cold_wake: bool = False  # its wake starts the target's server (a cold start)
     cancelling: bool = False  # the cold start was asked to stop: nobody waits for it
     reading: int | None = None  # the GPU memory read it waits for
@@ -406,7 +408,7 @@ class Switch(Operation):
             "switch_failed", f"wake of {self.target.name} failed; {cleanup} to clean up",
             level="error", reason="wake_failed", **self.labels(),
         )  # fmt: skip
-        self.wake_failure = outcome.failure
+        self.wake_failure, self.wake_timed_out = outcome.failure, outcome.timed_out
         group.move(self.target, Cause.WAKE_FAILED)
         self.phase = Phase.CLEANUP
         self.job = group.run(self.target, HookName.SLEEP, self.env())
@@ -426,7 +428,7 @@ class Switch(Operation):
         self.target.active_since = None
         group.observe_quietly("switch_result", result="failed", **self.labels())
         group.retry_at = group.now + FAILED_SWITCH_BACKOFF_SECS
-        group.fail_waiters_of(self.target, self.wake_failure)
+        group.fail_waiters_of(self.target, self.wake_failure, self.wake_timed_out)
         self._end(group, ok=False)
 
     def aborted(self, group: Group, error: LlmuxError) -> None:

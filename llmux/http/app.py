@@ -270,6 +270,7 @@ class LlmuxApp:
         elif endpoint is Endpoint.METRICS:
             self.fleet.read_gpus()  # the GPU gauges say what the driver says now
             self.fleet.show_host_ram()  # and the host RAM ones what sleepers hold now
+            self.fleet.show_start_backoffs()  # and the seconds left of each one, now
             await send_bytes(
                 send, 200, self.metrics.exposition(), b"text/plain; version=0.0.4; charset=utf-8"
             )

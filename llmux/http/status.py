@@ -11,6 +11,7 @@ from llmux import __version__
 from llmux.config import Config
 from llmux.core.costs import SwitchCostTracker
 from llmux.core.records import SwitchView
+from llmux.core.start_backoff import StartBackoff
 from llmux.core.states import ModelState
 from llmux.runtime.fleet import Fleet
 
@@ -69,6 +70,7 @@ def status_report(config: Config, fleet: Fleet, started_wall: float) -> dict[str
                 "aliases": list(model.config.aliases),
                 "slept_level": model.slept_level,
                 "steps": _steps(fleet.costs, name),
+                "start_backoff": _start_backoff(model.start_backoff),
             }
             for name, model in models.items()
         },
@@ -91,6 +93,19 @@ def _switch(switch: SwitchView | None) -> dict[str, Any] | None:
         "to": switch.target,
         "evicting": list(switch.evicting),
         "elapsed_seconds": round(trio.current_time() - switch.started, 3),
+    }
+
+
+def _start_backoff(backoff: StartBackoff) -> dict[str, Any] | None:
+    """Its `cmd` server's failed starts in a row (null: none since it last served or its config
+    changed): seconds left before it is started again (0: at the next request), and the
+    failure as clients are told it."""
+    if not backoff.failures:
+        return None
+    return {
+        "failures": backoff.failures,
+        "seconds_left": round(backoff.left(trio.current_time()), 3),
+        "last_failure": backoff.message,
     }
 
 

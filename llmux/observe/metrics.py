@@ -127,6 +127,12 @@ class Metrics:
             "llmux started for it exited) and put to sleep",
             ["model"], registry=r,
         )  # fmt: skip
+        self.start_backoff = Gauge(
+            "llmux_model_start_backoff_seconds",
+            "Seconds left before llmux starts the model's `cmd` server again after it failed "
+            "to start (requests for it are refused until then); 0 when it may be started",
+            ["model"], registry=r,
+        )  # fmt: skip
         self.policy_errors = Counter(
             "llmux_policy_errors_total",
             "Answers of the switch policy that were not sound (or raised) and were replaced "
@@ -247,7 +253,7 @@ class Metrics:
 
     def forget_model(self, name: str) -> None:
         """Drop the gauges of a model a reload removed (its counters stay: they are history)."""
-        for gauge in (self.queue_depth, self.in_flight, self.active_since):
+        for gauge in (self.queue_depth, self.in_flight, self.active_since, self.start_backoff):
             with contextlib.suppress(KeyError):
                 gauge.remove(name)
         for state in ModelState:

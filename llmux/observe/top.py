@@ -35,6 +35,7 @@ STATE_STYLES = {
     "sleeping": "yellow",
     "asleep": "dim",
 }
+BACKOFF = "backoff"  # the state cell of a model whose server failed to start, while it waits
 MAX_EVENTS = 5
 GIB = 1024**3
 WINDOW_SECS = 30.0  # rates, error share and wait percentiles cover this much of the recent past
@@ -253,7 +254,7 @@ class Dashboard:
             table.add_column(heading, justify=justify, no_wrap=True, min_width=widths[heading])
         for row in rows:
             cells = [
-                Text(row[h], style=STATE_STYLES.get(row[h], "")) if h == "state" else row[h]
+                Text(row[h], style=_state_style(row[h])) if h == "state" else row[h]
                 for h in headings
             ]
             table.add_row(*cells)
@@ -278,7 +279,7 @@ class Dashboard:
         row = {
             "model": _truncate(model, MODEL_WIDTH),
             "group": group_of.get(model, "?"),
-            "state": poll.state_of(model),
+            "state": _state(poll, model),
             "queue": f"{poll.value('llmux_request_queue_depth', model=model) or 0:g}",
             "infl": f"{poll.value('llmux_model_in_flight', model=model) or 0:g}",
             "req/s": "-", "err%": "-", "wait50": "-", "wait95": "-",
@@ -352,6 +353,17 @@ class Dashboard:
             lines.append(("\n" if index else "") + f"{stamp} ")
             lines.append(event.text, style=event.style)
         return lines
+
+
+def _state(poll: Poll, model: str) -> str:
+    """Its state, or (its `cmd` server failed to start) how long before it is started again:
+    requests for it are refused until then, which its state alone would not explain."""
+    backoff = poll.value("llmux_model_start_backoff_seconds", model=model) or 0
+    return f"{BACKOFF} {_duration(math.ceil(backoff))}" if backoff > 0 else poll.state_of(model)
+
+
+def _state_style(state: str) -> str:
+    return "bold red" if state.startswith(BACKOFF) else STATE_STYLES.get(state, "")
 
 
 def _restarted(old: Poll, new: Poll) -> bool:

@@ -318,7 +318,7 @@ class GroupDriver:
             self._feed(ev.Finished(trio.current_time(), rid))
 
     def refusal(self, name: str) -> LlmuxError | None:
-        return self.core.refusal(name)
+        return self.core.refusal(name, trio.current_time())
 
     def where(self, rid: int) -> WaitView | None:
         """Where request `rid` waits (None: it does not)."""

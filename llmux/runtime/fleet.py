@@ -234,6 +234,13 @@ class Fleet:
         if ram.capacity_gb is not None:
             self.metrics.host_ram_capacity.set(ram.capacity_gb * GIB)
 
+    def show_start_backoffs(self) -> None:
+        """Each model's start back-off gauge: the seconds left now (a scrape asks; they run
+        down with time, not with events)."""
+        now = trio.current_time()
+        for name, model in self.models.items():
+            self.metrics.start_backoff.labels(name).set(model.start_backoff.left(now))
+
     @property
     def models(self) -> dict[str, ModelRecord]:
         """Every model's runtime, in config order."""

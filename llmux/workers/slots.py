@@ -26,7 +26,7 @@ import trio
 
 from llmux.config import ModelConfig
 from llmux.core.waiting import WaitView
-from llmux.errors import LlmuxError
+from llmux.errors import LlmuxError, ShuttingDown
 from llmux.runtime.driver import Slot, WaitTicket
 from llmux.runtime.fleet import Fleet
 from llmux.workers.channel import Channel, ChannelClosed
@@ -157,10 +157,8 @@ class _Reply:
     message: dict[str, Any] = field(default_factory=dict)
 
 
-class ControllerGone(LlmuxError):
-    status = 503
-    error_type = "server_error"
-    code = "shutting_down"
+class ControllerGone(ShuttingDown):
+    """The controller is gone or stopping: so is this worker (Retry-After as for any shutdown)."""
 
 
 class RemoteFleet:
