@@ -13,7 +13,7 @@ if [ ! -x "$venv/bin/python" ] || ! has_vllm; then  # also after an install that
     # transformers fails to import beside these; vLLM does not need them.
     "$venv/bin/pip" uninstall --quiet -y torchvision torchaudio torchcodec || true
 fi
-# Two models with different random weights (seeds 0 and 1): the two servers of each test.
+# Two models with different random weights (seeds 0 and 1), for tests that run two models.
 "$venv/bin/python" tests/real/make_tiny_model.py .real-models/tiny 0
 "$venv/bin/python" tests/real/make_tiny_model.py .real-models/tiny2 1
 echo "ready: $venv, .real-models/tiny, .real-models/tiny2"
