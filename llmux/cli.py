@@ -266,7 +266,8 @@ def _check(args: argparse.Namespace) -> int:
         # Every problem at once: the file's, then the hooks and policy of what did parse.
         problems, config = list(exc.problems), exc.partial
     except Exception:
-        return _load_config(args.config) and EXIT_CONFIG_ERROR  # prints the one line
+        _load_config(args.config)  # a file we failed to foresee: it prints the one line
+        return EXIT_CONFIG_ERROR
     if config is not None:
         _, policy_problem = _load_policy(config)
         problems += [policy_problem] if policy_problem else []

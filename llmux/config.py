@@ -6,6 +6,7 @@ can refuse a bad file before anything binds a port.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import tomllib
@@ -913,4 +914,9 @@ def _is_plain_path(path: str) -> bool:
 
 
 def _quote(name: str) -> str:
-    return name if name.replace("-", "").replace("_", "").isalnum() else f'"{name}"'
+    """A table's name as its header would write it (a newline in it shown as \\n)."""
+    return (
+        name
+        if name.replace("-", "").replace("_", "").isalnum()
+        else json.dumps(name, ensure_ascii=False)
+    )

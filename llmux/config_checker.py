@@ -4,6 +4,7 @@ problem of a file, not only the first."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shlex
@@ -68,7 +69,7 @@ class Checker:
             raise self.error(key, "must be a table")
         good = {}
         for name, item in value.items():
-            full = f"{key}.{name}" if key else name
+            full = f"{key}.{shown_key(name)}" if key else shown_key(name)
             if name not in allowed:
                 self.problems.append(self.error(full, self._unknown(key, name, item, allowed)))
                 continue
@@ -113,17 +114,17 @@ class Checker:
 
     def port(self, value: Any, key: str) -> int:
         if not is_type(value, int) or not 0 < value < 65536:
-            raise self.error(key, f"must be a port number 1-65535, got {value!r}")
+            raise self.error(key, f"must be a port number 1-65535, got {_shown(value)}")
         return value
 
     def positive(self, value: Any, key: str) -> Any:
-        if not is_type(value, NUMBER) or not math.isfinite(value) or value <= 0:
-            raise self.error(key, f"must be a positive number, got {value!r}")
+        if not _finite(value) or value <= 0:
+            raise self.error(key, f"must be a positive number, got {_shown(value)}")
         return value
 
     def non_negative(self, value: Any, key: str) -> Any:
-        if not is_type(value, NUMBER) or not math.isfinite(value) or value < 0:
-            raise self.error(key, f"must be zero or a positive number, got {value!r}")
+        if not _finite(value) or value < 0:
+            raise self.error(key, f"must be zero or a positive number, got {_shown(value)}")
         return value
 
     def hook(self, command: str, key: str) -> None:
@@ -145,6 +146,31 @@ class Checker:
                 raise self.error(key, f"cannot look at {program}: {exc}") from None
             if not found:
                 raise self.error(key, f"hook script {program} not found (looked at {script})")
+
+
+def _finite(value: Any) -> bool:
+    """A number that is finite as a float too: every number llmux reads ends up as one (an
+    integer of 400 digits is no timeout)."""
+    if not is_type(value, NUMBER):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
+
+
+def shown_key(name: str) -> str:
+    """A key as an error shows it: quoted when it holds what would break the line."""
+    return (
+        name
+        if name.isprintable() and name.strip() == name and name
+        else json.dumps(name, ensure_ascii=False)
+    )
 
 
 def hook_words(command: str) -> list[str]:

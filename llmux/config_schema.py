@@ -12,6 +12,13 @@ from llmux.config import TABLES
 from llmux.config_keys import NON_NEGATIVE, NUMBER, PORT, POSITIVE, UNSET, KeySpec, Table
 from llmux.model_names import MAX_MODEL_NAME_CHARS
 
+# A model name (llmux/model_names.py): no whitespace, control or format characters, no
+# backslash, no empty, . or .. part between slashes. The schema is advisory: `llmux check`
+# applies the rule itself, and a few unassigned characters pass here.
+_CHARS = r"[^\s\\/\x00-\x1f\x7f-\x9f\u00ad\u200b-\u200f\u2028-\u202f\u2060-\u206f\ufeff]"
+_PART = rf"(?!\.{{1,2}}(/|$)){_CHARS}+"
+MODEL_NAME = {"pattern": rf"^{_PART}(/{_PART})*$", "maxLength": MAX_MODEL_NAME_CHARS}
+
 _JSON_TYPES = {str: "string", int: "integer", bool: "boolean", list: "array", dict: "object"}
 
 
@@ -28,11 +35,12 @@ def config_schema() -> dict[str, Any]:
                 "additionalProperties": _object(named),
             }
             if spec.name == "models":  # printable, no whitespace (llmux/model_names.py)
-                pattern = f"^[^\\s\\x00-\\x1f\\x7f-\\x9f]{{1,{MAX_MODEL_NAME_CHARS}}}$"
-                properties[spec.name]["propertyNames"] = {"pattern": pattern}
+                properties[spec.name]["propertyNames"] = MODEL_NAME
         else:
             properties[spec.name] = _object(tables[spec.name])
     properties["policy"]["properties"]["options"] |= {"additionalProperties": True}
+    aliases = properties["models"]["additionalProperties"]["properties"]["aliases"]
+    aliases["items"] |= MODEL_NAME
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "llmux config",

@@ -99,9 +99,11 @@ def hook_problems(config: Config) -> list[ConfigError]:
             if command is None:
                 continue
             found = [
-                _program_problem(command, config.hook_dir),
+                _looked_at(command, config.hook_dir),
                 *_placeholder_problems(command, key),
             ]
+            if key == "cmd" and model.port_chosen:
+                found.append(_chosen_port_problem(command))
             where = f"models.{name}.{key}"
             problems += [ConfigError(config.path, where, problem) for problem in found if problem]
     return problems
@@ -130,6 +132,26 @@ def _placeholder_problems(command: str, key: str) -> list[str]:
             why = "is empty in a hook, unless llmux's environment has it (only `cmd` gets it)"
         problems.append(f"{written} {why}; write {right}")
     return problems
+
+
+def _chosen_port_problem(command: str) -> str | None:
+    """A `cmd` with no `port`: llmux chooses one, which the command must be given."""
+    written = {m.group(0).strip("${}") for m in _PLACEHOLDER.finditer(command)}
+    if "PORT" in written or "LLMUX_PORT" in command:
+        return None  # given, or given wrong: that has its own problem
+    return (
+        "no port is given, so llmux chooses one, but the command never says ${PORT}: its "
+        "server would listen elsewhere and never be ready; add --port ${PORT} (or set port)"
+    )
+
+
+def _looked_at(command: str, hook_dir: Path) -> str | None:
+    """The program's problem; a path that cannot be looked at (no permission to enter its
+    folder, a loop of links, a name too long) is one too, not a crash."""
+    try:
+        return _program_problem(command, hook_dir)
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a loop of symlinks (resolve)
+        return f"cannot look at its program: {exc}"
 
 
 def _program_problem(command: str, hook_dir: Path) -> str | None:

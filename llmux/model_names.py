@@ -20,6 +20,14 @@ def model_name_problem(name: str) -> str | None:
         return "a model name must not be empty"
     if len(name) > MAX_MODEL_NAME_CHARS:
         return f"{name[:40]!r}... is {len(name)} characters long: at most {MAX_MODEL_NAME_CHARS}"
+    if "\\" in name:
+        return f"{name!r} holds a backslash, which no URL path may (/health/NAME, /v1/models/NAME)"
+    parts = name.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        return (
+            f"{name!r} has an empty, . or .. part between slashes, which no URL path may "
+            "(/health/NAME, /v1/models/NAME)"
+        )
     for char in name:
         if char.isspace():
             return f"{name!r} holds whitespace ({char!r}): a model name is one word"

@@ -199,6 +199,10 @@ def test_unquoted_dotted_model_name_gets_a_hint(tmp_path):
         ("bell\x07", "control"),
         ("zero\u200bwidth", "control"),
         ("m" * 201, "at most 200"),
+        ("back\\slash", "backslash"),  # no URL path may hold these (/health/NAME)
+        (".", ". or .. part"),
+        ("org/../m", ". or .. part"),
+        ("org//m", "empty, . or .. part"),
     ],
 )
 def test_a_model_name_or_alias_that_is_not_one_printable_word_is_refused(tmp_path, name, problem):

@@ -109,12 +109,17 @@ def test_the_schema_accepts_the_example_and_rejects_what_the_parser_rejects(tmp_
     model = {"port": 8001, "wake": "true", "sleep": "true"}
     bad_models = [{"kind": "tgi"}, {"sleep_level": 3}, {"aliases": [1]}, {"memory_gb": -1}]
     bad_documents += [{"models": {"a b": model}}, {"models": {"a\x01": model}}]
-    bad_documents += [{"models": {"a" * 201: model}}]
+    bad_documents += [{"models": {"a" * 201: model}}, {"models": {"x\u200by": model}}]
+    bad_documents += [{"models": {name: model}} for name in (".", "a/../b", "a//b", "b\\s")]
+    bad_models += [{"aliases": ["a b"]}]
     for bad in bad_documents + [{"models": {"a": model | extra}} for extra in bad_models]:
         document = {"models": {"a": model}} | bad
         assert list(validator.iter_errors(document)), bad
         with pytest.raises(ConfigError):
             parse_config(document, tmp_path / "c.toml")
+    # What a schema cannot say, the parser does: no number is too large to be a float.
+    with pytest.raises(ConfigError, match="must be zero or a positive number, got 1000"):
+        parse_config({"models": {"a": model | {"ttl_secs": 10**400}}}, tmp_path / "c.toml")
 
 
 def test_config_schema_command_prints_the_schema_file():
@@ -191,3 +196,61 @@ def test_a_top_level_key_written_under_a_table_says_where_it_belongs(tmp_path):
         load_config(path)
     assert caught.value.key == "server.port"
     assert "port is a top-level key: write it above the first [table] header" in str(caught.value)
+
+
+MODEL = '[models.a]\nport = 9\nwake = "true"\nsleep = "true"\n'
+
+
+def _check(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PYTHON, "-m", "llmux", "check", "-c", str(path)], capture_output=True, text=True,
+        timeout=20,
+    )  # fmt: skip
+
+
+def test_check_says_each_problem_in_one_line_and_exits_2_whatever_breaks(tmp_path):
+    (tmp_path / "loop").symlink_to("loop")  # a path that cannot be resolved
+    files = {
+        "deep.toml": "x = " + "[" * 5000 + "]" * 5000 + "\n",
+        "huge.toml": f"[server]\nmax_body_bytes = {'9' * 400}\n{MODEL}",
+        "loop.toml": '[models.a]\ncmd = "sh loop/x.sh --port ${PORT}"\n',
+        "newline.toml": '[server]\n"evil\\nllmux: all good" = 1\n' + MODEL,
+    }
+    for name, text in files.items():
+        path = tmp_path / name
+        path.write_text(text)
+        result = _check(path)
+        assert result.returncode == 2, (name, result.stderr)
+        lines = result.stderr.splitlines()
+        assert lines and all(line.startswith("llmux: config error: ") for line in lines), name
+        assert "Traceback" not in result.stderr, name
+    assert (
+        'server."evil\\nllmux: all good": unknown key' in _check(tmp_path / "newline.toml").stderr
+    )
+    assert "cannot look at its program" in _check(tmp_path / "loop.toml").stderr
+
+
+def test_serve_warns_of_a_program_it_cannot_look_at_and_starts(tmp_path):
+    """`serve` says what `check` refuses, and starts: a script behind a loop of links is a
+    warning line, not a crash."""
+    from llmux.config import load_config
+    from llmux.hook_check import hook_problems
+
+    (tmp_path / "loop").symlink_to("loop")
+    path = tmp_path / "config.toml"
+    path.write_text('[models.a]\ncmd = "sh loop/x.sh --port ${PORT}"\n')
+    problems = hook_problems(load_config(path))
+    assert [p.key for p in problems] == ["models.a.cmd"]
+    assert "cannot look at its program" in problems[0].problem
+
+
+def test_a_cmd_on_a_chosen_port_that_never_says_port_is_refused(tmp_path):
+    from llmux.hook_check import hook_problems
+
+    path = tmp_path / "config.toml"
+    path.write_text(
+        '[models.a]\ncmd = "true -m http.server 8000"\n[models.b]\ncmd = "true"\nport = 9\n'
+    )
+    problems = hook_problems(load_config(path))
+    assert [p.key for p in problems] == ["models.a.cmd"]
+    assert "never says ${PORT}" in problems[0].problem

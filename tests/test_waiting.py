@@ -72,3 +72,13 @@ def test_the_estimate_is_the_measured_switch_counting_down():
     assert where_waiting(fed.core, 5, 40.0).seconds == 5.0
     assert where_waiting(fed.core, 5, 42.0).seconds == 3.0  # counting down from the drain's end
     assert where_waiting(fed.core, 5, 50.0).seconds == 0.0  # late: never below nothing
+
+
+def test_a_body_nested_too_deep_asks_for_no_notice():
+    """json.loads gives up on nesting at a depth its caller's stack decides: whatever it
+    raises, the request is one that asks for no stream (and is answered as one)."""
+    from llmux.http.wait_notice import asks_to_stream
+
+    assert asks_to_stream(b'{"stream": true, "model": "a"}')
+    deep = b'{"stream": true, "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    assert not asks_to_stream(deep)

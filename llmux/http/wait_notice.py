@@ -42,7 +42,7 @@ def asks_to_stream(body: bytes) -> bool:
     """Whether a JSON request body asks for a streamed answer (`"stream": true`)."""
     try:
         payload = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # a body nested too deep asks for nothing
         return False
     return isinstance(payload, dict) and payload.get("stream") is True
 
