@@ -742,9 +742,8 @@ def _parse_model(
         raise checker.error(key, "must be a table ([models.NAME])")
     before = len(checker.problems)
     raw = checker.table(raw, key, _TABLE["models.NAME"].allowed)
-    driver: dict[str, Any] = {}
-    with checker.section():
-        driver = _parse_driver(checker, raw, key)
+    unreadable: set[str] = set()
+    driver = _parse_driver(checker, raw, key, unreadable)
     port = 0  # chosen by parse_config, once every model's port is known
     if "port" in raw:
         with checker.section():
@@ -800,34 +799,42 @@ def _parse_model(
         problems = checker.problems[before:]
         del checker.problems[before:]
         error = ConfigError.of(problems)
-        error.partial = model
+        error.partial = replace(model, **dict.fromkeys(unreadable))
         raise error
     return model
 
 
-def _parse_driver(checker: Checker, raw: dict[str, Any], key: str) -> dict[str, Any]:
-    """How the model is woken and put to sleep: its shell hooks, or `kind` and/or `cmd`."""
+def _parse_driver(
+    checker: Checker, raw: dict[str, Any], key: str, failed: set[str]
+) -> dict[str, Any]:
+    """How the model is woken and put to sleep: its shell hooks, or `kind` and/or `cmd`. Each
+    problem is kept and the next looked at; `failed` gets the commands that could not be read,
+    which `llmux check` then does not look at again."""
     hooks = {hook.value: raw.get(hook.value) for hook in HookName}
     kind, cmd = raw.get("kind"), raw.get("cmd")
     given = [hook for hook, command in hooks.items() if command is not None]
     if (kind is not None or cmd is not None) and given:
         problem = f"{', '.join(given)} given with kind or cmd: give hooks or kind/cmd, not both"
-        raise checker.error(f"{key}.{given[0]}", problem)
-    for hook in given:
-        checker.hook(hooks[hook], f"{key}.{hook}")
+        checker.problems.append(checker.error(f"{key}.{given[0]}", problem))
+    for name, command in (*((hook, hooks[hook]) for hook in given), ("cmd", cmd)):
+        if command is None:
+            continue
+        before = len(checker.problems)
+        with checker.section():
+            checker.hook(command, f"{key}.{name}")
+        if len(checker.problems) > before:
+            failed.add(name)
     if kind is not None and kind not in KINDS:
         problem = f"unknown kind {kind!r} (known: {', '.join(KINDS)}; or give hooks)"
-        raise checker.error(f"{key}.kind", problem)
-    if cmd is not None:
-        checker.hook(cmd, f"{key}.cmd")
-        if kind == "ollama":
-            problem = "an Ollama server holds several models: run `ollama serve` as its own service"
-            raise checker.error(f"{key}.cmd", problem)
+        checker.problems.append(checker.error(f"{key}.kind", problem))
+    if cmd is not None and kind == "ollama":
+        problem = "an Ollama server holds several models: run `ollama serve` as its own service"
+        checker.problems.append(checker.error(f"{key}.cmd", problem))
     if kind is None and cmd is None:
         for required in (HookName.WAKE.value, HookName.SLEEP.value):
             if hooks[required] is None:
                 problem = "missing (required unless kind or cmd is set)"
-                raise checker.error(f"{key}.{required}", problem)
+                checker.problems.append(checker.error(f"{key}.{required}", problem))
     level, auto = _sleep_level(checker, raw, key, kind)
     weights = raw.get("weights_gb")
     if weights is not None:

@@ -254,3 +254,17 @@ def test_a_cmd_on_a_chosen_port_that_never_says_port_is_refused(tmp_path):
     problems = hook_problems(load_config(path))
     assert [p.key for p in problems] == ["models.a.cmd"]
     assert "never says ${PORT}" in problems[0].problem
+
+
+def test_a_missing_hook_script_hides_none_of_the_model_s_other_problems(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text(
+        '[models.h1]\nport = 9\nwake = "curl http://127.0.0.1:${PORT}/wake"\n'
+        'sleep = "./missing.sh"\nalive = "sh ./nothere.sh"\n'
+    )
+    lines = _check(path).stderr.splitlines()
+    said = {line.split(": ")[3]: line for line in lines}
+    assert set(said) == {"models.h1.sleep", "models.h1.wake", "models.h1.alive"}, lines
+    assert "missing.sh not found" in said["models.h1.sleep"]  # said once, by the parser
+    assert "write ${LLMUX_PORT}" in said["models.h1.wake"]
+    assert "sh is given ./nothere.sh" in said["models.h1.alive"]

@@ -60,12 +60,16 @@ def test_the_haproxy_config_routes_every_model_and_alias_to_the_boxes_serving_it
     ]
     config, mapping = haproxy_config(boxes, map_path=str(tmp_path / "m.map"))
     routes = dict(line.split() for line in mapping.splitlines())
-    assert routes["qwen"] == routes["Qwen/Qwen2.5-7B"] and routes["gpt-4o-mini"] == routes["llama"]
+    assert routes["qwen"] == routes["Qwen/Qwen2.5-7B"]
     llama = config.split(f"backend {routes['llama']}")[1].split("\n\n")[0]
     assert "server box1 10.0.0.1:3000" in llama and "server box2 10.0.0.2:3000" in llama
     assert "hash-type consistent" in llama and "GET /health/llama" in llama
     qwen = config.split(f"backend {routes['qwen']}")[1].split("\n\n")[0]
     assert "box2" not in qwen and "GET /health/Qwen/Qwen2.5-7B" in qwen
+    # An alias only box2 gives its llama goes to box2 alone: box1 would answer it 404.
+    alias = config.split(f"backend {routes['gpt-4o-mini']}")[1].split("\n\n")[0]
+    assert routes["gpt-4o-mini"] != routes["llama"] and "GET /health/gpt-4o-mini" in alias
+    assert "box2" in alias and "box1" not in alias
     assert "retry-on 503 conn-failure empty-response" in config
     assert "option redispatch 1" in config and "option http-buffer-request" in config
     _haproxy_accepts(tmp_path, config, mapping)
@@ -87,8 +91,8 @@ def _haproxy_accepts(folder: Path, config: str, mapping: str) -> None:
 
 # Valid model names (one printable word) holding every character HAProxy's config, its map
 # files, its log-format strings, URL paths or JSON treat specially.
-HOSTILE = "#it's\"a\\b$c%d,(e)f;g{h}[i]/j:k?l&m=n+o~é"
-HOSTILE_ALIAS = "#%[var(txn.model)]'\\"
+HOSTILE = "#it's\"a|b$c%d,(e)f;g{h}[i]/j:k?l&m=n+o~é<p>"
+HOSTILE_ALIAS = "#%[var(txn.model)]'|"
 
 
 def test_a_hostile_but_valid_name_is_escaped_wherever_it_is_written(tmp_path):
@@ -101,13 +105,13 @@ def test_a_hostile_but_valid_name_is_escaped_wherever_it_is_written(tmp_path):
     lines = mapping.splitlines()
     assert len(lines) == 3 and all(len(line.split()) == 2 for line in lines)
     routes = dict(line.split() for line in lines)
-    assert routes[HOSTILE] == routes[HOSTILE_ALIAS] != routes["llama"]
+    assert len({routes[HOSTILE], routes[HOSTILE_ALIAS], routes["llama"]}) == 3  # box1's alias
     assert all(line.startswith(" #") for line in lines if "#" in line)
-    # One config line per entry: two model backends and llmux_any, each body one line.
-    assert config.count("\nbackend ") == 3
-    assert "GET /health/%23it%27s%22a%5Cb%24c%25d%2C%28e%29f%3Bg%7Bh%7D%5Bi%5D/j:k%3Fl" in config
+    # One config line per entry: two model backends, the alias's, llmux_any; bodies one line.
+    assert config.count("\nbackend ") == 4
+    assert "GET /health/%23it%27s%22a%7Cb%24c%25d%2C%28e%29f%3Bg%7Bh%7D%5Bi%5D/j:k%3Fl" in config
     bodies = _bodies(config)
-    assert len(bodies) == 8 + 2 + 2  # HAProxy's own errors, the front's two, one 503 a model
+    assert len(bodies) == 8 + 2 + 3  # HAProxy's own errors, the front's two, one 503 a backend
     listing = bodies["http-response return status 200"]
     assert [m["id"] for m in listing["data"]] == [HOSTILE, HOSTILE_ALIAS, "llama"]
     assert listing["data"][1]["llmux"]["alias_of"] == HOSTILE

@@ -191,6 +191,7 @@ def _the_front_speaks_for_all_boxes(url: str) -> None:
     listed = httpx.get(url + "/v1/models", timeout=10).json()["data"]
     assert {m["id"]: m["llmux"]["boxes"] for m in listed}["m3"] == ["box1", "box2", "box3"]
     assert set(listed[0]) == {"id", "object", "created", "owned_by", "llmux"}
+    assert all(m["created"] > 1_700_000_000 for m in listed)  # when the boxes were configured
     assert httpx.get(url + "/v1/models/m5", timeout=10).json()["id"] == "m5"  # on box3 only
     assert ask(url, "m1-alias").status_code == 200
     with pytest.raises(openai.NotFoundError) as missing:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -71,6 +71,7 @@ class Box:
     url: str
     models: dict[str, tuple[str, ...]]  # model -> its aliases
     list_aliases: bool = False  # its /v1/models lists aliases beside models ([server])
+    created: dict[str, int] = field(default_factory=dict)  # /v1/models' `created` per name
 
     @property
     def address(self) -> str:
@@ -91,6 +92,11 @@ def fetch_box(name: str, url: str, api_key: str | None = None, timeout: float = 
         url,
         {m: tuple(info.get("aliases", ())) for m, info in models.items()},
         list_aliases=any((entry.get("llmux") or {}).get("alias_of") for entry in listed),
+        created={
+            entry["id"]: entry["created"]
+            for entry in listed
+            if isinstance(entry.get("id"), str) and type(entry.get("created")) is int
+        },
     )
 
 
@@ -113,6 +119,17 @@ class _Served:
     hosts: dict[str, list[Box]]  # model -> the boxes that serve it, in the order given
     names: dict[str, str]  # a name clients may send (model or alias) -> the model it is
     listed: dict[str, str]  # what /v1/models lists -> the model it is, in order
+    # An alias that not every box of its model knows -> the boxes that do: it gets a backend
+    # of its own, so that no box is sent a name it would answer 404.
+    alias_hosts: dict[str, list[Box]]
+
+    def boxes_of(self, name: str) -> list[Box]:
+        return self.alias_hosts.get(name) or self.hosts[self.names[name]]
+
+    def created(self, name: str) -> int:
+        """When the boxes were configured with it (the earliest); 0 if none says."""
+        times = [box.created[name] for box in self.boxes_of(name) if name in box.created]
+        return min(times, default=0)
 
 
 def _merge(boxes: list[Box]) -> _Served:
@@ -130,7 +147,14 @@ def _merge(boxes: list[Box]) -> _Served:
                 names.setdefault(alias, model)
                 if box.list_aliases:
                     listed.setdefault(alias, model)
-    return _Served(hosts, names, listed)
+    knowing: dict[str, list[Box]] = {}
+    for box in boxes:
+        for model, aliases in box.models.items():
+            for alias in aliases:
+                if names[alias] == model:  # an alias two boxes give two models: the first's
+                    knowing.setdefault(alias, []).append(box)
+    partial = {alias: by for alias, by in knowing.items() if by != hosts[names[alias]]}
+    return _Served(hosts, names, listed, partial)
 
 
 def haproxy_config(
@@ -153,15 +177,17 @@ def haproxy_config(
     ):
         _plain(value, what)
     served = _merge(boxes)
-    backends = {model: backend_name(i, model) for i, model in enumerate(served.hosts, 1)}
+    own = [*served.hosts, *served.alias_hosts]  # the models, then the aliases of some boxes
+    backends = {name: backend_name(i, name) for i, name in enumerate(own, 1)}
     lines = _head(timeout)
     lines += _frontend(bind, map_path, served)
-    for model, hosts in served.hosts.items():
-        lines += _model_backend(backends[model], model, hosts, check_interval)
+    for name in own:
+        lines += _model_backend(backends[name], name, served.boxes_of(name), check_interval)
     lines += [f"backend {ANY_BACKEND}", "    balance roundrobin", "    option httpchk GET /health"]
     lines += [_server(box, check_interval) for box in boxes]
     mapping = "".join(
-        _map_line(name, backends[model]) for name, model in sorted(served.names.items())
+        _map_line(name, backends.get(name) or backends[model])
+        for name, model in sorted(served.names.items())
     )
     return "\n".join(lines) + "\n", mapping
 
@@ -236,10 +262,11 @@ def _model_list(served: _Served) -> bytes:
     of a box's own list (state, queue) have no meaning across boxes: `llmux` names the boxes."""
     data = []
     for name, model in served.listed.items():
-        about: dict[str, Any] = {"boxes": [box.name for box in served.hosts[model]]}
+        about: dict[str, Any] = {"boxes": [box.name for box in served.boxes_of(name)]}
         if name != model:
             about["alias_of"] = model
-        entry = {"id": name, "object": "model", "created": 0, "owned_by": "llmux"}
+        created = served.created(name)
+        entry = {"id": name, "object": "model", "created": created, "owned_by": "llmux"}
         data.append({**entry, "llmux": about})
     return json.dumps({"object": "list", "data": data}).encode()
 
