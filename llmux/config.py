@@ -85,7 +85,8 @@ class ServerConfig:
         int, 16 * 1024, "A larger request head is refused.", rule=POSITIVE
     )
     state_dir: str | None = config_key(
-        str, None, "Instance locks, running hooks, server and hook logs; must be llmux's own.",
+        str, None, "Instance locks, running hooks, server and hook logs; must be llmux's own. "
+        "A relative path is from the config file's folder.",
         example="/run/llmux",
         note="$RUNTIME_DIRECTORY, else $XDG_RUNTIME_DIR/llmux, else <tmp>/llmux-<uid> (0700)",
     )  # fmt: skip

@@ -124,6 +124,9 @@ def example_text() -> str:
         "# Generated from llmux/config.py by `python -m llmux.config_docs --write`; the",
         "# reference is docs/reference/configuration.md. Only [models.NAME] is required.",
         "# Hooks run with `sh -c` in this file's folder, so relative script paths work.",
+        "# The hooks of [models.llama] are placeholders: write those scripts (examples/ has",
+        "# working ones), or give the model `kind` and `cmd` instead; `llmux check` says",
+        "# what is missing.",
     ]
     for table in TABLES:
         lines += _example_table(table)

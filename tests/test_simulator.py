@@ -318,3 +318,16 @@ def test_the_onoff_trace_is_seeded_bursty_and_heavy_tailed():
     services = sorted(r.service for r in first)
     median, p99 = services[len(services) // 2], services[int(len(services) * 0.99)]
     assert p99 > 8 * median  # a few requests cost many times the typical one
+
+
+def test_a_long_policy_name_keeps_the_report_s_columns_apart():
+    from llmux.sim.simulate import Summary, render
+
+    def summary(policy: str) -> Summary:
+        return Summary(policy, 10, 2.0, 1.0, 3.0, 4.0, {"chat": 3.0}, 2, 0.5, 1.2)
+
+    long = "delayed.py:Delayed"
+    lines = render([summary("fifo"), summary(long)]).splitlines()
+    row = next(line for line in lines if line.startswith(long))
+    assert row.split()[0] == long and row.split()[1] == "2.0"
+    assert any(line.split()[:2] == [long, "chat"] for line in lines)

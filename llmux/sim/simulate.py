@@ -202,13 +202,14 @@ def layout_from(
 
 def render(summaries: Sequence[Summary]) -> str:
     best = best_simple(summaries)
+    width = max(14, *(len(s.policy) + 2 for s in summaries))  # a long name keeps the columns
     lines = [
-        f"{'policy':<14}{'mean':>9}{'p50':>9}{'p99':>9}{'max':>9}{'switches':>10}{'sw/req':>8}"
-        f"{'util':>7}{'/ideal':>8}{'mean/best':>11}{'p99/best':>10}",
+        f"{'policy':<{width}}{'mean':>9}{'p50':>9}{'p99':>9}{'max':>9}{'switches':>10}"
+        f"{'sw/req':>8}{'util':>7}{'/ideal':>8}{'mean/best':>11}{'p99/best':>10}",
     ]
     for s in summaries:
         lines.append(
-            f"{s.policy:<14}{s.mean:>9.1f}{s.p50:>9.1f}{s.p99:>9.1f}{s.max:>9.1f}{s.switches:>10}"
+            f"{s.policy:<{width}}{s.mean:>9.1f}{s.p50:>9.1f}{s.p99:>9.1f}{s.max:>9.1f}{s.switches:>10}"
             f"{s.switches_per_request:>8.3f}{s.utilization:>7.2f}{s.ideal_ratio:>8.2f}"
             f"{s.mean / best.mean:>11.2f}{s.p99 / best.p99:>10.2f}"
         )
@@ -219,7 +220,7 @@ def render(summaries: Sequence[Summary]) -> str:
     lines.append("per-model p99 (s):")
     for s in summaries:
         models = ", ".join(f"{m} {v:.1f}" for m, v in s.per_model_p99.items())
-        lines.append(f"  {s.policy:<12}{models}")
+        lines.append(f"  {s.policy:<{width - 2}}{models}")
     return "\n".join(lines)
 
 

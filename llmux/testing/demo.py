@@ -70,6 +70,7 @@ llmux demo: proxy on {url} with fake models {", ".join(DEMO_MODELS)}
        -d '{{"model": "{second}", "stream": true, "max_tokens": 20,
             "messages": [{{"role": "user", "content": "hi"}}]}}'
   curl -s {url}/metrics | grep llmux_switch
+  llmux top --url {url}
 
 Press Ctrl-C to stop.
 """
