@@ -220,7 +220,7 @@ def render(summaries: Sequence[Summary]) -> str:
     lines.append("per-model p99 (s):")
     for s in summaries:
         models = ", ".join(f"{m} {v:.1f}" for m, v in s.per_model_p99.items())
-        lines.append(f"  {s.policy:<{width - 2}}{models}")
+        lines.append(f"  {s.policy:<{width - 3}} {models}")
     return "\n".join(lines)
 
 
