@@ -649,24 +649,32 @@ def _parse_group(
     key = f"groups.{_quote(name)}"
     listed = table.get("models", [])
     if name != DEFAULT_GROUP and not listed:
-        raise checker.error(f"{key}.models", "missing: list the group's models")
+        checker.problems.append(checker.error(f"{key}.models", "missing: list the group's models"))
+    members = []
     for index, model in enumerate(listed):
+        problem = None
         if not isinstance(model, str):
             problem = f"must be model names (strings), got {type_name(type(model))}"
-            raise checker.error(f"{key}.models[{index}]", problem)
+            checker.problems.append(checker.error(f"{key}.models[{index}]", problem))
+            continue
         if model not in names:
             known = ", ".join(sorted(names))
             problem = f"{model!r} is not a configured model (known: {known})"
-            raise checker.error(f"{key}.models", problem)
-        if model in member_of:
+        elif model in member_of:
             problem = f"{model!r} is already in group {member_of[model]!r}"
-            raise checker.error(f"{key}.models", problem)
+        if problem is not None:
+            checker.problems.append(checker.error(f"{key}.models", problem))
+            continue
         member_of[model] = name
+        members.append(model)
     capacity = table.get("capacity")
     if capacity is not None:
-        checker.positive(capacity, f"{key}.capacity")
-    gpus = _parse_gpus(checker, table.get("gpus", []), f"{key}.gpus", name, gpu_of)
-    return GroupConfig(name, tuple(listed), capacity, gpus)
+        with checker.section():
+            checker.positive(capacity, f"{key}.capacity")
+    gpus: tuple[int, ...] = ()
+    with checker.section():
+        gpus = _parse_gpus(checker, table.get("gpus", []), f"{key}.gpus", name, gpu_of)
+    return GroupConfig(name, tuple(members), capacity, gpus)
 
 
 def _parse_gpus(
@@ -694,9 +702,9 @@ def _parse_preload(checker: Checker, raw: tuple[Any, ...], names: set[str]) -> t
         if not isinstance(name, str) or name not in names:
             known = ", ".join(sorted(names))
             problem = f"{name!r} is not a configured model (known: {known})"
-            raise checker.error(f"preload[{index}]", problem)
-        if raw.index(name) != index:
-            raise checker.error(f"preload[{index}]", f"{name!r} is listed twice")
+            checker.problems.append(checker.error(f"preload[{index}]", problem))
+        elif raw.index(name) != index:
+            checker.problems.append(checker.error(f"preload[{index}]", f"{name!r} is listed twice"))
     return tuple(raw)
 
 

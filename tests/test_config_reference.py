@@ -268,3 +268,17 @@ def test_a_missing_hook_script_hides_none_of_the_model_s_other_problems(tmp_path
     assert "missing.sh not found" in said["models.h1.sleep"]  # said once, by the parser
     assert "write ${LLMUX_PORT}" in said["models.h1.wake"]
     assert "sh is given ./nothere.sh" in said["models.h1.alive"]
+
+
+def test_groups_and_preload_say_every_problem_at_once(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text(
+        'preload = ["nope", "a", "a"]\n' + MODEL
+        + '[groups.g]\nmodels = ["a", "ghost"]\ncapacity = 0\ngpus = [0, 0]\n'
+    )  # fmt: skip
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert [p.key for p in caught.value.problems] == [
+        "groups.g.models", "groups.g.capacity", "groups.g.gpus[1]", "models.a", "preload[0]",
+        "preload[2]",
+    ]  # fmt: skip
