@@ -435,3 +435,16 @@ def test_switches_before_top_started_carry_their_own_times():
         f"{stamp(1000)} switch idle→a ok",
         f"{stamp(5000)} switch b→a ok x3 since start",
     ]
+
+
+def test_a_failed_step_is_named_without_calling_it_a_hook():
+    """A wake that failed may be a hook's or a built-in driver's (starting a `cmd` server):
+    the event names the step, not a hook the model may not have."""
+    metric = "llmux_hook_failures_total"
+    before = Poll.parse(f'{metric}{{model="broken",hook="wake"}} 0\n', at=1.0)
+    after = Poll.parse(f'{metric}{{model="broken",hook="wake"}} 2\n', at=2.0)
+    dashboard = Dashboard("http://127.0.0.1:3000")
+    dashboard.update(before)
+    dashboard.update(after)
+    texts = [event.text for event in dashboard.events]
+    assert texts == ["wake failed for broken x2"]

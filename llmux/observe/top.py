@@ -183,7 +183,9 @@ class Dashboard:
             count = value - (old or 0)
             if count > 0:
                 times = f" x{count:g}" if count > 1 else ""
-                text = f"{labels['hook']} hook failed for {labels['model']}{times}"
+                # A hook or a built-in driver's step: the metric does not say which.
+                step = {"alive": "alive check"}.get(labels["hook"], labels["hook"])
+                text = f"{step} failed for {labels['model']}{times}"
                 self.events.append(Event(now.at, text, "red"))
 
     def render(self, width: int = 80) -> RenderableType:
