@@ -362,3 +362,29 @@ async def test_a_failed_engine_step_is_named_for_what_it_is_not_a_hook(nursery, 
     assert any(line.startswith("wake of a: vLLM's wake_up failed: ") for line in lines), lines
     assert any("wake of a failed; putting it to sleep to clean up" in line for line in lines)
     assert not [line for line in lines if "hook" in line], lines
+
+
+async def test_a_wait_for_a_server_that_does_not_listen_says_so(tmp_path, monkeypatch):
+    """A `kind` model whose server is not running: the wait for it is said in the log once it
+    goes on, and the 503 at its timeout says that nothing listens, not only "no answer"."""
+    import logging
+
+    from llmux.runtime import builtin_driver
+
+    monkeypatch.setattr(builtin_driver, "STILL_WAITING_SECS", 0.3)
+    port = free_port()  # nothing listens there
+    path = write_config(tmp_path, model_block("s", port, kind="sglang", wake_timeout_secs=1.2))
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger("llmux.hooks").addHandler(handler)
+    try:
+        async with llmux_running(path) as (_, client):
+            response = await client.post("/v1/chat/completions", json=chat("s"))
+    finally:
+        logging.getLogger("llmux.hooks").removeHandler(handler)
+    assert response.status_code == 503
+    message = response.json()["error"]["message"]
+    assert f"no answer within 1.2s (last seen: nothing listens on port {port}" in message
+    waits = [r for r in records if getattr(r, "event", None) == "still_waiting"]
+    assert len(waits) == 1 and "connection refused" in waits[0].getMessage()

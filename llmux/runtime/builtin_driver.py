@@ -31,12 +31,13 @@ from llmux.config import GIB, ModelConfig
 from llmux.core.commands import RETIRING_ENV
 from llmux.core.states import HookName
 from llmux.observe.logs import log_event
-from llmux.runtime.engines import POLL_SECS, Engine, EngineError, engines, up
+from llmux.runtime.engines import POLL_SECS, Engine, EngineError, engines, not_up
 from llmux.runtime.hooks import HookResult
 from llmux.runtime.server_processes import STOP_GRACE_SECS, ServerProcesses, launch_of
 from llmux.runtime.state_dir import StateDir
 
 log = logging.getLogger("llmux.hooks")
+STILL_WAITING_SECS = 30.0  # a wait for a server this long is said once in the log
 
 
 @dataclass
@@ -49,6 +50,7 @@ class StepNotes:
     doing: str
     cold_start: bool = False
     host_gb: float | None = None
+    seen: str = ""  # while it waits for the server: why it is not ready yet, last time asked
 
 
 Step = Callable[[httpx.AsyncClient, ModelConfig, StepNotes], Awaitable[bool]]
@@ -97,14 +99,14 @@ class BuiltinDriver:
             engine.started(backend)
             await self.processes.start(backend)
             try:
-                await self._until_ready(client, backend)
+                await self._until_ready(client, backend, notes)
             except BaseException:  # not ready in time, or it exited: leave nothing running
                 with trio.CancelScope(shield=True):
                     await self.processes.stop(backend.name, grace=STOP_GRACE_SECS)
                 raise
         else:
             notes.doing = "waiting for its server to be ready"
-            await self._until_ready(client, backend)  # a server still loading after a boot
+            await self._until_ready(client, backend, notes)  # still loading after a boot
         if not await engine.serving(client, backend):
             notes.doing = engine.wake_step
             await engine.wake(client, backend)
@@ -164,8 +166,13 @@ class BuiltinDriver:
             return False
         return await self._engine(backend).serving(client, backend)
 
-    async def _until_ready(self, client: httpx.AsyncClient, backend: ModelConfig) -> None:
-        """Until the server's ready path answers 200; an exit of a `cmd` server ends it."""
+    async def _until_ready(
+        self, client: httpx.AsyncClient, backend: ModelConfig, notes: StepNotes
+    ) -> None:
+        """Until the server's ready path answers 200; an exit of a `cmd` server ends it. A
+        wait that goes on is said once in the log, with what is seen (nothing listening is
+        not the same as a server still loading)."""
+        tell_at, told = trio.current_time() + STILL_WAITING_SECS, False
         while True:
             if self._not_started(backend):
                 code = self.processes.exit_code(backend.name)
@@ -175,8 +182,16 @@ class BuiltinDriver:
                     f"(log: {self.processes.log_path(backend.name)})"
                     + ("\n" + "\n".join(tail) if tail else "")
                 )
-            if await up(client, backend, backend.ready_path):
+            notes.seen = await not_up(client, backend, backend.ready_path) or ""
+            if not notes.seen:
                 return
+            if not told and trio.current_time() >= tell_at:
+                told = True
+                log_event(
+                    log, "still_waiting", f"{backend.name}: still waiting for its server to be "
+                    f"ready after {STILL_WAITING_SECS:g}s: {notes.seen}", logging.WARNING,
+                    model=backend.name, seen=notes.seen,
+                )  # fmt: skip
             await trio.sleep(POLL_SECS)
 
     # ----- one step, as a hook result -----
@@ -195,6 +210,7 @@ class BuiltinDriver:
         except trio.TooSlowError:
             timed_out, exit_code = True, None
             problem = f"{self._describe(backend)}: no answer within {timeout:g}s"
+            problem += f" (last seen: {notes.seen})" if notes.seen else ""
         except (EngineError, OSError) as exc:
             problem = f"{self._describe(backend)}: {exc}"
         result = HookResult(

@@ -80,11 +80,23 @@ async def call(
 
 async def up(client: httpx.AsyncClient, backend: ModelConfig, path: str) -> bool:
     """Whether `path` answers 200, whatever its body (a health path may answer plain text)."""
+    return await not_up(client, backend, path) is None
+
+
+async def not_up(client: httpx.AsyncClient, backend: ModelConfig, path: str) -> str | None:
+    """Why `path` does not answer 200 ("nothing listens on port 8001", "GET /health answered
+    503"), or None when it does: what a wait that ends in a timeout can say it saw."""
     try:
         response = await client.get(backend.base_url + path, timeout=ASK_TIMEOUT_SECS)
-    except httpx.HTTPError:
-        return False
-    return response.status_code == 200
+    except httpx.ConnectError:
+        return f"nothing listens on port {backend.port} (connection refused)"
+    except httpx.TimeoutException:
+        return f"GET {path} got no answer within {ASK_TIMEOUT_SECS:g}s"
+    except httpx.HTTPError as exc:
+        return f"GET {path} failed: {type(exc).__name__}"
+    if response.status_code != 200:
+        return f"GET {path} answered {response.status_code}"
+    return None
 
 
 async def answers(client: httpx.AsyncClient, backend: ModelConfig, path: str) -> Any:
