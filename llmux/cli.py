@@ -244,7 +244,7 @@ def _load_policy(config: Config) -> tuple[Policy | None, ConfigError | None]:
         return load_policy(config.policy.name, config.policy.options, config.hook_dir), None
     except PolicyLoadError as exc:
         return None, ConfigError(config.path, "policy.name", str(exc))
-    except Exception as exc:  # the operator's code: whatever it raises, one line
+    except (Exception, SystemExit) as exc:  # the operator's code: whatever it raises, one line
         return None, ConfigError(config.path, "policy.name", f"cannot use it: {exc!r}")
 
 

@@ -484,7 +484,10 @@ _INHERITED = {spec.name: spec for spec in _TABLE["defaults"].keys}
 
 def load_config(path: str | Path) -> Config:
     """Parse and validate a config file; raise ConfigError naming the key of every problem."""
-    path = Path(path).resolve()
+    try:
+        path = Path(path).resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a loop of symlinks
+        raise ConfigError(os.path.abspath(path), "", f"cannot read: {exc}") from None
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -495,6 +498,10 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(path, "", "not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, "", f"invalid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(path, "", "invalid TOML: nested too deep") from None
+    except ValueError as exc:  # an integer of more digits than Python converts
+        raise ConfigError(path, "", f"invalid TOML: {exc}") from None
     return parse_config(raw, path)
 
 
@@ -504,8 +511,10 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
     raised at once; a part that failed is left out of later checks (no problem counted twice)."""
     top_keys = frozenset(spec.name for spec in _TABLE[""].keys if spec.toml is not dict)
     checker = Checker(path, top_keys)
+    written = set(raw) if isinstance(raw, dict) else set()
     raw = checker.table(raw, "", _TABLE[""].allowed)
-    top = _values(checker, raw, _TABLE[""])
+    # preload's items are checked by _parse_preload, which says each problem of each.
+    top = _values(checker, {k: v for k, v in raw.items() if k != "preload"}, _TABLE[""])
     port = top.get("port", DEFAULT_PORT)
 
     auth = AuthConfig()
@@ -522,7 +531,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
         defaults |= _values(checker, raw.get("defaults", {}), _TABLE["defaults"])
 
     models_raw = raw.get("models", {})
-    if not models_raw:
+    if not models_raw and "models" not in written:
         problem = "no models configured: add at least one [models.NAME] table"
         checker.problems.append(ConfigError(path, "models", problem))
     models: dict[str, ModelConfig] = {}
@@ -549,7 +558,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
                 models[name] = replace(models[name], group=group.name)
     preload: tuple[str, ...] = ()
     with checker.section():
-        preload = _parse_preload(checker, top.get("preload", ()), names)
+        preload = _parse_preload(checker, tuple(raw.get("preload", ())), names)
     machine = MachineConfig()
     with checker.section():
         machine = MachineConfig(**_values(checker, raw.get("machine", {}), _TABLE["machine"]))
@@ -586,7 +595,7 @@ def _check_aliases(checker: Checker, models: dict[str, ModelConfig]) -> None:
     owner: dict[str, str] = {}
     for model in models.values():
         for alias in model.aliases:
-            key = f"models.{_quote(model.name)}.aliases"
+            key = f"models.{quote_name(model.name)}.aliases"
             if alias in models:
                 checker.problems.append(checker.error(key, f"{alias!r} is already a model's name"))
             elif alias in owner:
@@ -607,7 +616,7 @@ def _parse_groups(
     gpu_of: dict[int, str] = {}
     allowed = _TABLE["groups.NAME"].allowed
     for name, table in raw.items():
-        key = f"groups.{_quote(name)}"
+        key = f"groups.{quote_name(name)}"
         if not isinstance(table, dict):
             checker.problems.append(checker.error(key, "must be a table ([groups.NAME])"))
             continue
@@ -626,7 +635,7 @@ def _parse_groups(
             if name not in models:
                 continue
             size = models[name].size
-            key = f"models.{_quote(name)}"
+            key = f"models.{quote_name(name)}"
             if size is None:
                 problem = f"group {group.name!r} has a capacity: give the model memory_gb or size"
                 checker.problems.append(checker.error(key, problem))
@@ -646,7 +655,7 @@ def _parse_group(
     member_of: dict[str, str],
     gpu_of: dict[int, str],
 ) -> GroupConfig:
-    key = f"groups.{_quote(name)}"
+    key = f"groups.{quote_name(name)}"
     listed = table.get("models", [])
     if name != DEFAULT_GROUP and not listed:
         checker.problems.append(checker.error(f"{key}.models", "missing: list the group's models"))
@@ -660,6 +669,8 @@ def _parse_group(
         if model not in names:
             known = ", ".join(sorted(names))
             problem = f"{model!r} is not a configured model (known: {known})"
+        elif member_of.get(model) == name:
+            problem = f"{model!r} is listed twice"
         elif model in member_of:
             problem = f"{model!r} is already in group {member_of[model]!r}"
         if problem is not None:
@@ -681,25 +692,33 @@ def _parse_gpus(
     checker: Checker, raw: list[Any], key: str, group: str, gpu_of: dict[int, str]
 ) -> tuple[int, ...]:
     """A group's GPUs: NVML indices, each in one group only (`gpu_of` records the owners)."""
+    problems = []
     for index, gpu in enumerate(raw):
+        problem = None
         if not is_type(gpu, int) or gpu < 0:
             problem = f"must be GPU indices (integers from 0, as nvidia-smi shows), got {gpu!r}"
-            raise checker.error(f"{key}[{index}]", problem)
-        if gpu_of.get(gpu) == group:
-            raise checker.error(f"{key}[{index}]", f"GPU {gpu} is listed twice")
-        if gpu in gpu_of:
+        elif gpu_of.get(gpu) == group:
+            problem = f"GPU {gpu} is listed twice"
+        elif gpu in gpu_of:
             problem = (
                 f"GPU {gpu} is already in group {gpu_of[gpu]!r}: groups switch independently, "
                 "so two groups on one GPU could both wake into the same free memory"
             )
-            raise checker.error(f"{key}[{index}]", problem)
-        gpu_of[gpu] = group
+        if problem is None:
+            gpu_of[gpu] = group
+        else:
+            problems.append(checker.error(f"{key}[{index}]", problem))
+    if problems:
+        raise ConfigError.of(problems)
     return tuple(raw)
 
 
 def _parse_preload(checker: Checker, raw: tuple[Any, ...], names: set[str]) -> tuple:
     for index, name in enumerate(raw):
-        if not isinstance(name, str) or name not in names:
+        if not isinstance(name, str):
+            problem = f"must be a model's name (a string), got {type_name(type(name))}"
+            checker.problems.append(checker.error(f"preload[{index}]", problem))
+        elif name not in names:
             known = ", ".join(sorted(names))
             problem = f"{name!r} is not a configured model (known: {known})"
             checker.problems.append(checker.error(f"preload[{index}]", problem))
@@ -718,9 +737,10 @@ def _parse_server(checker: Checker, raw: Any, auth: AuthConfig) -> ServerConfig:
 def _parse_auth(checker: Checker, raw: Any) -> AuthConfig:
     values = _values(checker, raw, _TABLE["auth"])
     keys = list(values.get("api_keys", ()))
-    for index, api_key in enumerate(keys):
-        if not api_key.strip():
-            raise checker.error(f"auth.api_keys[{index}]", "must be a non-empty string")
+    empty = [i for i, api_key in enumerate(keys) if not api_key.strip()]
+    if empty:
+        problem = "must be a non-empty string"
+        raise ConfigError.of([checker.error(f"auth.api_keys[{i}]", problem) for i in empty])
     if "api_keys_file" in values:
         keys += _read_keys_file(checker, values["api_keys_file"])
     return AuthConfig(**values | {"api_keys": tuple(keys)})
@@ -746,20 +766,21 @@ def _parse_model(
 ) -> ModelConfig:
     """One model's table; its independent checks each run, and all its problems are raised
     together (the model is then left out)."""
-    key = f"models.{_quote(name)}"
+    key = f"models.{quote_name(name)}"
     if not isinstance(raw, dict):
         raise checker.error(key, "must be a table ([models.NAME])")
     before = len(checker.problems)
+    written = set(raw)  # a key of the wrong type is written, not missing
     raw = checker.table(raw, key, _TABLE["models.NAME"].allowed)
     unreadable: set[str] = set()
-    driver = _parse_driver(checker, raw, key, unreadable)
+    driver = _parse_driver(checker, raw, key, unreadable, written)
     port = 0  # chosen by parse_config, once every model's port is known
     if "port" in raw:
         with checker.section():
             port = checker.port(raw["port"], f"{key}.port")
             if port == own_port:
                 raise checker.error(f"{key}.port", f"{port} is llmux's own port")
-    elif driver and driver["cmd"] is None:
+    elif driver["cmd"] is None and not written & {"port", "cmd"}:
         checker.problems.append(
             checker.error(f"{key}.port", "missing (required unless cmd is set)")
         )
@@ -814,7 +835,7 @@ def _parse_model(
 
 
 def _parse_driver(
-    checker: Checker, raw: dict[str, Any], key: str, failed: set[str]
+    checker: Checker, raw: dict[str, Any], key: str, failed: set[str], written: set[str]
 ) -> dict[str, Any]:
     """How the model is woken and put to sleep: its shell hooks, or `kind` and/or `cmd`. Each
     problem is kept and the next looked at; `failed` gets the commands that could not be read,
@@ -839,9 +860,9 @@ def _parse_driver(
     if cmd is not None and kind == "ollama":
         problem = "an Ollama server holds several models: run `ollama serve` as its own service"
         checker.problems.append(checker.error(f"{key}.cmd", problem))
-    if kind is None and cmd is None:
+    if kind is None and cmd is None and not written & {"kind", "cmd"}:
         for required in (HookName.WAKE.value, HookName.SLEEP.value):
-            if hooks[required] is None:
+            if hooks[required] is None and required not in written:
                 problem = "missing (required unless kind or cmd is set)"
                 checker.problems.append(checker.error(f"{key}.{required}", problem))
     level, auto = _sleep_level(checker, raw, key, kind)
@@ -908,13 +929,16 @@ def choose_ports(models: dict[str, ModelConfig], taken: set[int]) -> None:
 
 def _passthrough_paths(checker: Checker, raw: list[Any], key: str) -> tuple[str, ...]:
     """Path prefixes of a backend that /upstream/NAME/... may reach: plain paths only."""
+    problems = []
     for index, prefix in enumerate(raw):
         where = f"{key}.passthrough_paths[{index}]"
         if not isinstance(prefix, str):
-            raise checker.error(where, "must be a string")
-        if not _is_plain_path(prefix):
+            problems.append(checker.error(where, "must be a string"))
+        elif not _is_plain_path(prefix):
             problem = f"{prefix!r} must be a plain path such as /tokenize (no .., no %, no ?)"
-            raise checker.error(where, problem)
+            problems.append(checker.error(where, problem))
+    if problems:
+        raise ConfigError.of(problems)
     return tuple(raw)
 
 
@@ -929,7 +953,7 @@ def _is_plain_path(path: str) -> bool:
     return True
 
 
-def _quote(name: str) -> str:
+def quote_name(name: str) -> str:
     """A table's name as its header would write it (a newline in it shown as \\n)."""
     return (
         name

@@ -101,15 +101,19 @@ class Checker:
             return self.non_negative(value, key)
         if spec.rule == PORT:
             return self.port(value, key)
+        if isinstance(value, str) and "\0" in value:
+            raise self.error(key, "cannot hold a NUL character")
         if spec.min_length and len(value) < spec.min_length:
             raise self.error(key, f"must be at least {spec.min_length} characters")
         if spec.items is not None:
-            for index, item in enumerate(value):
-                if not is_type(item, spec.items):
-                    got = type_name(type(item))
-                    raise self.error(
-                        f"{key}[{index}]", f"must be {type_name(spec.items)}, got {got}"
-                    )
+            expected = type_name(spec.items)
+            wrong = [
+                self.error(f"{key}[{index}]", f"must be {expected}, got {type_name(type(item))}")
+                for index, item in enumerate(value)
+                if not is_type(item, spec.items)
+            ]
+            if wrong:
+                raise ConfigError.of(wrong)
         return value
 
     def port(self, value: Any, key: str) -> int:

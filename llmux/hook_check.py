@@ -21,7 +21,7 @@ import re
 import shutil
 from pathlib import Path
 
-from llmux.config import Config, ConfigError
+from llmux.config import Config, ConfigError, quote_name
 from llmux.config_checker import hook_words
 from llmux.core.states import HookName
 
@@ -104,7 +104,7 @@ def hook_problems(config: Config) -> list[ConfigError]:
             ]
             if key == "cmd" and model.port_chosen:
                 found.append(_chosen_port_problem(command))
-            where = f"models.{name}.{key}"
+            where = f"models.{quote_name(name)}.{key}"
             problems += [ConfigError(config.path, where, problem) for problem in found if problem]
     return problems
 

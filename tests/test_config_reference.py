@@ -282,3 +282,55 @@ def test_groups_and_preload_say_every_problem_at_once(tmp_path):
         "groups.g.models", "groups.g.capacity", "groups.g.gpus[1]", "models.a", "preload[0]",
         "preload[2]",
     ]  # fmt: skip
+
+
+def test_second_review_files_each_get_every_problem_once_in_its_own_line(tmp_path):
+    (tmp_path / "noexec.sh").write_text("#!/bin/sh\n")
+    (tmp_path / "exits.py").write_text("raise SystemExit(0)\n")
+    files = {
+        "newline_name.toml": (
+            '[models."b\\nc"]\nport = 9\nwake = "./noexec.sh"\nsleep = "nosuchprog_zz"\n',
+            ['models: ', 'models."b\\nc".wake: ', 'models."b\\nc".sleep: '],
+        ),
+        "wrong_types.toml": (
+            "[models.a]\nport = 9\nwake = 3\nsleep = ['x']\n",
+            ["models.a.wake: must be a string", "models.a.sleep: must be a string"],
+        ),
+        "lists.toml": (
+            'preload = ["a", "a", "zz", 1]\n' + MODEL + "[groups.g]\nmodels = [\"a\", \"a\"]\n"
+            'gpus = [0, 0, -1, "x"]\n[auth]\napi_keys = ["", " ", "ok"]\n',
+            [
+                "auth.api_keys[0]: ", "auth.api_keys[1]: ", "groups.g.models: 'a' is listed twice",
+                "groups.g.gpus[1]: ", "groups.g.gpus[2]: ", "groups.g.gpus[3]: ",
+                "preload[1]: 'a' is listed twice", "preload[2]: 'zz' is not", "preload[3]: must be",
+            ],
+        ),
+        "nul.toml": ('[server]\nstate_dir = "a\\u0000b"\n' + MODEL, ["server.state_dir: cannot"]),
+        "policy.toml": (f'[policy]\nname = "{tmp_path}/exits.py:X"\n' + MODEL, ["policy.name: "]),
+    }  # fmt: skip
+    for name, (text, starts) in files.items():
+        path = tmp_path / name
+        path.write_text(text)
+        result = _check(path)
+        assert result.returncode == 2, (name, result.stderr)
+        lines = result.stderr.splitlines()
+        assert len(lines) == len(set(lines)) == len(starts), (name, lines)
+        for line, start in zip(sorted(lines), sorted(starts), strict=True):
+            assert line.startswith(f"llmux: config error: {path}: {start}"), (name, line)
+
+
+def test_a_file_the_toml_reader_cannot_take_is_one_config_error(tmp_path):
+    """What a reload logs on one line too: no traceback for a file nested too deep, an
+    integer of too many digits, or a loop of links."""
+    deep = tmp_path / "deep.toml"
+    deep.write_text("x = " + "[" * 5000 + "]" * 5000 + "\n")
+    digits = tmp_path / "digits.toml"
+    digits.write_text(f"port = {'9' * 5000}\n")
+    (tmp_path / "loop.toml").symlink_to("loop.toml")
+    for path, said in (
+        (deep, "nested too deep"),
+        (digits, "digits"),
+        (tmp_path / "loop.toml", "cannot read"),
+    ):
+        with pytest.raises(ConfigError, match=said):
+            load_config(path)
