@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import re
 import shlex
@@ -140,6 +141,19 @@ class FakeFleet:
     def stop_all(self) -> None:
         for fake in self.started:
             fake.stop()
+
+
+@contextlib.contextmanager
+def log_records(logger: str) -> Iterator[list[logging.LogRecord]]:
+    """The records `logger` (and its children) emit meanwhile, whatever their level."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger(logger).addHandler(handler)
+    try:
+        yield records
+    finally:
+        logging.getLogger(logger).removeHandler(handler)
 
 
 @pytest.hookimpl(wrapper=True)

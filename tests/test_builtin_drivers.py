@@ -24,6 +24,7 @@ from tests.conftest import (
     free_port,
     interleave,
     llmux_running,
+    log_records,
     metric_value,
     model_block,
     ollama_loaded,
@@ -345,15 +346,9 @@ async def test_a_failed_engine_step_is_named_for_what_it_is_not_a_hook(nursery, 
     )
     port = int(url.rsplit(":", 1)[1])
     path = write_config(tmp_path, model_block("a", port, kind="vllm"))
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append  # type: ignore[method-assign]
-    logging.getLogger("llmux").addHandler(handler)
-    try:
+    with log_records("llmux") as records:
         async with llmux_running(path) as (_, client):
             response = await client.post("/v1/chat/completions", json=chat("a"))
-    finally:
-        logging.getLogger("llmux").removeHandler(handler)
     assert response.status_code == 503
     message = response.json()["error"]["message"]
     assert f"a could not be woken: vLLM's wake_up failed: vllm on port {port}: " in message
@@ -367,22 +362,14 @@ async def test_a_failed_engine_step_is_named_for_what_it_is_not_a_hook(nursery, 
 async def test_a_wait_for_a_server_that_does_not_listen_says_so(tmp_path, monkeypatch):
     """A `kind` model whose server is not running: the wait for it is said in the log once it
     goes on, and the 503 at its timeout says that nothing listens, not only "no answer"."""
-    import logging
-
     from llmux.runtime import builtin_driver
 
     monkeypatch.setattr(builtin_driver, "STILL_WAITING_SECS", 0.3)
     port = free_port()  # nothing listens there
     path = write_config(tmp_path, model_block("s", port, kind="sglang", wake_timeout_secs=1.2))
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append  # type: ignore[method-assign]
-    logging.getLogger("llmux.hooks").addHandler(handler)
-    try:
+    with log_records("llmux.hooks") as records:
         async with llmux_running(path) as (_, client):
             response = await client.post("/v1/chat/completions", json=chat("s"))
-    finally:
-        logging.getLogger("llmux.hooks").removeHandler(handler)
     assert response.status_code == 503
     message = response.json()["error"]["message"]
     assert f"no answer within 1.2s (last seen: nothing listens on port {port}" in message
