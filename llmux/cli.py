@@ -229,10 +229,15 @@ def _load_config(path: str) -> Config | None:
     except ConfigError as exc:
         for problem in exc.problems:  # every problem of the file, one line each
             print(f"llmux: config error: {problem}", file=sys.stderr)
-    except Exception as exc:  # a file we failed to foresee: still one line, still exit 2
-        where = os.path.abspath(path)
-        print(f"llmux: config error: {where}: cannot use this file: {exc!r}", file=sys.stderr)
+    except Exception as exc:
+        _unforeseen(path, exc)
     return None
+
+
+def _unforeseen(path: str, exc: Exception) -> None:
+    """A file we failed to foresee: still one line (and exit 2 from the caller)."""
+    where = os.path.abspath(path)
+    print(f"llmux: config error: {where}: cannot use this file: {exc!r}", file=sys.stderr)
 
 
 def _load_policy(config: Config) -> tuple[Policy | None, ConfigError | None]:
@@ -265,8 +270,8 @@ def _check(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         # Every problem at once: the file's, then the hooks and policy of what did parse.
         problems, config = list(exc.problems), exc.partial
-    except Exception:
-        _load_config(args.config)  # a file we failed to foresee: it prints the one line
+    except Exception as exc:
+        _unforeseen(args.config, exc)
         return EXIT_CONFIG_ERROR
     if config is not None:
         _, policy_problem = _load_policy(config)

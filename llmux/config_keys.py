@@ -5,7 +5,8 @@ declarations, so none of them can drift from what llmux accepts."""
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
+from functools import cached_property
 from typing import Any
 
 NUMBER = (int, float)
@@ -89,8 +90,6 @@ def keys_of(cls: type, *, inherited_only: bool = False) -> list[KeySpec]:
 
 
 def _named(spec: KeySpec, name: str, default: Any) -> KeySpec:
-    from dataclasses import replace
-
     return replace(spec, name=name, default=default if spec.default is UNSET else spec.default)
 
 
@@ -105,15 +104,11 @@ class Table:
     inherited_only: bool = False  # [defaults]: the model keys every model inherits
     extra: tuple[KeySpec, ...] = ()  # keys that fill no field of `cls` (the sub-tables)
 
-    @property
+    @cached_property
     def keys(self) -> list[KeySpec]:
         return [*keys_of(self.cls, inherited_only=self.inherited_only), *self.extra]
 
-    @property
+    @cached_property
     def allowed(self) -> dict[str, Any]:
         """Key name to TOML type: what the known-keys check accepts."""
         return {spec.name: spec.toml for spec in self.keys}
-
-    @property
-    def per_name(self) -> bool:
-        return self.name.endswith(".NAME")

@@ -24,6 +24,11 @@ class LlmuxError(Exception):
         return []
 
 
+def retry_after_header(seconds: int) -> tuple[bytes, bytes]:
+    """The Retry-After header: when a client may well be served (SDKs wait that long)."""
+    return (b"retry-after", str(seconds).encode())
+
+
 class InvalidRequest(LlmuxError):
     status = 400
     error_type = "invalid_request_error"
@@ -89,7 +94,7 @@ class QueueFull(LlmuxError):
         self.retry_after = retry_after
 
     def headers(self) -> list[tuple[bytes, bytes]]:
-        return [(b"retry-after", str(self.retry_after).encode())]
+        return [retry_after_header(self.retry_after)]
 
 
 class HeadersTooLarge(LlmuxError):
@@ -167,7 +172,7 @@ class ModelUnavailable(LlmuxError):
     def headers(self) -> list[tuple[bytes, bytes]]:
         headers = []
         if self.retry_after is not None:
-            headers.append((b"retry-after", str(self.retry_after).encode()))
+            headers.append(retry_after_header(self.retry_after))
         if not self.retry:
             headers.append((b"x-should-retry", b"false"))
         return headers
@@ -200,7 +205,7 @@ class ShuttingDown(LlmuxError):
     code = "shutting_down"
 
     def headers(self) -> list[tuple[bytes, bytes]]:
-        return [(b"retry-after", str(SHUTDOWN_RETRY_AFTER_SECS).encode())]
+        return [retry_after_header(SHUTDOWN_RETRY_AFTER_SECS)]
 
 
 class QueueTimeout(LlmuxError):

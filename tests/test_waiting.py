@@ -21,7 +21,8 @@ class Fed:
     def __init__(self) -> None:
         models = {m: {"port": port, "wake": f"wake-{m}", "sleep": f"sleep-{m}"}
                   for m, port in (("a", 9001), ("b", 9002))}  # fmt: skip
-        config = parse_config({"models": models, "policy": {"name": "fifo"}}, Path("t.toml"))
+        raw = {"models": models, "policy": {"name": "fifo"}, "server": {"stream_wait_notice": True}}
+        config = parse_config(raw, Path("t.toml"))
         config = config.group_config(next(iter(config.groups)))
         self.core = GroupCore(config, FifoPolicy(), SwitchCostTracker())
         self.hooks: dict[tuple[str, HookName], int] = {}

@@ -583,7 +583,10 @@ class GroupCore:
         if not self.room_can_be_made(target, victims):
             return False  # rule 2: wait until it can
         self.switch_wanted = None
-        estimate = self.snapshot().estimated_cost(target.name)
+        # What the switch should take, for the wait notices (opt-in: not a snapshot per switch
+        # for nobody).
+        told = self.config.server.stream_wait_notice
+        estimate = self.snapshot().estimated_cost(target.name) if told else None
         self.op = Switch.begin(self, target, victims, estimate)
         return True
 
